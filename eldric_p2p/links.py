@@ -19,7 +19,7 @@ Authentication, both ends:
   The signature names the server's id, so a server cannot replay a client's proof to a third node, and the
   nonce makes each proof single-use.
 
-Errors: a peer that fails to prove its id, sends garbage or breaks a limit raises `AuthenticationError`; a peer
+Errors: a peer that fails to prove its id, sends garbage or breaks a limit raises `AuthenticationError`; one
 that closes or does not finish the handshake in time raises `PeerUnavailable`. `serve_tcp_links` drops such a
 connection and keeps serving. After the handshake a `Link` is an ordinary `trio.abc.Stream` (trio's own
 exceptions: `BrokenResourceError`, `ClosedResourceError`); `eldric_p2p.frames` converts them for frame users.
@@ -34,7 +34,7 @@ import struct
 import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -90,7 +90,9 @@ class _MessageBuffer:
         if magic != MAGIC:
             raise AuthenticationError("peer did not speak the eldric-p2p link handshake (bad magic)")
         if length > MAX_HANDSHAKE_BODY:
-            raise AuthenticationError(f"handshake message of {length} bytes over the {MAX_HANDSHAKE_BODY} limit")
+            raise AuthenticationError(
+                f"handshake message of {length} bytes over the {MAX_HANDSHAKE_BODY} limit"
+            )
         return msg_type, length
 
     def next_message_untrusted(self) -> tuple[int, bytes] | None:
@@ -183,7 +185,7 @@ class ClientHandshake:
         self._proved = False
 
     def receive_data(self, data: bytes) -> bytes:
-        """Feed bytes from the server; return bytes to send. Raises `AuthenticationError` or `PeerUnavailable`."""
+        """Feed bytes from the server; return bytes to send. Raises AuthenticationError, PeerUnavailable."""
         if self.done:
             raise LocalProtocolError("receive_data after the handshake")
         if not data:
@@ -199,7 +201,9 @@ class ClientHandshake:
                 if msg_type != MSG_CHALLENGE or len(body) != NONCE_LEN:
                     raise AuthenticationError("expected a 32-byte challenge from the server")
                 signed = _proof_message(body, self.server_peer_id, self.identity.peer_id)
-                out += encode_handshake_message(MSG_PROOF, self.identity.public_key + self.identity.sign(signed))
+                out += encode_handshake_message(
+                    MSG_PROOF, self.identity.public_key + self.identity.sign(signed)
+                )
                 self._proved = True
                 continue
             if msg_type != MSG_ACCEPT or body:
@@ -225,8 +229,8 @@ def _self_signed_certificate(identity: Identity) -> x509.Certificate:
         .public_key(identity.private_key.public_key())
         .serial_number(x509.random_serial_number())
         # Validity is not checked by peers (the key is the identity); a fixed wide window avoids clock skew.
-        .not_valid_before(datetime(2020, 1, 1, tzinfo=timezone.utc))
-        .not_valid_after(datetime(2120, 1, 1, tzinfo=timezone.utc))
+        .not_valid_before(datetime(2020, 1, 1, tzinfo=UTC))
+        .not_valid_after(datetime(2120, 1, 1, tzinfo=UTC))
         .sign(identity.private_key, None)
     )
 
@@ -342,17 +346,17 @@ async def link_client(
     expected_peer_id: str | None,
     *,
     path: LinkPath = "direct",
-    timeout: float = HANDSHAKE_TIMEOUT_S,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
 ) -> Link:
     """Open a link over `stream` to the server that must prove `expected_peer_id` (None: any id, returned).
 
     Takes ownership of `stream` (closed on failure). Raises `AuthenticationError` (wrong id, failed proof,
-    garbage) or `PeerUnavailable` (closed, or no handshake within `timeout` seconds).
+    garbage) or `PeerUnavailable` (closed, or no handshake within `handshake_timeout` s).
     """
     tls = trio.SSLStream(stream, client_ssl_context(), server_hostname=None)
     who = expected_peer_id or "server"
     try:
-        with trio.fail_after(timeout):
+        with trio.fail_after(handshake_timeout):
             try:
                 await tls.do_handshake()
             except trio.BrokenResourceError as exc:
@@ -367,7 +371,9 @@ async def link_client(
                     await _send_handshake_bytes(tls, out, server_id)
     except trio.TooSlowError as exc:
         await trio.aclose_forcefully(stream)
-        raise PeerUnavailable(f"link handshake with {who} did not finish within {timeout} s") from exc
+        raise PeerUnavailable(
+            f"link handshake with {who} did not finish within {handshake_timeout} s"
+        ) from exc
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
@@ -379,7 +385,7 @@ async def link_server(
     identity: Identity,
     *,
     path: LinkPath = "direct",
-    timeout: float = HANDSHAKE_TIMEOUT_S,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
 ) -> Link:
     """Accept a link over `stream`: prove our id by TLS, make the client prove its own; return the Link.
 
@@ -387,7 +393,7 @@ async def link_server(
     """
     tls = trio.SSLStream(stream, server_ssl_context(identity), server_side=True)
     try:
-        with trio.fail_after(timeout):
+        with trio.fail_after(handshake_timeout):
             try:
                 await tls.do_handshake()
             except trio.BrokenResourceError as exc:
@@ -406,7 +412,9 @@ async def link_server(
                     await _send_handshake_bytes(tls, out, "client")
     except trio.TooSlowError as exc:
         await trio.aclose_forcefully(stream)
-        raise PeerUnavailable(f"client did not finish the link handshake within {timeout} s") from exc
+        raise PeerUnavailable(
+            f"client did not finish the link handshake within {handshake_timeout} s"
+        ) from exc
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
@@ -420,18 +428,20 @@ async def open_tcp_link(
     identity: Identity,
     expected_peer_id: str | None = None,
     *,
-    timeout: float = HANDSHAKE_TIMEOUT_S,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
 ) -> Link:
     """Connect to `host:port` and open a direct link; `expected_peer_id=None` accepts (and returns) any id.
 
     Raises `PeerUnavailable` when the address does not answer, `AuthenticationError` as `link_client`.
     """
     try:
-        with trio.fail_after(timeout):
+        with trio.fail_after(handshake_timeout):
             stream = await trio.open_tcp_stream(host, port)
     except (OSError, trio.TooSlowError) as exc:
         raise PeerUnavailable(f"cannot connect to {host}:{port}: {exc}") from exc
-    return await link_client(stream, identity, expected_peer_id, path="direct", timeout=timeout)
+    return await link_client(
+        stream, identity, expected_peer_id, path="direct", handshake_timeout=handshake_timeout
+    )
 
 
 LinkHandler = Callable[[Link], Awaitable[Any]]
@@ -443,14 +453,14 @@ async def serve_link_stream(
     handler: LinkHandler,
     *,
     path: LinkPath = "direct",
-    timeout: float = HANDSHAKE_TIMEOUT_S,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
 ) -> None:
     """Authenticate one incoming stream and run `handler(link)`; a failed handshake is logged and dropped.
 
     A handler that ends with a peer's fault (bad frames, closed link) is logged too; other errors propagate.
     """
     try:
-        link = await link_server(stream, identity, path=path, timeout=timeout)
+        link = await link_server(stream, identity, path=path, handshake_timeout=handshake_timeout)
     except (AuthenticationError, PeerUnavailable) as exc:
         log.info("refused a link: %s", exc)
         return
@@ -471,13 +481,13 @@ async def serve_tcp_links(
     handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
     task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept direct links on `host:port` forever, each in its own task: `await nursery.start(serve_tcp_links, ...)`.
+    """Accept direct links on `host:port` forever, each in its own task (`await nursery.start(...)`).
 
     `task_status.started` gets the listeners (port 0 picks a free port: read `listeners[0].socket`).
     """
     server_ssl_context(identity)  # build the certificate before the first client waits for it
 
     async def one(stream: trio.SocketStream) -> None:
-        await serve_link_stream(stream, identity, handler, path="direct", timeout=handshake_timeout)
+        await serve_link_stream(stream, identity, handler, path="direct", handshake_timeout=handshake_timeout)
 
     await trio.serve_tcp(one, port, host=host, task_status=task_status)
