@@ -1,0 +1,393 @@
+"""One pipeline stage: layers [start, end) of a GGUF model, in torch.
+
+A stage embeds token ids when `start == 0` and applies the final norm and LM head when `end == n_layers`;
+in between it maps hidden states to hidden states. The residual stream is float32 everywhere, so splitting a
+model into any number of stages (passing float32 hidden states between them) gives the same logits as one stage.
+
+Weights stay in their GGUF block format and are multiplied by the CPU kernels of `qmatmul` when those are
+built ("native" weights, llama.cpp's arithmetic), or are dequantized to a dense dtype (bf16/f16/f32; the only
+choice on CUDA). The KV cache is preallocated per session and indexed by position.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from eldric_p2p.engine.config import ModelConfig
+from eldric_p2p.engine.dequant import dequantize
+from eldric_p2p.errors import InvalidInput, UsageError
+from eldric_p2p.gguf_index import GGUFIndex, TensorInfo
+
+try:
+    from eldric_p2p.engine import qmatmul
+except ImportError:  # pragma: no cover - the module ships with the package; the C extension may not
+    qmatmul = None  # type: ignore[assignment]
+
+
+class TensorSource(Protocol):
+    """Where a stage reads weights: a local GGUF file or a shard cache (both `GGUFFile`)."""
+
+    index: GGUFIndex
+
+    def tensor_data(self, name: str) -> memoryview: ...
+
+
+def native_available() -> bool:
+    return qmatmul is not None and qmatmul.kernels_available()
+
+
+def resolve_weights(weights: str, device: torch.device) -> str:
+    """Pick the weight format: "native" (GGUF blocks + CPU kernels) or a dense dtype name."""
+    if weights == "auto":
+        if device.type == "cpu":
+            return "native" if native_available() else "f32"
+        return "bf16"
+    if weights == "native" and (device.type != "cpu" or not native_available()):
+        raise UsageError("native GGUF weights need the CPU kernels (eldric_p2p.engine._qkernels) and --device cpu")
+    if weights not in ("native", "f32", "bf16", "f16"):
+        raise UsageError(f"unknown weight format {weights!r}: use auto, native, f32, bf16 or f16")
+    return weights
+
+
+_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+
+class Linear:
+    """y = x @ W.T (+ b) with x float32 [T, in] -> float32 [T, out]."""
+
+    def __init__(self, src: TensorSource, info: TensorInfo, bias: torch.Tensor | None, fmt: str, device: torch.device):
+        self.out_features = info.shape[1] if len(info.shape) > 1 else 1
+        self.in_features = info.shape[0]
+        self.bias = bias
+        raw = src.tensor_data(info.name)
+        if fmt == "native" and qmatmul.supports(info.ggml_type):
+            self.q = qmatmul.QuantWeight(raw, info.ggml_type, self.in_features, self.out_features)
+            self.w = None
+            self.nbytes = info.nbytes
+        else:
+            self.q = None
+            dtype = torch.float32 if fmt == "native" else _DTYPES[fmt]
+            self.w = dequantize(raw, info.ggml_type, info.shape, name=info.name, dtype=dtype, device=device)
+            self.nbytes = self.w.numel() * self.w.element_size()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q is not None:
+            y = qmatmul.qlinear(x, self.q)
+        else:
+            assert self.w is not None
+            y = F.linear(x.to(self.w.dtype), self.w).float()
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+class Embedding:
+    """Token embedding rows dequantized on lookup, so a quantized table is never expanded whole."""
+
+    def __init__(self, src: TensorSource, info: TensorInfo, device: torch.device):
+        self.info = info
+        self.dim, self.vocab = info.shape[0], info.shape[1]
+        block, type_size = GGML_QUANT_SIZES[info.ggml_type]
+        self.row_bytes = self.dim // block * type_size
+        self.rows = np.frombuffer(src.tensor_data(info.name), dtype=np.uint8).reshape(self.vocab, self.row_bytes)
+        self.device = device
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        raw = self.rows[ids.cpu().numpy()]  # [T, row_bytes]
+        out = dequantize(raw, self.info.ggml_type, (self.dim, len(raw)), name=self.info.name)
+        return out.to(self.device)  # [T, dim] float32
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # x: [..., D]; computed in float64 accumulation like ggml's rms_norm, scaled in float32
+    mean = x.double().pow(2).mean(-1, keepdim=True)
+    return (x * torch.rsqrt(mean + eps).float()) * weight
+
+
+def rope_tables(cfg: ModelConfig, base: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [T, rope_dim/2] for `positions`, theta built by repeated float32 products as ggml does."""
+    half = cfg.rope_dim // 2
+    theta_scale = torch.tensor(base, dtype=torch.float32) ** torch.tensor(-2.0 / cfg.rope_dim, dtype=torch.float32)
+    steps = torch.full((half,), float(theta_scale), dtype=torch.float32)
+    steps[0] = 1.0
+    pos = positions.to(torch.float32)[:, None] / cfg.rope_scale  # [T, 1]
+    theta = torch.cumprod(torch.cat([pos, steps[None, 1:].expand(len(pos), -1)], dim=1), dim=1)  # [T, half]
+    return torch.cos(theta), torch.sin(theta)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    # x: [T, H, head_dim]; cos/sin: [T, half]
+    half = cfg.rope_dim // 2
+    rot, rest = x[..., : cfg.rope_dim], x[..., cfg.rope_dim :]
+    c, s = cos[:, None, :], sin[:, None, :]  # [T, 1, half]
+    if cfg.rope_neox:
+        x0, x1 = rot[..., :half], rot[..., half:]
+        out = torch.cat([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1)
+    else:
+        x0, x1 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2)
+    return torch.cat([out, rest], dim=-1) if rest.numel() else out
+
+
+@dataclass
+class KVCache:
+    k: torch.Tensor  # [n_stage_layers, n_kv, max_ctx, head_dim]
+    v: torch.Tensor  # [n_stage_layers, n_kv, max_ctx, head_dim]
+    length: int = 0
+
+    @property
+    def max_ctx(self) -> int:
+        return self.k.shape[2]
+
+
+class Layer:
+    def __init__(self, src: TensorSource, cfg: ModelConfig, i: int, fmt: str, device: torch.device):
+        t = src.index.tensors
+        p = f"blk.{i}."
+
+        def vec(name: str) -> torch.Tensor | None:
+            info = t.get(p + name)
+            if info is None:
+                return None
+            return dequantize(src.tensor_data(info.name), info.ggml_type, info.shape, name=info.name).to(device)
+
+        def lin(name: str, bias: str | None = None) -> Linear:
+            if p + name not in t:
+                raise InvalidInput(f"model file lacks tensor {p + name}")
+            return Linear(src, t[p + name], vec(bias) if bias else None, fmt, device)
+
+        self.index = i
+        self.attn_norm = vec("attn_norm.weight")
+        self.wq = lin("attn_q.weight", "attn_q.bias")
+        self.wk = lin("attn_k.weight", "attn_k.bias")
+        self.wv = lin("attn_v.weight", "attn_v.bias")
+        self.wo = lin("attn_output.weight")
+        self.q_norm = vec("attn_q_norm.weight")
+        self.k_norm = vec("attn_k_norm.weight")
+        self.post_attn_norm = vec("post_attention_norm.weight")
+        self.ffn_norm = vec("ffn_norm.weight")
+        self.w_gate = lin("ffn_gate.weight")
+        self.w_up = lin("ffn_up.weight")
+        self.w_down = lin("ffn_down.weight")
+        self.post_ffn_norm = vec("post_ffw_norm.weight")
+        self.sliding = cfg.is_sliding(i)
+        self.rope_base = cfg.layer_rope_base(i)
+        linears = (self.wq, self.wk, self.wv, self.wo, self.w_gate, self.w_up, self.w_down)
+        self.nbytes = sum(m.nbytes for m in linears)
+
+
+class Stage:
+    """Layers [start, end) of one model, with per-session KV caches.
+
+    `open_session(sid)`, then `forward(sid, x, start_pos)` where x is int64 token ids [T] (head stage) or float32
+    hidden states [T, hidden] (other stages); returns hidden states [T, hidden], or logits [T, vocab] from the tail.
+    `truncate(sid, pos)` rewinds a session; `close_session(sid)` frees its cache.
+    """
+
+    def __init__(
+        self,
+        src: TensorSource,
+        start: int,
+        end: int,
+        *,
+        device: str | torch.device = "cpu",
+        weights: str = "auto",
+        max_ctx: int = 4096,
+    ) -> None:
+        self.cfg = cfg = ModelConfig.from_index(src.index)
+        if not 0 <= start < end <= cfg.n_layers:
+            raise UsageError(f"layer range [{start}, {end}) is not inside [0, {cfg.n_layers})")
+        self.start, self.end = start, end
+        self.device = torch.device(device)
+        self.fmt = resolve_weights(weights, self.device)
+        self.max_ctx = min(max_ctx, cfg.context_length)
+        self.kv_dtype = torch.float16 if self.fmt in ("native", "f16", "f32") else torch.bfloat16
+        t = src.index.tensors
+        self.is_head, self.is_tail = start == 0, end == cfg.n_layers
+        self.embed = Embedding(src, t["token_embd.weight"], self.device) if self.is_head else None
+        self.layers = [Layer(src, cfg, i, self.fmt, self.device) for i in range(start, end)]
+        self.out_norm = self.lm_head = None
+        if self.is_tail:
+            norm = t["output_norm.weight"]
+            self.out_norm = dequantize(src.tensor_data(norm.name), norm.ggml_type, norm.shape).to(self.device)
+            head = t["token_embd.weight"] if cfg.tied_embeddings else t["output.weight"]
+            self.lm_head = Linear(src, head, None, self.fmt, self.device)
+        self.sessions: dict[str, KVCache] = {}
+
+    # ---- sessions -------------------------------------------------------------------------------------------
+
+    def open_session(self, sid: str, max_ctx: int | None = None) -> None:
+        n = self.max_ctx if max_ctx is None else min(max_ctx, self.max_ctx)
+        shape = (len(self.layers), self.cfg.n_kv_heads, n, self.cfg.head_dim)
+        self.sessions[sid] = KVCache(
+            torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+            torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+        )
+
+    def truncate(self, sid: str, pos: int) -> None:
+        cache = self._cache(sid)
+        if not 0 <= pos <= cache.length:
+            raise InvalidInput(f"cannot truncate session {sid} of length {cache.length} to {pos}")
+        cache.length = pos
+
+    def close_session(self, sid: str) -> None:
+        self.sessions.pop(sid, None)
+
+    def session_length(self, sid: str) -> int:
+        return self._cache(sid).length
+
+    def _cache(self, sid: str) -> KVCache:
+        try:
+            return self.sessions[sid]
+        except KeyError:
+            raise InvalidInput(f"unknown session {sid!r}") from None
+
+    # ---- compute ---------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, sid: str, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+        cache = self._cache(sid)
+        if start_pos != cache.length:
+            raise InvalidInput(
+                f"session {sid}: input starts at position {start_pos} but the cache holds {cache.length} "
+                "(positions may not skip or go backwards; truncate first)"
+            )
+        h = self._input(x)  # [T, hidden]
+        T = h.shape[0]
+        if T == 0:
+            raise InvalidInput("empty input")
+        if start_pos + T > cache.max_ctx:
+            raise InvalidInput(f"context overflow: {start_pos} + {T} tokens exceed the {cache.max_ctx}-token context")
+        positions = torch.arange(start_pos, start_pos + T, device=self.device)
+        ropes: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+        for li, layer in enumerate(self.layers):
+            if layer.rope_base not in ropes:
+                ropes[layer.rope_base] = rope_tables(self.cfg, layer.rope_base, positions)
+            h = self._layer(layer, li, h, cache, start_pos, ropes[layer.rope_base])
+        cache.length = start_pos + T
+        if not self.is_tail:
+            return h
+        assert self.out_norm is not None and self.lm_head is not None
+        return self.lm_head(rms_norm(h, self.out_norm, self.cfg.norm_eps))  # [T, vocab]
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if self.is_head:
+            if x.dtype not in (torch.int64, torch.int32) or x.dim() != 1:
+                raise InvalidInput(f"head stage takes token ids [T] (int), got {x.dtype} {tuple(x.shape)}")
+            if len(x) and (int(x.min()) < 0 or int(x.max()) >= cfg.vocab):
+                bad = int(x.max()) if int(x.max()) >= cfg.vocab else int(x.min())
+                raise InvalidInput(f"token id {bad} is outside the vocabulary [0, {cfg.vocab})")
+            assert self.embed is not None
+            h = self.embed(x.long())
+            return h * cfg.embed_scale if cfg.embed_scale != 1.0 else h
+        if x.dtype != torch.float32:
+            raise InvalidInput(f"hidden states must be float32, got {x.dtype}")
+        if x.dim() != 2 or x.shape[1] != cfg.hidden:
+            raise InvalidInput(f"hidden states must be [T, {cfg.hidden}], got {tuple(x.shape)}")
+        return x.to(self.device)
+
+    def _layer(
+        self,
+        layer: Layer,
+        li: int,
+        h: torch.Tensor,
+        cache: KVCache,
+        pos0: int,
+        rope: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        T = h.shape[0]
+        x = rms_norm(h, layer.attn_norm, cfg.norm_eps)
+        q = layer.wq(x).view(T, cfg.n_heads, cfg.head_dim)  # [T, nh, hd]
+        k = layer.wk(x).view(T, cfg.n_kv_heads, cfg.head_dim)  # [T, nkv, hd]
+        v = layer.wv(x).view(T, cfg.n_kv_heads, cfg.head_dim)  # [T, nkv, hd]
+        if layer.q_norm is not None:
+            q = rms_norm(q, layer.q_norm, cfg.norm_eps)
+            k = rms_norm(k, layer.k_norm, cfg.norm_eps)
+        q = apply_rope(q, *rope, cfg)
+        k = apply_rope(k, *rope, cfg)
+        if cfg.attn_scale:
+            q = q * cfg.attn_scale
+            score_scale = 1.0
+        else:
+            score_scale = 1.0 / math.sqrt(cfg.head_dim)
+        end = pos0 + T
+        cache.k[li, :, pos0:end] = k.transpose(0, 1).to(cache.k.dtype)
+        cache.v[li, :, pos0:end] = v.transpose(0, 1).to(cache.v.dtype)
+        keys = cache.k[li, :, :end].float()  # [nkv, S, hd]
+        vals = cache.v[li, :, :end].float()  # [nkv, S, hd]
+        group = cfg.n_heads // cfg.n_kv_heads
+        qh = q.to(cache.k.dtype).float().transpose(0, 1)  # [nh, T, hd], rounded like ggml's f16 K·Q
+        qh = qh.reshape(cfg.n_kv_heads, group * T, cfg.head_dim)
+        scores = torch.bmm(qh, keys.transpose(1, 2)).view(cfg.n_heads, T, end) * score_scale  # [nh, T, S]
+        qpos = torch.arange(pos0, end, device=h.device)[:, None]  # [T, 1]
+        kpos = torch.arange(end, device=h.device)[None, :]  # [1, S]
+        masked = kpos > qpos
+        if layer.sliding:
+            masked = masked | (qpos - kpos >= cfg.sliding_window)
+        scores = scores.masked_fill(masked, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(cache.v.dtype).float()  # [nh, T, S]
+        probs = probs.reshape(cfg.n_kv_heads, group * T, end)
+        attn = torch.bmm(probs, vals).view(cfg.n_heads, T, cfg.head_dim).transpose(0, 1)  # [T, nh, hd]
+        o = layer.wo(attn.reshape(T, cfg.n_heads * cfg.head_dim))  # [T, hidden]
+        if layer.post_attn_norm is not None:
+            o = rms_norm(o, layer.post_attn_norm, cfg.norm_eps)
+        h = h + o
+        x = rms_norm(h, layer.ffn_norm, cfg.norm_eps)
+        gate = layer.w_gate(x)  # [T, ffn]
+        gate = F.gelu(gate, approximate="tanh") if cfg.act == "gelu_tanh" else F.silu(gate)
+        d = layer.w_down(gate * layer.w_up(x))  # [T, hidden]
+        if layer.post_ffn_norm is not None:
+            d = rms_norm(d, layer.post_ffn_norm, cfg.norm_eps)
+        return h + d
+
+    # ---- planning ----------------------------------------------------------------------------------------------
+
+    @property
+    def weight_bytes(self) -> int:
+        n = sum(layer.nbytes for layer in self.layers)
+        if self.lm_head is not None:
+            n += self.lm_head.nbytes
+        if self.embed is not None:
+            n += self.embed.rows.nbytes
+        return n
+
+
+def kv_bytes_per_token(cfg: ModelConfig, n_layers: int, kv_dtype_bytes: int = 2) -> int:
+    return 2 * n_layers * cfg.n_kv_heads * cfg.head_dim * kv_dtype_bytes
+
+
+def estimate_stage_bytes(
+    index: GGUFIndex, start: int, end: int, *, weights: str = "native", max_ctx: int = 4096, sessions: int = 4
+) -> int:
+    """Memory a stage needs before loading it: weights in the chosen format, plus KV caches for `sessions`.
+
+    "native" keeps GGUF bytes; dense formats expand every linear weight to 4 (f32) or 2 (bf16/f16) bytes per
+    element. The head's embedding stays in GGUF form in every format.
+    """
+    cfg = ModelConfig.from_index(index)
+    elem = {"native": 0, "f32": 4, "bf16": 2, "f16": 2}[weights]
+    total = 0
+    for t in index.assignment_tensors(start, end):
+        is_embed_lookup = t.name == "token_embd.weight" and start == 0
+        is_matrix = len(t.shape) > 1
+        if elem and is_matrix and not is_embed_lookup:
+            total += t.n_elements * elem
+        else:
+            total += t.nbytes
+        if t.name == "token_embd.weight" and start == 0 and end == cfg.n_layers and cfg.tied_embeddings and elem:
+            total += t.n_elements * elem  # tied LM head expanded as well
+    total += kv_bytes_per_token(cfg, end - start) * min(max_ctx, cfg.context_length) * sessions
+    return total
+
+
+def ggml_type_name(t: int) -> str:
+    return GGMLQuantizationType(t).name
