@@ -236,8 +236,34 @@ class _Reader:
                 dt = _NUMERIC[etype]
                 arr = np.frombuffer(self._take(n * dt.itemsize), dtype=dt)
                 return arr.astype(bool) if etype == GGUFValueType.BOOL else arr.copy()
+            if etype == GGUFValueType.STRING:
+                return self._string_array(n)
             return [self.value(etype, nested=True) for _ in range(n)]
         raise GGUFFormatError(f"unhandled GGUF value type {vtype!r}")
+
+    def _string_array(self, n: int) -> list[str]:
+        """`n` strings; the same checks as `string()`, inlined because vocabularies hold 100k+ of them."""
+        buf, pos = self.buf, self.pos
+        hard = min(self.limit, len(buf))
+        unpack_len = struct.Struct("<Q").unpack_from
+        out: list[str] = []
+        append = out.append
+        for _ in range(n):
+            if pos + 8 > hard:
+                self.pos = pos
+                self.need(8)
+            (k,) = unpack_len(buf, pos)
+            pos += 8
+            if k > MAX_STRING or pos + k > hard:
+                self.pos = pos - 8
+                self.string()  # raises the precise error
+            try:
+                append(str(buf[pos : pos + k], "utf-8"))
+            except UnicodeDecodeError:
+                append(bytes(buf[pos : pos + k]).decode("utf-8", errors="surrogateescape"))
+            pos += k
+        self.pos = pos
+        return out
 
     def _take(self, n: int) -> memoryview:
         self.need(n)
