@@ -1,0 +1,712 @@
+"""A thin trio driver for aioquic's sans-IO `QuicConnection` (never its asyncio layer).
+
+One task owns each connection (`QuicConn.run`): it sends what aioquic has queued first, then sleeps until
+aioquic's timer or the next input (a datagram, or a poke from a stream that queued data). The server routes
+datagrams by destination connection id and feeds a new connection its first datagram before its task starts.
+
+aioquic buffers without bound in both directions, so this module adds its own watermarks:
+- send: `QuicStream.send_all` waits while the stream holds more than `send_window` unacknowledged bytes;
+- receive: `FlowControlledQuicConnection` grants the peer stream credit as the *application* consumes bytes
+  (aioquic grants it as bytes arrive), so a stream never buffers more than `stream_window` unread bytes.
+
+Streams are `trio.abc.HalfCloseableStream`s carrying opaque bytes. TLS uses a throwaway self-signed
+certificate: the relay protocol (REGISTER) and the end-to-end link handshake authenticate peers, not QUIC.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import socket
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from aioquic.buffer import Buffer
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import (
+    QuicFrameType,
+    QuicPacketType,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from eldric_p2p.errors import PeerUnavailable
+
+ALPN = "eldric-relay/1"
+DEFAULT_DATAGRAM_SIZE = 1350  # fits a 1500-byte path MTU with IPv6 headers to spare
+DEFAULT_STREAM_WINDOW = 256 * 1024
+INBOX_SIZE = 512  # datagrams queued for one connection before we drop (like a full socket buffer)
+RECEIVE_CHUNK = 64 * 1024
+
+NetworkAddress = Any
+
+
+# ---------------------------------------------------------------------------------------------- configuration
+
+
+def _self_signed() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "eldric-relay")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def server_configuration(
+    *,
+    idle_timeout: float = 30.0,
+    max_datagram_size: int = DEFAULT_DATAGRAM_SIZE,
+    stream_window: int = DEFAULT_STREAM_WINDOW,
+) -> QuicConfiguration:
+    """QUIC server settings with a fresh self-signed certificate."""
+    config = QuicConfiguration(
+        is_client=False,
+        alpn_protocols=[ALPN],
+        idle_timeout=idle_timeout,
+        max_datagram_size=max_datagram_size,
+        max_stream_data=stream_window,
+        max_data=64 * stream_window,
+    )
+    config.certificate, config.private_key = _self_signed()
+    return config
+
+
+def client_configuration(
+    *,
+    idle_timeout: float = 30.0,
+    max_datagram_size: int = DEFAULT_DATAGRAM_SIZE,
+    stream_window: int = DEFAULT_STREAM_WINDOW,
+) -> QuicConfiguration:
+    """QUIC client settings; the certificate is not checked (REGISTER's CHALLENGE proves the relay's key)."""
+    return QuicConfiguration(
+        is_client=True,
+        alpn_protocols=[ALPN],
+        idle_timeout=idle_timeout,
+        max_datagram_size=max_datagram_size,
+        max_stream_data=stream_window,
+        max_data=64 * stream_window,
+        verify_mode=ssl.CERT_NONE,
+        server_name="eldric-relay",
+    )
+
+
+class FlowControlledQuicConnection(QuicConnection):
+    """A QuicConnection that grants stream credit as the application consumes bytes, not as they arrive.
+
+    aioquic doubles a stream's MAX_STREAM_DATA whenever half of it has *arrived*, so a fast sender behind a
+    slow reader fills memory. This overrides that one decision (the frame written is aioquic's own); the
+    override touches aioquic's private `_write_stream_limits`, pinned by the aioquic version in the tests.
+    """
+
+    def __init__(self, *, configuration: QuicConfiguration, **kwargs: Any) -> None:
+        super().__init__(configuration=configuration, **kwargs)
+        self.stream_window = configuration.max_stream_data
+        self._consumed: dict[int, int] = {}
+
+    def consume(self, stream_id: int, nbytes: int) -> bool:
+        """Record that the application read `nbytes` of a stream; True when new credit is worth sending."""
+        total = self._consumed.get(stream_id, 0) + nbytes
+        self._consumed[stream_id] = total
+        stream = self._streams.get(stream_id)
+        return stream is not None and total + self.stream_window - stream.max_stream_data_local >= (
+            self.stream_window // 2
+        )
+
+    def forget(self, stream_id: int) -> None:
+        self._consumed.pop(stream_id, None)
+
+    def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
+        target = self._consumed.get(stream.stream_id, 0) + self.stream_window
+        if stream.max_stream_data_local and target - stream.max_stream_data_local >= self.stream_window // 2:
+            stream.max_stream_data_local = target
+        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
+            buf = builder.start_frame(
+                QuicFrameType.MAX_STREAM_DATA,
+                capacity=17,
+                handler=self._on_max_stream_data_delivery,
+                handler_args=(stream,),
+            )
+            buf.push_uint_var(stream.stream_id)
+            buf.push_uint_var(stream.max_stream_data_local)
+            stream.max_stream_data_local_sent = stream.max_stream_data_local
+
+
+def _unacked_bytes(quic: QuicConnection, stream_id: int) -> int:
+    """Bytes a stream holds for sending or awaiting acknowledgement (aioquic keeps them in its sender)."""
+    stream = quic._streams.get(stream_id)
+    if stream is None:
+        return 0
+    sender = stream.sender
+    return int(sender._buffer_stop - sender._buffer_start)
+
+
+# ---------------------------------------------------------------------------------------------- streams
+
+
+class QuicStream(trio.abc.HalfCloseableStream):
+    """One bidirectional QUIC stream as a trio stream of opaque bytes."""
+
+    def __init__(self, conn: QuicConn, stream_id: int) -> None:
+        self._conn = conn
+        self.stream_id = stream_id
+        self._recv = bytearray()
+        self._recv_eof = False
+        self._recv_changed = trio.Event()
+        self._broken: str | None = None
+        self._send_eof = False
+        self._closed = False
+
+    # -- called by the driver
+    def _feed(self, data: bytes, end_stream: bool) -> None:
+        self._recv += data
+        self._recv_eof = self._recv_eof or end_stream
+        self._recv_changed.set()
+
+    def _break(self, why: str) -> None:
+        if self._broken is None:
+            self._broken = why
+        self._recv_changed.set()
+
+    # -- trio.abc.Stream
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._closed:
+            raise trio.ClosedResourceError("stream is closed")
+        while not self._recv and not self._recv_eof:
+            if self._broken is not None:
+                raise trio.BrokenResourceError(self._broken)
+            self._recv_changed = trio.Event()
+            await self._recv_changed.wait()
+            if self._closed:
+                raise trio.ClosedResourceError("stream is closed")
+        n = min(len(self._recv), max_bytes or RECEIVE_CHUNK)
+        data = bytes(self._recv[:n])
+        del self._recv[:n]
+        if n:
+            self._conn._consumed(self.stream_id, n)
+        return data
+
+    async def receive_exactly(self, nbytes: int) -> bytes:
+        """Read exactly `nbytes`; raises PeerUnavailable if the stream ends first."""
+        out = bytearray()
+        while len(out) < nbytes:
+            chunk = await self.receive_some(nbytes - len(out))
+            if not chunk:
+                raise PeerUnavailable(f"stream ended after {len(out)} of {nbytes} bytes")
+            out += chunk
+        return bytes(out)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        window = self._conn.send_window
+        while True:
+            self._check_send()
+            await self._conn._wait_send_room(self.stream_id, window)
+            self._check_send()
+            chunk, view = view[:window], view[window:]
+            self._conn._send(self.stream_id, bytes(chunk), end_stream=False)
+            if not view:
+                break
+        await trio.lowlevel.checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        self._check_send()
+        await self._conn._wait_send_room(self.stream_id, self._conn.send_window)
+
+    async def send_eof(self) -> None:
+        await trio.lowlevel.checkpoint()
+        if self._closed:
+            raise trio.ClosedResourceError("stream is closed")
+        if not self._send_eof and self._broken is None:
+            self._send_eof = True
+            self._conn._send(self.stream_id, b"", end_stream=True)
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            if self._broken is None and self._conn.alive:
+                if not self._send_eof:
+                    self._send_eof = True
+                    self._conn._send(self.stream_id, b"", end_stream=True)
+                if not self._recv_eof:
+                    self._conn._stop(self.stream_id)
+            self._closed = True
+            self._recv_changed.set()
+            self._conn._forget(self.stream_id)
+        await trio.lowlevel.checkpoint()
+
+    def abort(self) -> None:
+        """Reset both directions (the peer sees a broken stream)."""
+        if not self._closed and self._broken is None and self._conn.alive:
+            self._conn._reset(self.stream_id)
+        self._closed = True
+        self._recv_changed.set()
+        self._conn._forget(self.stream_id)
+
+    def _check_send(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("stream is closed")
+        if self._send_eof:
+            raise trio.ClosedResourceError("send side already closed")
+        if self._broken is not None:
+            raise trio.BrokenResourceError(self._broken)
+
+
+# ---------------------------------------------------------------------------------------------- connections
+
+
+@dataclass
+class QuicStats:
+    datagrams_dropped: int = 0  # inbox full
+    streams_refused: int = 0  # accept queue full
+
+
+class QuicConn:
+    """A QUIC connection driven by one trio task (`run`). Open streams with `open_stream`, take the peer's
+    with `accept_stream`; `close()` then wait for `run` to return."""
+
+    def __init__(
+        self,
+        quic: FlowControlledQuicConnection,
+        send_datagram: Callable[[bytes, NetworkAddress], Awaitable[Any]],
+        *,
+        send_window: int = DEFAULT_STREAM_WINDOW,
+        max_pending_streams: int = 16,
+        on_cid: Callable[[bytes, bool], None] | None = None,
+    ) -> None:
+        self.quic = quic
+        self.send_window = send_window
+        self.stats = QuicStats()
+        self._send_datagram = send_datagram
+        self._on_cid = on_cid
+        self._inbox_send, self._inbox = trio.open_memory_channel[tuple[bytes, NetworkAddress] | None](
+            INBOX_SIZE
+        )
+        self._accept_send, self._accept = trio.open_memory_channel[QuicStream](max_pending_streams)
+        self._streams: dict[int, QuicStream] = {}
+        self._finished: set[int] = set()
+        self._poked = False
+        self._acked = trio.Event()
+        self._connected = trio.Event()
+        self._terminated = trio.Event()
+        self.close_reason = ""
+        self.handshake_done = False
+        self._is_client = quic.configuration.is_client
+
+    @property
+    def alive(self) -> bool:
+        return not self._terminated.is_set()
+
+    @property
+    def remote_address(self) -> NetworkAddress | None:
+        return self.quic.get_peer_address()
+
+    # -- inputs
+    def feed_datagram(self, data: bytes, addr: NetworkAddress) -> None:
+        """Queue an inbound datagram for the driver; dropped (and counted) when the inbox is full."""
+        try:
+            self._inbox_send.send_nowait((data, addr))
+        except trio.WouldBlock:
+            self.stats.datagrams_dropped += 1
+        except trio.ClosedResourceError:
+            pass
+
+    def _poke(self) -> None:
+        if not self._poked:
+            self._poked = True
+            try:
+                self._inbox_send.send_nowait(None)
+            except (trio.WouldBlock, trio.ClosedResourceError):
+                pass  # a full inbox wakes the driver anyway
+
+    # -- driver
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Drive the connection until it terminates; every stream is broken afterwards."""
+        task_status.started()
+        try:
+            while True:
+                self._process_events()
+                self._poked = False
+                await self._transmit()
+                if self._terminated.is_set():
+                    break
+                timer = self.quic.get_timer()
+                got: tuple[bytes, NetworkAddress] | None = None
+                woke = False
+                with trio.move_on_at(timer if timer is not None else math.inf):
+                    got = await self._inbox.receive()
+                    woke = True
+                now = trio.current_time()
+                if woke:
+                    self._handle(got, now)
+                    while True:
+                        try:
+                            self._handle(self._inbox.receive_nowait(), now)
+                        except trio.WouldBlock:
+                            break
+                if timer is not None and now >= timer:
+                    self.quic.handle_timer(now)
+        finally:
+            self._teardown("connection closed" + (f": {self.close_reason}" if self.close_reason else ""))
+
+    def _handle(self, item: tuple[bytes, NetworkAddress] | None, now: float) -> None:
+        if item is not None:
+            self.quic.receive_datagram(item[0], item[1], now)
+            self._wake_senders()
+
+    async def _transmit(self) -> None:
+        for data, addr in self.quic.datagrams_to_send(now=trio.current_time()):
+            try:
+                await self._send_datagram(data, addr)
+            except OSError:
+                pass  # an unreachable peer shows up as a QUIC timeout, like a lost datagram
+
+    def _process_events(self) -> None:
+        while (event := self.quic.next_event()) is not None:
+            if isinstance(event, events.StreamDataReceived):
+                stream = self._streams.get(event.stream_id)
+                if stream is None:
+                    stream = self._new_peer_stream(event.stream_id)
+                if stream is not None:
+                    stream._feed(event.data, event.end_stream)
+            elif isinstance(event, events.StreamReset | events.StopSendingReceived):
+                stream = self._streams.get(event.stream_id)
+                if stream is not None:
+                    stream._break(f"peer reset stream {event.stream_id} (code {event.error_code})")
+            elif isinstance(event, events.HandshakeCompleted):
+                self.handshake_done = True
+                self._connected.set()
+            elif isinstance(event, events.ConnectionIdIssued) and self._on_cid is not None:
+                self._on_cid(event.connection_id, True)
+            elif isinstance(event, events.ConnectionIdRetired) and self._on_cid is not None:
+                self._on_cid(event.connection_id, False)
+            elif isinstance(event, events.ConnectionTerminated):
+                self.close_reason = event.reason_phrase or f"error {event.error_code}"
+                self._terminated.set()
+
+    def _new_peer_stream(self, stream_id: int) -> QuicStream | None:
+        peer_initiated = bool(stream_id & 1) == self._is_client
+        if stream_id in self._finished or not peer_initiated or stream_id & 2:
+            return None
+        stream = QuicStream(self, stream_id)
+        try:
+            self._accept_send.send_nowait(stream)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            self.stats.streams_refused += 1
+            self.quic.reset_stream(stream_id, 1)
+            self.quic.stop_stream(stream_id, 1)
+            self._finished.add(stream_id)
+            return None
+        self._streams[stream_id] = stream
+        return stream
+
+    def _teardown(self, why: str) -> None:
+        self._terminated.set()
+        self._connected.set()
+        self._wake_senders()
+        for stream in self._streams.values():
+            stream._break(why)
+        self._accept_send.close()
+        self._inbox_send.close()
+
+    def _wake_senders(self) -> None:
+        self._acked.set()
+        self._acked = trio.Event()
+
+    # -- used by streams
+    async def _wait_send_room(self, stream_id: int, window: int) -> None:
+        while self.alive and _unacked_bytes(self.quic, stream_id) >= window:
+            await self._acked.wait()
+        if not self.alive:
+            raise trio.BrokenResourceError(f"connection closed: {self.close_reason}")
+
+    def _send(self, stream_id: int, data: bytes, *, end_stream: bool) -> None:
+        try:
+            self.quic.send_stream_data(stream_id, data, end_stream=end_stream)
+        except (ValueError, AssertionError) as exc:  # aioquic: stream reset or already finished
+            raise trio.BrokenResourceError(f"stream {stream_id}: {exc}") from exc
+        self._poke()
+
+    def _consumed(self, stream_id: int, nbytes: int) -> None:
+        if self.quic.consume(stream_id, nbytes):
+            self._poke()
+
+    def _stop(self, stream_id: int) -> None:
+        try:
+            self.quic.stop_stream(stream_id, 0)
+        except (ValueError, AssertionError):
+            pass
+        self._poke()
+
+    def _reset(self, stream_id: int) -> None:
+        try:
+            self.quic.reset_stream(stream_id, 1)
+            self.quic.stop_stream(stream_id, 1)
+        except (ValueError, AssertionError):
+            pass
+        self._poke()
+
+    def _forget(self, stream_id: int) -> None:
+        if self._streams.pop(stream_id, None) is not None:
+            self._finished.add(stream_id)
+        self.quic.forget(stream_id)
+
+    # -- public
+    async def wait_connected(self) -> None:
+        """Wait for the handshake; raises PeerUnavailable if the connection ended first."""
+        await self._connected.wait()
+        if not self.handshake_done:
+            raise PeerUnavailable(f"QUIC handshake failed: {self.close_reason or 'connection closed'}")
+
+    async def wait_closed(self) -> None:
+        await self._terminated.wait()
+
+    def open_stream(self) -> QuicStream:
+        """A new bidirectional stream (the peer learns of it with the first bytes sent)."""
+        if not self.alive:
+            raise PeerUnavailable(f"connection closed: {self.close_reason}")
+        stream_id = self.quic.get_next_available_stream_id()
+        stream = QuicStream(self, stream_id)
+        self._streams[stream_id] = stream
+        return stream
+
+    async def accept_stream(self) -> QuicStream:
+        """The next stream the peer opened; raises PeerUnavailable once the connection is closed."""
+        try:
+            return await self._accept.receive()
+        except trio.EndOfChannel as exc:
+            raise PeerUnavailable(f"connection closed: {self.close_reason}") from exc
+
+    def close(self, error_code: int = 0, reason: str = "") -> None:
+        """Start closing (CONNECTION_CLOSE); `run` returns once aioquic has finished draining."""
+        if self.alive:
+            self.close_reason = self.close_reason or reason
+            self.quic.close(error_code=error_code, reason_phrase=reason)
+            self._poke()
+
+
+# ---------------------------------------------------------------------------------------------- server
+
+
+@dataclass
+class ServerStats:
+    garbage: int = 0  # datagrams that are not QUIC
+    unroutable: int = 0  # short-header datagrams for no known connection
+    refused: int = 0  # new connections over a limit
+    version_negotiations: int = 0
+    half_open_dropped: int = 0  # handshakes that did not finish in time
+    connections: int = 0
+
+
+class QuicServer:
+    """Accepts QUIC connections on one UDP socket and runs `handler(conn)` for each completed handshake."""
+
+    def __init__(
+        self,
+        sock: trio.socket.SocketType,
+        configuration: QuicConfiguration,
+        handler: Callable[[QuicConn], Awaitable[None]],
+        *,
+        max_connections: int = 1024,
+        max_half_open: int = 128,
+        handshake_timeout: float = 10.0,
+        send_window: int = DEFAULT_STREAM_WINDOW,
+        max_pending_streams: int = 16,
+    ) -> None:
+        self.sock = sock
+        self.configuration = configuration
+        self.handler = handler
+        self.max_connections = max_connections
+        self.max_half_open = max_half_open
+        self.handshake_timeout = handshake_timeout
+        self.send_window = send_window
+        self.max_pending_streams = max_pending_streams
+        self.stats = ServerStats()
+        self._routes: dict[bytes, QuicConn] = {}
+        self._conns: set[QuicConn] = set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                try:
+                    data, addr = await self.sock.recvfrom(65536)
+                except ConnectionError:  # ICMP unreachable from an earlier send; not fatal for UDP
+                    continue
+                self._route(data, addr, nursery)
+
+    def _route(self, data: bytes, addr: NetworkAddress, nursery: trio.Nursery) -> None:
+        try:
+            header = pull_quic_header(
+                Buffer(data=data), host_cid_length=self.configuration.connection_id_length
+            )
+        except ValueError:
+            self.stats.garbage += 1
+            return
+        conn = self._routes.get(header.destination_cid)
+        if conn is not None:
+            conn.feed_datagram(data, addr)
+            return
+        if header.packet_type != QuicPacketType.INITIAL or len(data) < 1200:
+            self.stats.unroutable += 1
+            return
+        if header.version not in self.configuration.supported_versions:
+            self.stats.version_negotiations += 1
+            nursery.start_soon(
+                self._send_quietly,
+                encode_quic_version_negotiation(
+                    source_cid=header.destination_cid,
+                    destination_cid=header.source_cid,
+                    supported_versions=self.configuration.supported_versions,
+                ),
+                addr,
+            )
+            return
+        half_open = sum(1 for c in self._conns if not c.handshake_done)
+        if len(self._conns) >= self.max_connections or half_open >= self.max_half_open:
+            self.stats.refused += 1
+            return
+        quic = FlowControlledQuicConnection(
+            configuration=self.configuration, original_destination_connection_id=header.destination_cid
+        )
+        cids: set[bytes] = set()
+
+        def on_cid(cid: bytes, issued: bool) -> None:
+            if issued:
+                cids.add(cid)
+                self._routes[cid] = conn
+            else:
+                cids.discard(cid)
+                self._routes.pop(cid, None)
+
+        conn = QuicConn(
+            quic,
+            self._send_quietly,
+            send_window=self.send_window,
+            max_pending_streams=self.max_pending_streams,
+            on_cid=on_cid,
+        )
+        quic.receive_datagram(data, addr, now=trio.current_time())  # first datagram before the task starts
+        on_cid(header.destination_cid, True)
+        on_cid(quic.host_cid, True)
+        self._conns.add(conn)
+        self.stats.connections += 1
+        nursery.start_soon(self._serve, conn, cids)
+
+    async def _send_quietly(self, data: bytes, addr: NetworkAddress) -> None:
+        try:
+            await self.sock.sendto(data, addr)
+        except OSError:
+            pass
+
+    async def _serve(self, conn: QuicConn, cids: set[bytes]) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._drive, conn, nursery.cancel_scope)
+                with trio.move_on_after(self.handshake_timeout):
+                    await conn._connected.wait()
+                if not conn.handshake_done:
+                    if conn.alive:
+                        self.stats.half_open_dropped += 1
+                    nursery.cancel_scope.cancel()
+                    return
+                try:
+                    await self.handler(conn)
+                finally:
+                    conn.close()
+        finally:
+            self._conns.discard(conn)
+            for cid in list(cids):
+                if self._routes.get(cid) is conn:
+                    del self._routes[cid]
+
+    @staticmethod
+    async def _drive(conn: QuicConn, scope: trio.CancelScope, *, task_status: trio.TaskStatus[None]) -> None:
+        try:
+            await conn.run(task_status=task_status)
+        finally:
+            scope.cancel()
+
+
+async def open_udp_socket(host: str, port: int) -> trio.socket.SocketType:
+    """A bound UDP socket (IPv4 or IPv6 by `host`)."""
+    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    if not infos:
+        raise PeerUnavailable(f"cannot resolve {host}")
+    family, _, _, _, addr = infos[0]
+    sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+    await sock.bind(addr)
+    return sock
+
+
+# ---------------------------------------------------------------------------------------------- client
+
+
+@asynccontextmanager
+async def connect_quic(
+    host: str,
+    port: int,
+    configuration: QuicConfiguration,
+    *,
+    handshake_timeout: float = 10.0,
+    send_window: int = DEFAULT_STREAM_WINDOW,
+) -> AsyncIterator[QuicConn]:
+    """Connect to a QUIC server; yields a connected `QuicConn` and closes it on exit.
+
+    Raises PeerUnavailable if the host cannot be resolved or the handshake does not finish in time.
+    """
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise PeerUnavailable(f"cannot resolve {host}: {exc}") from exc
+    family, _, _, _, addr = infos[0]
+    with trio.socket.socket(family, socket.SOCK_DGRAM) as sock:
+        await sock.bind(("0.0.0.0", 0) if family == socket.AF_INET else ("::", 0))
+        quic = FlowControlledQuicConnection(configuration=configuration)
+        quic.connect(addr, now=trio.current_time())
+
+        async def send(data: bytes, to: NetworkAddress) -> None:
+            await sock.sendto(data, to)
+
+        conn = QuicConn(quic, send, send_window=send_window)
+
+        async def read() -> None:
+            while True:
+                try:
+                    data, src = await sock.recvfrom(65536)
+                except ConnectionError:
+                    continue
+                conn.feed_datagram(data, src)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await nursery.start(conn.run)
+            with trio.move_on_after(handshake_timeout):
+                await conn._connected.wait()
+            if not conn.handshake_done:
+                nursery.cancel_scope.cancel()
+                raise PeerUnavailable(f"no QUIC handshake with {host}:{port} within {handshake_timeout:g} s")
+            try:
+                yield conn
+            finally:
+                conn.close()
+                with trio.move_on_after(1.0):
+                    await conn.wait_closed()
+                nursery.cancel_scope.cancel()
