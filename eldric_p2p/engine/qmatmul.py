@@ -1,0 +1,119 @@
+"""Linear layers computed directly on GGUF weight blocks, with llama.cpp's CPU arithmetic.
+
+`qlinear(x, w)` is `x @ dequantize(w).T` the way ggml computes it on the CPU: each activation row is
+quantized to the weight's ggml "vec_dot type" (Q8_0, Q8_1, Q8_K or F16) and every output is a sum of exact
+integer block dot products scaled by the block scales. That reads 4-8 bits per weight instead of 32 and gives
+logits that match llama.cpp far more closely than a float matmul on dequantized weights. The work is done by
+the C extension `eldric_p2p.engine._qkernels` (built by `pip install`, optional): check `kernels_available()`
+and fall back to the dequantized torch path when it is False. docs/kernels.md describes the arithmetic and
+the measured speeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from eldric_p2p.errors import InvalidInput, UnsupportedModel
+
+try:
+    from eldric_p2p.engine import _qkernels
+except ImportError:  # built without a C compiler: the engine uses dequantized weights instead
+    _qkernels = None
+
+RawBytes = bytes | bytearray | memoryview | np.ndarray | torch.Tensor
+
+
+def kernels_available() -> bool:
+    """True when the compiled kernels are importable."""
+    return _qkernels is not None
+
+
+def supports(ggml_type: int) -> bool:
+    """True when `qlinear` can run weights of this ggml type (False whenever the kernels are not built)."""
+    return _qkernels is not None and int(ggml_type) in _qkernels.supported_types()
+
+
+def simd() -> str:
+    """Which kernel set runs: 'avx2', 'portable', or 'none' when the extension is not built."""
+    return _qkernels.simd() if _qkernels is not None else "none"
+
+
+@dataclass(frozen=True, eq=False)
+class QuantWeight:
+    """A GGUF weight kept as its raw blocks: `data` is uint8 [out_features, row_bytes] (may view an mmap)."""
+
+    data: torch.Tensor
+    ggml_type: GGMLQuantizationType
+    in_features: int
+    out_features: int
+
+    @classmethod
+    def from_raw(cls, raw: RawBytes, ggml_type: int, in_features: int, out_features: int) -> QuantWeight:
+        """Wrap a tensor's raw bytes (shape in ggml order is [in_features, out_features]) without copying.
+
+        A read-only buffer (an mmap view) is wrapped as is; torch warns about non-writable numpy arrays, but
+        the kernels only read it. Raises `UnsupportedModel` for a type without a kernel and `InvalidInput`
+        when the byte count does not match the shape.
+        """
+        qtype = GGMLQuantizationType(int(ggml_type))
+        if not supports(qtype):
+            raise UnsupportedModel(f"no quantized matmul kernel for {qtype.name}")
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        if in_features <= 0 or out_features <= 0 or in_features % block:
+            raise InvalidInput(
+                f"{qtype.name} weight [{out_features}, {in_features}]: rows must be a multiple of {block}"
+            )
+        row_bytes = in_features // block * type_size
+        if isinstance(raw, torch.Tensor):
+            data = raw.detach().contiguous().view(torch.uint8).reshape(-1)
+        else:
+            arr = np.frombuffer(raw, dtype=np.uint8) if not isinstance(raw, np.ndarray) else raw
+            arr = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+            data = _uint8_tensor(arr)
+        if data.numel() != out_features * row_bytes:
+            raise InvalidInput(
+                f"{qtype.name} weight [{out_features}, {in_features}] needs "
+                f"{out_features * row_bytes} bytes, got {data.numel()}"
+            )
+        return cls(data.reshape(out_features, row_bytes), qtype, in_features, out_features)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+
+def _uint8_tensor(arr: np.ndarray) -> torch.Tensor:
+    """uint8 numpy array -> torch tensor sharing its memory, read-only buffers included."""
+    if arr.flags.writeable:
+        return torch.from_numpy(arr)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(arr)
+
+
+def qlinear(x: torch.Tensor, w: QuantWeight, n_threads: int | None = None) -> torch.Tensor:
+    """x [..., in_features] float32 (CPU) -> [..., out_features] float32 = x @ W.T with ggml's arithmetic.
+
+    Threads default to `torch.get_num_threads()`. Raises `InvalidInput` for a wrong shape, dtype or device and
+    `UnsupportedModel` when the kernels are not built.
+    """
+    if _qkernels is None:
+        raise UnsupportedModel("the quantized matmul kernels are not built (no C compiler at install time)")
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        raise InvalidInput(f"qlinear needs float32 CPU activations, got {x.dtype} on {x.device}")
+    if x.shape[-1] != w.in_features:
+        raise InvalidInput(f"activation width {x.shape[-1]} != weight in_features {w.in_features}")
+    lead = x.shape[:-1]
+    x2 = x.detach().reshape(-1, w.in_features).contiguous()  # [T, in]
+    out = torch.empty((x2.shape[0], w.out_features), dtype=torch.float32)  # [T, out]
+    threads = torch.get_num_threads() if n_threads is None else n_threads
+    _qkernels.qmatmul(
+        x2.numpy(), w.data.numpy(), out.numpy(), int(w.ggml_type), w.in_features, w.out_features, threads
+    )
+    return out.reshape(*lead, w.out_features)

@@ -1,0 +1,413 @@
+"""The C kernels against a NumPy implementation of ggml's reference arithmetic.
+
+The reference here quantizes each activation row like ggml's quantize_row_q8_0/q8_1/q8_K (Q8_0 through gguf-py
+itself), decodes the weight blocks into integers and scales, forms the exact integer block sums, and combines
+them in float64. The kernels must agree to float32 summation-order error, and be close to a float matmul on
+dequantized weights (they differ by the activation quantization only).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import quants as gguf_quants
+
+from eldric_p2p.engine import qmatmul as qm
+from eldric_p2p.errors import InvalidInput
+
+T = GGMLQuantizationType
+
+pytestmark = pytest.mark.skipif(
+    not qm.kernels_available(),
+    reason="eldric_p2p.engine._qkernels is not built (pip install -e . with a C compiler)",
+)
+
+SIMPLE = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
+KQUANTS = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+ALL = [T.F32, T.F16, *SIMPLE, *KQUANTS]
+# Byte offsets of the float16 scale fields inside one block.
+F16_FIELDS = {
+    T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0],
+    T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208],
+}  # fmt: skip
+SIMD_MODES = ["portable", "avx2"]
+
+
+@pytest.fixture(params=SIMD_MODES)
+def simd(request: pytest.FixtureRequest):
+    """Run a test with the portable kernels, then with the AVX2 ones (skipped on CPUs without AVX2)."""
+    from eldric_p2p.engine import _qkernels
+
+    got = _qkernels.set_simd(request.param == "avx2")
+    try:
+        if request.param == "avx2" and not got:
+            pytest.skip("this CPU has no AVX2+FMA+F16C")
+        yield request.param
+    finally:
+        _qkernels.set_simd(True)
+
+
+# --- reference: activation quantization (ggml-quants.c quantize_row_q8_*_ref)
+
+
+def _f16(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float32)
+
+
+def _roundf(v: np.ndarray) -> np.ndarray:
+    """C roundf (half away from zero) of float32 values."""
+    a = np.abs(v.astype(np.float64))
+    return (np.sign(v) * np.floor(a + 0.5)).astype(np.int64)
+
+
+def ref_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[T, n] float32 -> (qs [T, nb, 32] int64, d [T, nb] float32), via gguf-py's bit-exact Q8_0 quantizer."""
+    rows = x.shape[0]
+    raw = gguf_quants.quantize(x, T.Q8_0).reshape(rows, -1, 34)
+    d = raw[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = raw[..., 2:].view(np.int8).astype(np.int64)
+    return qs, d
+
+
+def ref_q8_1(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[T, n] -> (qs, d, s): Q8_0 plus s = fp16(sum(qs) * d) with the unrounded d."""
+    b = x.reshape(x.shape[0], -1, 32)
+    d = np.abs(b).max(axis=-1) / np.float32(127)  # float32
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+    qs = _roundf(b * inv[..., None])
+    s = _f16(qs.sum(axis=-1).astype(np.float32) * d)
+    return qs, _f16(d), s
+
+
+def ref_q8_K(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[T, n] -> (qs [T, nb, 256], d [T, nb] float32, bsums [T, nb, 16]): the signed max maps to -127."""
+    b = x.reshape(x.shape[0], -1, 256)
+    idx = np.abs(b).argmax(axis=-1)
+    mx = np.take_along_axis(b, idx[..., None], axis=-1)[..., 0]
+    zero = mx == 0
+    with np.errstate(divide="ignore"):
+        iscale = np.where(zero, np.float32(0), np.float32(-127) / np.where(zero, 1, mx)).astype(np.float32)
+    # np.rint rounds half to even, like ggml's nearest_int
+    qs = np.minimum(np.rint(iscale[..., None] * b), 127).astype(np.int64)
+    with np.errstate(divide="ignore"):
+        d = np.where(zero, np.float32(0), np.float32(1) / np.where(zero, 1, iscale)).astype(np.float32)
+    return qs, d, qs.reshape(*qs.shape[:2], 16, 16).sum(axis=-1)
+
+
+# --- reference: weight decoding
+
+
+def _blocks(raw: np.ndarray, qtype: GGMLQuantizationType, rows: int) -> np.ndarray:
+    return raw.reshape(rows, -1, GGML_QUANT_SIZES[qtype][1])
+
+
+def _hf(b: np.ndarray, off: int) -> np.ndarray:
+    return b[..., off : off + 2].copy().view(np.float16)[..., 0].astype(np.float64)
+
+
+def _nib(qs: np.ndarray) -> np.ndarray:
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.int64)
+
+
+def _bits(b4: np.ndarray) -> np.ndarray:
+    """[..., 4] bytes of a little-endian u32 -> [..., 32] bits, bit j at index j."""
+    return np.unpackbits(b4, axis=-1, bitorder="little").astype(np.int64)
+
+
+def _k4_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[..., 12] -> 8 six-bit scales and 8 mins of Q4_K/Q5_K."""
+    s = s.astype(np.int64)
+    sc = np.concatenate([s[..., 0:4] & 63, (s[..., 8:12] & 0x0F) | ((s[..., 0:4] >> 6) << 4)], axis=-1)
+    mn = np.concatenate([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], axis=-1)
+    return sc, mn
+
+
+def ref_qlinear(
+    x: np.ndarray, raw: np.ndarray, qtype: GGMLQuantizationType, rows: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's CPU result for x [T, n] and weight rows -> (out [T, rows] float64, scale of its summands)."""
+    if qtype in (T.F32, T.F16):
+        w = raw.reshape(rows, -1).view(np.float32 if qtype == T.F32 else np.float16).astype(np.float64)
+        xa = x.astype(np.float64) if qtype == T.F32 else _f16(x).astype(np.float64)
+        return xa @ w.T, np.abs(xa) @ np.abs(w).T
+    b = _blocks(raw, qtype, rows)  # [rows, nb, type_size]
+    if qtype in SIMPLE:
+        d = _hf(b, 0)
+        if qtype == T.Q4_0:
+            q = _nib(b[..., 2:]) - 8
+        elif qtype == T.Q4_1:
+            q = _nib(b[..., 4:])
+        elif qtype == T.Q5_0:
+            q = (_nib(b[..., 6:]) | (_bits(b[..., 2:6]) << 4)) - 16
+        elif qtype == T.Q5_1:
+            q = _nib(b[..., 8:]) | (_bits(b[..., 4:8]) << 4)
+        else:
+            q = b[..., 2:].view(np.int8).astype(np.int64)
+        if qtype in (T.Q4_1, T.Q5_1):
+            qx, dx, sx = ref_q8_1(x)
+            mins = np.einsum("rb,tb->trb", _hf(b, 2), sx.astype(np.float64))
+        else:
+            qx, dx = ref_q8_0(x)
+            mins = 0.0
+        isum = np.einsum("rbj,tbj->trb", q, qx)
+        terms = np.einsum("rb,tb->trb", d, dx.astype(np.float64)) * isum + mins
+        return terms.sum(axis=-1), np.abs(terms).sum(axis=-1)
+
+    qx, dx, bsums = ref_q8_K(x)
+    nb = b.shape[1]
+    minsum = 0
+    if qtype == T.Q2_K:
+        sc = b[..., 0:16].astype(np.int64)
+        q2 = b[..., 16:80].reshape(rows, nb, 2, 1, 32)  # [rows, nb, half, 1, 32]
+        q = (
+            ((q2 >> np.array([0, 2, 4, 6]).reshape(1, 1, 1, 4, 1)) & 3)
+            .astype(np.int64)
+            .reshape(rows, nb, 256)
+        )
+        scales, sub = sc & 0x0F, 16
+        minsum = np.einsum("rbj,tbj->trb", sc >> 4, bsums)
+        d, dmin = _hf(b, 80), _hf(b, 82)
+    elif qtype == T.Q3_K:
+        hm, q3, s = b[..., 0:32], b[..., 32:96].reshape(rows, nb, 2, 1, 32), b[..., 96:108].astype(np.int64)
+        lo = (
+            ((q3 >> np.array([0, 2, 4, 6]).reshape(1, 1, 1, 4, 1)) & 3)
+            .astype(np.int64)
+            .reshape(rows, nb, 256)
+        )
+        hbit = np.unpackbits(hm, axis=-1, bitorder="little").reshape(rows, nb, 32, 8)  # [.., l, bit]
+        hbit = hbit.transpose(0, 1, 3, 2).reshape(rows, nb, 256).astype(np.int64)  # element bit*32 + l
+        q = lo - 4 * (1 - hbit)
+        low4 = np.concatenate([s[..., 0:8] & 0x0F, s[..., 0:8] >> 4], axis=-1)  # [.., 16]
+        high2 = (s[..., 8:12, None] >> np.array([0, 2, 4, 6])) & 3  # [.., byte j&3, shift j>>2]
+        scales, sub = (low4 | (high2.transpose(0, 1, 3, 2).reshape(rows, nb, 16) << 4)) - 32, 16
+        d, dmin = _hf(b, 108), None
+    elif qtype in (T.Q4_K, T.Q5_K):
+        five = qtype == T.Q5_K
+        qs = b[..., 48:176] if five else b[..., 16:144]
+        qs = qs.reshape(rows, nb, 4, 32)
+        q = np.stack([qs & 0x0F, qs >> 4], axis=3).astype(np.int64).reshape(rows, nb, 256)
+        if five:
+            hbit = np.unpackbits(b[..., 16:48], axis=-1, bitorder="little").reshape(rows, nb, 32, 8)
+            q = q + 16 * hbit.transpose(0, 1, 3, 2).reshape(rows, nb, 256).astype(np.int64)
+        scales, mins = _k4_scales(b[..., 4:16])
+        sub = 32
+        minsum = np.einsum("rbj,tbj->trb", np.repeat(mins, 2, axis=-1), bsums)
+        d, dmin = _hf(b, 0), _hf(b, 2)
+    else:  # Q6_K
+        ql = b[..., 0:128].reshape(rows, nb, 2, 2, 32).astype(np.int64)  # [.., half, 32-group, l]
+        qh = b[..., 128:192].reshape(rows, nb, 2, 1, 32).astype(np.int64)
+        # [.., half, nibble, group, l]: element nibble*64 + group*32 + l of the half
+        low = np.stack([ql & 0x0F, ql >> 4], axis=3)
+        high = (qh >> np.array([0, 2, 4, 6]).reshape(1, 1, 1, 4, 1)) & 3  # [.., half, 4, l]: element k*32 + l
+        q = (low.reshape(rows, nb, 2, 128) | (high.reshape(rows, nb, 2, 128) << 4)) - 32
+        q = q.reshape(rows, nb, 256)
+        scales, sub = b[..., 192:208].view(np.int8).astype(np.int64), 16
+        d, dmin = _hf(b, 208), None
+    n_sub = 256 // sub
+    part = np.einsum(
+        "rbsl,tbsl->trbs", q.reshape(rows, nb, n_sub, sub), qx.reshape(*qx.shape[:2], n_sub, sub)
+    )
+    isum = np.einsum("trbs,rbs->trb", part, scales)
+    dd = dx.astype(np.float64)
+    terms = np.einsum("rb,tb->trb", d, dd) * isum
+    if dmin is not None:
+        terms = terms - np.einsum("rb,tb->trb", dmin, dd) * minsum
+    return terms.sum(axis=-1), np.abs(terms).sum(axis=-1)
+
+
+# --- weights
+
+
+def _random_raw(qtype: GGMLQuantizationType, rows: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Random block bytes (every bit pattern) whose fp16 scale fields are finite, moderate, of either sign."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(rows * n // block, size), dtype=np.uint8)
+    for off in F16_FIELDS[qtype]:
+        vals = rng.uniform(0.002, 0.02, size=raw.shape[0]) * rng.choice([-1, 1], size=raw.shape[0])
+        raw[:, off : off + 2] = vals.astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return raw.reshape(rows, -1)
+
+
+def _quantized(qtype: GGMLQuantizationType, rows: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Weights as a file holds them: random floats quantized by gguf-py (or the synthetic K quantizers)."""
+    w = (rng.standard_normal((rows, n)) * 0.05).astype(np.float32)
+    if qtype in (T.F32, T.F16):
+        return w.astype(np.float32 if qtype == T.F32 else np.float16).view(np.uint8).reshape(rows, -1)
+    if qtype in (T.Q4_K, T.Q6_K):
+        from eldric_p2p.synthetic import quantize_array
+
+        return np.ascontiguousarray(quantize_array(w, qtype)).view(np.uint8).reshape(rows, -1)
+    if qtype in SIMPLE:
+        return gguf_quants.quantize(w, qtype).reshape(rows, -1)
+    return _random_raw(qtype, rows, n, rng)
+
+
+def _weights(
+    qtype: GGMLQuantizationType, rows: int, n: int, rng: np.random.Generator, kind: str
+) -> np.ndarray:
+    if kind == "random" and qtype not in (T.F32, T.F16):
+        return _random_raw(qtype, rows, n, rng)
+    return _quantized(qtype, rows, n, rng)
+
+
+def _activations(t: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    x = rng.standard_normal((t, n)).astype(np.float32)
+    x[:, 5] *= 8.0  # an outlier channel, as real hidden states have
+    return x
+
+
+def _run(
+    x: np.ndarray, raw: np.ndarray, qtype: GGMLQuantizationType, rows: int, threads: int = 1
+) -> np.ndarray:
+    w = qm.QuantWeight.from_raw(raw, qtype, x.shape[1], rows)
+    return qm.qlinear(torch.from_numpy(x), w, n_threads=threads).numpy()
+
+
+def _in_features(qtype: GGMLQuantizationType) -> int:
+    return 768 if qtype in KQUANTS else 224
+
+
+# --- tests
+
+
+def test_supports_every_type_the_engine_meets() -> None:
+    for qtype in ALL:
+        assert qm.supports(qtype), qtype.name
+    assert not qm.supports(T.IQ2_XXS)
+    assert not qm.supports(T.BF16)
+
+
+@pytest.mark.parametrize("kind", ["quantized", "random"])
+@pytest.mark.parametrize("t", [1, 5])
+@pytest.mark.parametrize("qtype", ALL, ids=lambda q: q.name)
+def test_matches_ggml_reference_arithmetic(qtype: GGMLQuantizationType, t: int, kind: str, simd: str) -> None:
+    rng = np.random.default_rng(1000 * int(qtype) + t)
+    n, rows = _in_features(qtype), 37
+    x = _activations(t, n, rng)
+    raw = _weights(qtype, rows, n, rng, kind)
+    got = _run(x, raw, qtype, rows)
+    ref, scale = ref_qlinear(x, raw, qtype, rows)
+    assert got.shape == (t, rows) and got.dtype == np.float32
+    err = np.abs(got - ref)
+    assert (err <= 1e-5 * scale + 1e-30).all(), f"max error / scale {np.max(err / scale):.3g}"
+
+
+@pytest.mark.parametrize("qtype", ALL, ids=lambda q: q.name)
+def test_close_to_float_matmul_on_dequantized_weights(qtype: GGMLQuantizationType, simd: str) -> None:
+    rng = np.random.default_rng(7 + int(qtype))
+    n, rows = _in_features(qtype), 33
+    x = _activations(3, n, rng)
+    raw = _quantized(qtype, rows, n, rng)
+    if qtype in (T.F32, T.F16):
+        w = raw.view(np.float32 if qtype == T.F32 else np.float16).astype(np.float32)
+    else:
+        w = gguf_quants.dequantize(raw, qtype).reshape(rows, n)
+    want = x.astype(np.float64) @ w.T.astype(np.float64)
+    got = _run(x, raw, qtype, rows)
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    # fp16 activations; 8-bit activations in blocks of 32; in blocks of 256, where the outlier sets the step
+    bound = {T.F32: 1e-6, T.F16: 1e-3}.get(qtype, 4e-2 if qtype in KQUANTS else 2e-2)
+    assert rel < bound, f"relative error {rel:.3g}"
+
+
+def test_fp16_activation_rounding_is_exact() -> None:
+    """A 1x1 F16 weight of 1.0: each output is the activation rounded to fp16, which must equal numpy's
+    rounding for normals, subnormals, exact ties, and values that overflow to inf."""
+    rng = np.random.default_rng(3)
+    bits = rng.integers(0, 1 << 32, size=4000, dtype=np.uint64).astype(np.uint32)
+    x = bits.view(np.float32).copy()
+    x[~np.isfinite(x)] = 1.0
+    special = [65504.0, 65519.996, 65520.0, 1e9, 2.0**-24, 2.0**-25, 1.5 * 2.0**-25, -(2.0**-14), 1 + 2**-11]
+    x = np.concatenate([x, special, rng.uniform(-1e-4, 1e-4, 500), rng.uniform(-7e4, 7e4, 500)])
+    x = x.astype(np.float32).reshape(-1, 1)
+    one = np.array([1.0], dtype=np.float16).view(np.uint8).reshape(1, 2)
+    got = _run(x, one, T.F16, 1)
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_q8_0_activation_quantization_is_bit_exact_with_gguf_py() -> None:
+    """Q8_0 weights that pick one element with scale 1: the output is the quantized activation itself."""
+    rng = np.random.default_rng(4)
+    n = 96
+    x = _activations(6, n, rng)
+    x[1, :32] = 0.0  # an all-zero block
+    # amax 127 makes the scale exactly 1, so the k + 0.5 values are ties: roundf takes them away from zero
+    x[2, :32] = np.arange(32, dtype=np.float32) - 15.5
+    x[2, 0] = -127.0
+    blocks = np.zeros((n, n // 32, 34), dtype=np.uint8)
+    blocks[..., :2] = np.array([1.0], dtype=np.float16).view(np.uint8)
+    for r in range(n):
+        blocks[r, r // 32, 2 + r % 32] = 1
+    got = _run(x, blocks.reshape(n, -1), T.Q8_0, n)
+    want = gguf_quants.dequantize(gguf_quants.quantize(x, T.Q8_0), T.Q8_0).reshape(x.shape)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_n_threads_do_not_change_results() -> None:
+    rng = np.random.default_rng(5)
+    for qtype in ALL:
+        n, rows = _in_features(qtype), 101
+        x = _activations(4, n, rng)
+        raw = _weights(qtype, rows, n, rng, "random")
+        np.testing.assert_array_equal(_run(x, raw, qtype, rows, 1), _run(x, raw, qtype, rows, 2))
+
+
+def test_leading_dimensions_are_kept() -> None:
+    rng = np.random.default_rng(6)
+    raw = _quantized(T.Q8_0, 9, 64, rng)
+    w = qm.QuantWeight.from_raw(raw, T.Q8_0, 64, 9)
+    x = torch.from_numpy(rng.standard_normal((2, 3, 64)).astype(np.float32))
+    y = qm.qlinear(x, w)
+    assert y.shape == (2, 3, 9)
+    torch.testing.assert_close(y[1, 2], qm.qlinear(x[1, 2], w), rtol=0, atol=0)
+    assert qm.qlinear(torch.zeros((0, 64)), w).shape == (0, 9)
+
+
+def test_wrong_sizes_raise_value_error_not_crash() -> None:
+    from eldric_p2p.engine import _qkernels
+
+    rng = np.random.default_rng(8)
+    raw = _quantized(T.Q4_K, 3, 256, rng).reshape(-1)
+    x = np.ones((2, 256), np.float32)
+    out = np.zeros((2, 3), np.float32)
+    _qkernels.qmatmul(x, raw, out, int(T.Q4_K), 256, 3, 1)
+    with pytest.raises(ValueError, match="w has"):
+        _qkernels.qmatmul(x, raw[:-1], out, int(T.Q4_K), 256, 3, 1)
+    with pytest.raises(ValueError, match="w has"):
+        _qkernels.qmatmul(x, raw, out, int(T.Q4_K), 256, 4, 1)
+    with pytest.raises(ValueError, match="x has"):
+        _qkernels.qmatmul(x.reshape(-1)[:-1], raw, out, int(T.Q4_K), 256, 3, 1)
+    with pytest.raises(ValueError, match="out has"):
+        _qkernels.qmatmul(x, raw, out[:1], int(T.Q4_K), 256, 3, 1)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        _qkernels.qmatmul(x, raw, out, int(T.Q4_K), 128, 6, 1)
+    with pytest.raises(TypeError):
+        _qkernels.qmatmul(x.astype(np.float64), raw, out, int(T.Q4_K), 256, 3, 1)
+    with pytest.raises(TypeError):
+        _qkernels.qmatmul(x, raw, np.zeros((2, 3), np.int32), int(T.Q4_K), 256, 3, 1)
+    with pytest.raises(NotImplementedError):
+        _qkernels.qmatmul(x, raw, out, int(T.IQ2_XXS), 256, 3, 1)
+    with pytest.raises((TypeError, BufferError)):
+        _qkernels.qmatmul(x, raw, bytes(24), int(T.Q4_K), 256, 3, 1)  # read-only out
+
+
+def test_quant_weight_checks_shape_and_wraps_without_copy() -> None:
+    rng = np.random.default_rng(9)
+    raw = _quantized(T.Q5_0, 4, 64, rng).reshape(-1)
+    with pytest.raises(InvalidInput, match="needs 176 bytes"):
+        qm.QuantWeight.from_raw(raw[:-2], T.Q5_0, 64, 4)
+    with pytest.raises(InvalidInput, match="multiple of 32"):
+        qm.QuantWeight.from_raw(raw, T.Q5_0, 48, 4)
+    ro = memoryview(raw.tobytes())  # read-only, like an mmap view of the model file
+    w = qm.QuantWeight.from_raw(ro, T.Q5_0, 64, 4)
+    assert w.nbytes == 176 and w.data.shape == (4, 44)
+    x = torch.from_numpy(_activations(2, 64, rng))
+    with pytest.raises(InvalidInput):
+        qm.qlinear(x.double(), w)
+    with pytest.raises(InvalidInput):
+        qm.qlinear(x[:, :32], w)
