@@ -29,7 +29,14 @@ from typing import Any
 import httpx
 import trio
 
-from eldric_p2p.errors import GGUFFormatError, IntegrityError, PeerUnavailable, RemoteProtocolError, UsageError
+from eldric_p2p.errors import (
+    GGUFFormatError,
+    IntegrityError,
+    ModelNotFound,
+    PeerUnavailable,
+    RemoteProtocolError,
+    UsageError,
+)
 from eldric_p2p.gguf_index import MAX_HEADER_BYTES, GGUFIndex, TensorInfo, TruncatedHeader, parse_gguf_untrusted
 from eldric_p2p.shardcache import ShardCache, check_model_id
 
@@ -57,6 +64,10 @@ class FetchResult:
 
 class _PeerRefused(RemoteProtocolError):
     """This peer broke the range protocol (e.g. 200 instead of 206): do not ask it again."""
+
+
+class _NotServed(_PeerRefused):
+    """This peer does not serve the model (404)."""
 
 
 def _blob_url(peer: str, model_id: str) -> str:
@@ -114,7 +125,9 @@ class _Session:
                         raise _PeerRefused(f"{peer} answered 200 to a Range request (ignores Range, or the file changed)")
                     if resp.status_code != 206:
                         body = (await resp.aread())[:300].decode("utf-8", "replace")
-                        if resp.status_code in (404, 416) or 400 <= resp.status_code < 500:
+                        if resp.status_code == 404:
+                            raise _NotServed(f"{peer} does not serve {self.model_id!r}: {body}")
+                        if 400 <= resp.status_code < 500:
                             raise _PeerRefused(f"{peer} answered {resp.status_code} for bytes {pos}-{end - 1}: {body}")
                         raise PeerUnavailable(f"{peer} answered {resp.status_code}: {body}")
                     a, b, size = _parse_content_range(resp.headers.get("content-range"))
@@ -144,6 +157,8 @@ class _Session:
                 log.warning("%s", exc)
                 self.bad[peer] = exc
                 if all(p in self.bad for p in self.peers):
+                    if all(isinstance(e, _NotServed) for e in self.bad.values()):
+                        raise ModelNotFound(f"no data peer serves {self.model_id!r}") from exc
                     raise
             except (httpx.HTTPError, PeerUnavailable) as exc:
                 failures = 0 if pos > before else failures + 1
@@ -256,7 +271,8 @@ async def fetch_assignment(
     Returns a FetchResult whose `path` opens with `GGUFFile`. A covered assignment is served from the cache
     without network (its bytes re-hashed unless `verify_cached=False`). Raises IntegrityError naming a tensor
     whose bytes do not match the published hash, PeerUnavailable when no peer delivers, RemoteProtocolError
-    when a peer breaks the protocol, UsageError for a bad model id or layer range.
+    when a peer breaks the protocol, ModelNotFound when no peer serves the model, UsageError for a bad model
+    id or layer range.
     """
     t0 = time.perf_counter()
     check_model_id(model_id)
