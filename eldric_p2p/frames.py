@@ -270,8 +270,18 @@ class FrameDecoder:
             raise LocalProtocolError("receive_data after end of stream")
         if not data:
             self._eof = True
-        else:
-            self._buf += data
+            return
+        if self._payload is not None and not self._buf:
+            # Mid-payload with nothing queued: copy straight into the payload buffer (one copy, not two).
+            view = memoryview(data).cast("B")
+            take = min(len(self._payload) - self._filled, len(view))
+            self._payload[self._filled : self._filled + take] = view[:take]
+            self._filled += take
+            view = view[take:]
+            if not view:
+                return
+            data = view
+        self._buf += data
 
     @property
     def buffered(self) -> int:
