@@ -1,0 +1,75 @@
+"""`eldric-p2p node`: run a node with the roles its flags enable, until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import trio
+
+from eldric_p2p.node import DEFAULT_PORT, Node, NodeConfig, parse_host_port
+from eldric_p2p.paths import default_data_dir
+from eldric_p2p.units import format_size, parse_size
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("node", help="run a node: gateway, data peer, worker, coordinator, relay")
+    p.add_argument("--name", default="", help="name shown to other peers (default: from the peer id)")
+    p.add_argument("--data-dir", type=Path, default=None, help=f"identity, caches, models (default {default_data_dir()})")
+    p.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}",
+                   help=f"HOST:PORT of the HTTP API (default 127.0.0.1:{DEFAULT_PORT}; port 0 picks one)")  # fmt: skip
+    p.add_argument("--models", nargs="+", action="extend", default=[], type=Path, metavar="PATH",
+                   help="GGUF files or directories to serve as a data peer")  # fmt: skip
+    p.add_argument("--memory", default=None, help="memory the worker offers, e.g. 1.5GiB, 800MiB, 2G")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--no-worker", action="store_true", help="do not offer this machine as a worker")
+    p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT", help="bootstrap peer (repeatable)")
+    p.add_argument("--no-mdns", action="store_true", help="do not announce or browse on the LAN")
+    p.add_argument("--relay", action="append", default=[], metavar="HOST:PORT", help="edge relay to join (repeatable)")
+    p.add_argument("--relay-listen", default=None, metavar="HOST:PORT", help="run an edge relay on this UDP address")
+
+
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    """NodeConfig from parsed flags. Raises UsageError for a bad size, address or device."""
+    from eldric_p2p.errors import UsageError
+
+    device = args.device
+    if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise UsageError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
+    host, port = parse_host_port(args.listen, default_port=DEFAULT_PORT)
+    return NodeConfig(
+        name=args.name,
+        data_dir=args.data_dir or default_data_dir(),
+        listen_host=host,
+        listen_port=port,
+        models=list(args.models),
+        memory=parse_size(args.memory) if args.memory else None,
+        device=device,
+        worker=not args.no_worker,
+        peers=[parse_host_port(p, default_port=DEFAULT_PORT) for p in args.peer],
+        mdns=not args.no_mdns,
+        relays=[parse_host_port(r) for r in args.relay],
+        relay_listen=parse_host_port(args.relay_listen) if args.relay_listen else None,
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+
+    async def run() -> None:
+        node = Node(config)
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(node.run)
+            host = config.listen_host if config.listen_host not in ("0.0.0.0", "::") else "127.0.0.1"
+            shown = f"[{host}]" if ":" in host else host
+            print(f"eldric-p2p node {node.name} ({node.identity.peer_id}) serving on http://{shown}:{port}", flush=True)
+            print(f"  roles: {', '.join(config.roles)}", flush=True)
+            if node.catalog is not None:
+                for m in node.catalog.models.values():
+                    print(f"  model {m.id}: {m.index.architecture}, {m.index.n_layers} layers, "
+                          f"{format_size(m.version.size)}", flush=True)  # fmt: skip
+            if config.memory is not None:
+                print(f"  worker memory offered: {format_size(config.memory)}", flush=True)
+
+    trio.run(run)
+    return 0
