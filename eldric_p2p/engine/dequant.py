@@ -24,10 +24,18 @@ from eldric_p2p.errors import GGUFFormatError, UnsupportedModel
 T = GGMLQuantizationType
 RawBytes = bytes | bytearray | memoryview | np.ndarray | torch.Tensor
 
-# Output elements per chunk. On the CPU a chunk's temporaries should stay in the L2/L3 caches; on a GPU
+# Output elements per chunk. On the CPU a chunk's float32 temporaries (4 MiB) stay in the L3 cache; on a GPU
 # bigger chunks amortize the kernel launches and host-to-device copies.
-CPU_CHUNK_ELEMENTS = 1 << 17
+CPU_CHUNK_ELEMENTS = 1 << 20
 CUDA_CHUNK_ELEMENTS = 1 << 24
+
+
+# Bit tricks work on int64 words of 8 packed bytes: torch is fast on contiguous same-dtype tensors and slow on
+# strided, broadcast or byte-wise concatenating ones, so fields are copied out contiguous once, split with
+# masks and shifts eight bytes at a time, and only the final int8 -> float32 multiply touches each value.
+_LO4 = 0x0F0F0F0F0F0F0F0F
+_LO2 = 0x0303030303030303
+_LO1 = 0x0101010101010101
 
 
 def _f16(blocks: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -35,85 +43,120 @@ def _f16(blocks: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return blocks[:, start:stop].contiguous().view(torch.float16).to(torch.float32)
 
 
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """[..., m] uint8 -> [..., 2m]: the m low nibbles, then the m high nibbles (ggml's 4-bit order)."""
-    return torch.cat((qs & 0x0F, qs >> 4), dim=-1)
+def _words(blocks: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Bytes [start, stop) of each block as contiguous int64 words: [n, (stop-start)//8]."""
+    return blocks[:, start:stop].contiguous().view(torch.int64)
 
 
-def _shifts(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.uint8, device=device)
+def _nibbles(w: torch.Tensor) -> torch.Tensor:
+    """[..., m] words -> [..., 2, m] words: all low nibbles, then all high nibbles (ggml's 4-bit order)."""
+    return torch.stack((w & _LO4, (w >> 4) & _LO4), dim=-2)
+
+
+def _crumbs(w: torch.Tensor) -> torch.Tensor:
+    """[..., m] words -> [..., 4, m] words: the 2-bit fields at bit 0, 2, 4 and 6 of every byte."""
+    return torch.stack((w & _LO2, (w >> 2) & _LO2, (w >> 4) & _LO2, (w >> 6) & _LO2), dim=-2)
+
+
+def _bits(w: torch.Tensor) -> torch.Tensor:
+    """[..., m] words -> [..., 8, m] words: bit j of every byte, for j = 0..7."""
+    return torch.stack([(w >> j) & _LO1 for j in range(8)], dim=-2)
+
+
+def _as_float(words: torch.Tensor, n: int, *shape: int, signed: bool = False) -> torch.Tensor:
+    """Packed words holding one small integer per byte -> float32 [n, *shape]."""
+    return words.view(torch.int8 if signed else torch.uint8).view(n, *shape).to(torch.float32)
+
+
+def _bit_table(set_value: int, clear_value: int) -> torch.Tensor:
+    """[256] int64: per byte value, eight bytes; byte j is `set_value` if bit j is set, else `clear_value`."""
+    bits = (torch.arange(256).view(256, 1) >> torch.arange(8)) & 1  # [256, 8]
+    table = torch.where(bits == 1, set_value, clear_value).to(torch.uint8)  # [256, 8]
+    return table.view(torch.int64).view(256)
+
+
+# Q5_0 stores q + 16 in five bits: with the fifth bit set the int8 value q is the low nibble, with it clear it
+# is the low nibble minus 16, i.e. the nibble with 0xF0 on top. Q5_1 keeps the unsigned five-bit value.
+_Q5_0_HIGH = _bit_table(0x00, 0xF0)
+_Q5_1_HIGH = _bit_table(0x10, 0x00)
+_TABLES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _table(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    key = (id(table), device)
+    if key not in _TABLES:
+        _TABLES[key] = table.to(device)
+    return _TABLES[key]
+
+
+def _q5_high(blocks: torch.Tensor, start: int, table: torch.Tensor) -> torch.Tensor:
+    """The 32 fifth bits of a Q5_0/Q5_1 block (little-endian uint32 at `start`) mapped by `table`: [n, 4]."""
+    qh = blocks[:, start : start + 4].reshape(-1).to(torch.int32)  # [n * 4]
+    return _table(table, blocks.device).index_select(0, qh).view(-1, 4)
 
 
 def _q4_0(blocks: torch.Tensor) -> torch.Tensor:
+    n = blocks.shape[0]
     d = _f16(blocks, 0, 2)  # [n, 1]
-    q = _nibbles(blocks[:, 2:]).view(torch.int8) - 8  # [n, 32] int8 in [-8, 7]
-    return d * q
+    q = _nibbles(_words(blocks, 2, 18)).view(torch.int8) - 8  # [n, 2, 2] words = [n, 32] int8 in [-8, 7]
+    return _as_float(q, n, 32, signed=True).mul_(d)
 
 
 def _q4_1(blocks: torch.Tensor) -> torch.Tensor:
+    n = blocks.shape[0]
     d = _f16(blocks, 0, 2)  # [n, 1]
     m = _f16(blocks, 2, 4)  # [n, 1]
-    q = _nibbles(blocks[:, 4:])  # [n, 32] uint8
-    return (d * q).add_(m)
-
-
-def _q5_high_bits(qh: torch.Tensor) -> torch.Tensor:
-    """[n, 4] bytes of a little-endian uint32 -> [n, 32] uint8 holding bit i of it, shifted to value 16."""
-    n = qh.shape[0]
-    bits = (qh.unsqueeze(-1) >> _shifts(range(8), qh.device)) & 1  # [n, 4, 8]
-    return bits.view(n, 32) << 4
+    q = _nibbles(_words(blocks, 4, 20))  # [n, 2, 2] words = [n, 32] uint8
+    return _as_float(q, n, 32).mul_(d).add_(m)
 
 
 def _q5_0(blocks: torch.Tensor) -> torch.Tensor:
+    n = blocks.shape[0]
     d = _f16(blocks, 0, 2)  # [n, 1]
-    q = _nibbles(blocks[:, 6:]) | _q5_high_bits(blocks[:, 2:6])  # [n, 32] uint8 in [0, 31]
-    return d * (q.view(torch.int8) - 16)
+    q = _nibbles(_words(blocks, 6, 22)).view(n, 4) | _q5_high(blocks, 2, _Q5_0_HIGH)  # [n, 32] int8, -16..15
+    return _as_float(q, n, 32, signed=True).mul_(d)
 
 
 def _q5_1(blocks: torch.Tensor) -> torch.Tensor:
+    n = blocks.shape[0]
     d = _f16(blocks, 0, 2)  # [n, 1]
     m = _f16(blocks, 2, 4)  # [n, 1]
-    q = _nibbles(blocks[:, 8:]) | _q5_high_bits(blocks[:, 4:8])  # [n, 32] uint8
-    return (d * q).add_(m)
+    q = _nibbles(_words(blocks, 8, 24)).view(n, 4) | _q5_high(blocks, 4, _Q5_1_HIGH)  # [n, 32] uint8, 0..31
+    return _as_float(q, n, 32).mul_(d).add_(m)
 
 
 def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
     d = _f16(blocks, 0, 2)  # [n, 1]
-    return blocks[:, 2:].view(torch.int8) * d  # [n, 32]
+    return blocks[:, 2:].contiguous().view(torch.int8).to(torch.float32).mul_(d)  # [n, 32]
 
 
 def _q2_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
-    scales = blocks[:, : QK_K // 16]  # [n, 16]
-    qs = blocks[:, QK_K // 16 : QK_K // 16 + QK_K // 4]  # [n, 64]
+    scales = blocks[:, 0:16].contiguous()  # [n, 16]
     d = _f16(blocks, 80, 82)  # [n, 1]
     dmin = _f16(blocks, 82, 84)  # [n, 1]
     dl = (d * (scales & 0x0F)).unsqueeze(-1)  # [n, 16, 1]
     ml = (dmin * (scales >> 4)).unsqueeze(-1)  # [n, 16, 1]
-    shifts = _shifts([0, 2, 4, 6], blocks.device).view(1, 1, 4, 1)
-    q = (qs.reshape(n, 2, 1, 32) >> shifts) & 3  # [n, 2, 4, 32]
-    q = q.view(n, QK_K // 16, 16)
-    return (dl * q).sub_(ml).view(n, QK_K)
+    q = _crumbs(_words(blocks, 16, 80).view(n, 2, 4))  # [n, 2, 4, 4] words = [n, 16, 16] uint8
+    return _as_float(q, n, 16, 16).mul_(dl).sub_(ml).view(n, QK_K)
 
 
 def _q3_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
     dev = blocks.device
-    hmask = blocks[:, : QK_K // 8]  # [n, 32]
-    qs = blocks[:, QK_K // 8 : QK_K // 8 + QK_K // 4]  # [n, 64]
     lscales = blocks[:, 96:104]  # [n, 8]
     hscales = blocks[:, 104:108]  # [n, 4]
     d = _f16(blocks, 108, 110)  # [n, 1]
-    lo = _nibbles(lscales)  # [n, 16]
-    hi = (hscales.unsqueeze(1) >> _shifts([0, 2, 4, 6], dev).view(1, 4, 1)) & 3  # [n, 4, 4]
+    lo = torch.cat((lscales & 0x0F, lscales >> 4), dim=-1)  # [n, 16]
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=dev).view(1, 4, 1)
+    hi = (hscales.unsqueeze(1) >> shifts) & 3  # [n, 4, 4]
     sc = (lo | (hi.view(n, 16) << 4)).view(torch.int8) - 32  # [n, 16] int8 in [-32, 31]
     dl = (d * sc).unsqueeze(-1)  # [n, 16, 1]
-    ql = (qs.reshape(n, 2, 1, 32) >> _shifts([0, 2, 4, 6], dev).view(1, 1, 4, 1)) & 3  # [n, 2, 4, 32]
-    qh = (hmask.reshape(n, 1, 1, 32) >> _shifts(range(8), dev).view(1, 1, 8, 1)) & 1  # [n, 1, 8, 32]
-    # q = ql - 4 when the hmask bit is clear, ql when it is set
-    low = ((qh.view(n, 16, 16) ^ 1) << 2).view(torch.int8)  # [n, 16, 16]
-    q = ql.view(n, 16, 16).view(torch.int8) - low  # [n, 16, 16]
-    return (dl * q).view(n, QK_K)
+    ql = _crumbs(_words(blocks, 32, 96).view(n, 2, 4))  # [n, 2, 4, 4] words = [n, 16, 16] in [0, 3]
+    # q = ql - 4 where the hmask bit is clear
+    low = (_bits(_words(blocks, 0, 32)) ^ _LO1) << 2  # [n, 8, 4] words = [n, 16, 16] in {0, 4}
+    q = ql.view(torch.int8).view(n, QK_K) - low.view(torch.int8).view(n, QK_K)  # [n, 256] int8 in [-4, 3]
+    return _as_float(q, n, 16, 16, signed=True).mul_(dl).view(n, QK_K)
 
 
 def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,39 +173,35 @@ def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
     d = _f16(blocks, 0, 2)  # [n, 1]
     dmin = _f16(blocks, 2, 4)  # [n, 1]
-    sc, mn = _k_scale_min(blocks[:, 4:16])
+    sc, mn = _k_scale_min(blocks[:, 4:16].contiguous())
     ds = (d * sc).unsqueeze(-1)  # [n, 8, 1]
     dm = (dmin * mn).unsqueeze(-1)  # [n, 8, 1]
-    q = _nibbles(blocks[:, 16:].reshape(n, 4, 32)).view(n, 8, 32)  # [n, 8, 32] uint8
-    return (ds * q).sub_(dm).view(n, QK_K)
+    q = _nibbles(_words(blocks, 16, 144).view(n, 4, 4))  # [n, 4, 2, 4] words = [n, 8, 32] uint8
+    return _as_float(q, n, 8, 32).mul_(ds).sub_(dm).view(n, QK_K)
 
 
 def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
     d = _f16(blocks, 0, 2)  # [n, 1]
     dmin = _f16(blocks, 2, 4)  # [n, 1]
-    sc, mn = _k_scale_min(blocks[:, 4:16])
+    sc, mn = _k_scale_min(blocks[:, 4:16].contiguous())
     ds = (d * sc).unsqueeze(-1)  # [n, 8, 1]
     dm = (dmin * mn).unsqueeze(-1)  # [n, 8, 1]
-    qh = blocks[:, 16:48]  # [n, 32]
-    ql = _nibbles(blocks[:, 48:].reshape(n, 4, 32)).view(n, 8, 32)  # [n, 8, 32]
-    hb = (qh.reshape(n, 1, 32) >> _shifts(range(8), blocks.device).view(1, 8, 1)) & 1  # [n, 8, 32]
-    q = ql | (hb << 4)
-    return (ds * q).sub_(dm).view(n, QK_K)
+    high = _bits(_words(blocks, 16, 48)) << 4  # [n, 8, 4] words = [n, 8, 32] in {0, 16}
+    low = _nibbles(_words(blocks, 48, 176).view(n, 4, 4))  # [n, 4, 2, 4] words = [n, 8, 32]
+    q = low.view(n, 8, 4) | high  # [n, 8, 4] words = [n, 8, 32] uint8 in [0, 31]
+    return _as_float(q, n, 8, 32).mul_(ds).sub_(dm).view(n, QK_K)
 
 
 def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
-    ql = blocks[:, : QK_K // 2]  # [n, 128]
-    qh = blocks[:, QK_K // 2 : QK_K // 2 + QK_K // 4]  # [n, 64]
-    scales = blocks[:, 192:208].view(torch.int8)  # [n, 16]
+    scales = blocks[:, 192:208].contiguous().view(torch.int8)  # [n, 16]
     d = _f16(blocks, 208, 210)  # [n, 1]
     ds = (d * scales).unsqueeze(-1)  # [n, 16, 1]
-    lo = _nibbles(ql.reshape(n, 2, 64)).view(n, 8, 32)  # [n, 8, 32]
-    shifts = _shifts([0, 2, 4, 6], blocks.device).view(1, 1, 4, 1)
-    hi = (qh.reshape(n, 2, 1, 32) >> shifts) & 3  # [n, 2, 4, 32]
-    q = (lo | (hi.view(n, 8, 32) << 4)).view(torch.int8) - 32  # [n, 8, 32] int8 in [-32, 31]
-    return (ds * q.view(n, 16, 16)).view(n, QK_K)
+    low = _nibbles(_words(blocks, 0, 128).view(n, 2, 8))  # [n, 2, 2, 8] words = [n, 8, 32]
+    high = _crumbs(_words(blocks, 128, 192).view(n, 2, 4)) << 4  # [n, 2, 4, 4] words = [n, 8, 32]
+    q = (low.view(n, 32) | high.view(n, 32)).view(torch.int8) - 32  # [n, 256] int8 in [-32, 31]
+    return _as_float(q, n, 16, 16, signed=True).mul_(ds).view(n, QK_K)
 
 
 _BLOCK_KERNELS: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tensor]] = {
