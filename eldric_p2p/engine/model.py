@@ -68,7 +68,7 @@ class Linear:
         self.bias = bias
         raw = src.tensor_data(info.name)
         if fmt == "native" and qmatmul.supports(info.ggml_type):
-            self.q = qmatmul.QuantWeight(raw, info.ggml_type, self.in_features, self.out_features)
+            self.q = qmatmul.QuantWeight.from_raw(raw, info.ggml_type, self.in_features, self.out_features)
             self.w = None
             self.nbytes = info.nbytes
         else:
