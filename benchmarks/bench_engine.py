@@ -1,0 +1,110 @@
+"""Engine speed beside llama.cpp: prefill and decode tokens/s on the same GGUF, same threads, one run.
+
+    python benchmarks/bench_engine.py                      # both reference models, 2 threads
+    python benchmarks/bench_engine.py --models qwen --threads 2 --tokens 64 --weights native
+
+Each side runs in its own subprocess, one after the other, alternating `--rounds` times; the figure reported
+is the best round of each (the machine is noisy), and the ratio eldric/llama.cpp. llama.cpp runs through
+`llama-cpp-python` (pip install 'eldric-p2p[reference]'): greedy, flash attention off, f16 KV cache, the
+defaults of `llama-cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import textwrap
+
+from eldric_p2p.paths import models_dir
+
+MODELS = {
+    "qwen": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    "gemma": "gemma-3-270m-q4_k_m.gguf",
+}
+PROMPT = (
+    "Write a Python function that parses an ISO 8601 date string and returns a datetime, "
+    "with tests for leap years, time zones and invalid input. Explain each step briefly."
+)
+
+LLAMA_CPP = textwrap.dedent(
+    """
+    import json, sys, time, llama_cpp
+    path, threads, n_gen, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_threads=threads, n_threads_batch=threads,
+                          verbose=False, flash_attn=False)
+    ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+    llm.reset()
+    t0 = time.perf_counter(); llm.eval(ids); t1 = time.perf_counter()
+    out = []
+    for _ in range(n_gen):
+        tok = llm.sample(temp=0.0)
+        out.append(tok)
+        llm.eval([tok])
+    t2 = time.perf_counter()
+    print(json.dumps({"prompt_tokens": len(ids), "prefill_s": t1 - t0, "decode_s": t2 - t1,
+                      "decode_steps": n_gen, "token_ids": out}))
+    """
+)
+
+
+def run_llama_cpp(path: str, threads: int, n_gen: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", LLAMA_CPP, path, str(threads), str(n_gen), PROMPT],
+        capture_output=True, text=True, check=True,
+    )
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r["decode_tps"] = r["decode_steps"] / r["decode_s"]
+    r["prefill_tps"] = r["prompt_tokens"] / r["prefill_s"]
+    return r
+
+
+def run_eldric(path: str, threads: int, n_gen: int, weights: str) -> dict:
+    cmd = [
+        sys.executable, "-m", "eldric_p2p", "run", path, PROMPT, "--raw", "--json",
+        "--max-tokens", str(n_gen), "--threads", str(threads), "--weights", weights, "--ctx", "1024",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r["decode_tps"] = r["decode_tokens_per_s"]
+    r["prefill_tps"] = len(r["prompt_token_ids"]) / r["prefill_s"]
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="qwen,gemma")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=64, help="decode steps per run")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--weights", default="auto")
+    args = ap.parse_args()
+    rows = []
+    for name in args.models.split(","):
+        path = str(models_dir() / MODELS[name])
+        best: dict[str, dict] = {}
+        for _ in range(args.rounds):
+            for side, fn in (
+                ("llama.cpp", lambda: run_llama_cpp(path, args.threads, args.tokens)),
+                ("eldric", lambda: run_eldric(path, args.threads, args.tokens, args.weights)),
+            ):
+                r = fn()
+                if side not in best or r["decode_tps"] > best[side]["decode_tps"]:
+                    best[side] = r
+        e, ll = best["eldric"], best["llama.cpp"]
+        same = e["token_ids"] == ll["token_ids"][: len(e["token_ids"])]
+        rows.append((name, e, ll, same))
+    print(f"threads={args.threads} decode steps={args.tokens} rounds={args.rounds} (best of each)")
+    print(f"{'model':6} {'side':10} {'prefill tok/s':>14} {'decode tok/s':>13}")
+    for name, e, ll, same in rows:
+        print(f"{name:6} {'llama.cpp':10} {ll['prefill_tps']:14.1f} {ll['decode_tps']:13.1f}")
+        print(f"{name:6} {'eldric':10} {e['prefill_tps']:14.1f} {e['decode_tps']:13.1f}   weights={e.get('weights')}")
+        print(
+            f"{name:6} {'ratio':10} {e['prefill_tps'] / ll['prefill_tps']:14.2f} "
+            f"{e['decode_tps'] / ll['decode_tps']:13.2f}   same greedy tokens: {same}"
+        )
+
+
+if __name__ == "__main__":
+    main()
