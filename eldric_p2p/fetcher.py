@@ -2,8 +2,9 @@
 
     fetch_assignment(peers, model_id, start, end, cache_root=...)
       1. cache covers [start, end) and its bytes still verify  -> return, no network
-      2. header: GET blob bytes=0-N, grow N while the parser says TruncatedHeader
-      3. GET /tensors: published sha256 per tensor (checked against the header we parsed)
+      2. GET /tensors: published sha256 per tensor, and the data offset (= the header's length)
+      3. header: GET blob bytes=0-(offset-1), parse it, check the tensor table against it; if the peer's
+         offset was short, grow the prefix while the parser says TruncatedHeader
       4. plan: the assignment's tensors not yet cached -> coalesced ranges -> chunks of <= 16 MiB
       5. fetch chunks, `max_in_flight` at a time, spread over the peers; each answer must be 206 with exactly
          the asked Content-Range (a 200 is an error, never a silent full download); a broken transfer resumes
@@ -179,7 +180,7 @@ class _Session:
             try:
                 resp = await self.client.get(f"{peer.rstrip('/')}{path}")
                 if resp.status_code == 404:
-                    self.bad[peer] = PeerUnavailable(f"{peer} does not serve {self.model_id!r}")
+                    self.bad[peer] = _NotServed(f"{peer} does not serve {self.model_id!r}")
                     continue
                 if resp.status_code != 200:
                     raise PeerUnavailable(f"{peer} answered {resp.status_code} to {path}")
@@ -190,6 +191,8 @@ class _Session:
             except (httpx.HTTPError, PeerUnavailable, ValueError) as exc:
                 last = exc
                 await trio.sleep(min(self.backoff * 2 ** (attempt // len(self.peers)), 5.0))
+        if self.bad and all(isinstance(e, _NotServed) for e in self.bad.values()) and len(self.bad) == len(self.peers):
+            raise ModelNotFound(f"no data peer serves {self.model_id!r}")
         reasons = "; ".join(str(e) for e in self.bad.values()) or str(last)
         raise PeerUnavailable(f"no data peer answered {path}: {reasons}") from last
 
@@ -229,9 +232,11 @@ def plan_chunks(tensors: list[TensorInfo], *, gap: int, chunk: int = CHUNK) -> l
     return [(p, min(p + chunk, b)) for a, b in merged for p in range(a, b, chunk)]
 
 
-async def _fetch_header(s: _Session) -> tuple[GGUFIndex, bytes]:
+async def _fetch_header(s: _Session, hint: int | None = None) -> tuple[GGUFIndex, bytes]:
+    """Fetch and parse the header. `hint` (the peer's claimed data offset) makes it one request; without it,
+    or when the hint is short, the prefix grows until the parser stops raising TruncatedHeader."""
     prefix = bytearray()
-    want = HEADER_FIRST
+    want = hint if hint is not None and 0 < hint <= MAX_HEADER_BYTES else HEADER_FIRST
     size: int | None = None
 
     async def sink(off: int, data: bytes) -> None:
@@ -290,11 +295,13 @@ async def fetch_assignment(
         client = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0), limits=httpx.Limits(max_connections=32))
     try:
         s = _Session(client, peers, model_id, retries=retries, backoff=backoff)
-        index, header = await _fetch_header(s)
+        _, doc = await s.get_json(f"/api/v1/models/{model_id}/tensors")
+        hint = doc.get("data_offset") if isinstance(doc, dict) else None
+        index, header = await _fetch_header(s, hint if isinstance(hint, int) else None)
         if not 0 <= start < end <= index.n_layers:
             raise UsageError(f"layer range [{start}, {end}) is not inside [0, {index.n_layers}) of {model_id!r}")
-        _, doc = await s.get_json(f"/api/v1/models/{model_id}/tensors")
         hashes, file_sha = _check_tensor_table(index, doc)
+        t_header = time.perf_counter()
         assert index.file_size is not None
         size = index.file_size
         await trio.to_thread.run_sync(lambda: cache.prepare(file_size=size, header=header, sha256=file_sha))
@@ -303,8 +310,12 @@ async def fetch_assignment(
         todo = [t for t in wanted if have.get(t.name) != hashes[t.name]]
         chunks = plan_chunks(todo, gap=index.alignment, chunk=chunk_size)
         total = sum(b - a for a, b in chunks)
+        t_plan = time.perf_counter()
         await _fetch_chunks(s, cache.path, chunks, total, progress, max_in_flight)
+        t_fetch = time.perf_counter()
         bad = await trio.to_thread.run_sync(cache.check, todo, hashes)
+        log.debug("fetch %s [%d, %d): header+table %.2fs, prepare %.2fs, %d bytes in %.2fs, verify %.2fs", model_id,
+                  start, end, t_header - t0, t_plan - t_header, total, t_fetch - t_plan, time.perf_counter() - t_fetch)
         good = {t.name: hashes[t.name] for t in todo if t.name not in bad}
         await trio.to_thread.run_sync(cache.mark_verified, good)
         if bad:

@@ -242,6 +242,8 @@ def test_header_prefix_grows(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(fetcher, "HEADER_FIRST", 64)
     src = write_synthetic_gguf(tmp_path / "m.gguf", arch="gemma3")
     app = Faulty(make_app(src))
+    real = fetcher._fetch_header
+    monkeypatch.setattr(fetcher, "_fetch_header", lambda s, hint=None: real(s, None))  # a peer giving no hint
 
     async def go(peers: list[str]) -> None:
         r = await fetch_assignment(peers, "m", 0, 1, cache_root=tmp_path / "c")
@@ -249,6 +251,19 @@ def test_header_prefix_grows(tmp_path: Path, monkeypatch) -> None:
 
     run_with_peers([app], go)
     assert app.blob_requests >= 5  # 64, 128, ... bytes until the header parses, then the tensors
+
+
+def test_header_is_one_request_with_the_peers_offset(tmp_path: Path) -> None:
+    src = write_synthetic_gguf(tmp_path / "m.gguf", arch="gemma3")
+    app = Faulty(make_app(src))
+
+    async def go(peers: list[str]) -> None:
+        r = await fetch_assignment(peers, "m", 1, 2, cache_root=tmp_path / "c")
+        ranges = sum(b - a for a, b in read_index(src).assignment_ranges(1, 2))
+        assert r.bytes_fetched < ranges + r.index.data_offset + 20_000  # header + tensors + the JSON table
+
+    run_with_peers([app], go)
+    assert app.blob_requests == 2  # the header, then one coalesced range
 
 
 def test_progress_callback_reaches_total(tmp_path: Path) -> None:
@@ -300,3 +315,51 @@ def test_manifest_hashes_are_the_tensor_hashes(tmp_path: Path) -> None:
     with GGUFFile(src) as f:
         for name, sha in ShardCache(tmp_path / "c", "m").verified.items():
             assert sha == hashlib.sha256(f.tensor_data(name)).hexdigest()
+
+
+@pytest.mark.slow
+@pytest.mark.models
+@pytest.mark.parametrize("which", ["qwen", "gemma"])
+def test_reference_model_every_layer(which: str, request, tmp_path: Path) -> None:
+    import shutil
+
+    src: Path = request.getfixturevalue(f"{which}_path")
+    ix = read_index(src)
+    root = tmp_path / "c"
+
+    async def go(peers: list[str]) -> None:
+        for layer in range(ix.n_layers):
+            r = await fetch_assignment(peers, src.stem, layer, layer + 1, cache_root=root)
+            assert_same_tensors(r.path, src, r.tensors)
+            ranges = sum(b - a for a, b in ix.assignment_ranges(layer, layer + 1))
+            assert ranges <= r.bytes_fetched <= ranges + ix.data_offset + (1 << 20)
+            offline = await fetch_assignment([dead_peer()], src.stem, layer, layer + 1, cache_root=root)
+            assert offline.from_cache and offline.bytes_fetched == 0
+            shutil.rmtree(root)
+
+    run_with_peers([make_app(src, data_dir=tmp_path / "data")], go)
+
+
+@pytest.mark.slow
+@pytest.mark.models
+@pytest.mark.parametrize("which", ["qwen", "gemma"])
+def test_reference_model_three_way_split(which: str, request, tmp_path: Path) -> None:
+    src: Path = request.getfixturevalue(f"{which}_path")
+    ix = read_index(src)
+    size = src.stat().st_size
+    n = ix.n_layers
+    bounds = [0, round(n / 3), round(2 * n / 3), n]
+    layer_bytes = ix.layer_bytes()
+
+    async def go(peers: list[str]) -> None:
+        for w in range(3):
+            a, b = bounds[w], bounds[w + 1]
+            r = await fetch_assignment(peers, src.stem, a, b, cache_root=tmp_path / f"w{w}")
+            assert_same_tensors(r.path, src, r.tensors)
+            share = sum(layer_bytes[a:b]) / sum(layer_bytes)
+            print(f"{src.stem} worker {w} layers [{a},{b}): fetched {r.bytes_fetched / 1e6:.1f} MB = "
+                  f"{r.bytes_fetched / size:.1%} of the file; its layers are {share:.1%} of the layer bytes")
+            ends = sum(t.nbytes for t in r.index.assignment_tensors(a, b) if not t.name.startswith("blk."))
+            assert r.bytes_fetched <= sum(layer_bytes[a:b]) + ends + ix.data_offset + (1 << 20)
+
+    run_with_peers([make_app(src, data_dir=tmp_path / "data")], go)

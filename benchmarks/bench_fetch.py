@@ -1,0 +1,104 @@
+"""Fetch benchmark: a worker's layer ranges over loopback with the fetcher vs curl, same server, same run.
+
+    python benchmarks/bench_fetch.py [MODEL ...] [--workers 3]
+
+Starts `eldric-p2p node --models MODEL` in a subprocess (the data peer), then for each worker of an even
+split: fetches its assignment with `fetch_assignment` into a fresh shard cache (header + tensor table +
+ranges + sha256 checks + disk writes), and fetches the same 16 MiB chunks with `curl` (4 at a time, to
+/dev/null). Prints MB/s for both, the ratio, and bytes fetched per worker vs the file size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import trio
+
+from eldric_p2p.fetcher import CHUNK, fetch_assignment, plan_chunks
+from eldric_p2p.gguf_index import read_index
+from eldric_p2p.paths import models_dir
+from eldric_p2p.refmodels import REFERENCE_MODELS
+
+
+def split(n_layers: int, workers: int) -> list[tuple[int, int]]:
+    bounds = [round(i * n_layers / workers) for i in range(workers + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+async def curl_ranges(url: str, chunks: list[tuple[int, int]], width: int = 4) -> float:
+    limiter = trio.CapacityLimiter(width)
+    t0 = time.perf_counter()
+
+    async def one(a: int, b: int) -> None:
+        async with limiter:
+            await trio.run_process(["curl", "-sS", "--fail", "-o", "/dev/null", "-r", f"{a}-{b - 1}", url])
+
+    async with trio.open_nursery() as nursery:
+        for a, b in chunks:
+            nursery.start_soon(one, a, b)
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="*", type=Path)
+    ap.add_argument("--workers", type=int, default=3)
+    args = ap.parse_args()
+    if not shutil.which("curl"):
+        print("curl not found: apt-get install -y curl", file=sys.stderr)
+        return 2
+    models = args.models or [models_dir() / m.filename for m in REFERENCE_MODELS.values()]
+    models = [m for m in models if m.exists()]
+    if not models:
+        print("no model: run `eldric-p2p models fetch qwen` or pass a GGUF path", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        node = subprocess.Popen(
+            [sys.executable, "-m", "eldric_p2p", "node", "--listen", "127.0.0.1:0", "--no-worker", "--no-mdns",
+             "--data-dir", str(Path(tmp) / "peer"), "--models", *map(str, models)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert node.stdout is not None
+            m = re.search(r"serving on (http://\S+)", node.stdout.readline())
+            assert m, "node did not print its URL"
+            base = m.group(1)
+            for path in models:
+                ix = read_index(path)
+                model_id = path.stem
+                httpx.get(f"{base}/api/v1/models/{model_id}/tensors", timeout=120).raise_for_status()  # hashed
+                blob = f"{base}/api/v1/models/{model_id}/blob"
+                size = path.stat().st_size
+                print(f"\n{model_id}: {ix.n_layers} layers, {size / 1e6:.1f} MB, {args.workers}-way split")
+                print(f"{'worker':>6} {'layers':>9} {'fetched MB':>10} {'of file':>8} {'fetcher MB/s':>12} "
+                      f"{'curl MB/s':>9} {'ratio':>6}")  # fmt: skip
+                for w, (a, b) in enumerate(split(ix.n_layers, args.workers)):
+                    chunks = plan_chunks(ix.assignment_tensors(a, b), gap=ix.alignment, chunk=CHUNK)
+                    ranged = sum(y - x for x, y in chunks)
+                    cache = Path(tmp) / f"cache-{model_id}-{w}"
+                    r = trio.run(lambda a=a, b=b, cache=cache: fetch_assignment([base], model_id, a, b, cache_root=cache))
+                    t_curl = trio.run(curl_ranges, blob, chunks)
+                    f_rate, c_rate = ranged / r.elapsed / 1e6, ranged / t_curl / 1e6
+                    print(f"{w:>6} {f'[{a},{b})':>9} {r.bytes_fetched / 1e6:>10.1f} {r.bytes_fetched / size:>8.1%} "
+                          f"{f_rate:>12.0f} {c_rate:>9.0f} {f_rate / c_rate:>6.2f}")  # fmt: skip
+                    shutil.rmtree(cache)
+        finally:
+            node.terminate()
+            node.wait(timeout=10)
+    print("\nfetcher MB/s counts the assignment's bytes over the whole call (header, tensor table, ranges, "
+          "sha256 of every tensor, writes to the shard cache); curl only moves the same chunks to /dev/null.")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())
