@@ -629,6 +629,8 @@ class QuicServer:
                     return
                 try:
                     await self.handler(conn)
+                except* (trio.BrokenResourceError, trio.ClosedResourceError, PeerUnavailable):
+                    pass  # this connection failed; the server goes on
                 finally:
                     conn.close()
         finally:

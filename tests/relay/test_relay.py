@@ -1,0 +1,284 @@
+"""Relay + members in one trio process over loopback UDP: directory, splicing, faults."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+from aioquic.quic.connection import QuicConnection
+
+from eldric_p2p.discovery import PeerTable
+from eldric_p2p.errors import PeerUnavailable
+from eldric_p2p.identity import Identity
+from eldric_p2p.relay.client import RelayMember
+from eldric_p2p.relay.quic import QuicStream, client_configuration
+from eldric_p2p.relay.server import Relay, RelayLimits, run_relay
+
+FAST = RelayLimits(keepalive_s=0.2, dead_after_s=0.8, handshake_timeout_s=0.5, register_timeout_s=1.0)
+
+
+async def echo(stream: QuicStream, source: str) -> None:
+    while data := await stream.receive_some():
+        await stream.send_all(data)
+    await stream.send_eof()
+
+
+def make_member(relay_addr: tuple[str, int], name: str, handler: object = echo) -> RelayMember:
+    ident = Identity.generate()
+    return RelayMember(
+        ident,
+        relay_addr[0],
+        relay_addr[1],
+        PeerTable(ident.peer_id),
+        lambda: {"name": name, "http_port": 8080, "roles": ["worker"]},
+        handler,  # type: ignore[arg-type]
+        backoff_initial_s=0.1,
+        backoff_max_s=0.4,
+        open_timeout_s=2.0,
+        handshake_timeout_s=2.0,
+    )
+
+
+async def wait_for(tables: list[PeerTable], cond: Callable[[], bool]) -> None:
+    """Wait (under the caller's deadline) until `cond` holds, re-checking whenever a table changes."""
+    while True:
+        versions = [t.version for t in tables]  # taken before the check, so no change slips between
+        if cond():
+            return
+        async with trio.open_nursery() as nursery:
+            for t, v in zip(tables, versions, strict=True):
+
+                async def changed(t: PeerTable = t, v: int = v) -> None:
+                    await t.wait_changed(v)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(changed)
+
+
+async def eventually(cond: Callable[[], bool]) -> None:
+    """Poll `cond` (under the caller's deadline) for state that has no event: counters, flags."""
+    while not cond():  # noqa: ASYNC110
+        await trio.sleep(0.02)
+
+
+async def roundtrip(stream: QuicStream, payload: bytes) -> bytes:
+    got = bytearray()
+
+    async def reader() -> None:
+        while len(got) < len(payload):
+            chunk = await stream.receive_some()
+            assert chunk, "stream ended early"
+            got.extend(chunk)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await stream.send_all(payload)
+    return bytes(got)
+
+
+@asynccontextmanager
+async def relay_with(
+    members: int, limits: RelayLimits = FAST
+) -> AsyncIterator[tuple[Relay, list[RelayMember]]]:
+    async with trio.open_nursery() as nursery:
+        relay: Relay = await nursery.start(
+            lambda task_status: run_relay(
+                "127.0.0.1", 0, Identity.generate(), limits=limits, task_status=task_status
+            )
+        )
+        assert relay.address is not None
+        ms = [make_member(relay.address, f"m{i}") for i in range(members)]
+        for m in ms:
+            await nursery.start(m.run)
+        with trio.fail_after(5):
+            for m in ms:
+                await m.wait_registered()
+        yield relay, ms
+        nursery.cancel_scope.cancel()
+
+
+def test_directory_push_and_a_spliced_echo_stream() -> None:
+    async def main() -> None:
+        async with relay_with(2) as (relay, (a, b)):
+            with trio.fail_after(3):
+                await wait_for(
+                    [a.table, b.table],
+                    lambda: b.identity.peer_id in a.table and a.identity.peer_id in b.table,
+                )
+            seen = a.table.get(b.identity.peer_id)
+            assert (
+                seen is not None and seen.source == "relay" and seen.name == "m1" and seen.http_port == 8080
+            )
+            assert a.relay_id == relay.identity.peer_id
+
+            stream = await a.open_stream(b.identity.peer_id)
+            assert await roundtrip(stream, b"hello") == b"hello"
+            payload = os.urandom(300_000)  # more than the relay's stream window: flow control must hold
+            assert await roundtrip(stream, payload) == payload
+            await stream.send_eof()
+            assert await stream.receive_some() == b""  # the far end's EOF crosses the splice
+            await stream.aclose()
+            assert relay.stats.streams_spliced == 1
+            with trio.fail_after(2):
+                await eventually(lambda: relay.stats.bytes_spliced >= 2 * len(payload))
+
+    trio.run(main)
+
+
+def test_unknown_peer_id_is_refused_and_the_relay_keeps_serving() -> None:
+    async def main() -> None:
+        async with relay_with(2) as (relay, (a, b)):
+            with pytest.raises(PeerUnavailable, match="unknown_peer"):
+                await a.open_stream(Identity.generate().peer_id)
+            with pytest.raises(PeerUnavailable, match="self"):
+                await a.open_stream(a.identity.peer_id)
+            stream = await a.open_stream(b.identity.peer_id)
+            assert await roundtrip(stream, b"still here") == b"still here"
+            assert relay.stats.streams_refused == 2
+
+    trio.run(main)
+
+
+def test_garbage_and_half_open_handshakes_leave_the_relay_serving() -> None:
+    async def main() -> None:
+        async with relay_with(1) as (relay, (a,)):
+            assert relay.address is not None and relay.server is not None
+            with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                await sock.bind(("127.0.0.1", 0))
+                for size in (0, 1, 7, 50, 1199, 1200, 1500, 9000):
+                    await sock.sendto(os.urandom(size), relay.address)
+                await sock.sendto(b"\xc0" + os.urandom(1300), relay.address)  # long header, junk inside
+                # a client that sends its Initial and then never answers
+                half = QuicConnection(configuration=client_configuration())
+                half.connect(relay.address, now=trio.current_time())
+                for data, addr in half.datagrams_to_send(now=trio.current_time()):
+                    await sock.sendto(data, addr)
+                await trio.sleep(0.05)
+                assert len(relay.server._conns) == 2  # the member and the half-open one
+                with trio.fail_after(3):
+                    await eventually(lambda: relay.server.stats.half_open_dropped >= 1)
+            stats = relay.server.stats
+            assert stats.garbage + stats.unroutable + stats.version_negotiations >= 8
+            # the relay still takes new members and splices for them
+            b = make_member(relay.address, "late")
+            async with trio.open_nursery() as nursery:
+                await nursery.start(b.run)
+                with trio.fail_after(3):
+                    await b.wait_registered()
+                    await wait_for([a.table], lambda: b.identity.peer_id in a.table)
+                stream = await a.open_stream(b.identity.peer_id)
+                assert await roundtrip(stream, b"ok") == b"ok"
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+class Cable:
+    """A UDP forwarder between one member and the relay that can be cut (the member vanishes: no goodbye)."""
+
+    def __init__(self, relay_addr: tuple[str, int]) -> None:
+        self.relay_addr = relay_addr
+        self.cut = False
+        self.front = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.back = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    async def run(self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.front.bind(("127.0.0.1", 0))
+        await self.back.bind(("127.0.0.1", 0))
+        client: list[tuple[str, int]] = []
+
+        async def forward() -> None:
+            while True:
+                data, addr = await self.front.recvfrom(65536)
+                client[:] = [addr]
+                if not self.cut:
+                    await self.back.sendto(data, self.relay_addr)
+
+        async def backward() -> None:
+            while True:
+                data, _ = await self.back.recvfrom(65536)
+                if not self.cut and client:
+                    await self.front.sendto(data, client[0])
+
+        with self.front, self.back:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(forward)
+                nursery.start_soon(backward)
+                task_status.started(self.front.getsockname())
+
+
+def test_a_vanished_member_is_dropped_and_the_others_see_it_go() -> None:
+    async def main() -> None:
+        async with relay_with(1) as (relay, (a,)):
+            assert relay.address is not None
+            async with trio.open_nursery() as nursery:
+                cable = Cable(relay.address)
+                front = await nursery.start(cable.run)
+                c = make_member(front, "doomed")
+                await nursery.start(c.run)
+                with trio.fail_after(3):
+                    await wait_for([a.table], lambda: c.identity.peer_id in a.table)
+                cable.cut = True
+                with trio.fail_after(3):  # dead_after 0.8 s plus a keepalive period
+                    await wait_for([a.table], lambda: c.identity.peer_id not in a.table)
+                assert c.identity.peer_id not in relay.members
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_members_reconnect_after_a_relay_restart() -> None:
+    async def main() -> None:
+        ident = Identity.generate()
+        async with trio.open_nursery() as nursery:
+            scope = trio.CancelScope()
+
+            async def relay_once(port: int, *, task_status: trio.TaskStatus[Relay]) -> None:
+                with scope:
+                    await run_relay("127.0.0.1", port, ident, limits=FAST, task_status=task_status)
+
+            relay: Relay = await nursery.start(relay_once, 0)
+            assert relay.address is not None
+            addr = relay.address
+            a, b = make_member(addr, "a"), make_member(addr, "b")
+            await nursery.start(a.run)
+            await nursery.start(b.run)
+            with trio.fail_after(3):
+                await a.wait_registered()
+                await b.wait_registered()
+
+            scope.cancel()  # the relay dies without closing anything
+            with trio.fail_after(4):
+                await wait_for([a.table], lambda: b.identity.peer_id not in a.table)
+            with trio.fail_after(3):
+                await eventually(lambda: not a.registered)
+            scope = trio.CancelScope()
+            relay = await nursery.start(relay_once, addr[1])
+            with trio.fail_after(5):
+                await eventually(lambda: a.connects >= 2 and b.connects >= 2)
+                await wait_for([a.table], lambda: b.identity.peer_id in a.table)
+            stream = await a.open_stream(b.identity.peer_id)
+            assert await roundtrip(stream, b"after restart") == b"after restart"
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_a_member_without_a_handler_refuses_streams() -> None:
+    async def main() -> None:
+        async with relay_with(1) as (relay, (a,)):
+            assert relay.address is not None
+            quiet = make_member(relay.address, "quiet", handler=None)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(quiet.run)
+                with trio.fail_after(3):
+                    await quiet.wait_registered()
+                with pytest.raises(PeerUnavailable, match="no_handler"):
+                    await a.open_stream(quiet.identity.peer_id)
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
