@@ -26,9 +26,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include <pthread.h>
+#include <stdatomic.h>
+#include <time.h>
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 #define QK_X86 1
@@ -429,6 +429,253 @@ static float dot_f32(const uint8_t *w, const void *vy, int64_t n) {
 }
 
 /* ------------------------------------------------------------------------------------------------------------
+ * AVX2 versions of the hot dot products. Integer block sums are the same exact integers; only the order of the
+ * float32 sums over blocks differs from the portable code (vector lanes, fused multiply-add).
+ */
+
+#if QK_X86
+
+TARGET_AVX2 static inline float hsum_ps(__m256 v) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+
+TARGET_AVX2 static inline int hsum_epi32(__m256i v) {
+    __m128i r = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    r = _mm_add_epi32(r, _mm_unpackhi_epi64(r, r));
+    r = _mm_add_epi32(r, _mm_shuffle_epi32(r, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(r);
+}
+
+/* 32 signed bytes times 32 signed bytes -> 8 int32 sums of 4 products. |y| <= 127 (activations) keeps the
+ * unsigned*signed multiply exact even when x holds -128. */
+TARGET_AVX2 static inline __m256i dot_i8_avx2(__m256i x, __m256i y) {
+    const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+
+/* 32 unsigned bytes (< 128) times 32 signed bytes -> 8 int32. */
+TARGET_AVX2 static inline __m256i dot_u8_avx2(__m256i x, __m256i y) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1));
+}
+
+/* 16 bytes -> 32 nibbles: low nibbles in bytes 0..15, high nibbles in bytes 16..31 (ggml's order). */
+TARGET_AVX2 static inline __m256i nibbles_avx2(const uint8_t *p) {
+    const __m128i t = _mm_loadu_si128((const __m128i *)p);
+    const __m256i b = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
+    return _mm256_and_si256(b, _mm256_set1_epi8(0x0f));
+}
+
+/* 32 bits of a little-endian u32 -> 32 bytes, 0xff where the bit is set. */
+TARGET_AVX2 static inline __m256i bits_avx2(const uint8_t *p) {
+    const __m256i v = _mm256_set1_epi32((int)rd_u32(p));
+    const __m256i spread = _mm256_shuffle_epi8(
+        v, _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
+    const __m256i mask = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(spread, mask), mask);
+}
+
+TARGET_AVX2 static inline float f16_avx2(const uint8_t *p) {
+    return _cvtsh_ss((unsigned short)(p[0] | (p[1] << 8)));
+}
+
+TARGET_AVX2 static float dot_q8_0_avx2(const uint8_t *w, const void *vy, int64_t nb) {
+    const act_q8_0 *y = vy;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 1 < nb; i += 2, w += 68) {
+        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(w + 2));
+        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(w + 36));
+        const __m256i p0 = dot_i8_avx2(x0, _mm256_loadu_si256((const __m256i *)y[i].qs));
+        const __m256i p1 = dot_i8_avx2(x1, _mm256_loadu_si256((const __m256i *)y[i + 1].qs));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16_avx2(w) * y[i].d), _mm256_cvtepi32_ps(p0), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f16_avx2(w + 34) * y[i + 1].d), _mm256_cvtepi32_ps(p1), acc1);
+    }
+    for (; i < nb; i++, w += 34) {
+        const __m256i p = dot_i8_avx2(_mm256_loadu_si256((const __m256i *)(w + 2)),
+                                      _mm256_loadu_si256((const __m256i *)y[i].qs));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16_avx2(w) * y[i].d), _mm256_cvtepi32_ps(p), acc0);
+    }
+    return hsum_ps(_mm256_add_ps(acc0, acc1));
+}
+
+TARGET_AVX2 static float dot_q4_0_avx2(const uint8_t *w, const void *vy, int64_t nb) {
+    const act_q8_0 *y = vy;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < nb; i++, w += 18) {
+        const __m256i x = _mm256_sub_epi8(nibbles_avx2(w + 2), _mm256_set1_epi8(8));
+        const __m256i p = dot_i8_avx2(x, _mm256_loadu_si256((const __m256i *)y[i].qs));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_avx2(w) * y[i].d), _mm256_cvtepi32_ps(p), acc);
+    }
+    return hsum_ps(acc);
+}
+
+TARGET_AVX2 static float dot_q5_0_avx2(const uint8_t *w, const void *vy, int64_t nb) {
+    const act_q8_0 *y = vy;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    const __m256i f0 = _mm256_set1_epi8((char)0xf0);
+    int64_t i = 0;
+    /* a clear fifth bit means value - 16: set the byte's top four bits so it reads as nibble - 16 */
+    for (; i + 1 < nb; i += 2, w += 44) {
+        const __m256i x0 = _mm256_or_si256(nibbles_avx2(w + 6), _mm256_andnot_si256(bits_avx2(w + 2), f0));
+        const __m256i x1 = _mm256_or_si256(nibbles_avx2(w + 28), _mm256_andnot_si256(bits_avx2(w + 24), f0));
+        const __m256i p0 = dot_i8_avx2(x0, _mm256_loadu_si256((const __m256i *)y[i].qs));
+        const __m256i p1 = dot_i8_avx2(x1, _mm256_loadu_si256((const __m256i *)y[i + 1].qs));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16_avx2(w) * y[i].d), _mm256_cvtepi32_ps(p0), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f16_avx2(w + 22) * y[i + 1].d), _mm256_cvtepi32_ps(p1), acc1);
+    }
+    for (; i < nb; i++, w += 22) {
+        const __m256i x = _mm256_or_si256(nibbles_avx2(w + 6), _mm256_andnot_si256(bits_avx2(w + 2), f0));
+        const __m256i p = dot_i8_avx2(x, _mm256_loadu_si256((const __m256i *)y[i].qs));
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16_avx2(w) * y[i].d), _mm256_cvtepi32_ps(p), acc0);
+    }
+    return hsum_ps(_mm256_add_ps(acc0, acc1));
+}
+
+TARGET_AVX2 static float dot_q4_1_avx2(const uint8_t *w, const void *vy, int64_t nb) {
+    const act_q8_1 *y = vy;
+    __m256 acc = _mm256_setzero_ps();
+    float summs = 0.0f;
+    for (int64_t i = 0; i < nb; i++, w += 20) {
+        const __m256i p = dot_u8_avx2(nibbles_avx2(w + 4), _mm256_loadu_si256((const __m256i *)y[i].qs));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_avx2(w) * y[i].d), _mm256_cvtepi32_ps(p), acc);
+        summs += f16_avx2(w + 2) * y[i].s;
+    }
+    return hsum_ps(acc) + summs;
+}
+
+TARGET_AVX2 static float dot_q5_1_avx2(const uint8_t *w, const void *vy, int64_t nb) {
+    const act_q8_1 *y = vy;
+    __m256 acc = _mm256_setzero_ps();
+    float summs = 0.0f;
+    for (int64_t i = 0; i < nb; i++, w += 24) {
+        const __m256i x = _mm256_or_si256(nibbles_avx2(w + 8),
+                                          _mm256_and_si256(bits_avx2(w + 4), _mm256_set1_epi8(0x10)));
+        const __m256i p = dot_u8_avx2(x, _mm256_loadu_si256((const __m256i *)y[i].qs));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_avx2(w) * y[i].d), _mm256_cvtepi32_ps(p), acc);
+        summs += f16_avx2(w + 2) * y[i].s;
+    }
+    return hsum_ps(acc) + summs;
+}
+
+/* Q4_K / Q5_K: per 64 elements, 32 low nibbles (scale 2j) and 32 high nibbles (scale 2j+1). */
+TARGET_AVX2 static inline float dot_q45_K_avx2(const uint8_t *w, const act_q8_K *y, int64_t nb, int five) {
+    const int bsize = five ? 176 : 144;
+    const __m256i m4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
+    float sumf = 0.0f;
+    for (int64_t i = 0; i < nb; i++, w += bsize) {
+        const uint8_t *q4 = w + (five ? 48 : 16);
+        const int8_t *q8 = y[i].qs;
+        uint8_t sc[8], mn[8];
+        k4_scales(w + 4, sc, mn);
+        int sumi_m = 0;
+        for (int j = 0; j < 8; j++) sumi_m += (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]) * mn[j];
+        const __m256i hb = five ? _mm256_loadu_si256((const __m256i *)(w + 16)) : _mm256_setzero_si256();
+        __m256i sumi = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(q4 + 32 * j));
+            __m256i lo = _mm256_and_si256(q, m4);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            if (five) {
+                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * j), one), 4));
+                hi = _mm256_or_si256(hi,
+                                     _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * j + 1), one), 4));
+            }
+            const __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(q8 + 64 * j)));
+            const __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(q8 + 64 * j + 32)));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(plo, _mm256_set1_epi16(sc[2 * j])));
+            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(phi, _mm256_set1_epi16(sc[2 * j + 1])));
+        }
+        const float d = f16_avx2(w) * y[i].d;
+        const float dmin = f16_avx2(w + 2) * y[i].d;
+        sumf += d * (float)hsum_epi32(sumi) - dmin * (float)sumi_m;
+    }
+    return sumf;
+}
+
+TARGET_AVX2 static float dot_q4_K_avx2(const uint8_t *w, const void *vy, int64_t nb) {
+    return dot_q45_K_avx2(w, vy, nb, 0);
+}
+
+TARGET_AVX2 static float dot_q5_K_avx2(const uint8_t *w, const void *vy, int64_t nb) {
+    return dot_q45_K_avx2(w, vy, nb, 1);
+}
+
+/* Q6_K: the -32 offset is applied once per 16 elements through the activation block sums. */
+TARGET_AVX2 static float dot_q6_K_avx2(const uint8_t *w, const void *vy, int64_t nb) {
+    const act_q8_K *y = vy;
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(3);
+    float sumf = 0.0f;
+    for (int64_t i = 0; i < nb; i++, w += 210) {
+        const int8_t *sc = (const int8_t *)(w + 192);
+        const int8_t *q8 = y[i].qs;
+        int off = 0;
+        for (int j = 0; j < 16; j++) off += sc[j] * y[i].bsums[j];
+        __m256i sumi = _mm256_setzero_si256();
+        for (int k = 0; k < 2; k++) {
+            const __m256i l0 = _mm256_loadu_si256((const __m256i *)(w + 64 * k));
+            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(w + 64 * k + 32));
+            const __m256i h = _mm256_loadu_si256((const __m256i *)(w + 128 + 32 * k));
+            __m256i g[4];
+            g[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(h, m3), 4));
+            g[1] = _mm256_or_si256(_mm256_and_si256(l1, m4),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), m3), 4));
+            g[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), m3), 4));
+            g[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), m3), 4));
+            for (int gi = 0; gi < 4; gi++) {
+                const int s = 8 * k + 2 * gi;
+                const __m256i p = _mm256_maddubs_epi16(g[gi], _mm256_loadu_si256((const __m256i *)(q8 + 128 * k + 32 * gi)));
+                const __m256i scv = _mm256_set_m128i(_mm_set1_epi16(sc[s + 1]), _mm_set1_epi16(sc[s]));
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scv));
+            }
+        }
+        sumf += (f16_avx2(w + 208) * y[i].d) * (float)(hsum_epi32(sumi) - 32 * off);
+    }
+    return sumf;
+}
+
+TARGET_AVX2 static float dot_f16_avx2(const uint8_t *w, const void *vy, int64_t n) {
+    const uint16_t *y = vy;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 2 * i)));
+        const __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + 2 * i + 16)));
+        acc0 = _mm256_fmadd_ps(w0, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(y + i))), acc0);
+        acc1 = _mm256_fmadd_ps(w1, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(y + i + 8))), acc1);
+    }
+    float sumf = hsum_ps(_mm256_add_ps(acc0, acc1));
+    for (; i < n; i++) sumf += f16_avx2(w + 2 * i) * f16_to_f32(y[i]);
+    return sumf;
+}
+
+TARGET_AVX2 static float dot_f32_avx2(const uint8_t *w, const void *vy, int64_t n) {
+    const float *y = vy;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps((const float *)(w + 4 * i)), _mm256_loadu_ps(y + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps((const float *)(w + 4 * i + 32)), _mm256_loadu_ps(y + i + 8), acc1);
+    }
+    float sumf = hsum_ps(_mm256_add_ps(acc0, acc1));
+    for (; i < n; i++) {
+        float wv;
+        memcpy(&wv, w + 4 * i, 4);
+        sumf += wv * y[i];
+    }
+    return sumf;
+}
+
+#define AVX2(fn) fn##_avx2
+#else
+#define AVX2(fn) NULL
+#endif
+
+/* ------------------------------------------------------------------------------------------------------------
  * Type table.
  */
 
@@ -444,18 +691,18 @@ typedef struct {
 } qtype_info;
 
 static qtype_info TYPES[] = {
-    {T_F32, 1, 4, ACT_F32, dot_f32, NULL},
-    {T_F16, 1, 2, ACT_F16, dot_f16, NULL},
-    {T_Q4_0, QK, 18, ACT_Q8_0, dot_q4_0, NULL},
-    {T_Q4_1, QK, 20, ACT_Q8_1, dot_q4_1, NULL},
-    {T_Q5_0, QK, 22, ACT_Q8_0, dot_q5_0, NULL},
-    {T_Q5_1, QK, 24, ACT_Q8_1, dot_q5_1, NULL},
-    {T_Q8_0, QK, 34, ACT_Q8_0, dot_q8_0, NULL},
+    {T_F32, 1, 4, ACT_F32, dot_f32, AVX2(dot_f32)},
+    {T_F16, 1, 2, ACT_F16, dot_f16, AVX2(dot_f16)},
+    {T_Q4_0, QK, 18, ACT_Q8_0, dot_q4_0, AVX2(dot_q4_0)},
+    {T_Q4_1, QK, 20, ACT_Q8_1, dot_q4_1, AVX2(dot_q4_1)},
+    {T_Q5_0, QK, 22, ACT_Q8_0, dot_q5_0, AVX2(dot_q5_0)},
+    {T_Q5_1, QK, 24, ACT_Q8_1, dot_q5_1, AVX2(dot_q5_1)},
+    {T_Q8_0, QK, 34, ACT_Q8_0, dot_q8_0, AVX2(dot_q8_0)},
     {T_Q2_K, QK_K, 84, ACT_Q8_K, dot_q2_K, NULL},
     {T_Q3_K, QK_K, 110, ACT_Q8_K, dot_q3_K, NULL},
-    {T_Q4_K, QK_K, 144, ACT_Q8_K, dot_q4_K, NULL},
-    {T_Q5_K, QK_K, 176, ACT_Q8_K, dot_q5_K, NULL},
-    {T_Q6_K, QK_K, 210, ACT_Q8_K, dot_q6_K, NULL},
+    {T_Q4_K, QK_K, 144, ACT_Q8_K, dot_q4_K, AVX2(dot_q4_K)},
+    {T_Q5_K, QK_K, 176, ACT_Q8_K, dot_q5_K, AVX2(dot_q5_K)},
+    {T_Q6_K, QK_K, 210, ACT_Q8_K, dot_q6_K, AVX2(dot_q6_K)},
 };
 #define N_TYPES ((int)(sizeof(TYPES) / sizeof(TYPES[0])))
 
@@ -493,25 +740,165 @@ static void quantize_row(const qtype_info *ti, const float *x, void *y, int64_t 
 }
 
 /* ------------------------------------------------------------------------------------------------------------
- * The product: rows of the weight are split among threads; each weight row meets every activation row while
- * it is in the L1 cache.
+ * The product. The weight rows are cut into chunks that the calling thread and a pool of workers claim with a
+ * compare-and-swap; each weight row meets every activation row while it is in the L1 cache. The caller works
+ * too and waits only for chunks that a worker has already claimed, so a worker the OS has not scheduled (a busy
+ * or oversubscribed machine) delays nothing. Workers spin briefly after a job (decode calls come back to back),
+ * then sleep on a condition variable.
  */
+
+typedef struct {
+    dot_fn dot;
+    const uint8_t *w;
+    const uint8_t *xq;
+    float *out;
+    int64_t T, nb, nout, chunk, n_chunks;
+    size_t wrow, xrow;
+    int n_workers; /* workers allowed to take part (n_threads - 1) */
+} job_t;
+
+static void run_chunk(const job_t *j, int64_t c) {
+    const int64_t r1 = (c + 1) * j->chunk < j->nout ? (c + 1) * j->chunk : j->nout;
+    for (int64_t r = c * j->chunk; r < r1; r++) {
+        const uint8_t *wr = j->w + (size_t)r * j->wrow;
+        for (int64_t t = 0; t < j->T; t++) j->out[t * j->nout + r] = j->dot(wr, j->xq + (size_t)t * j->xrow, j->nb);
+    }
+}
+
+#define MAX_WORKERS 255
+#define SPIN_NS 2000000 /* a worker spins this long for the next job before it sleeps */
+#define CLOSED 0xffffffffu
+
+static job_t g_job;
+static _Atomic uint64_t g_claim;  /* (generation << 32) | next chunk; CLOSED while g_job is written */
+static _Atomic int64_t g_done;    /* chunks of the current job finished */
+static _Atomic uint32_t g_gen;    /* bumped once per job */
+static _Atomic int g_sleepers;
+static pthread_mutex_t g_sleep_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_sleep_cv = PTHREAD_COND_INITIALIZER;
+static pthread_mutex_t g_call_mu = PTHREAD_MUTEX_INITIALIZER; /* one job at a time (the GIL is released) */
+static int g_n_started = 0;
+
+/* Claim and run chunks of job generation `gen` (described by `j`, a copy) until none is left. */
+static void work(const job_t *j, uint32_t gen) {
+    uint64_t cur = atomic_load_explicit(&g_claim, memory_order_acquire);
+    for (;;) {
+        if ((uint32_t)(cur >> 32) != gen) return;
+        const uint32_t c = (uint32_t)cur;
+        if (c == CLOSED || (int64_t)c >= j->n_chunks) return;
+        if (atomic_compare_exchange_weak_explicit(&g_claim, &cur, cur + 1, memory_order_acq_rel,
+                                                  memory_order_acquire)) {
+            run_chunk(j, c);
+            atomic_fetch_add_explicit(&g_done, 1, memory_order_release);
+            cur = atomic_load_explicit(&g_claim, memory_order_acquire);
+        }
+    }
+}
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static inline void cpu_relax(void) {
+#if QK_X86
+    __builtin_ia32_pause();
+#endif
+}
+
+static void *worker_main(void *arg) {
+    const int idx = (int)(intptr_t)arg;
+    uint32_t seen = atomic_load(&g_gen);
+    for (;;) {
+        uint32_t g = atomic_load_explicit(&g_gen, memory_order_acquire);
+        const int64_t t0 = now_ns();
+        for (int spins = 1; g == seen; spins++) {
+            cpu_relax();
+            if ((spins & 255) == 0 && now_ns() - t0 > SPIN_NS) {
+                pthread_mutex_lock(&g_sleep_mu);
+                atomic_fetch_add(&g_sleepers, 1);
+                while ((g = atomic_load(&g_gen)) == seen) pthread_cond_wait(&g_sleep_cv, &g_sleep_mu);
+                atomic_fetch_sub(&g_sleepers, 1);
+                pthread_mutex_unlock(&g_sleep_mu);
+                break;
+            }
+            g = atomic_load_explicit(&g_gen, memory_order_acquire);
+        }
+        seen = g;
+        job_t j;
+        memcpy(&j, &g_job, sizeof(j)); /* may be torn by a newer job: then the claim of `g` fails */
+        atomic_thread_fence(memory_order_acquire);
+        if (idx < j.n_workers) work(&j, g);
+    }
+    return NULL;
+}
+
+static void start_workers(int n) {
+    while (g_n_started < n && g_n_started < MAX_WORKERS) {
+        pthread_t th;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int rc = pthread_create(&th, &attr, worker_main, (void *)(intptr_t)g_n_started);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) break; /* run with the workers we have; the caller does any work left */
+        g_n_started++;
+    }
+}
+
+static void after_fork_child(void) {
+    /* the child has only the forking thread: forget the workers and the locks' state */
+    g_n_started = 0;
+    pthread_mutex_init(&g_call_mu, NULL);
+    pthread_mutex_init(&g_sleep_mu, NULL);
+    pthread_cond_init(&g_sleep_cv, NULL);
+    atomic_store(&g_sleepers, 0);
+}
 
 static void compute(const qtype_info *ti, dot_fn dot, const uint8_t *w, const uint8_t *xq, float *out,
                     int64_t T, int64_t in, int64_t nout, int n_threads) {
-    const int64_t nb = ti->block == 1 ? in : in / ti->block;
-    const size_t wrow = (size_t)(in / ti->block) * (size_t)ti->type_size;
-    const size_t xrow = act_row_bytes(ti, in);
-    (void)n_threads;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)
-#endif
-    for (int64_t r = 0; r < nout; r++) {
-        const uint8_t *wr = w + (size_t)r * wrow;
-        for (int64_t t = 0; t < T; t++) {
-            out[t * nout + r] = dot(wr, xq + (size_t)t * xrow, nb);
-        }
+    job_t j;
+    j.dot = dot;
+    j.w = w;
+    j.xq = xq;
+    j.out = out;
+    j.T = T;
+    j.nb = in / ti->block;
+    j.nout = nout;
+    j.wrow = (size_t)(in / ti->block) * (size_t)ti->type_size;
+    j.xrow = act_row_bytes(ti, in);
+    if (n_threads > MAX_WORKERS + 1) n_threads = MAX_WORKERS + 1;
+    /* about 8 chunks per thread, each worth at least ~16 KB of weights */
+    int64_t chunk = nout / (8 * (int64_t)n_threads);
+    const int64_t min_rows = (int64_t)(16384 / (j.wrow * (size_t)T) + 1);
+    if (chunk < min_rows) chunk = min_rows;
+    if (n_threads == 1 || chunk >= nout) {
+        j.chunk = nout;
+        j.n_chunks = 1;
+        run_chunk(&j, 0);
+        return;
     }
+    j.chunk = chunk;
+    j.n_chunks = (nout + chunk - 1) / chunk;
+    j.n_workers = n_threads - 1;
+
+    pthread_mutex_lock(&g_call_mu);
+    start_workers(j.n_workers);
+    const uint32_t gen = atomic_load(&g_gen) + 1;
+    atomic_store(&g_claim, ((uint64_t)gen << 32) | CLOSED); /* stale claims fail from here on */
+    memcpy(&g_job, &j, sizeof(j));
+    atomic_store(&g_done, 0);
+    atomic_store(&g_claim, (uint64_t)gen << 32);
+    atomic_store(&g_gen, gen);
+    if (atomic_load(&g_sleepers) > 0) {
+        pthread_mutex_lock(&g_sleep_mu);
+        pthread_cond_broadcast(&g_sleep_cv);
+        pthread_mutex_unlock(&g_sleep_mu);
+    }
+    work(&j, gen);
+    while (atomic_load_explicit(&g_done, memory_order_acquire) < j.n_chunks) cpu_relax();
+    pthread_mutex_unlock(&g_call_mu);
 }
 
 /* ------------------------------------------------------------------------------------------------------------
@@ -647,6 +1034,7 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__qkernels(void) {
+    pthread_atfork(NULL, NULL, after_fork_child);
     PyObject *r = py_set_simd(NULL, Py_True);
     if (r == NULL) return NULL;
     Py_DECREF(r);
