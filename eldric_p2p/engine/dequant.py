@@ -38,14 +38,23 @@ _LO2 = 0x0303030303030303
 _LO1 = 0x0101010101010101
 
 
+def _field(blocks: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Bytes [start, stop) of each block, copied to a fresh contiguous [n, stop-start] tensor.
+
+    Always a copy: a view (a one-block chunk is already "contiguous") may sit at an offset or stride that
+    cannot be reinterpreted as a wider dtype.
+    """
+    return blocks[:, start:stop].clone(memory_format=torch.contiguous_format)
+
+
 def _f16(blocks: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Little-endian float16 fields at bytes [start, stop) of each block as float32: [n, (stop-start)//2]."""
-    return blocks[:, start:stop].contiguous().view(torch.float16).to(torch.float32)
+    return _field(blocks, start, stop).view(torch.float16).to(torch.float32)
 
 
 def _words(blocks: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Bytes [start, stop) of each block as contiguous int64 words: [n, (stop-start)//8]."""
-    return blocks[:, start:stop].contiguous().view(torch.int64)
+    return _field(blocks, start, stop).view(torch.int64)
 
 
 def _nibbles(w: torch.Tensor) -> torch.Tensor:
@@ -195,7 +204,7 @@ def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
 
 def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
-    scales = blocks[:, 192:208].contiguous().view(torch.int8)  # [n, 16]
+    scales = _field(blocks, 192, 208).view(torch.int8)  # [n, 16]
     d = _f16(blocks, 208, 210)  # [n, 1]
     ds = (d * scales).unsqueeze(-1)  # [n, 16, 1]
     low = _nibbles(_words(blocks, 0, 128).view(n, 2, 8))  # [n, 2, 2, 8] words = [n, 8, 32]

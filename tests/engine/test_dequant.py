@@ -8,6 +8,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
+from eldric_p2p.engine import dequant
 from eldric_p2p.engine.dequant import dequantize, supported_types
 from eldric_p2p.errors import GGUFFormatError, UnsupportedModel
 from eldric_p2p.gguf_index import GGUFFile
@@ -49,7 +50,7 @@ def _random_blocks(qtype: GGMLQuantizationType, rows: int, blocks_per_row: int, 
 def _reference(raw: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor:
     ref = gguf_quants.dequantize(raw, qtype)
     assert np.isfinite(ref).all()
-    return torch.from_numpy(np.ascontiguousarray(ref))
+    return torch.from_numpy(np.array(ref))  # a copy: F32 references are views of read-only bytes
 
 
 def test_supported_types_cover_the_issue_list() -> None:
@@ -57,10 +58,10 @@ def test_supported_types_cover_the_issue_list() -> None:
     assert supported_types() == floats | set(F16_FIELDS)
 
 
+@pytest.mark.parametrize("rows, per_row", [(5, 3), (1, 1)], ids=["5x3", "1x1"])
 @pytest.mark.parametrize("qtype", list(F16_FIELDS), ids=lambda t: t.name)
-def test_random_blocks_match_gguf_bit_exact(qtype: GGMLQuantizationType) -> None:
+def test_random_blocks_match_gguf_bit_exact(qtype: GGMLQuantizationType, rows: int, per_row: int) -> None:
     block_size, _ = GGML_QUANT_SIZES[qtype]
-    rows, per_row = 5, 3
     raw = _random_blocks(qtype, rows, per_row, seed=int(qtype))
     got = dequantize(memoryview(raw.tobytes()), qtype, (per_row * block_size, rows), name="w")
     assert got.dtype == torch.float32
@@ -93,11 +94,11 @@ def test_float_types_match_gguf(qtype: GGMLQuantizationType) -> None:
     assert torch.equal(got, _reference(raw, qtype))
 
 
-def test_chunked_tensor_matches_gguf() -> None:
-    # more blocks than one chunk holds, with a partial last chunk
-    rows = 9
-    raw = _random_blocks(T.Q5_0, rows, 1000, seed=3)
-    got = dequantize(raw, T.Q5_0, (32_000, rows), name="w")
+def test_chunked_tensor_matches_gguf(monkeypatch: pytest.MonkeyPatch) -> None:
+    # more blocks than one chunk holds, with a last chunk of a single block
+    monkeypatch.setattr(dequant, "CPU_CHUNK_ELEMENTS", 1000 * 32)
+    raw = _random_blocks(T.Q5_0, 1, 3001, seed=3)
+    got = dequantize(raw, T.Q5_0, (3001 * 32, 1), name="w")
     assert torch.equal(got, _reference(raw, T.Q5_0))
 
 
@@ -130,6 +131,23 @@ def test_result_is_a_writable_copy_of_read_only_bytes() -> None:
     assert raw == values.tobytes()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("qtype", sorted(supported_types()), ids=lambda t: t.name)
+def test_cuda_matches_cpu_bit_exact(qtype: GGMLQuantizationType) -> None:
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    if qtype in F16_FIELDS:
+        raw = _random_blocks(qtype, 9, 700, seed=21)
+    else:
+        values = np.random.default_rng(21).standard_normal((9, 700 * block_size)).astype(np.float32)
+        raw = gguf_quants.quantize(values, qtype).view(np.uint8) if qtype != T.F16 else values.astype(np.float16)
+    shape = (700 * block_size, 9)
+    for dtype in (torch.float32, torch.bfloat16):
+        cpu = dequantize(raw, qtype, shape, dtype=dtype)
+        cuda = dequantize(raw, qtype, shape, dtype=dtype, device="cuda")
+        assert cuda.device.type == "cuda"
+        assert torch.equal(cuda.cpu(), cpu)
+
+
 def test_unsupported_type_names_tensor_and_type() -> None:
     _, type_size = GGML_QUANT_SIZES[T.IQ2_XXS]
     with pytest.raises(UnsupportedModel, match=r"blk\.0\.ffn_up\.weight.*IQ2_XXS"):
@@ -155,7 +173,7 @@ def _check_whole_file(path: Path) -> None:
             ref = gguf_quants.dequantize(raw.reshape(*reversed(info.shape[1:]), -1), info.ggml_type)
             got = dequantize(raw, info.ggml_type, info.shape, name=name)
             assert got.shape == ref.shape, name
-            assert torch.equal(got, torch.from_numpy(np.ascontiguousarray(ref))), name
+            assert torch.equal(got, torch.from_numpy(np.array(ref))), name
             del raw
 
 
