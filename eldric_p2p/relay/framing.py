@@ -34,7 +34,7 @@ async def write_message(stream: QuicStream, msg: p.Message) -> None:
 
 
 async def splice(a: QuicStream, b: QuicStream, chunk: int) -> int:
-    """Copy bytes both ways until both directions ended; a broken side aborts the other. Returns bytes moved."""
+    """Copy bytes both ways until both directions end; a broken side aborts the other. Returns bytes moved."""
     moved = 0
 
     async def copy(src: QuicStream, dst: QuicStream) -> None:
