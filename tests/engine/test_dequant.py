@@ -139,7 +139,7 @@ def test_cuda_matches_cpu_bit_exact(qtype: GGMLQuantizationType) -> None:
         raw = _random_blocks(qtype, 9, 700, seed=21)
     else:
         values = np.random.default_rng(21).standard_normal((9, 700 * block_size)).astype(np.float32)
-        raw = gguf_quants.quantize(values, qtype).view(np.uint8) if qtype != T.F16 else values.astype(np.float16)
+        raw = values.astype(np.float16) if qtype == T.F16 else gguf_quants.quantize(values, qtype)
     shape = (700 * block_size, 9)
     for dtype in (torch.float32, torch.bfloat16):
         cpu = dequantize(raw, qtype, shape, dtype=dtype)
