@@ -97,7 +97,8 @@ class RelayMember:
             connects = self.connects
             try:
                 await self._session()
-            except (EldricError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            except* (EldricError, trio.BrokenResourceError, trio.ClosedResourceError) as group:
+                exc = _first_leaf(group)
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.info("relay %s:%d: %s", self.host, self.port, self.last_error)
             finally:
@@ -245,6 +246,12 @@ class RelayMember:
         finally:
             if not ok:
                 stream.abort()
+
+
+def _first_leaf(group: BaseException) -> BaseException:
+    while isinstance(group, BaseExceptionGroup) and group.exceptions:
+        group = group.exceptions[0]
+    return group
 
 
 async def run_relay_member(
