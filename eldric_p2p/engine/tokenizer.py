@@ -150,7 +150,7 @@ class Tokenizer:
     def from_gguf_metadata(cls, metadata: Mapping[str, Any], *, cache_dir: Path | None = None) -> Tokenizer:
         """Build the tokenizer a GGUF file describes. Raises UnsupportedModel for an unknown kind.
 
-        `cache_dir` (default `<data dir>/tokenizers`) holds built tokenizers keyed by a hash of the vocabulary.
+        `cache_dir` (default `<data dir>/tokenizers`) holds built tokenizers keyed by a vocabulary hash.
         """
         model = str(metadata.get("tokenizer.ggml.model", ""))
         if model not in ("gpt2", "llama"):
@@ -350,7 +350,9 @@ def _build_spm(
         norms.append(normalizers.Prepend("\u2581"))
     norms.append(normalizers.Replace(" ", "\u2581"))
     hf.normalizer = normalizers.Sequence(norms)
-    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    hf.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
     hf.add_tokens(_added_tokens(tokens, types))
     return hf
 
