@@ -2,8 +2,8 @@
 
 A request is read with a size limit, validated into a `GenerationRequest` (every problem a 4xx in OpenAI's
 error shape `{"error": {"message", "type", "param", "code"}}`), routed by the `Router` to a backend, and
-answered from the backend's events: one JSON object, or Server-Sent Events in OpenAI's chunk format ending with
-`data: [DONE]`.
+answered from the backend's events: one JSON object, or Server-Sent Events in OpenAI's chunk format ending
+with `data: [DONE]`.
 
 One request is one trio nursery (`_Generation`): the backend's `generate`, and a watcher of the client's
 connection. The response status is chosen when the backend's first event arrives, so a prompt the backend
@@ -93,7 +93,9 @@ def api_error_from(exc: BaseException) -> ApiError:
         retry = str(max(1, math.ceil(exc.retry_after)))
         return ApiError(429, msg, type="rate_limit_error", code="queue_full", headers={"Retry-After": retry})
     if isinstance(exc, PeerUnavailable):
-        return ApiError(503, msg, type="server_error", code="backend_unavailable", headers={"Retry-After": "5"})
+        return ApiError(
+            503, msg, type="server_error", code="backend_unavailable", headers={"Retry-After": "5"}
+        )
     if isinstance(exc, InvalidInput):
         code = "context_length_exceeded" if "context" in msg else "invalid_value"
         return ApiError(400, msg, param="messages" if code == "context_length_exceeded" else None, code=code)
@@ -131,7 +133,9 @@ async def read_json_body(request: Request, limit: int = MAX_BODY) -> Any:
                 continue
             chunks.append(chunk)
     except ClientDisconnect:
-        raise ApiError(400, "client disconnected while sending the body", code="client_disconnected") from None
+        raise ApiError(
+            400, "client disconnected while sending the body", code="client_disconnected"
+        ) from None
     if size > limit:
         raise too_big
     raw = b"".join(chunks)
@@ -157,7 +161,9 @@ def _opt_number(body: Mapping[str, Any], name: str, lo: float, hi: float) -> flo
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
         raise _type_error(name, "a number", v)
     if not lo <= v <= hi:
-        raise ApiError(400, f"'{name}' must be between {lo} and {hi}, got {v}", param=name, code="invalid_value")
+        raise ApiError(
+            400, f"'{name}' must be between {lo} and {hi}, got {v}", param=name, code="invalid_value"
+        )
     return float(v)
 
 
@@ -170,7 +176,9 @@ def _opt_int(body: Mapping[str, Any], name: str, lo: int, hi: int) -> int | None
     if isinstance(v, bool) or not isinstance(v, int):
         raise _type_error(name, "an integer", v)
     if not lo <= v <= hi:
-        raise ApiError(400, f"'{name}' must be between {lo} and {hi}, got {v}", param=name, code="invalid_value")
+        raise ApiError(
+            400, f"'{name}' must be between {lo} and {hi}, got {v}", param=name, code="invalid_value"
+        )
     return v
 
 
@@ -276,7 +284,11 @@ def _message_content(m: Mapping[str, Any], i: int) -> str:
     if isinstance(content, list):
         parts = []
         for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
                 raise ApiError(400, f"'{param}[{j}]' must be a text part: only text content is supported",
                                param=f"{param}[{j}]", code="unsupported_value")  # fmt: skip
             parts.append(part["text"])
@@ -293,7 +305,9 @@ def parse_chat_request(body: Any) -> ParsedRequest:
     if not isinstance(messages, list):
         raise _type_error("messages", "a list of messages", messages)
     if not messages:
-        raise ApiError(400, "'messages' must contain at least one message", param="messages", code="empty_array")
+        raise ApiError(
+            400, "'messages' must contain at least one message", param="messages", code="empty_array"
+        )
     if len(messages) > MAX_MESSAGES:
         raise ApiError(400, f"'messages' holds more than {MAX_MESSAGES} messages", param="messages",
                        code="invalid_value")  # fmt: skip
@@ -305,8 +319,9 @@ def parse_chat_request(body: Any) -> ParsedRequest:
         if not isinstance(role, str):
             raise _type_error(f"messages[{i}].role", "a string", role)
         if role not in ROLES:
-            raise ApiError(400, f"'messages[{i}].role' {role!r} is not supported: use system, user or assistant",
-                           param=f"messages[{i}].role", code="invalid_value")  # fmt: skip
+            param = f"messages[{i}].role"
+            msg = f"'{param}' {role!r} is not supported: use system, user or assistant"
+            raise ApiError(400, msg, param=param, code="invalid_value")
         out.append({"role": ROLES[role], "content": _message_content(m, i)})
     return ParsedRequest(prompt=out, raw=False, **common)
 
@@ -334,11 +349,13 @@ def generation_request(parsed: ParsedRequest, context_length: int | None) -> Gen
     """The backend request, with max_tokens checked against the model's context. Raises ApiError (400)."""
     max_tokens = parsed.max_tokens
     if max_tokens is None:
-        max_tokens = DEFAULT_MAX_TOKENS if context_length is None else min(DEFAULT_MAX_TOKENS, context_length // 2)
+        max_tokens = (
+            DEFAULT_MAX_TOKENS if context_length is None else min(DEFAULT_MAX_TOKENS, context_length // 2)
+        )
     elif context_length is not None and max_tokens >= context_length:
         raise ApiError(
             400,
-            f"max_tokens={max_tokens} does not fit the model's {context_length}-token context with any prompt",
+            f"max_tokens={max_tokens} does not fit the model's {context_length}-token context",
             param="max_tokens",
             code="context_length_exceeded",
         )
@@ -364,7 +381,7 @@ SSE_HEADERS = [
 
 
 class _Generation:
-    """ASGI response for one generation: runs the backend and answers JSON or SSE. See the module docstring."""
+    """ASGI response for one generation: runs the backend, answers JSON or SSE. See the module docstring."""
 
     def __init__(self, router: Router, parsed: ParsedRequest, endpoint: str) -> None:
         self.router = router
@@ -407,6 +424,7 @@ class _Generation:
 
     async def _serve(self, send: Send) -> None:
         parsed = self.parsed
+        error: ApiError | EldricError | None = None
         try:
             request = generation_request(parsed, self.router.context_length(parsed.model))
             async with self.router.acquire(parsed.model) as backend:
@@ -414,29 +432,41 @@ class _Generation:
                 events_in, events_out = trio.open_memory_channel[GenerationEvent](EVENT_BUFFER)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._run_backend, backend, request, events_in)
-                    if parsed.stream:
-                        await self._stream(events_out, send)
-                    else:
-                        await self._collect(events_out, send)
+                    try:
+                        if parsed.stream:
+                            await self._stream(events_out, send)
+                        else:
+                            await self._collect(events_out, send)
+                    except (ApiError, EldricError) as exc:
+                        error = exc
+                        nursery.cancel_scope.cancel()
         except (ApiError, EldricError) as exc:
-            if isinstance(exc, Overloaded | PeerUnavailable) and not self.started:
-                reason = "queue_full" if isinstance(exc, Overloaded) else "unavailable"
-                metrics.REJECTED.inc(model=parsed.model, reason=reason)
-            await self._send_error(send, api_error_from(exc))
+            error = exc
+        if error is None:
+            return
+        if isinstance(error, Overloaded | PeerUnavailable) and not self.started:
+            reason = "queue_full" if isinstance(error, Overloaded) else "unavailable"
+            metrics.REJECTED.inc(model=parsed.model, reason=reason)
+        await self._send_error(send, api_error_from(error))
 
     async def _run_backend(
         self, backend: Any, request: GenerationRequest, events: trio.MemorySendChannel[GenerationEvent]
     ) -> None:
-        """Run `generate`; keep its error for the responder (which then sees the channel close)."""
+        """Run `generate`; keep its error for the responder, which sees the channel end only after that."""
         async with events:
+            mine = (
+                events.clone()
+            )  # the responder gets EndOfChannel when both are closed, i.e. after `_error` is set
             try:
-                await backend.generate(request, events)
-            except EldricError as exc:
+                await backend.generate(request, mine)
+            except (ApiError, EldricError) as exc:
                 self._error = exc
             except Exception:  # noqa: BLE001 - a backend bug is a 500 for this request, not a dead node
                 log.exception("backend %s failed", getattr(backend, "name", backend))
                 self._error = ApiError(500, "internal error in the backend", type="server_error",
                                        code="internal_error")  # fmt: skip
+            finally:
+                mine.close()
 
     async def _next(self, events: trio.MemoryReceiveChannel[GenerationEvent]) -> GenerationEvent | None:
         """The next event; None when the backend is done (its error, if any, raised here)."""
@@ -478,7 +508,9 @@ class _Generation:
             self._scope.cancel()
             await trio.lowlevel.checkpoint()
 
-    def _usage(self, prompt_ids: list[int] | None, n_out: int, final: GenerationEvent | None) -> dict[str, int]:
+    def _usage(
+        self, prompt_ids: list[int] | None, n_out: int, final: GenerationEvent | None
+    ) -> dict[str, int]:
         if final is not None and final.usage:
             return dict(final.usage)
         n_in = len(prompt_ids or [])
@@ -612,7 +644,7 @@ def model_list(router: Router) -> list[dict[str, Any]]:
 
 
 def gateway_routes(router: Router, *, api_keys: Iterable[str] = (), max_body: int = MAX_BODY) -> list[Route]:
-    """The `/v1` routes, answering from `router`'s backends. With `api_keys`, every route needs one of them."""
+    """The `/v1` routes, answered by `router`'s backends. With `api_keys`, every route needs one of them."""
     keys = tuple(k.encode() for k in api_keys if k)
 
     def endpoint(kind: str):  # type: ignore[no-untyped-def]

@@ -81,7 +81,9 @@ class LocalBackend:
             "n_layers": self.model.stages[-1].end,
         }
 
-    async def generate(self, request: GenerationRequest, events: trio.MemorySendChannel[GenerationEvent]) -> None:
+    async def generate(
+        self, request: GenerationRequest, events: trio.MemorySendChannel[GenerationEvent]
+    ) -> None:
         async with events:
             model, params = self.model, request.params
             t_request = time.perf_counter()
@@ -94,7 +96,8 @@ class LocalBackend:
             ctx = self.context_length
             if len(ids) + params.max_tokens > ctx:
                 raise InvalidInput(
-                    f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceed the {ctx}-token context"
+                    f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
+                    f"exceed the {ctx}-token context"
                 )
             await events.send(GenerationEvent(prompt_token_ids=list(ids)))
             self._waiting += 1
@@ -157,7 +160,11 @@ class LocalBackend:
         await events.send(
             GenerationEvent(
                 finish_reason=stream.finish_reason or "stop",
-                usage={"prompt_tokens": len(ids), "completion_tokens": n_out, "total_tokens": len(ids) + n_out},
+                usage={
+                    "prompt_tokens": len(ids),
+                    "completion_tokens": n_out,
+                    "total_tokens": len(ids) + n_out,
+                },
                 timings={
                     "prefill_s": t1 - t0,
                     "decode_s": t2 - t1,

@@ -126,7 +126,9 @@ class Gauge(_Metric):
     def value(self, **labels: Any) -> float:
         return self._values.get(self._key(labels), 0.0)
 
-    def set_function(self, fn: Callable[[], Iterable[tuple[dict[str, Any], float]]], *, key: str = "") -> None:
+    def set_function(
+        self, fn: Callable[[], Iterable[tuple[dict[str, Any], float]]], *, key: str = ""
+    ) -> None:
         """Read `fn()` -> [(labels, value), ...] at every scrape (e.g. the router's queue depths).
 
         A later function with the same `key` replaces the earlier one.
@@ -265,15 +267,23 @@ REGISTRY = Registry()
 
 # The metrics of the node. Other modules import and increment these.
 REQUESTS = REGISTRY.counter(
-    "eldric_requests_total", "HTTP API requests by endpoint, model and status code", ("endpoint", "model", "status")
+    "eldric_requests_total",
+    "HTTP API requests by endpoint, model and status code",
+    ("endpoint", "model", "status"),
 )
 TOKENS = REGISTRY.counter("eldric_tokens_total", "tokens processed by model and kind (prompt|completion)",
                           ("model", "kind"))  # fmt: skip
-TOKENS_PER_S = REGISTRY.rate("eldric_tokens_per_second", "completion tokens per second over the last 10 s", ("model",))
+TOKENS_PER_S = REGISTRY.rate(
+    "eldric_tokens_per_second", "completion tokens per second over the last 10 s", ("model",)
+)
 ACTIVE = REGISTRY.gauge("eldric_active_requests", "generations streaming now, by model", ("model",))
-QUEUE_DEPTH = REGISTRY.gauge("eldric_queue_depth", "requests running or waiting per backend", ("model", "backend"))
+QUEUE_DEPTH = REGISTRY.gauge(
+    "eldric_queue_depth", "requests running or waiting per backend", ("model", "backend")
+)
 TTFT = REGISTRY.summary("eldric_time_to_first_token_seconds", "time from request to first token", ("model",))
-STAGE_STEP = REGISTRY.summary("eldric_stage_step_seconds", "forward time of one pipeline stage step", ("stage",))
+STAGE_STEP = REGISTRY.summary(
+    "eldric_stage_step_seconds", "forward time of one pipeline stage step", ("stage",)
+)
 LINK_RTT = REGISTRY.gauge("eldric_link_rtt_seconds", "round trip time of a peer link", ("peer", "path"))
 FETCH_BYTES = REGISTRY.counter("eldric_fetch_bytes_total", "model bytes fetched from data peers", ("peer",))
 REJECTED = REGISTRY.counter("eldric_rejected_total", "requests refused by admission (queue full, no backend)",

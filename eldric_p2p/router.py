@@ -31,7 +31,7 @@ DEFAULT_MAX_QUEUE = 64
 
 
 def backend_key(backend: Backend) -> str:
-    """A stable label for a backend (metrics, dashboard): its `name` or `info()["id"]`, else its kind + id()."""
+    """A stable label for a backend (metrics, dashboard): its `name` or `info()["id"]`, else kind + id()."""
     name = getattr(backend, "name", None)
     if isinstance(name, str) and name:
         return name
@@ -46,12 +46,18 @@ class Router:
     """Backends by model id, read from sources on each call."""
 
     def __init__(
-        self, sources: Iterable[BackendSource] = (), *, max_queue: int = DEFAULT_MAX_QUEUE, retry_after: float = 2.0
+        self,
+        sources: Iterable[BackendSource] = (),
+        *,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        retry_after: float = 2.0,
     ) -> None:
         self.sources: list[BackendSource] = list(sources)
         self.max_queue = max_queue
         self.retry_after = retry_after
-        self._inflight: dict[int, int] = {}  # id(backend) -> requests acquired through this router, not released
+        self._inflight: dict[
+            int, int
+        ] = {}  # id(backend) -> requests acquired through this router, not released
         self._turn = itertools.count()  # breaks ties between equally loaded backends in turn
 
     def add_source(self, source: BackendSource) -> None:
@@ -78,7 +84,7 @@ class Router:
         return sorted({b.model_id for b in self.all_backends()})
 
     def models(self) -> list[dict[str, Any]]:
-        """One entry per model id: its backends' `info()` with their load; for `/v1/models` and the dashboard."""
+        """One entry per model id with its backends' `info()` and load (for `/v1/models`, the dashboard)."""
         by_model: dict[str, list[dict[str, Any]]] = {}
         for b in self.all_backends():
             info = dict(_safe_info(b))
@@ -89,9 +95,11 @@ class Router:
         return [{"id": m, "backends": by_model[m]} for m in sorted(by_model)]
 
     def context_length(self, model: str) -> int | None:
-        """The smallest context any backend of `model` reports (`info()["context_length"]`), None if none does."""
+        """The smallest `info()["context_length"]` of `model`'s backends; None if none reports one."""
         lengths = [
-            int(n) for b in self.backends(model) if isinstance(n := _safe_info(b).get("context_length"), int) and n > 0
+            int(n)
+            for b in self.backends(model)
+            if isinstance(n := _safe_info(b).get("context_length"), int) and n > 0
         ]
         return min(lengths) if lengths else None
 
@@ -115,13 +123,17 @@ class Router:
         candidates = self.backends(model)
         if not candidates:
             available = ", ".join(self.model_ids()) or "none"
-            raise ModelNotFound(f"the model {model!r} does not exist or is not served here; available: {available}")
+            raise ModelNotFound(
+                f"the model {model!r} does not exist or is not served here; available: {available}"
+            )
         healthy = [b for b in candidates if is_healthy(b)]
         if not healthy:
             raise PeerUnavailable(f"no healthy backend serves {model!r} right now")
         open_ = [b for b in healthy if self.load(b) < self._limit(b)]
         if not open_:
-            raise Overloaded(f"every backend of {model!r} is at its queue limit", retry_after=self.retry_after)
+            raise Overloaded(
+                f"every backend of {model!r} is at its queue limit", retry_after=self.retry_after
+            )
         turn = next(self._turn)
         return min(enumerate(open_), key=lambda ib: (self.load(ib[1]), (ib[0] - turn) % len(open_)))[1]
 
