@@ -1,0 +1,170 @@
+"""The NAT lab end to end: a relay on the public segment, members behind two NATs, a relayed stream.
+
+Needs root, `ip`, `nft` and `ethtool` (run with `pytest -m root tests/test_natlab.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tunnel"))
+import natlab  # noqa: E402
+
+pytestmark = pytest.mark.root
+
+RELAY_PORT = 4433
+LISTEN_PORT = 7000
+
+RELAY = """
+import sys, trio
+from eldric_p2p.identity import Identity
+from eldric_p2p.relay.server import RelayLimits, run_relay
+
+async def main():
+    async with trio.open_nursery() as nursery:
+        relay = await nursery.start(lambda task_status: run_relay(
+            "0.0.0.0", int(sys.argv[1]), Identity.generate(),
+            limits=RelayLimits(keepalive_s=1, dead_after_s=4),
+            task_status=task_status))
+        print("ready", flush=True)
+        seen = set()
+        while True:
+            for pid, m in list(relay.members.items()):
+                if pid not in seen:
+                    seen.add(pid)
+                    print("member", pid, m.conn.remote_address[0], flush=True)
+            await trio.sleep(0.1)
+
+trio.run(main)
+"""
+
+MEMBER = """
+import json, os, sys, time, trio
+from eldric_p2p.discovery import PeerTable
+from eldric_p2p.identity import Identity
+from eldric_p2p.relay.client import RelayMember
+
+host, port, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+
+async def echo(stream, source):
+    while data := await stream.receive_some():
+        await stream.send_all(data)
+    await stream.send_eof()
+
+async def main():
+    ident = Identity.generate()
+    member = RelayMember(ident, host, port, PeerTable(ident.peer_id), lambda: {"name": mode},
+                         echo if mode == "echo" else None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(member.run)
+        with trio.fail_after(20):
+            await member.wait_registered()
+        print("registered", ident.peer_id, flush=True)
+        if mode == "echo":
+            await trio.sleep_forever()
+        target = sys.argv[4]
+        with trio.fail_after(20):
+            while target not in member.table:
+                await trio.sleep(0.05)
+        stream = await member.open_stream(target)
+        payload = os.urandom(200_000)
+        got = bytearray()
+        t = time.perf_counter()
+        async def reader():
+            while len(got) < len(payload):
+                got.extend(await stream.receive_some())
+        async with trio.open_nursery() as n:
+            n.start_soon(reader)
+            await stream.send_all(payload)
+        t1 = time.perf_counter()
+        await stream.send_all(b"x" * 1800)
+        small = 0
+        while small < 1800:
+            small += len(await stream.receive_some())
+        print(json.dumps({"echo_ok": bytes(got) == payload, "bulk_s": t1 - t,
+                          "rtt_ms": (time.perf_counter() - t1) * 1000}), flush=True)
+        nursery.cancel_scope.cancel()
+
+trio.run(main)
+"""
+
+LISTENER = f"""
+import socket, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", {LISTEN_PORT})); s.listen(8)
+print("listening", flush=True)
+time.sleep(120)
+"""
+
+
+def _read_line(proc: subprocess.Popen[str], prefix: str, timeout: float) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"process exited (rc={proc.poll()}) before printing {prefix!r}")
+        if line.startswith(prefix):
+            return line.strip()
+    raise AssertionError(f"no {prefix!r} within {timeout} s")
+
+
+@pytest.fixture
+def lab() -> Iterator[natlab.Lab]:
+    why = natlab.missing_requirements()
+    if why is not None:
+        pytest.skip(why)
+    with natlab.natlab(prefix="elpt", delay_ms=5) as lab:
+        yield lab
+    assert natlab.lab_namespaces("elpt") == [], "the lab was not torn down"
+
+
+def test_sites_reach_the_relay_only_outbound_and_talk_through_it(lab: natlab.Lab) -> None:
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(role: str, code: str, *args: str) -> subprocess.Popen[str]:
+        proc = lab.popen(role, [sys.executable, "-c", code, *args], stdout=subprocess.PIPE)
+        procs.append(proc)
+        return proc
+
+    try:
+        relay = start("relay", RELAY, str(RELAY_PORT))
+        _read_line(relay, "ready", 30)
+        relay_addr = lab.addr("relay")
+
+        # site B: a member that echoes relayed streams
+        b1 = start("b1", MEMBER, relay_addr, str(RELAY_PORT), "echo")
+        b_id = _read_line(b1, "registered", 30).split()[1]
+        # the relay sees site B's member from the NAT's public address, not its private one
+        assert _read_line(relay, "member", 10).split()[1:] == [b_id, lab.addr("natb")]
+
+        # site A accepts no inbound connections: a listener on a1 is reachable from its own LAN only
+        listener = start("a1", LISTENER)
+        _read_line(listener, "listening", 10)
+        assert lab.tcp_probe("a2", HOST_A1, LISTEN_PORT) == "connected"
+        assert lab.tcp_probe("data", HOST_A1, LISTEN_PORT, timeout=1.5) == "timeout"
+        assert lab.tcp_probe("relay", HOST_A1, LISTEN_PORT, timeout=1.5) == "timeout"
+        # ...while outbound from site A works (the data peer answers, here with a refusal)
+        assert lab.tcp_probe("a1", lab.addr("data"), LISTEN_PORT) == "refused"
+
+        # site A -> relay -> site B
+        a1 = start("a1", MEMBER, relay_addr, str(RELAY_PORT), "client", b_id)
+        a_id = _read_line(a1, "registered", 30).split()[1]
+        assert _read_line(relay, "member", 10).split()[1:] == [a_id, lab.addr("nata")]
+        result = json.loads(_read_line(a1, "{", 60))
+        assert result["echo_ok"] is True
+        assert result["rtt_ms"] >= 4 * 5  # four WAN crossings of 5 ms each: the bytes did cross the relay
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+HOST_A1 = natlab.HOSTS["a1"][0]

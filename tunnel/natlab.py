@@ -1,0 +1,387 @@
+#!/usr/bin/env python3
+"""The NAT lab: two NATed sites and a public segment in network namespaces, with user-space WAN delay.
+
+    sudo python tunnel/natlab.py up [--delay-ms 20] [--prefix elp]    # build it (and start the forwarder)
+    sudo python tunnel/natlab.py down [--prefix elp]                  # remove everything
+    sudo ip netns exec elp-a1 ping 10.99.0.10                          # use it
+
+Topology (every address lives only inside the lab's namespaces; nothing is routed to the host or beyond):
+
+    public segment 10.99.0.0/24  (one L2 segment, bridged by the delay forwarder in "elp-inet")
+      elp-relay  10.99.0.10           the edge relay
+      elp-data   10.99.0.20           the data peer
+      elp-nata   10.99.0.101 (wan) -- NAT -- 192.168.1.1 (br0) -- elp-a1 192.168.1.11, elp-a2 192.168.1.12
+      elp-natb   10.99.0.102 (wan) -- NAT -- 192.168.2.1 (lan0) -- elp-b1 192.168.2.11
+
+The NAT routers masquerade outbound traffic (nftables) and forward nothing inbound except replies
+(conntrack established/related). The public hosts do have routes to the sites via the routers, so an inbound
+attempt is dropped by the NAT's policy, not merely unroutable.
+
+WAN delay: this kernel has no netem, so `forward` (run in elp-inet) moves Ethernet frames between the four
+public-side veths over AF_PACKET sockets as a learning bridge, holding each frame in a delay queue for
+`delay-ms` per WAN port it crosses (site<->public: 1x, site A<->site B: 2x). Faithfulness: a fixed delay
+with no jitter, loss or reordering; frames are serviced by one Python thread (about 0.05-0.2 ms extra per
+frame and a throughput ceiling in the tens of thousands of frames per second); the queue is bounded
+(overflow drops, like a router buffer). Offloads are disabled on those veths so frames stay MTU-sized.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import heapq
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+ETH_P_ALL = 0x0003
+PACKET_OUTGOING = 4
+MAX_QUEUE = 4096
+
+PUBLIC_NET = "10.99.0"
+HOSTS = {  # role -> (address, default gateway or None)
+    "relay": (f"{PUBLIC_NET}.10", None),
+    "data": (f"{PUBLIC_NET}.20", None),
+    "a1": ("192.168.1.11", "192.168.1.1"),
+    "a2": ("192.168.1.12", "192.168.1.1"),
+    "b1": ("192.168.2.11", "192.168.2.1"),
+}
+NATS = {  # router -> (wan address, lan address, lan prefix, hosts)
+    "nata": (f"{PUBLIC_NET}.101", "192.168.1.1", "192.168.1.0/24", ("a1", "a2")),
+    "natb": (f"{PUBLIC_NET}.102", "192.168.2.1", "192.168.2.0/24", ("b1",)),
+}
+
+
+class LabError(RuntimeError):
+    """The lab could not be built (missing tool, not root, a command failed)."""
+
+
+def missing_requirements() -> str | None:
+    """Why the lab cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "the NAT lab needs root (network namespaces)"
+    for tool in ("ip", "nft", "ethtool"):
+        if shutil.which(tool) is None:
+            return f"the NAT lab needs `{tool}` (apt-get install -y iproute2 nftables ethtool)"
+    return None
+
+
+def _run(*argv: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(argv, capture_output=True, text=True, input=input)
+    if check and proc.returncode != 0:
+        raise LabError(f"{' '.join(argv)}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc
+
+
+@dataclass
+class Lab:
+    prefix: str = "elp"
+    delay_ms: float = 0.0
+    forwarder: subprocess.Popen[bytes] | None = None
+    namespaces: list[str] = field(default_factory=list)
+
+    def ns(self, role: str) -> str:
+        return f"{self.prefix}-{role}"
+
+    def addr(self, role: str) -> str:
+        return HOSTS[role][0] if role in HOSTS else NATS[role][0]
+
+    def argv(self, role: str, argv: Sequence[str]) -> list[str]:
+        """`argv` prefixed to run inside `role`'s namespace."""
+        return ["ip", "netns", "exec", self.ns(role), *argv]
+
+    def exec(self, role: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return _run(*self.argv(role, argv), check=check)
+
+    def popen(self, role: str, argv: Sequence[str], **kw: object) -> subprocess.Popen[str]:
+        return subprocess.Popen(self.argv(role, argv), text=True, **kw)  # type: ignore[call-overload,no-any-return]
+
+    # ------------------------------------------------------------------------------------------ build
+
+    def _netns(self, role: str) -> str:
+        name = self.ns(role)
+        _run("ip", "netns", "add", name)
+        self.namespaces.append(name)
+        self.exec(role, "ip", "link", "set", "lo", "up")
+        self.exec(role, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
+        self.exec(role, "sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1")
+        return name
+
+    def _veth(self, role_a: str, dev_a: str, role_b: str, dev_b: str, *, no_offload: bool = False) -> None:
+        """A veth pair created directly inside the two namespaces (never in the host's)."""
+        _run(
+            "ip",
+            "-n",
+            self.ns(role_a),
+            "link",
+            "add",
+            dev_a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            dev_b,
+            "netns",
+            self.ns(role_b),
+        )
+        for role, dev in ((role_a, dev_a), (role_b, dev_b)):
+            if no_offload:
+                self.exec(
+                    role,
+                    "ethtool",
+                    "-K",
+                    dev,
+                    "tx",
+                    "off",
+                    "tso",
+                    "off",
+                    "gso",
+                    "off",
+                    "gro",
+                    "off",
+                    check=False,
+                )
+            self.exec(role, "ip", "link", "set", dev, "up")
+
+    def up(self) -> None:
+        if (why := missing_requirements()) is not None:
+            raise LabError(why)
+        try:
+            self._build()
+        except BaseException:
+            self.down()
+            raise
+
+    def _build(self) -> None:
+        self._netns("inet")
+        for role in (*HOSTS, *NATS):
+            self._netns(role)
+        # public side: every public host and NAT WAN gets a veth to the forwarder in inet
+        ports = {"relay": "pr", "data": "pd", "nata": "pa", "natb": "pb"}
+        for role, port in ports.items():
+            dev = "wan" if role in NATS else "eth0"
+            self._veth("inet", port, role, dev, no_offload=True)
+            self.exec(role, "ip", "addr", "add", f"{self.addr(role)}/24", "dev", dev)
+        for role in ports:
+            self.exec("inet", "ip", "link", "set", ports[role], "promisc", "on")
+        # the sites
+        for nat, (_, lan_addr, lan_net, hosts) in NATS.items():
+            if len(hosts) > 1:
+                self.exec(nat, "ip", "link", "add", "br0", "type", "bridge")
+                self.exec(nat, "ip", "link", "set", "br0", "up")
+                lan = "br0"
+            else:
+                lan = "lan0"
+            for i, host in enumerate(hosts):
+                dev = f"l{host}" if lan == "br0" else "lan0"
+                self._veth(nat, dev, host, "eth0")
+                if lan == "br0":
+                    self.exec(nat, "ip", "link", "set", dev, "master", "br0")
+                self.exec(host, "ip", "addr", "add", f"{HOSTS[host][0]}/24", "dev", "eth0")
+                self.exec(host, "ip", "route", "add", "default", "via", lan_addr)
+                del i
+            self.exec(nat, "ip", "addr", "add", f"{lan_addr}/24", "dev", lan)
+            self.exec(nat, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+            ruleset = f"""
+table ip natlab {{
+    chain forward {{
+        type filter hook forward priority 0; policy drop;
+        ct state established,related accept
+        iifname "{lan}" oifname "{lan}" accept
+        iifname "{lan}" oifname "wan" accept
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority 100;
+        oifname "wan" masquerade
+    }}
+}}
+"""
+            _run(*self.argv(nat, ["nft", "-f", "-"]), input=ruleset)
+            # public hosts know where the site is: an inbound attempt reaches the NAT and is dropped there
+            for public in ("relay", "data"):
+                self.exec(public, "ip", "route", "add", lan_net, "via", self.addr(nat))
+        self.forwarder = subprocess.Popen(
+            self.argv(
+                "inet",
+                [
+                    sys.executable,
+                    os.path.abspath(__file__),
+                    "forward",
+                    "--delay-ms",
+                    str(self.delay_ms),
+                    "--wan",
+                    "pa,pb",
+                    "pr",
+                    "pd",
+                    "pa",
+                    "pb",
+                ],
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        self._wait_forwarding()
+
+    def _wait_forwarding(self) -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.forwarder is not None and self.forwarder.poll() is not None:
+                err = self.forwarder.stderr.read().decode() if self.forwarder.stderr else ""
+                raise LabError(f"delay forwarder exited: {err.strip()}")
+            if self.tcp_probe("a1", self.addr("relay"), 9, timeout=1.0) != "timeout":
+                return
+        raise LabError("the lab does not forward (a1 cannot reach the relay host)")
+
+    def tcp_probe(self, role: str, host: str, port: int, timeout: float = 2.0) -> str:
+        """Try a TCP connection from `role`: "connected", "refused" (the host answered with RST), or
+        "timeout"/"unreachable" (nothing came back)."""
+        code = (
+            "import socket,sys\n"
+            f"s=socket.socket(); s.settimeout({timeout})\n"
+            f"try: s.connect(({host!r},{port})); print('connected')\n"
+            "except ConnectionRefusedError: print('refused')\n"
+            "except (TimeoutError, socket.timeout): print('timeout')\n"
+            "except OSError: print('unreachable')\n"
+        )
+        return self.exec(role, sys.executable, "-c", code, check=False).stdout.strip() or "unreachable"
+
+    def down(self) -> None:
+        """Stop the forwarder and delete every namespace of this lab (veths go with them)."""
+        if self.forwarder is not None:
+            self.forwarder.send_signal(signal.SIGTERM)
+            try:
+                self.forwarder.wait(5)
+            except subprocess.TimeoutExpired:
+                self.forwarder.kill()
+                self.forwarder.wait()
+            self.forwarder = None
+        for name in lab_namespaces(self.prefix):
+            _kill_namespace_processes(name)
+            _run("ip", "netns", "del", name, check=False)
+        self.namespaces.clear()
+
+
+def lab_namespaces(prefix: str) -> list[str]:
+    roles = ("inet", *HOSTS, *NATS)
+    existing = _run("ip", "netns", "list", check=False).stdout.split()
+    return [f"{prefix}-{r}" for r in roles if f"{prefix}-{r}" in existing]
+
+
+def _kill_namespace_processes(name: str) -> None:
+    pids = _run("ip", "netns", "pids", name, check=False).stdout.split()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def natlab(prefix: str = "elp", delay_ms: float = 0.0) -> Iterator[Lab]:
+    """Build the lab for the duration of a `with` block; always torn down, even on errors."""
+    lab = Lab(prefix=prefix, delay_ms=delay_ms)
+    lab.down()  # leftovers of an earlier run with the same prefix
+    lab.up()
+    try:
+        yield lab
+    finally:
+        lab.down()
+
+
+# ---------------------------------------------------------------------------------------------- forwarder
+
+
+def forward(ports: Sequence[str], wan: set[str], delay_s: float) -> None:
+    """Bridge Ethernet frames between `ports` (learning MACs), delayed `delay_s` per WAN port crossed."""
+    socks: dict[str, socket.socket] = {}
+    for port in ports:
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        s.bind((port, 0))
+        s.setblocking(False)
+        socks[port] = s
+    by_fd = {s.fileno(): p for p, s in socks.items()}
+    mac_port: dict[bytes, str] = {}
+    queue: list[tuple[float, int, str, bytes]] = []
+    seq = 0
+    dropped = 0
+    poller = select.poll()
+    for s in socks.values():
+        poller.register(s, select.POLLIN)
+    stop = False
+
+    def on_term(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    while not stop:
+        now = time.monotonic()
+        while queue and queue[0][0] <= now:
+            _, _, out, frame = heapq.heappop(queue)
+            with contextlib.suppress(OSError):
+                socks[out].send(frame)
+        timeout_ms = -1 if not queue else max(0, int((queue[0][0] - now) * 1000))
+        for fd, _ in poller.poll(min(timeout_ms, 200) if timeout_ms >= 0 else 200):
+            in_port = by_fd[fd]
+            while True:
+                try:
+                    frame, meta = socks[in_port].recvfrom(65535)
+                except BlockingIOError:
+                    break
+                if meta[2] == PACKET_OUTGOING or len(frame) < 14:
+                    continue
+                dst, src = frame[:6], frame[6:12]
+                mac_port[src] = in_port
+                outs = [mac_port[dst]] if dst in mac_port else [p for p in socks if p != in_port]
+                arrival = time.monotonic()
+                for out in outs:
+                    if out == in_port:
+                        continue
+                    delay = delay_s * ((in_port in wan) + (out in wan))
+                    if len(queue) >= MAX_QUEUE:
+                        dropped += 1
+                        continue
+                    seq += 1
+                    heapq.heappush(queue, (arrival + delay, seq, out, frame))
+    if dropped:
+        print(f"forwarder: dropped {dropped} frames (queue full)", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="build the lab and start the delay forwarder (stays up until `down`)")
+    up.add_argument("--prefix", default="elp")
+    up.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay per WAN link")
+    down = sub.add_parser("down", help="remove the lab")
+    down.add_argument("--prefix", default="elp")
+    fwd = sub.add_parser("forward", help="(internal) the delay bridge, run inside the inet namespace")
+    fwd.add_argument("--delay-ms", type=float, default=0.0)
+    fwd.add_argument("--wan", default="")
+    fwd.add_argument("ports", nargs="+")
+    args = parser.parse_args(argv)
+    if args.cmd == "forward":
+        forward(args.ports, set(filter(None, args.wan.split(","))), args.delay_ms / 1000)
+        return 0
+    if args.cmd == "down":
+        Lab(prefix=args.prefix).down()
+        return 0
+    lab = Lab(prefix=args.prefix, delay_ms=args.delay_ms)
+    lab.down()
+    lab.up()
+    print(
+        f"lab up: {', '.join(lab_namespaces(lab.prefix))}; remove with: natlab.py down --prefix {lab.prefix}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
