@@ -1,7 +1,12 @@
 """The node: one trio process running every role this machine is configured for, behind one HTTP app.
 
-Each role contributes Starlette routes (and, later, background services); `Node.run` assembles them into
-one app and serves it. Roles so far: gateway (always: `GET /api/v1/node`) and data peer (`--models`).
+Each role contributes Starlette routes and background services; `Node.run` assembles them into one app and
+serves it. Roles: gateway (always: `GET /api/v1/node`, `POST /api/v1/pipeline/generate`), data peer
+(`--models`), worker (unless `--no-worker`: load/unload/status and a link listener for pipeline frames),
+coordinator (always: deploy/status/models/undeploy/rebalance, peers from `--peer` bootstrap).
+
+`node.backends()` lists what the gateway can route a generation to: a `PipelineBackend` for each pipeline
+whose head stage runs here, and a `RemotePipelineBackend` for each head a peer reports.
 """
 
 from __future__ import annotations
@@ -18,11 +23,16 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from eldric_p2p import __version__
+from eldric_p2p.backend import Backend
+from eldric_p2p.coordinator import Coordinator, coordinator_routes
 from eldric_p2p.datapeer import Catalog, datapeer_routes
 from eldric_p2p.errors import UsageError
 from eldric_p2p.http_server import EXCEPTION_HANDLERS, serve_app
 from eldric_p2p.identity import Identity
 from eldric_p2p.paths import default_data_dir
+from eldric_p2p.peers import PORT_HEADER, PeerDirectory, node_url
+from eldric_p2p.pipeline import PipelineBackend, RemotePipelineBackend, pipeline_routes
+from eldric_p2p.worker import Worker, worker_routes
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +73,8 @@ class NodeConfig:
     mdns: bool = True
     relays: list[tuple[str, int]] = field(default_factory=list)
     relay_listen: tuple[str, int] | None = None
+    link_port: int = 0  # pipeline links (TLS over TCP) on listen_host; 0 picks a free port
+    peer_interval: float = 2.0  # seconds between polls of the bootstrap peers
 
     @property
     def roles(self) -> list[str]:
@@ -85,35 +97,89 @@ class Node:
         self.name = config.name or self.identity.peer_id[:10]
         self.catalog: Catalog | None = None
         self.port: int | None = None
+        self.peers = PeerDirectory(self.identity.peer_id, config.peers, interval=config.peer_interval)
+        self.worker: Worker | None = None
+        if config.worker:
+            self.worker = Worker(self.identity, name=self.name, data_dir=config.data_dir, device=config.device,
+                                 memory=config.memory, link_host=config.listen_host, link_port=config.link_port)  # fmt: skip
+        self.coordinator = Coordinator(
+            self.peers,
+            own_url=lambda: self.url,
+            own_models=lambda: sorted(self.catalog.models) if self.catalog else [],
+            own_is_worker=self.worker is not None,
+        )
+        self._remote: dict[tuple[str, str], RemotePipelineBackend] = {}
+
+    @property
+    def url(self) -> str | None:
+        return node_url(self.config.listen_host, self.port) if self.port is not None else None
 
     def info(self) -> dict[str, Any]:
+        w = self.worker
         return {
             "name": self.name,
             "peer_id": self.identity.peer_id,
             "version": __version__,
             "roles": self.config.roles,
             "models": sorted(self.catalog.models) if self.catalog else [],
+            "worker": w.summary() if w is not None else None,
+            "heads": [{"model": s.a.model_id, "deployment_id": s.a.deployment_id} for s in w.heads()]
+            if w
+            else [],
         }
+
+    def backends(self) -> list[Backend]:
+        """Where a generation can go: pipelines headed here first, then heads on peers."""
+        out: list[Backend] = []
+        if self.worker is not None:
+            for shard in self.worker.heads():
+                if shard.backend is None:
+                    shard.backend = PipelineBackend(self.worker, shard)
+                out.append(shard.backend)
+        for info in self.peers.table.peers():
+            url = info.fields.get("url")
+            for head in info.fields.get("heads") or []:
+                model = head.get("model") if isinstance(head, dict) else None
+                if isinstance(url, str) and isinstance(model, str):
+                    key = (url, model)
+                    if key not in self._remote:
+                        self._remote[key] = RemotePipelineBackend(url, model, info={"peer": info.name})
+                    out.append(self._remote[key])
+        return out
 
     def routes(self) -> list[Route]:
         async def node_info(request: Request) -> JSONResponse:
+            port = request.headers.get(PORT_HEADER, "")
+            if port.isdigit() and 0 < int(port) < 65536 and request.client is not None:
+                self.peers.add_address(request.client.host, int(port))  # a node that polls us: poll it back
             return JSONResponse(self.info())
 
         routes = [Route("/api/v1/node", node_info, methods=["GET"])]
         if self.catalog is not None:
             routes += datapeer_routes(self.catalog)
+        if self.worker is not None:
+            routes += worker_routes(self.worker)
+        routes += coordinator_routes(self.coordinator)
+        routes += pipeline_routes(self.backends, self.peers.refresh)
         return routes
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Index the models, serve every role's routes, hash the models in the background; until cancelled."""
         cfg = self.config
         if cfg.models:
-            self.catalog = await trio.to_thread.run_sync(lambda: Catalog.scan(cfg.models, data_dir=cfg.data_dir))
+            self.catalog = await trio.to_thread.run_sync(
+                lambda: Catalog.scan(cfg.models, data_dir=cfg.data_dir)
+            )
             if not self.catalog.models:
                 log.warning("--models given but no valid GGUF file found")
         app = Starlette(routes=self.routes(), exception_handlers=EXCEPTION_HANDLERS)
         async with trio.open_nursery() as nursery:
+            if self.worker is not None:
+                await nursery.start(self.worker.run)
             self.port = await nursery.start(serve_app, app, cfg.listen_host, cfg.listen_port)
+            self.peers.own_port = self.port
             if self.catalog is not None:
                 nursery.start_soon(self.catalog.hash_all)
+            await nursery.start(self.peers.run)
+            await nursery.start(self.coordinator.run)
             task_status.started(self.port)
