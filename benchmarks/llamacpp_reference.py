@@ -7,7 +7,8 @@ Needs `llama-cpp-python` (the `reference` extra). For each reference model it wr
 
 - `tokenize`: the corpus below through `Llama.tokenize(text, add_bos=True, special=...)` (add_bos=True means
   "as the file asks", like `Tokenizer.encode(add_bos=None)`);
-- `prompts`: for each prompt (raw, or a user message rendered with `render_chat`), the prompt ids, the greedy
+- `prompts`: for each prompt (raw text tokenized with add_bos=True, or messages rendered with `render_chat`,
+  which writes BOS itself, tokenized with add_bos=False), the prompt ids, the greedy
   continuation of `--n-predict` tokens (argmax of llama.cpp's logits, not stopped at end-of-turn; `first_stop`
   says where the model's stop token came first), and teacher-forced top-5 logits (ids, values) at every
   position of prompt + continuation: entry i predicts token i+1.
@@ -121,8 +122,9 @@ def record(name: str, path: Path, *, n_predict: int, threads: int, seed: int) ->
     ]
     prompts = []
     for kind, prompt in [("raw", p) for p in RAW_PROMPTS] + [("chat", m) for m in CHAT_PROMPTS]:
-        text = prompt if kind == "raw" else render_chat(metadata, prompt)
-        ids = llm.tokenize(text.encode(), add_bos=True, special=True)
+        # raw: BOS as the file asks; chat: the template writes BOS itself (HF's convention)
+        text, add_bos = (prompt, True) if kind == "raw" else (render_chat(metadata, prompt), False)
+        ids = llm.tokenize(text.encode(), add_bos=add_bos, special=True)
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(ids)
@@ -144,6 +146,7 @@ def record(name: str, path: Path, *, n_predict: int, threads: int, seed: int) ->
             "kind": kind,
             "prompt": prompt,
             "text": text,
+            "add_bos": add_bos,
             "prompt_ids": ids,
             "greedy_ids": out,
             "greedy_text": llm.detokenize(out).decode("utf-8", errors="replace"),

@@ -6,9 +6,11 @@ The environment is transformers' (`apply_chat_template`): an immutable sandbox w
 `documents` and the special-token strings (`bos_token`, `eos_token`, ...).
 
 A file without a template gets a fallback: Gemma's own template for `gemma*` architectures (a system
-message is folded into the first user turn), ChatML otherwise. The tokenizer adds BOS itself when the
-file asks for it, so a rendered text that starts with the BOS token's text has it removed (as llama.cpp
-does) unless `keep_bos=True`.
+message is folded into the first user turn), ChatML otherwise.
+
+BOS: like HF, a template that wants BOS writes `bos_token` itself, so encode the result with
+`Tokenizer.encode(text, add_bos=False)`. A caller that lets the tokenizer add BOS as the file asks
+(llama.cpp's way) passes `strip_bos=True` to drop a leading BOS text from the rendering.
 """
 
 from __future__ import annotations
@@ -150,10 +152,10 @@ def render_chat(
     messages: Sequence[Mapping[str, Any]],
     *,
     add_generation_prompt: bool = True,
-    keep_bos: bool = False,
+    strip_bos: bool = False,
     tools: list[dict[str, Any]] | None = None,
 ) -> str:
-    """Prompt text for `messages` ([{role, content}, ...]); tokenize it with `Tokenizer.encode`.
+    """Prompt text for `messages` ([{role, content}, ...]); encode it with `add_bos=False`.
 
     Raises InvalidInput for malformed messages or when the template rejects them (`raise_exception`),
     UnsupportedModel when the file's template does not compile or fails on well-formed messages.
@@ -173,9 +175,6 @@ def render_chat(
     except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
         raise UnsupportedModel(f"the model's chat template failed: {type(exc).__name__}: {exc}") from exc
     bos = specials["bos_token"]
-    adds_bos = bool(
-        metadata.get("tokenizer.ggml.add_bos_token", metadata.get("tokenizer.ggml.model") == "llama")
-    )
-    if not keep_bos and bos and adds_bos and text.startswith(bos):
+    if strip_bos and bos and text.startswith(bos):
         text = text[len(bos) :]
     return text

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from eldric_p2p.engine.chat import render_chat
+from eldric_p2p.engine.tokenizer import Tokenizer
 from eldric_p2p.errors import InvalidInput, UnsupportedModel
 from eldric_p2p.gguf_index import read_index
 from eldric_p2p.synthetic import write_synthetic_gguf
@@ -38,14 +39,21 @@ def test_gemma_fallback_folds_system_into_first_user_turn(gemma_meta: dict) -> N
     assert "tokenizer.chat_template" not in gemma_meta
     text = render_chat(gemma_meta, CONVERSATION)
     assert text == (
-        "<start_of_turn>user\nYou are terse.\n\nHi<end_of_turn>\n"
+        "<bos><start_of_turn>user\nYou are terse.\n\nHi<end_of_turn>\n"
         "<start_of_turn>model\nHello!<end_of_turn>\n"
         "<start_of_turn>user\nMore<end_of_turn>\n"
         "<start_of_turn>model\n"
     )
-    # the tokenizer adds BOS for this file, so the template's own BOS is kept only on request
-    assert render_chat(gemma_meta, CONVERSATION, keep_bos=True) == "<bos>" + text
+    # for callers that let the tokenizer add BOS as the file asks
+    assert render_chat(gemma_meta, CONVERSATION, strip_bos=True) == text.removeprefix("<bos>")
     assert not render_chat(gemma_meta, CONVERSATION[:2], add_generation_prompt=False).endswith("model\n")
+
+
+def test_rendered_chat_tokenizes_with_exactly_one_bos(gemma_meta: dict, tmp_path: Path) -> None:
+    tok = Tokenizer.from_gguf_metadata(gemma_meta, cache_dir=tmp_path)
+    ids = tok.encode(render_chat(gemma_meta, CONVERSATION[1:2]), add_bos=False)
+    assert ids.count(tok.bos_id) == 1 and ids[0] == tok.bos_id
+    assert ids == tok.encode(render_chat(gemma_meta, CONVERSATION[1:2], strip_bos=True))
 
 
 def test_gemma_fallback_rejects_non_alternating_roles(gemma_meta: dict) -> None:
@@ -108,4 +116,4 @@ def test_qwen_template_renders_as_hugging_face(qwen_path: Path) -> None:
 def test_gemma_reference_file_uses_the_fallback(gemma_path: Path) -> None:
     meta = read_index(gemma_path).metadata
     text = render_chat(meta, [{"role": "user", "content": "Hi"}])
-    assert text == "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    assert text == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"

@@ -149,13 +149,14 @@ def _check_fixture(name: str, path: Path) -> None:
     fixture = json.loads((FIXTURES / f"llamacpp_{name}.json").read_text(encoding="utf-8"))
     assert fixture["model"] == path.name
     tok = Tokenizer.from_gguf_metadata(read_index(path).metadata)
-    cases = [(c["text"], c["special"], c["ids"]) for c in fixture["tokenize"]]
-    cases += [(p["text"], True, p["prompt_ids"]) for p in fixture["prompts"]]
+    # (text, add_bos, parse_special, llama.cpp's ids); add_bos None = as the file asks
+    cases = [(c["text"], None, c["special"], c["ids"]) for c in fixture["tokenize"]]
+    cases += [(p["text"], None if p["add_bos"] else False, True, p["prompt_ids"]) for p in fixture["prompts"]]
     assert len(cases) > 30
-    wrong = [(t, s) for t, s, ids in cases if tok.encode(t, parse_special=s) != ids]
+    wrong = [(t, b, s) for t, b, s, ids in cases if tok.encode(t, add_bos=b, parse_special=s) != ids]
     assert wrong == []
-    for text, _special, ids in cases:
-        body = ids[1:] if tok.add_bos and ids[:1] == [tok.bos_id] else ids
+    for text, add_bos, _special, ids in cases:
+        body = ids[1:] if add_bos is None and tok.add_bos and ids[:1] == [tok.bos_id] else ids
         assert tok.decode(body) == text
 
 
