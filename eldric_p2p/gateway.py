@@ -396,6 +396,8 @@ class _Generation:
         self._scope: trio.CancelScope | None = None
         self._error: BaseException | None = None
         self.backend_name = ""
+        self._t0 = time.perf_counter()
+        self._first_token = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         model = self.parsed.model
@@ -508,6 +510,19 @@ class _Generation:
             self._scope.cancel()
             await trio.lowlevel.checkpoint()
 
+    def _account(self, event: GenerationEvent) -> None:
+        """Tokens, tokens/s and time to first token, for every kind of backend alike."""
+        model = self.parsed.model
+        n = len(event.token_ids) or (1 if event.text else 0)  # an upstream's chunk carries text, no ids
+        if n:
+            if not self._first_token:
+                self._first_token = True
+                metrics.TTFT.observe(time.perf_counter() - self._t0, model=model)
+            metrics.TOKENS.inc(n, model=model, kind="completion")
+            metrics.TOKENS_PER_S.add(n, model=model)
+        if event.usage and event.usage.get("prompt_tokens"):
+            metrics.TOKENS.inc(event.usage["prompt_tokens"], model=model, kind="prompt")
+
     def _usage(
         self, prompt_ids: list[int] | None, n_out: int, final: GenerationEvent | None
     ) -> dict[str, int]:
@@ -522,6 +537,7 @@ class _Generation:
         n_out = 0
         final: GenerationEvent | None = None
         while (event := await self._next(events)) is not None:
+            self._account(event)
             if event.prompt_token_ids is not None:
                 prompt_ids = event.prompt_token_ids
             parts.append(event.text)
@@ -593,6 +609,7 @@ class _Generation:
         if self.chat:
             await self._send_body(send, _sse(self._chunk("", None, role=True)), more=True)
         while event is not None:
+            self._account(event)
             if event.prompt_token_ids is not None:
                 prompt_ids = event.prompt_token_ids
             n_out += len(event.token_ids)

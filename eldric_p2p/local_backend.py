@@ -21,7 +21,6 @@ from typing import Any
 
 import trio
 
-from eldric_p2p import metrics
 from eldric_p2p.backend import GenerationEvent, GenerationRequest
 from eldric_p2p.engine.generate import LocalModel, TextStream, prompt_token_ids
 from eldric_p2p.engine.sampling import Sampler
@@ -86,7 +85,6 @@ class LocalBackend:
     ) -> None:
         async with events:
             model, params = self.model, request.params
-            t_request = time.perf_counter()
             ids = await trio.to_thread.run_sync(
                 lambda: prompt_token_ids(model.tokenizer, model.metadata, request.prompt, raw=request.raw),
                 limiter=self._limiter,
@@ -110,7 +108,7 @@ class LocalBackend:
                 for stage in model.stages:
                     stage.open_session(sid)
                 self.active.add(sid)
-                await self._run(sid, ids, request, events, t_request)
+                await self._run(sid, ids, request, events)
             finally:
                 self.active.discard(sid)
                 for stage in model.stages:
@@ -123,7 +121,6 @@ class LocalBackend:
         ids: list[int],
         request: GenerationRequest,
         events: trio.MemorySendChannel[GenerationEvent],
-        t_request: float,
     ) -> None:
         model, params = self.model, request.params
         sampler = Sampler(params)
@@ -137,16 +134,11 @@ class LocalBackend:
         t0 = time.perf_counter()
         token = await trio.to_thread.run_sync(step, ids, 0, limiter=self._limiter)
         t1 = time.perf_counter()
-        metrics.TTFT.observe(t1 - t_request, model=self.model_id)
-        metrics.TOKENS.inc(len(ids), model=self.model_id, kind="prompt")
         steps = 0
         while True:
             n_before = len(stream.token_ids)
             text = stream.push(token)
             new_ids = stream.token_ids[n_before:]
-            if new_ids:
-                metrics.TOKENS.inc(len(new_ids), model=self.model_id, kind="completion")
-                metrics.TOKENS_PER_S.add(len(new_ids), model=self.model_id)
             if stream.done:
                 if text or new_ids:
                     await events.send(GenerationEvent(text=text, token_ids=new_ids))
