@@ -267,10 +267,11 @@ class Stage:
             raise InvalidInput(f"context overflow: {start_pos} + {T} tokens exceed the {cache.max_ctx}-token context")
         positions = torch.arange(start_pos, start_pos + T, device=self.device)
         ropes: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+        masks = self._masks(start_pos, T)
         for li, layer in enumerate(self.layers):
             if layer.rope_base not in ropes:
                 ropes[layer.rope_base] = rope_tables(self.cfg, layer.rope_base, positions)
-            h = self._layer(layer, li, h, cache, start_pos, ropes[layer.rope_base])
+            h = self._layer(layer, li, h, cache, start_pos, ropes[layer.rope_base], masks[layer.sliding])
         cache.length = start_pos + T
         if not self.is_tail:
             return h
@@ -302,6 +303,7 @@ class Stage:
         cache: KVCache,
         pos0: int,
         rope: tuple[torch.Tensor, torch.Tensor],
+        masked: torch.Tensor | None,
     ) -> torch.Tensor:
         cfg = self.cfg
         T = h.shape[0]
@@ -328,12 +330,8 @@ class Stage:
         qh = q.to(cache.k.dtype).float().transpose(0, 1)  # [nh, T, hd], rounded like ggml's f16 K·Q
         qh = qh.reshape(cfg.n_kv_heads, group * T, cfg.head_dim)
         scores = torch.bmm(qh, keys.transpose(1, 2)).view(cfg.n_heads, T, end) * score_scale  # [nh, T, S]
-        qpos = torch.arange(pos0, end, device=h.device)[:, None]  # [T, 1]
-        kpos = torch.arange(end, device=h.device)[None, :]  # [1, S]
-        masked = kpos > qpos
-        if layer.sliding:
-            masked = masked | (qpos - kpos >= cfg.sliding_window)
-        scores = scores.masked_fill(masked, float("-inf"))
+        if masked is not None:
+            scores = scores.masked_fill(masked, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(cache.v.dtype).float()  # [nh, T, S]
         probs = probs.reshape(cfg.n_kv_heads, group * T, end)
         attn = torch.bmm(probs, vals).view(cfg.n_heads, T, cfg.head_dim).transpose(0, 1)  # [T, nh, hd]
@@ -348,6 +346,18 @@ class Stage:
         if layer.post_ffn_norm is not None:
             d = rms_norm(d, layer.post_ffn_norm, cfg.norm_eps)
         return h + d
+
+    def _masks(self, pos0: int, T: int) -> dict[bool, torch.Tensor | None]:
+        """Attention masks [T, S] (True = hidden) for global and sliding layers; None when nothing is hidden."""
+        end = pos0 + T
+        qpos = torch.arange(pos0, end, device=self.device)[:, None]  # [T, 1]
+        kpos = torch.arange(end, device=self.device)[None, :]  # [1, S]
+        causal = kpos > qpos
+        out: dict[bool, torch.Tensor | None] = {False: causal if T > 1 else None, True: None}
+        if self.cfg.sliding_window and any(layer.sliding for layer in self.layers):
+            window = causal | (qpos - kpos >= self.cfg.sliding_window)
+            out[True] = window if bool(window.any()) else None
+        return out
 
     # ---- planning ----------------------------------------------------------------------------------------------
 

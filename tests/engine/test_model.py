@@ -142,3 +142,23 @@ def test_memory_estimate_tracks_format_and_context(models):
     assert longer > small
     half = estimate_stage_bytes(ix, 1, 3, weights="f32", max_ctx=64, sessions=1)  # middle: no embedding, no head
     assert half < dense / 2
+
+
+def test_sliding_window_hides_keys_older_than_the_window(tmp_path):
+    path = write_synthetic_gguf(tmp_path / "g.gguf", arch="gemma3", n_layers=6, hidden=64, vocab=400, seed=3)
+    src = GGUFFile(path)
+    src.index.metadata["gemma3.attention.sliding_window"] = 4
+    st = Stage(src, 0, 6, weights="f32", max_ctx=32)
+    assert [layer.sliding for layer in st.layers] == [True] * 5 + [False]  # every 6th layer is global
+    masks = st._masks(pos0=6, T=2)  # queries at 6, 7 over keys 0..7
+    assert masks[True][0].tolist() == [True, True, True, False, False, False, False, True]
+    assert masks[True][1].tolist() == [True, True, True, True, False, False, False, False]
+    assert masks[False][1].tolist() == [False] * 8
+    assert st._masks(pos0=2, T=1) == {False: None, True: None}  # one query inside the window: nothing hidden
+    # incremental decode past the window still equals a single prefill
+    ids = list(range(1, 13))
+    st.open_session("a")
+    ref = st.forward("a", torch.tensor(ids), 0)
+    st.open_session("b")
+    steps = torch.cat([st.forward("b", torch.tensor([t]), i) for i, t in enumerate(ids)])
+    torch.testing.assert_close(steps, ref, rtol=1e-3, atol=1e-3)
