@@ -1,8 +1,8 @@
 """Talk to any eldric-p2p node with the official `openai` package (pip install openai).
 
-python examples/openai_client.py                          # node on 127.0.0.1:8470, first model it lists
+    python examples/openai_client.py                          # node on 127.0.0.1:8470, first model it lists
     python examples/openai_client.py --base-url http://lab-gpu-1:8470/v1 --model MODEL
-ELDRIC_API_KEY=secret python examples/openai_client.py     # a node started with --api-key secret
+    ELDRIC_API_KEY=secret python examples/openai_client.py     # a node started with --api-key secret
 """
 
 from __future__ import annotations
