@@ -8,6 +8,9 @@ Because offsets are the remote file's, `GGUFFile(cache.path)` reads a cached sha
 local model file; only tensors listed in the manifest hold real bytes (the rest read as zeros). The manifest
 is the single source of truth: a tensor is listed only after its bytes matched the published sha256.
 Blocking methods (file I/O) are meant to be called through `trio.to_thread.run_sync`.
+
+`parse_header_cached` parses a GGUF header once per process (keyed by its sha256 and the file size): a
+vocabulary-heavy header costs 0.3-0.5 s to parse, and the fetcher, the cache and the loader all need it.
 """
 
 from __future__ import annotations
@@ -18,16 +21,57 @@ import json
 import mmap
 import os
 import re
-from collections.abc import Iterable
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from eldric_p2p.errors import GGUFFormatError, UsageError
 from eldric_p2p.gguf_index import GGUFIndex, TensorInfo, parse_gguf_untrusted
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._+-]{0,199}$")
 MANIFEST_VERSION = 1
+PARSED_HEADERS_KEPT = 2  # a parsed 150k-token vocabulary holds ~30 MB of Python objects
+
+_parsed: OrderedDict[tuple[str, int], GGUFIndex] = OrderedDict()
+_parsed_lock = threading.Lock()
+
+
+def parse_header_cached(
+    header: bytes | memoryview, *, file_size: int, digest: str | None = None
+) -> GGUFIndex:
+    """`parse_gguf_untrusted(header, file_size=...)`, parsed once per (header sha256, file size) per process.
+
+    The returned index is shared: treat it as read-only. `digest` is the header's sha256 hex when the caller
+    has it. Raises what `parse_gguf_untrusted` raises (GGUFFormatError, TruncatedHeader); failures are not
+    cached. Blocking (0.3-0.5 s on a miss for a vocabulary-heavy header).
+    """
+    key = (digest or hashlib.sha256(header).hexdigest(), file_size)
+    with _parsed_lock:
+        index = _parsed.get(key)
+        if index is not None:
+            _parsed.move_to_end(key)
+            return index
+    index = parse_gguf_untrusted(header, file_size=file_size)
+    with _parsed_lock:
+        _parsed[key] = index
+        while len(_parsed) > PARSED_HEADERS_KEPT:
+            _parsed.popitem(last=False)
+    return index
+
+
+def parsed_header(digest: str, file_size: int) -> GGUFIndex | None:
+    """The index `parse_header_cached` holds for a header with this sha256 hex and file size, or None."""
+    with _parsed_lock:
+        return _parsed.get((digest, file_size))
+
+
+def forget_parsed_headers() -> None:
+    """Empty the process-wide parsed-header cache (benchmarks measuring a cold start call this)."""
+    with _parsed_lock:
+        _parsed.clear()
 
 
 def check_model_id(model_id: str) -> str:
@@ -45,7 +89,6 @@ class ShardCache:
         self.path = self.dir / "model.gguf"
         self.manifest_path = self.dir / "manifest.json"
         self.manifest: dict[str, Any] = self._read_manifest()
-        self._index: tuple[str, GGUFIndex] | None = None  # (header sha256, parsed index): parsing costs ~0.3 s
 
     # --- manifest -------------------------------------------------------------------------------------
     def _read_manifest(self) -> dict[str, Any]:
@@ -53,7 +96,11 @@ class ShardCache:
             m = json.loads(self.manifest_path.read_text())
         except (OSError, ValueError):
             return {}
-        if not isinstance(m, dict) or m.get("version") != MANIFEST_VERSION or not isinstance(m.get("tensors"), dict):
+        if (
+            not isinstance(m, dict)
+            or m.get("version") != MANIFEST_VERSION
+            or not isinstance(m.get("tensors"), dict)
+        ):
             return {}
         return m
 
@@ -93,9 +140,7 @@ class ShardCache:
             digest = hashlib.sha256(prefix).hexdigest()
             if digest != m.get("header_sha256"):
                 return None
-            if self._index is None or self._index[0] != digest:
-                self._index = (digest, parse_gguf_untrusted(prefix, file_size=size))
-            return self._index[1]
+            return parse_header_cached(prefix, file_size=size, digest=digest)
         except (OSError, GGUFFormatError):
             return None
 

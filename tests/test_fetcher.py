@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import random
 import socket
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,7 @@ from eldric_p2p.errors import IntegrityError, ModelNotFound, PeerUnavailable, Re
 from eldric_p2p.fetcher import fetch_assignment, plan_chunks
 from eldric_p2p.gguf_index import GGUFFile, read_index
 from eldric_p2p.http_server import EXCEPTION_HANDLERS, serve_app
-from eldric_p2p.shardcache import ShardCache
+from eldric_p2p.shardcache import ShardCache, forget_parsed_headers
 from eldric_p2p.synthetic import write_synthetic_gguf
 
 
@@ -363,3 +366,126 @@ def test_reference_model_three_way_split(which: str, request, tmp_path: Path) ->
             assert r.bytes_fetched <= sum(layer_bytes[a:b]) + ends + ix.data_offset + (1 << 20)
 
     run_with_peers([make_app(src, data_dir=tmp_path / "data")], go)
+
+
+class CountingStreams:
+    """`connect=` for fetch_assignment: TCP wrapped in a plain trio Stream (so the generic receive path runs,
+    not `recv_into` on the socket); counts the connections opened."""
+
+    def __init__(self) -> None:
+        self.opened = 0
+
+    async def __call__(self, host: str, port: int, tls: bool) -> trio.abc.Stream:
+        self.opened += 1
+        inner = await trio.open_tcp_stream(host, port)
+
+        class Wrapped(trio.abc.Stream):
+            async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+                await inner.send_all(data)
+
+            async def wait_send_all_might_not_block(self) -> None:
+                await inner.wait_send_all_might_not_block()
+
+            async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+                return await inner.receive_some(max_bytes)
+
+            async def aclose(self) -> None:
+                await inner.aclose()
+
+        return Wrapped()
+
+
+def test_any_byte_stream_and_connections_are_reused(tmp_path: Path) -> None:
+    src = write_synthetic_gguf(tmp_path / "m.gguf", arch="qwen2", output_first=True, hidden=256, ffn=512)
+    app = Faulty(make_app(src))
+    streams = CountingStreams()
+
+    async def go(peers: list[str]) -> None:
+        r = await fetch_assignment(peers, "m", 0, 4, cache_root=tmp_path / "c", connect=streams,
+                                   chunk_size=16 << 10, max_in_flight=2)  # fmt: skip
+        assert_same_tensors(r.path, src, r.tensors)
+
+    run_with_peers([app], go)
+    assert app.blob_requests > 10
+    assert streams.opened <= 3  # keep-alive: the table, the header and every chunk over at most 3 connections
+
+
+def test_table_disagreeing_with_header_is_refused(tmp_path: Path) -> None:
+    """The transfer is planned from the peer's tensor table while the header parses; a table that does not
+    match the header it serves is a protocol error and nothing is recorded as verified."""
+    src = write_synthetic_gguf(tmp_path / "m.gguf", arch="llama")
+    inner = make_app(src)
+
+    async def lying_table(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope["path"].endswith("/tensors"):
+            return await inner(scope, receive, send)
+        body = bytearray()
+
+        async def capture(message: dict) -> None:
+            if message["type"] == "http.response.body":
+                body.extend(message.get("body", b""))
+                if not message.get("more_body"):
+                    doc = json.loads(body)
+                    doc["n_layers"] += 1  # claims a layer the header does not have
+                    data = json.dumps(doc).encode()
+                    await send({"type": "http.response.start", "status": 200,
+                                "headers": [(b"content-type", b"application/json"),
+                                            (b"content-length", str(len(data)).encode())]})  # fmt: skip
+                    await send({"type": "http.response.body", "body": data})
+
+        await inner(scope, receive, capture)
+
+    async def go(peers: list[str]) -> None:
+        forget_parsed_headers()  # parse alongside the transfer, not from this process's cache
+        with pytest.raises(RemoteProtocolError, match="disagrees"):
+            await fetch_assignment(peers, "m", 0, 2, cache_root=tmp_path / "c")
+
+    run_with_peers([lying_table], go)
+    assert ShardCache(tmp_path / "c", "m").verified == {}
+
+
+def test_header_parsed_once_per_process(tmp_path: Path, monkeypatch) -> None:
+    import eldric_p2p.shardcache as shardcache
+
+    src = write_synthetic_gguf(tmp_path / "m.gguf", arch="gemma3", tied_embeddings=True)
+    calls = []
+    real = shardcache.parse_gguf_untrusted
+    monkeypatch.setattr(shardcache, "parse_gguf_untrusted", lambda *a, **k: calls.append(1) or real(*a, **k))
+    forget_parsed_headers()
+
+    async def go(peers: list[str]) -> None:
+        for w, (a, b) in enumerate([(0, 2), (2, 4), (1, 3)]):
+            r = await fetch_assignment(peers, "m", a, b, cache_root=tmp_path / f"w{w}")
+            assert_same_tensors(r.path, src, r.tensors)
+            assert r.index.n_layers == 4 and r.index.architecture == "gemma3"  # the parsed header, not the table
+        assert ShardCache(tmp_path / "w0", "m").covers(0, 2)  # the cache's own index comes from the same parse
+
+    run_with_peers([make_app(src)], go)
+    assert len(calls) == 1
+
+
+def test_tensors_hashed_in_order_whatever_order_bytes_land(tmp_path: Path) -> None:
+    """The shard writer hashes each tensor front to back while pieces arrive out of order from threads."""
+    src = write_synthetic_gguf(tmp_path / "m.gguf", arch="llama", hidden=256, ffn=512)
+    ix = read_index(src)
+    data = src.read_bytes()
+    dst = tmp_path / "copy.gguf"
+    dst.write_bytes(bytes(len(data)))
+    tensors = ix.assignment_tensors(0, 4)
+    first, last = min(t.offset for t in tensors), max(t.end for t in tensors)
+    cuts = sorted({first, last, *random.Random(7).sample(range(first, last), 200)})
+    pieces = list(zip(cuts[:-1], cuts[1:], strict=True))
+    random.Random(8).shuffle(pieces)
+    writer = fetcher._ShardWriter(dst, tensors)
+
+    def write_some(part: list[tuple[int, int]]) -> None:
+        for a, b in part:
+            writer.write(a, memoryview(data)[a:b])
+
+    threads = [threading.Thread(target=write_some, args=(pieces[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    writer.close()
+    assert writer.digests() == {t.name: hashlib.sha256(data[t.offset : t.end]).hexdigest() for t in tensors}
