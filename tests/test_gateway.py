@@ -459,3 +459,67 @@ def test_local_backend_context_and_disconnect(local: tuple[str, LocalBackend, Lo
     assert not backend.active
     assert all(not stage.sessions for stage in backend.model.stages)  # KV caches freed
     assert client(url).chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2).choices
+
+
+# ---- a node that hosts no stage routes /v1 to the pipeline -------------------------------------------------
+
+
+def test_node_without_a_stage_routes_v1_to_the_pipeline(tmp_path: Path, one_thread: None) -> None:
+    from eldric_p2p.node import Node, NodeConfig
+
+    class GatewayNode(Node):
+        """A node with the gateway mounted (as node.py will mount it)."""
+
+        def routes(self) -> list[Any]:
+            return super().routes() + gateway_routes(Router([self.backends]))
+
+    models = tmp_path / "models"
+    models.mkdir()
+    write_synthetic_gguf(models / "tiny.gguf", arch="qwen2", n_layers=6, hidden=64, ffn=128, seed=3)
+    ref = LocalModel(models / "tiny.gguf", max_ctx=256)
+    ids = prompt_token_ids(ref.tokenizer, ref.metadata, MESSAGES, raw=False)
+    expected = ref.generate(ids, SamplingParams.greedy(max_tokens=16))
+
+    async def start(nursery: trio.Nursery, cfg: NodeConfig) -> Node:
+        node = GatewayNode(cfg)
+        await nursery.start(node.run)
+        return node
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            fast = {"listen_port": 0, "mdns": False, "peer_interval": 0.2}
+            cfg = NodeConfig(name="entry", data_dir=tmp_path / "e", models=[models], worker=False, **fast)
+            entry = await start(nursery, cfg)
+            peer = [("127.0.0.1", entry.port)]
+            for i in range(3):
+                await start(
+                    nursery, NodeConfig(name=f"w{i}", data_dir=tmp_path / f"w{i}", peers=peer, **fast)
+                )
+            async with httpx.AsyncClient(base_url=entry.url, timeout=60) as http:
+                with trio.fail_after(30):
+                    while len((await http.get("/api/v1/peers")).json()["peers"]) < 3:  # noqa: ASYNC110
+                        await trio.sleep(0.1)
+                body = {"model": "tiny", "workers": ["w0", "w1", "w2"], "max_ctx": 256}
+                r = await http.post("/api/v1/pipeline/deploy", json=body)
+                assert r.status_code == 200, r.text
+                with trio.fail_after(30):  # the entry learns where the head is from its peers
+                    while not (await http.get("/v1/models")).json()["data"]:  # noqa: ASYNC110
+                        await trio.sleep(0.1)
+                assert entry.worker is None  # this node runs no stage at all
+                chat = {"model": "tiny", "messages": MESSAGES, "max_tokens": 16, "temperature": 0}
+                r = await http.post("/v1/chat/completions", json=chat)
+                assert r.status_code == 200, r.text
+                out = r.json()
+                assert out["choices"][0]["message"]["content"] == expected.text
+                assert out["usage"]["completion_tokens"] == len(expected.token_ids)
+                assert out["usage"]["prompt_tokens"] == len(ids)
+                async with http.stream("POST", "/v1/chat/completions", json={**chat, "stream": True}) as s:
+                    lines = [ln[6:] async for ln in s.aiter_lines() if ln.startswith("data: ")]
+                assert lines[-1] == "[DONE]"
+                text = "".join(
+                    json.loads(ln)["choices"][0]["delta"].get("content") or "" for ln in lines[:-1]
+                )
+                assert text == expected.text
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
