@@ -273,6 +273,9 @@ class Downstream:
         except PeerUnavailable:
             self.broken = True
             raise
+        except trio.ClosedResourceError as exc:  # closed by the reader task when the peer went away
+            self.broken = True
+            raise PeerUnavailable("link to the next hop is closed") from exc
 
 
 class Shard:
@@ -646,7 +649,7 @@ class Worker:
                     await back.send(error_frame(0, f"worker {self.name}", f"bad frame: {exc}"))
                 except (PeerUnavailable, trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
-        except PeerUnavailable as exc:
+        except (PeerUnavailable, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("link from %s broke: %s", link.peer_id, exc)
         finally:
             orphans = [s for s in self._stage_sessions.values() if s.link is link]
