@@ -553,7 +553,7 @@ class _Generation:
                       "finish_reason": final.finish_reason}  # fmt: skip
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": final.finish_reason}
-        body = {
+        body: dict[str, Any] = {
             "id": self.id,
             "object": "chat.completion" if self.chat else "text_completion",
             "created": self.created,
@@ -579,7 +579,7 @@ class _Generation:
             choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish_reason}
-        chunk = {
+        chunk: dict[str, Any] = {
             "id": self.id,
             "object": "chat.completion.chunk" if self.chat else "text_completion",
             "created": self.created,
