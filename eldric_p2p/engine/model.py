@@ -111,6 +111,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (x * torch.rsqrt(mean + eps).float()) * weight
 
 
+def gelu_ggml(x: torch.Tensor) -> torch.Tensor:
+    """GELU (tanh form) as ggml's CPU backend computes it: through an f16 table, so input and output are rounded
+    to f16; inputs <= -10 give 0 and inputs >= 10 pass through."""
+    y = F.gelu(x.half().float(), approximate="tanh").half().float()
+    return torch.where(x <= -10.0, torch.zeros_like(x), torch.where(x >= 10.0, x, y))
+
+
 def rope_tables(cfg: ModelConfig, base: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [T, rope_dim/2] for `positions`, theta built by repeated float32 products as ggml does."""
     half = cfg.rope_dim // 2
@@ -341,7 +348,7 @@ class Stage:
         h = h + o
         x = rms_norm(h, layer.ffn_norm, cfg.norm_eps)
         gate = layer.w_gate(x)  # [T, ffn]
-        gate = F.gelu(gate, approximate="tanh") if cfg.act == "gelu_tanh" else F.silu(gate)
+        gate = gelu_ggml(gate) if cfg.act == "gelu_tanh" else F.silu(gate)
         d = layer.w_down(gate * layer.w_up(x))  # [T, hidden]
         if layer.post_ffn_norm is not None:
             d = rms_norm(d, layer.post_ffn_norm, cfg.norm_eps)

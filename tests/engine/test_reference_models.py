@@ -61,9 +61,10 @@ def teacher_forced_argmax(stage: Stage, ids: list[int]) -> list[int]:
 
 # llama.cpp is not bit-reproducible across its own code paths: evaluating the fixture sequences in one batch
 # instead of token by token moves its logits by up to 0.31 (mean 0.035) and flips 2 of 674 argmaxes (Qwen,
-# 2 threads; measured with llama-cpp-python 0.3.36). A greedy continuation can therefore only be required to
+# 2 threads; Gemma: up to 1.19, mean 0.13, 10 of 600 flipped; measured with llama-cpp-python 0.3.36). A greedy continuation can therefore only be required to
 # follow llama.cpp's until a step where llama.cpp's own top two logits are closer than that noise.
 LLAMA_CPP_NOISE = 0.35
+MIN_AGREEMENT = {"qwen": 0.99, "gemma": 0.97}
 
 
 @pytest.mark.slow
@@ -103,7 +104,10 @@ def test_teacher_forced_argmax_agrees_with_llama_cpp(name, request):
         agree += sum(a == b for a, b in zip(ours[:k], theirs[:k]))
         total += k
     assert total >= 500
-    assert agree / total >= 0.99, f"argmax agreement {agree}/{total} = {agree / total:.4f}"
+    print(f"{name}: teacher-forced argmax agrees with llama.cpp at {agree}/{total} = {agree / total:.4f}")
+    # llama.cpp agrees with itself (one batch vs token by token) at 672/674 on Qwen and only 590/600 = 0.983
+    # on Gemma 3 270M, whose logits are large and sensitive; we hold Qwen to the 0.99 bar and Gemma to 0.97.
+    assert agree / total >= MIN_AGREEMENT[name], f"argmax agreement {agree}/{total} = {agree / total:.4f}"
 
 
 @pytest.mark.slow
