@@ -63,7 +63,7 @@ def teacher_forced_argmax(stage: Stage, ids: list[int]) -> list[int]:
 # instead of token by token moves its logits by up to 0.31 (mean 0.035) and flips 2 of 674 argmaxes (Qwen,
 # 2 threads; Gemma: up to 1.19, mean 0.13, 10 of 600 flipped; measured with llama-cpp-python 0.3.36). A greedy continuation can therefore only be required to
 # follow llama.cpp's until a step where llama.cpp's own top two logits are closer than that noise.
-LLAMA_CPP_NOISE = 0.35
+LLAMA_CPP_NOISE = {"qwen": 0.35, "gemma": 1.2}
 MIN_AGREEMENT = {"qwen": 0.99, "gemma": 0.97}
 
 
@@ -83,7 +83,7 @@ def test_greedy_continuations_equal_llama_cpp(name, request):
         first = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
         top = p["top_logits"][len(p["prompt_ids"]) - 1 + first]
         gap = top[0] - top[1]
-        (near_tie_splits if gap < LLAMA_CPP_NOISE else real_splits).append((str(p["prompt"])[:40], first, round(gap, 3)))
+        (near_tie_splits if gap < LLAMA_CPP_NOISE[name] else real_splits).append((str(p["prompt"])[:40], first, round(gap, 3)))
     print(f"{name}: {exact}/{len(fx['prompts'])} greedy continuations identical for {n} tokens; "
           f"near-tie divergences (prompt, step, llama.cpp top-2 gap): {near_tie_splits}")
     assert not real_splits, f"greedy leaves llama.cpp where it is not a near-tie: {real_splits}"
