@@ -187,9 +187,15 @@ class PeerDirectory:
         if client is None:
             client = httpx.AsyncClient()
         try:
-            async with trio.open_nursery() as nursery:
-                for url in list(self._addresses):
-                    nursery.start_soon(self._poll, client, url)
+            polled: set[str] = set()
+            for _round in range(3):  # addresses learned from a peer's list are polled in the same refresh
+                todo = [u for u in self._addresses if u not in polled]
+                if not todo:
+                    break
+                polled.update(todo)
+                async with trio.open_nursery() as nursery:
+                    for url in todo:
+                        nursery.start_soon(self._poll, client, url)
         finally:
             if own:
                 await client.aclose()

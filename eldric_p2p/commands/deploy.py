@@ -1,0 +1,94 @@
+"""`eldric-p2p deploy MODEL`: ask a node to plan and deploy a model over the workers it knows."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from eldric_p2p.node import DEFAULT_PORT
+
+DEFAULT_NODE = os.environ.get("ELDRIC_P2P_NODE", f"http://127.0.0.1:{DEFAULT_PORT}")
+
+
+def add_node_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--node", default=DEFAULT_NODE, help=f"HTTP address of any node (default {DEFAULT_NODE})")
+
+
+def node_base(url: str) -> str:
+    return (url if "://" in url else f"http://{url}").rstrip("/")
+
+
+def raise_for_error(resp: Any, what: str) -> dict[str, Any]:
+    """The JSON body of a 2xx answer; raises the matching EldricError for an error answer."""
+    from eldric_p2p.errors import PeerUnavailable
+    from eldric_p2p.pipeline import exception_of
+
+    try:
+        body = resp.json()
+    except ValueError:
+        raise PeerUnavailable(f"{what}: HTTP {resp.status_code} without JSON") from None
+    if resp.status_code >= 400:
+        raise exception_of(body)
+    return body
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("deploy", help="deploy a model across the federation's workers")
+    p.add_argument("model", help="model id as a data peer serves it (file stem), or a reference model name")
+    p.add_argument("--workers", default=None, help="comma-separated worker names (in order: first = head)")
+    add_node_arg(p)
+    p.add_argument(
+        "--data-peer",
+        action="append",
+        default=None,
+        metavar="URL",
+        help="data peer (default: any that serves it)",
+    )
+    p.add_argument("--strategy", default="proportional", choices=["proportional", "fewest-hops"])
+    p.add_argument("--weights", default="auto", help="auto | native | f32 | bf16 | f16")
+    p.add_argument("--ctx", type=int, default=4096, help="context tokens per session (default 4096)")
+    p.add_argument(
+        "--sessions", type=int, default=4, help="concurrent sessions to reserve KV memory for (default 4)"
+    )
+    p.add_argument("--timeout", type=float, default=900, help="seconds to wait for every shard to be ready")
+    p.add_argument("--json", action="store_true", help="print the deployment as JSON")
+
+
+def print_plan(dep: dict[str, Any], out: Any = sys.stdout) -> None:
+    from eldric_p2p.units import format_size
+
+    print(f"{dep['id']}: {dep['model']} {dep['state']} ({dep['n_layers']} layers, {len(dep['stages'])} stages; "
+          f"{dep.get('note', '')})", file=out)  # fmt: skip
+    for s in dep["stages"]:
+        hb = s.get("last_heartbeat_s")
+        print(f"  stage {s['index']} {s['role']:<6} {s['worker']:<12} layers {s['start']:>3}-{s['end'] - 1:<3} "
+              f"({s['layers']:>2})  {format_size(s['memory']):>10}  {s['state']:<8} fetched "
+              f"{format_size(s['bytes_fetched'])}" + (f"  heartbeat {hb:.1f}s ago" if hb is not None else ""),
+              file=out)  # fmt: skip
+
+
+def main(args: argparse.Namespace) -> int:
+    import httpx
+
+    from eldric_p2p.errors import PeerUnavailable
+
+    body: dict[str, Any] = {"model": args.model, "strategy": args.strategy, "weights": args.weights,
+                            "max_ctx": args.ctx, "sessions": args.sessions}  # fmt: skip
+    if args.workers:
+        body["workers"] = [w.strip() for w in args.workers.split(",") if w.strip()]
+    if args.data_peer:
+        body["data_peers"] = [node_base(u) for u in args.data_peer]
+    base = node_base(args.node)
+    try:
+        resp = httpx.post(f"{base}/api/v1/pipeline/deploy", json=body, timeout=args.timeout + 30)
+    except httpx.HTTPError as exc:
+        raise PeerUnavailable(f"{base}: {exc}") from exc
+    dep = raise_for_error(resp, base)
+    if args.json:
+        print(json.dumps(dep, indent=2))
+    else:
+        print_plan(dep)
+    return 0

@@ -1,0 +1,170 @@
+"""Real `eldric-p2p node` processes on loopback: a data peer and several workers, driven by the CLI.
+
+Slow (each test loads a reference model in several processes): `pytest -m slow tests/test_multiprocess.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from eldric_p2p.gguf_index import read_index
+
+pytestmark = [pytest.mark.slow, pytest.mark.models]
+
+CLI = [sys.executable, "-m", "eldric_p2p"]
+MiB = 1 << 20
+
+
+class Proc:
+    def __init__(self, name: str, argv: list[str], log: Path) -> None:
+        self.name = name
+        self.log = log
+        self.f = open(log, "w")  # noqa: SIM115 - closed in stop()
+        self.p = subprocess.Popen(
+            argv, stdout=self.f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+        self.url = ""
+
+    def wait_url(self, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(r"serving on (http://\S+)", self.log.read_text())
+            if m:
+                self.url = m.group(1)
+                return self.url
+            if self.p.poll() is not None:
+                raise AssertionError(f"{self.name} exited: {self.log.read_text()[-2000:]}")
+            time.sleep(0.1)
+        raise AssertionError(f"{self.name} did not start: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGINT)
+            try:
+                self.p.wait(10)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        self.f.close()
+
+
+@contextmanager
+def swarm(tmp: Path, model: Path, memories: dict[str, str]) -> Iterator[dict[str, Proc]]:
+    """A data peer serving `model` (no worker) and one worker per `memories` entry, bootstrapped from it."""
+    procs: dict[str, Proc] = {}
+    try:
+        data = Proc("data", [*CLI, "node", "--name", "data", "--data-dir", str(tmp / "data"), "--listen",
+                             "127.0.0.1:0", "--models", str(model), "--no-worker", "--no-mdns"], tmp / "data.log")  # fmt: skip
+        procs["data"] = data
+        host_port = data.wait_url().removeprefix("http://")
+        for name, mem in memories.items():
+            procs[name] = Proc(name, [*CLI, "node", "--name", name, "--data-dir", str(tmp / name), "--listen",
+                                      "127.0.0.1:0", "--memory", mem, "--peer", host_port, "--no-mdns",
+                                      "--device", "cpu"], tmp / f"{name}.log")  # fmt: skip
+        for name in memories:
+            procs[name].wait_url()
+        yield procs
+    finally:
+        for p in procs.values():
+            p.stop()
+
+
+def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def cli_json(*args: str, timeout: float = 600) -> Any:
+    r = cli(*args, "--json", timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)
+
+
+def check_fetched_only_own_layers(model: Path, dep: dict[str, Any]) -> list[tuple[str, int, int]]:
+    """Each worker fetched its tensors' bytes plus the header and the table, not the file."""
+    index = read_index(model)
+    assert index.file_size is not None
+    report = []
+    for s in dep["stages"]:
+        own = sum(t.nbytes for t in index.assignment_tensors(s["start"], s["end"]))
+        overhead = index.data_offset + 2 * MiB  # header, tensor table JSON, alignment padding
+        assert own <= s["bytes_fetched"] <= own + overhead, (s, own)
+        report.append((s["worker"], s["bytes_fetched"], own))
+    return report
+
+
+def test_qwen_three_workers_3_2_3_split_and_chat_equals_run(tmp_path: Path, qwen_path: Path) -> None:
+    prompt = "Write a Python function that adds two numbers."
+    ref = cli_json("run", str(qwen_path), prompt, "--max-tokens", "40", "--ctx", "1024")
+    with swarm(tmp_path, qwen_path, {"w1": "480MiB", "w2": "320MiB", "w3": "480MiB"}) as procs:
+        model_id = qwen_path.stem
+        dep = cli_json(
+            "deploy", model_id, "--workers", "w1,w2,w3", "--node", procs["data"].url, "--ctx", "1024"
+        )
+        assert [(s["worker"], s["start"], s["end"]) for s in dep["stages"]] == [
+            ("w1", 0, 9), ("w2", 9, 15), ("w3", 15, 24)]  # fmt: skip
+        report = check_fetched_only_own_layers(qwen_path, dep)
+        print("bytes fetched per worker (fetched, own tensors):", report)
+        # through the data peer's node (no worker there: it routes to the head over HTTP) and the head's own
+        for node in (procs["data"].url, procs["w1"].url):
+            out = cli_json("chat", model_id, prompt, "--node", node, "--max-tokens", "40")
+            assert out["token_ids"] == ref["token_ids"] and out["text"] == ref["text"]
+            assert out["prompt_token_ids"] == ref["prompt_token_ids"]
+            assert out["decode_tokens_per_s"] > 0
+        st = cli_json("status", "--node", procs["data"].url)
+        assert st["node"]["name"] == "data" and {p["name"] for p in st["peers"]} == {"w1", "w2", "w3"}
+        (pipe,) = st["pipelines"]
+        assert pipe["state"] == "ready" and [s["layers"] for s in pipe["stages"]] == [9, 6, 9]
+
+
+def test_gemma_two_workers_and_a_deploy_that_does_not_fit(tmp_path: Path, gemma_path: Path) -> None:
+    prompt = "The capital of France is"
+    ref = cli_json("run", str(gemma_path), prompt, "--raw", "--max-tokens", "30", "--ctx", "512")
+    with swarm(tmp_path, gemma_path, {"g1": "600MiB", "g2": "600MiB", "tiny": "64MiB"}) as procs:
+        model_id = gemma_path.stem
+        r = cli("deploy", model_id, "--workers", "g1,tiny", "--node", procs["g1"].url, "--ctx", "512")
+        assert r.returncode == 1
+        assert "does not fit" in r.stderr and "MiB free in total" in r.stderr and "tiny layers" in r.stderr, (
+            r.stderr
+        )
+        dep = cli_json("deploy", model_id, "--workers", "g1,g2", "--node", procs["g1"].url, "--ctx", "512")
+        assert [(s["worker"], s["start"], s["end"]) for s in dep["stages"]] == [("g1", 0, 9), ("g2", 9, 18)]
+        print("bytes fetched per worker:", check_fetched_only_own_layers(gemma_path, dep))
+        out = cli_json("chat", model_id, prompt, "--raw", "--node", procs["tiny"].url, "--max-tokens", "30")
+        assert out["token_ids"] == ref["token_ids"] and out["text"] == ref["text"]
+
+
+def test_killing_a_middle_worker_mid_generation(tmp_path: Path, qwen_path: Path) -> None:
+    with swarm(tmp_path, qwen_path, {"w1": "480MiB", "w2": "320MiB", "w3": "480MiB"}) as procs:
+        model_id = qwen_path.stem
+        cli_json("deploy", model_id, "--workers", "w1,w2,w3", "--node", procs["data"].url, "--ctx", "1024")
+        chat = subprocess.Popen([*CLI, "chat", model_id, "Count from 1 to 500, one number per line.", "--node",
+                                 procs["data"].url, "--max-tokens", "900"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        assert chat.stdout is not None
+        chat.stdout.read(20)  # it is generating
+        procs["w2"].p.kill()
+        t_kill = time.monotonic()
+        _out, err = chat.communicate(timeout=30)
+        took = time.monotonic() - t_kill
+        assert chat.returncode == 1 and "stage 1 (layers 9-14) on w2" in err, err
+        assert took < 5, took
+        for name in ("data", "w1", "w3"):
+            assert procs[name].p.poll() is None, f"{name} died"
+        # the next deploy, on the workers that are left, serves the same answer as one process
+        dep = cli_json("deploy", model_id, "--workers", "w1,w3", "--node", procs["data"].url, "--ctx", "1024")
+        assert [s["worker"] for s in dep["stages"]] == ["w1", "w3"]
+        ref = cli_json("run", str(qwen_path), "Say hello.", "--max-tokens", "16", "--ctx", "1024")
+        out = cli_json("chat", model_id, "Say hello.", "--node", procs["w3"].url, "--max-tokens", "16")
+        assert out["token_ids"] == ref["token_ids"]
