@@ -63,7 +63,7 @@ def run_llama_cpp(path: str, threads: int, n_gen: int) -> dict:
 def run_eldric(path: str, threads: int, n_gen: int, weights: str) -> dict:
     cmd = [
         sys.executable, "-m", "eldric_p2p", "run", path, PROMPT, "--raw", "--json",
-        "--max-tokens", str(n_gen), "--threads", str(threads), "--weights", weights, "--ctx", "1024",
+        "--max-tokens", str(n_gen), "--ignore-eos", "--threads", str(threads), "--weights", weights, "--ctx", "1024",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])

@@ -49,6 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--ctx", type=int, default=4096, help="context size in tokens (default 4096)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence (benchmarks)")
     p.add_argument("--splits", default="", help="split into stages at these layers, e.g. 8,16 (tests split invariance)")
 
 
@@ -72,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    result = model.generate(ids, params, on_text=None if args.json else show)
+    result = model.generate(ids, params, on_text=None if args.json else show, ignore_eos=args.ignore_eos)
     if args.json:
         out = result.as_json()
         out.update(load_s=round(load_s, 3), weights=model.stages[0].fmt, device=args.device, threads=torch.get_num_threads())

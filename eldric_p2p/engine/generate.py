@@ -25,11 +25,14 @@ from eldric_p2p.gguf_index import GGUFFile
 class TextStream:
     """Stop handling and incremental text for one generation."""
 
-    def __init__(self, tokenizer: Tokenizer, *, max_tokens: int, stop: Sequence[str] = ()) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, *, max_tokens: int, stop: Sequence[str] = (), ignore_eos: bool = False
+    ) -> None:
         self.tokenizer = tokenizer
         self.decoder = tokenizer.stream_decoder(special=False)
         self.max_tokens = max_tokens
         self.stop = [s for s in stop if s]
+        self.ignore_eos = ignore_eos  # benchmarks: generate exactly max_tokens
         self.token_ids: list[int] = []
         self.text = ""  # text released so far
         self._pending = ""  # decoded text held back while it could still be the start of a stop string
@@ -39,7 +42,7 @@ class TextStream:
         """Account for one sampled token; return the text that can be shown now."""
         if self.finish_reason is not None:
             return ""
-        if self.tokenizer.is_stop(token_id):
+        if self.tokenizer.is_stop(token_id) and not self.ignore_eos:
             self.finish_reason = "stop"
             return self._release(self._pending + self.decoder.flush(), final=True)
         self.token_ids.append(token_id)
@@ -149,6 +152,8 @@ class LocalModel:
         prompt_ids: list[int],
         params: SamplingParams,
         on_text: Callable[[str], None] | None = None,
+        *,
+        ignore_eos: bool = False,
     ) -> GenerationResult:
         if not prompt_ids:
             raise InvalidInput("empty prompt")
@@ -162,7 +167,7 @@ class LocalModel:
         for stage in self.stages:
             stage.open_session(sid)
         sampler = Sampler(params)
-        stream = TextStream(self.tokenizer, max_tokens=params.max_tokens, stop=params.stop)
+        stream = TextStream(self.tokenizer, max_tokens=params.max_tokens, stop=params.stop, ignore_eos=ignore_eos)
         history = list(prompt_ids)
         steps = 0
         try:
