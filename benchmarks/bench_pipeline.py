@@ -33,9 +33,24 @@ CLI = [sys.executable, "-m", "eldric_p2p"]
 
 def start(name: str, tmp: Path, args: list[str]) -> tuple[subprocess.Popen[bytes], str]:
     log = tmp / f"{name}.log"
-    argv = [*CLI, "node", "--name", name, "--data-dir", str(tmp / name), "--listen", "127.0.0.1:0", "--no-mdns", *args]
-    p = subprocess.Popen(argv, stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
-                         env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    argv = [
+        *CLI,
+        "node",
+        "--name",
+        name,
+        "--data-dir",
+        str(tmp / name),
+        "--listen",
+        "127.0.0.1:0",
+        "--no-mdns",
+        *args,
+    ]
+    p = subprocess.Popen(
+        argv,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,  # noqa: SIM115
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         m = re.search(r"serving on (http://\S+)", log.read_text())
@@ -48,8 +63,13 @@ def start(name: str, tmp: Path, args: list[str]) -> tuple[subprocess.Popen[bytes
 
 
 def generate(url: str, model: str, prompt: str, tokens: int) -> dict[str, Any]:
-    body = {"model": model, "prompt": prompt, "raw": True, "local": True,
-            "params": {"temperature": 0.0, "max_tokens": tokens}}  # fmt: skip
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "raw": True,
+        "local": True,
+        "params": {"temperature": 0.0, "max_tokens": tokens},
+    }
     last: dict[str, Any] = {}
     ids: list[int] = []
     with httpx.stream("POST", f"{url}/api/v1/pipeline/generate", json=body, timeout=600) as resp:
@@ -83,11 +103,19 @@ def main() -> None:
                 p, urls[name] = start(name, tmp, peer)
                 procs.append(p)
             for workers in (["solo"], ["w1", "w2", "w3"]):
-                r = httpx.post(f"{data}/api/v1/pipeline/deploy", timeout=900,
-                               json={"model": model, "workers": workers, "max_ctx": 1024})  # fmt: skip
+                r = httpx.post(
+                    f"{data}/api/v1/pipeline/deploy",
+                    timeout=900,
+                    json={"model": model, "workers": workers, "max_ctx": 1024},
+                )
                 if r.status_code != 200:
                     raise SystemExit(f"deploy failed: {r.text}")
-                print("deployed:", ", ".join(f"{s['worker']} layers {s['start']}-{s['end'] - 1}" for s in r.json()["stages"]))
+                print(
+                    "deployed:",
+                    ", ".join(
+                        f"{s['worker']} layers {s['start']}-{s['end'] - 1}" for s in r.json()["stages"]
+                    ),
+                )
             heads = {"1 stage": urls["solo"], "3 stages": urls["w1"]}
             for url in heads.values():
                 generate(url, model, args.prompt, 8)  # warm up: first forward, links opened
@@ -107,11 +135,15 @@ def main() -> None:
     same = runs["1 stage"][0]["token_ids"] == runs["3 stages"][0]["token_ids"]
     print(f"model {model}, {args.tokens} tokens greedy, {args.rounds} rounds, median decode tokens/s:")
     for k, v in tps.items():
-        print(f"  {k:<9} {v:7.2f} tokens/s  ({1000 / v:6.2f} ms/token)   runs: "
-              + ", ".join(f"{r['decode_tokens_per_s']:.2f}" for r in runs[k]))  # fmt: skip
+        print(
+            f"  {k:<9} {v:7.2f} tokens/s  ({1000 / v:6.2f} ms/token)   runs: "
+            + ", ".join(f"{r['decode_tokens_per_s']:.2f}" for r in runs[k])
+        )
     ratio = tps["3 stages"] / tps["1 stage"]
     hop_ms = (1000 / tps["3 stages"] - 1000 / tps["1 stage"]) / 3
-    print(f"  ratio 3 stages / 1 stage: {ratio:.3f}   per-hop overhead: {hop_ms:.2f} ms   same tokens: {same}")
+    print(
+        f"  ratio 3 stages / 1 stage: {ratio:.3f}   per-hop overhead: {hop_ms:.2f} ms   same tokens: {same}"
+    )
 
 
 if __name__ == "__main__":

@@ -2,14 +2,15 @@
 
     POST /api/v1/pipeline/deploy     {model, data_peer?, workers?, strategy?, weights?, max_ctx?, sessions?}
                                      -> 200 the deployment (plan + shard states) once every shard is ready;
-                                        409 {"error", "needed", "free", "workers", "best"} when it does not fit
+                                        409 {"error", "needed", "free", "workers", "best"}: does not fit
     GET  /api/v1/pipeline/status     every deployment: each shard's state, layers, memory, last heartbeat
     GET  /api/v1/pipeline/models     deployed models and where their heads are
     POST /api/v1/pipeline/undeploy   {deployment_id | model}
     POST /api/v1/pipeline/rebalance  {deployment_id | model}: plan again over the live workers and redeploy
     GET  /api/v1/peers               the peer table
 
-Planning (`plan_layers`, pure): the memory of a stage [a, b) is `estimate_stage_bytes` (weights in the worker's
+Planning (`plan_layers`, pure): the memory of a stage [a, b) is `estimate_stage_bytes` (weights in the
+worker's
 format, the embedding on the head, the output matrix on the tail, KV caches for `sessions` x `max_ctx`).
 "proportional" gives each worker a contiguous range whose layer count is proportional to its free memory; when
 that range would not fit (the head and tail carry the embedding and the output matrix), it falls back to the
@@ -69,8 +70,17 @@ class WorkerView:
         """Raises PeerUnavailable for a malformed status."""
         try:
             host, _port = split_url(url)
-            return cls(str(st["name"])[:64], str(st["peer_id"]), url, host, int(st["link_port"]), str(st["device"]),
-                       str(st["weights"]), int(st["offered"]), int(st["free"]))  # fmt: skip
+            return cls(
+                str(st["name"])[:64],
+                str(st["peer_id"]),
+                url,
+                host,
+                int(st["link_port"]),
+                str(st["device"]),
+                str(st["weights"]),
+                int(st["offered"]),
+                int(st["free"]),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise PeerUnavailable(f"{url}: malformed worker status ({exc})") from exc
 
@@ -140,7 +150,7 @@ def plan_layers(
     max_ctx: int = 4096,
     sessions: int = 4,
 ) -> tuple[list[StagePlan], str]:
-    """Contiguous layer ranges over `workers` (in order: the first is the head). Returns (plan, how it was made).
+    """Contiguous layer ranges over `workers` (in order: the first is the head). Returns (plan, note).
 
     Raises PlanDoesNotFit with the numbers, UsageError for an unknown strategy or no workers.
     """
@@ -163,7 +173,7 @@ def plan_layers(
         return memo[key]
 
     def build(ws: list[WorkerView], bounds: list[int]) -> list[StagePlan]:
-        return [StagePlan(w, a, b, need(w, a, b)) for w, a, b in zip(ws, bounds, bounds[1:])]
+        return [StagePlan(w, a, b, need(w, a, b)) for w, a, b in zip(ws, bounds, bounds[1:], strict=False)]
 
     def fits(plan: list[StagePlan]) -> bool:
         return all(p.needed <= p.worker.free for p in plan)
@@ -191,19 +201,34 @@ def plan_layers(
             best_attempt = plan
     whole = need(usable[0], 0, n) if usable else need(workers[0], 0, n)
     free = sum(w.free for w in workers)
-    lines = [f"{p.worker.name} layers {p.start}-{p.end - 1} need {format_size(p.needed)} of "
-             f"{format_size(p.worker.free)} free" for p in best_attempt]  # fmt: skip
+    lines = [
+        f"{p.worker.name} layers {p.start}-{p.end - 1} need {format_size(p.needed)} of "
+        f"{format_size(p.worker.free)} free"
+        for p in best_attempt
+    ]
     message = (
-        f"{index.metadata.get('general.name', 'the model')} does not fit: it needs about {format_size(whole)} in one "
-        f"stage (KV for {sessions} sessions x {max_ctx} tokens included), the {len(workers)} workers offer "
+        f"{index.metadata.get('general.name', 'the model')} does not fit: it needs about "
+        f"{format_size(whole)} in one stage (KV for {sessions} sessions x {max_ctx} tokens included), "
+        f"the {len(workers)} workers offer "
         f"{format_size(free)} free in total" + (f"; best split: {'; '.join(lines)}" if lines else "")
     )
     details = {
-        "needed": whole, "free": free,
-        "workers": [{"name": w.name, "peer_id": w.peer_id, "offered": w.offered, "free": w.free} for w in workers],
-        "best": [{"worker": p.worker.name, "start": p.start, "end": p.end, "needed": p.needed,
-                  "free": p.worker.free} for p in best_attempt],
-    }  # fmt: skip
+        "needed": whole,
+        "free": free,
+        "workers": [
+            {"name": w.name, "peer_id": w.peer_id, "offered": w.offered, "free": w.free} for w in workers
+        ],
+        "best": [
+            {
+                "worker": p.worker.name,
+                "start": p.start,
+                "end": p.end,
+                "needed": p.needed,
+                "free": p.worker.free,
+            }
+            for p in best_attempt
+        ],
+    }
     raise PlanDoesNotFit(message, details)
 
 
@@ -251,18 +276,38 @@ class Deployment:
     def as_json(self, now: float) -> dict[str, Any]:
         n = len(self.shards)
         return {
-            "id": self.id, "model": self.model, "state": self.state, "strategy": self.strategy, "note": self.note,
-            "data_peers": self.data_peers, "created": self.created, "max_ctx": self.max_ctx, "sessions": self.sessions,
-            "n_layers": self.shards[-1].stage.end if self.shards else 0, "head": self.shards[0].url if n else None,
-            "stages": [{
-                "index": s.stage.index, "worker": s.stage.name, "peer_id": s.stage.peer_id, "url": s.url,
-                "role": "single" if n == 1 else "head" if i == 0 else "tail" if i == n - 1 else "middle",
-                "start": s.stage.start, "end": s.stage.end, "layers": s.stage.end - s.stage.start,
-                "state": s.state, "error": s.error, "memory": s.needed, "bytes_fetched": s.bytes_fetched,
-                "progress": s.progress, "next_hop_ok": s.next_hop_ok,
-                "last_heartbeat_s": round(now - s.last_heartbeat, 1) if s.last_heartbeat else None,
-            } for i, s in enumerate(self.shards)],
-        }  # fmt: skip
+            "id": self.id,
+            "model": self.model,
+            "state": self.state,
+            "strategy": self.strategy,
+            "note": self.note,
+            "data_peers": self.data_peers,
+            "created": self.created,
+            "max_ctx": self.max_ctx,
+            "sessions": self.sessions,
+            "n_layers": self.shards[-1].stage.end if self.shards else 0,
+            "head": self.shards[0].url if n else None,
+            "stages": [
+                {
+                    "index": s.stage.index,
+                    "worker": s.stage.name,
+                    "peer_id": s.stage.peer_id,
+                    "url": s.url,
+                    "role": "single" if n == 1 else "head" if i == 0 else "tail" if i == n - 1 else "middle",
+                    "start": s.stage.start,
+                    "end": s.stage.end,
+                    "layers": s.stage.end - s.stage.start,
+                    "state": s.state,
+                    "error": s.error,
+                    "memory": s.needed,
+                    "bytes_fetched": s.bytes_fetched,
+                    "progress": s.progress,
+                    "next_hop_ok": s.next_hop_ok,
+                    "last_heartbeat_s": round(now - s.last_heartbeat, 1) if s.last_heartbeat else None,
+                }
+                for i, s in enumerate(self.shards)
+            ],
+        }
 
 
 class Coordinator:
@@ -367,8 +412,9 @@ class Coordinator:
         sessions: int = 4,
         ready_timeout: float = READY_TIMEOUT_S,
     ) -> Deployment:
-        """Plan, push (tail first), wait until every shard is ready. Raises PlanDoesNotFit, DoesNotFit (a worker
-        refused), ModelNotFound, PeerUnavailable (a worker failed to load; nothing stays loaded), UsageError."""
+        """Plan, push (tail first), wait until every shard is ready. Raises PlanDoesNotFit, DoesNotFit (a
+        worker refused), ModelNotFound, PeerUnavailable (a worker failed to load; nothing stays loaded),
+        UsageError."""
         if strategy not in STRATEGIES:
             raise UsageError(f"unknown strategy {strategy!r}: use {' or '.join(STRATEGIES)}")
         await self.peers.refresh()
@@ -390,10 +436,24 @@ class Coordinator:
                 index, views, strategy=strategy, weights=weights, max_ctx=max_ctx, sessions=sessions
             )
             dep_id = f"{model[:48]}-{secrets.token_hex(3)}"
-            stages = tuple(StageRef(i, p.start, p.end, p.worker.peer_id, p.worker.name, p.worker.host, p.worker.link_port)
-                           for i, p in enumerate(plan))  # fmt: skip
-            dep = Deployment(dep_id, model, list(data_peers), strategy, weights, max_ctx, sessions,
-                             [ShardState(s, p.worker.url, p.needed) for s, p in zip(stages, plan)], note, workers_asked=workers)  # fmt: skip
+            stages = tuple(
+                StageRef(
+                    i, p.start, p.end, p.worker.peer_id, p.worker.name, p.worker.host, p.worker.link_port
+                )
+                for i, p in enumerate(plan)
+            )
+            dep = Deployment(
+                dep_id,
+                model,
+                list(data_peers),
+                strategy,
+                weights,
+                max_ctx,
+                sessions,
+                [ShardState(s, p.worker.url, p.needed) for s, p in zip(stages, plan, strict=True)],
+                note,
+                workers_asked=workers,
+            )
             log.info("deploying %s: %s", dep_id, ", ".join(f"{s.name} {s.start}-{s.end - 1}" for s in stages))
             pushed: list[ShardState] = []
             try:
@@ -517,8 +577,15 @@ class Coordinator:
             await self.peers.refresh()
             live = {v.name for v in await self.worker_views(client)}
         names = [n for n in old.workers_asked if n in live] if old.workers_asked else None
-        return await self.deploy(old.model, data_peers=old.data_peers, workers=names, strategy=old.strategy,
-                                 weights=old.weights, max_ctx=old.max_ctx, sessions=old.sessions)  # fmt: skip
+        return await self.deploy(
+            old.model,
+            data_peers=old.data_peers,
+            workers=names,
+            strategy=old.strategy,
+            weights=old.weights,
+            max_ctx=old.max_ctx,
+            sessions=old.sessions,
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Heartbeats: poll every deployment's workers every `heartbeat_s`."""
@@ -534,8 +601,16 @@ class Coordinator:
         return {"deployments": [d.as_json(now) for d in self.deployments.values()]}
 
     def models(self) -> list[dict[str, Any]]:
-        return [{"id": d.model, "deployment_id": d.id, "state": d.state, "head": d.shards[0].url,
-                 "stages": len(d.shards)} for d in self.deployments.values()]  # fmt: skip
+        return [
+            {
+                "id": d.model,
+                "deployment_id": d.id,
+                "state": d.state,
+                "head": d.shards[0].url,
+                "stages": len(d.shards),
+            }
+            for d in self.deployments.values()
+        ]
 
 
 # --------------------------------------------------------------------------------------------- HTTP routes

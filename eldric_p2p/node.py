@@ -100,8 +100,15 @@ class Node:
         self.peers = PeerDirectory(self.identity.peer_id, config.peers, interval=config.peer_interval)
         self.worker: Worker | None = None
         if config.worker:
-            self.worker = Worker(self.identity, name=self.name, data_dir=config.data_dir, device=config.device,
-                                 memory=config.memory, link_host=config.listen_host, link_port=config.link_port)  # fmt: skip
+            self.worker = Worker(
+                self.identity,
+                name=self.name,
+                data_dir=config.data_dir,
+                device=config.device,
+                memory=config.memory,
+                link_host=config.listen_host,
+                link_port=config.link_port,
+            )
         self.coordinator = Coordinator(
             self.peers,
             own_url=lambda: self.url,

@@ -166,18 +166,27 @@ class PeerDirectory:
 
     def url_of(self, peer_id: str) -> str | None:
         info = self.table.get(peer_id)
-        return info.fields.get("url") if info is not None else None
+        url = info.fields.get("url") if info is not None else None
+        return url if isinstance(url, str) else None
 
     def listing(self) -> list[dict[str, Any]]:
         now = trio.current_time()
         out = []
         for info in self.table.peers():
             f = info.fields
-            out.append({
-                "peer_id": info.peer_id, "name": info.name, "url": f.get("url"), "source": info.source,
-                "roles": f.get("roles", []), "models": f.get("models", []), "worker": f.get("worker"),
-                "heads": f.get("heads", []), "last_seen_s": round(now - info.last_seen, 1),
-            })  # fmt: skip
+            out.append(
+                {
+                    "peer_id": info.peer_id,
+                    "name": info.name,
+                    "url": f.get("url"),
+                    "source": info.source,
+                    "roles": f.get("roles", []),
+                    "models": f.get("models", []),
+                    "worker": f.get("worker"),
+                    "heads": f.get("heads", []),
+                    "last_seen_s": round(now - info.last_seen, 1),
+                }
+            )
         return sorted(out, key=lambda p: (p["name"], p["peer_id"]))
 
     async def refresh(self) -> None:
@@ -203,9 +212,9 @@ class PeerDirectory:
         for info in self.table.peers():
             if now - info.last_seen > self.expiry:
                 self.table.remove(info.peer_id, info.source)
-                url = info.fields.get("url")
-                if url in self._addresses and not self._addresses[url]:
-                    del self._addresses[url]
+                gone = info.fields.get("url")
+                if isinstance(gone, str) and gone in self._addresses and not self._addresses[gone]:
+                    del self._addresses[gone]
 
     async def _poll(self, client: httpx.AsyncClient, url: str) -> None:
         headers = {PORT_HEADER: str(self.own_port)} if self.own_port else {}
@@ -227,8 +236,9 @@ class PeerDirectory:
         host, port = split_url(url)
         fields = {k: info.get(k) for k in ("name", "roles", "models", "worker", "heads", "version")}
         fields["url"] = url
-        self.table.upsert(PeerInfo(peer_id, str(info.get("name", "")), (host,), port, fields, "static",
-                                   trio.current_time()))  # fmt: skip
+        self.table.upsert(
+            PeerInfo(peer_id, str(info.get("name", "")), (host,), port, fields, "static", trio.current_time())
+        )
         for p in listed.get("peers", []) if isinstance(listed, dict) else []:
             other = p.get("url") if isinstance(p, dict) else None
             if not isinstance(other, str) or p.get("peer_id") == self.own_peer_id:

@@ -87,10 +87,16 @@ class PipelineBackend:
     def info(self) -> dict[str, Any]:
         a = self.shard.a
         return {
-            "kind": "pipeline", "model": self.model_id, "deployment_id": a.deployment_id, "queue": self.queue_depth,
-            "sessions": a.sessions, "stages": [s.to_json() for s in a.stages], "state": self.shard.state,
-            "decode_tokens_per_s": round(self.last_tokens_per_s, 2), "completed": self.completed,
-        }  # fmt: skip
+            "kind": "pipeline",
+            "model": self.model_id,
+            "deployment_id": a.deployment_id,
+            "queue": self.queue_depth,
+            "sessions": a.sessions,
+            "stages": [s.to_json() for s in a.stages],
+            "state": self.shard.state,
+            "decode_tokens_per_s": round(self.last_tokens_per_s, 2),
+            "completed": self.completed,
+        }
 
     @property
     def queue_depth(self) -> int:
@@ -134,7 +140,8 @@ class PipelineBackend:
         ctx = len(ids) + params.max_tokens
         if ctx > stage.max_ctx:
             raise InvalidInput(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceed the {stage.max_ctx}-token context"
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceed the "
+                f"{stage.max_ctx}-token context"
             )
         sid = new_session_id()
         tokens = worker.open_head_session(shard, sid)
@@ -147,8 +154,13 @@ class PipelineBackend:
         try:
             if not single:
                 keep = min(params.repeat_last_n, MAX_HISTORY_SENT) if params.repetition_penalty != 1.0 else 0
-                ext = {"deployment": shard.a.deployment_id, "params": params.to_dict(), "ctx": ctx,
-                       "history": ids[-keep:] if keep else [], "wire": self.wire}  # fmt: skip
+                ext = {
+                    "deployment": shard.a.deployment_id,
+                    "params": params.to_dict(),
+                    "ctx": ctx,
+                    "history": ids[-keep:] if keep else [],
+                    "wire": self.wire,
+                }
                 await worker.send_down(shard, Frame(FrameType.OPEN_SESSION, sid, ext=ext))
                 opened = True
 
@@ -169,8 +181,15 @@ class PipelineBackend:
                     first = False
                 if stream.done:
                     t2 = time.perf_counter()
-                    self._finish(event, stream.finish_reason or "stop", len(ids), len(stream.token_ids),
-                                 t1 - t0, t2 - t1, steps)  # fmt: skip
+                    self._finish(
+                        event,
+                        stream.finish_reason or "stop",
+                        len(ids),
+                        len(stream.token_ids),
+                        t1 - t0,
+                        t2 - t1,
+                        steps,
+                    )
                     await events.send(event)
                     break
                 if event.text or event.token_ids or event.prompt_token_ids:
@@ -188,8 +207,16 @@ class PipelineBackend:
                     except StageFailed:
                         pass
 
-    def _finish(self, event: GenerationEvent, reason: str, n_prompt: int, n_out: int,
-                prefill_s: float, decode_s: float, steps: int) -> None:  # fmt: skip
+    def _finish(
+        self,
+        event: GenerationEvent,
+        reason: str,
+        n_prompt: int,
+        n_out: int,
+        prefill_s: float,
+        decode_s: float,
+        steps: int,
+    ) -> None:
         tps = steps / decode_s if decode_s > 0 else 0.0
         event.finish_reason = reason
         event.usage = {
@@ -197,8 +224,12 @@ class PipelineBackend:
             "completion_tokens": n_out,
             "total_tokens": n_prompt + n_out,
         }
-        event.timings = {"prefill_s": round(prefill_s, 4), "decode_s": round(decode_s, 4),
-                         "decode_steps": steps, "decode_tokens_per_s": round(tps, 2)}  # fmt: skip
+        event.timings = {
+            "prefill_s": round(prefill_s, 4),
+            "decode_s": round(decode_s, 4),
+            "decode_steps": steps,
+            "decode_tokens_per_s": round(tps, 2),
+        }
         self.last_tokens_per_s = tps
         self.completed += 1
 
@@ -302,8 +333,14 @@ def exception_of(body: Any) -> EldricError:
 class RemotePipelineBackend:
     """A pipeline whose head runs on another node, reached over HTTP (the `Backend` protocol)."""
 
-    def __init__(self, node_url: str, model_id: str, *, info: dict[str, Any] | None = None,
-                 step_timeout: float = PREFILL_TIMEOUT_S) -> None:  # fmt: skip
+    def __init__(
+        self,
+        node_url: str,
+        model_id: str,
+        *,
+        info: dict[str, Any] | None = None,
+        step_timeout: float = PREFILL_TIMEOUT_S,
+    ) -> None:
         self.node_url = node_url.rstrip("/")
         self.model_id = model_id
         self._info = info or {}
@@ -327,8 +364,13 @@ class RemotePipelineBackend:
         self, request: GenerationRequest, events: trio.MemorySendChannel[GenerationEvent]
     ) -> None:
         """Stream the remote head's events. Raises what the remote raised (by error code), PeerUnavailable."""
-        body = {"model": self.model_id, "prompt": request.prompt, "raw": request.raw,
-                "params": request.params.to_dict(), "local": True}  # fmt: skip
+        body = {
+            "model": self.model_id,
+            "prompt": request.prompt,
+            "raw": request.raw,
+            "params": request.params.to_dict(),
+            "local": True,
+        }
         timeout = httpx.Timeout(connect=5.0, read=self.step_timeout, write=30.0, pool=5.0)
         self._running += 1
         finished = False

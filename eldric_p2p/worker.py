@@ -15,7 +15,7 @@ accepts links from its previous hop and keeps one outgoing link (`Downstream`) t
 
     OPEN_SESSION  ext {deployment, params, history, ctx, wire}   opens a KV cache; passed on (not by the tail)
     HIDDEN        [T, hidden] at positions [start, start+T)      forward; HIDDEN on, or the tail samples and
-                                                                 sends TOKEN [1] at position start+T to the head
+                                                                 sends TOKEN [1] at start+T to the head
     TRUNCATE / CLOSE_SESSION                                     applied, passed on
     ERROR         ext {stage, message}                           closes the session; travels on to the head
                                                                  (forward), or back along the links (backward)
@@ -191,13 +191,20 @@ class Assignment:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "deployment_id": self.deployment_id, "model_id": self.model_id, "data_peers": list(self.data_peers),
-            "stage_index": self.stage_index, "stages": [s.to_json() for s in self.stages],
-            "weights": self.weights, "max_ctx": self.max_ctx, "sessions": self.sessions,
+            "deployment_id": self.deployment_id,
+            "model_id": self.model_id,
+            "data_peers": list(self.data_peers),
+            "stage_index": self.stage_index,
+            "stages": [s.to_json() for s in self.stages],
+            "weights": self.weights,
+            "max_ctx": self.max_ctx,
+            "sessions": self.sessions,
             # derived, for people reading it:
-            "start": self.start, "end": self.end, "role": self.role,
+            "start": self.start,
+            "end": self.end,
+            "role": self.role,
             "next_hop": None if self.single else self.next.to_json(),
-        }  # fmt: skip
+        }
 
     @classmethod
     def from_json_untrusted(cls, obj: Any) -> Assignment:
@@ -212,20 +219,36 @@ class Assignment:
         need(isinstance(dep, str) and 0 < len(dep) <= 128, "deployment_id")
         need(isinstance(model, str) and 0 < len(model) <= 256 and "/" not in model, "model_id")
         peers = obj.get("data_peers")
-        need(isinstance(peers, list) and 0 < len(peers) <= MAX_DATA_PEERS
-             and all(isinstance(p, str) and p.startswith(("http://", "https://")) for p in peers), "data_peers")  # fmt: skip
+        need(
+            isinstance(peers, list)
+            and 0 < len(peers) <= MAX_DATA_PEERS
+            and all(isinstance(p, str) and p.startswith(("http://", "https://")) for p in peers),
+            "data_peers",
+        )
         raw = obj.get("stages")
         need(isinstance(raw, list) and 0 < len(raw) <= MAX_STAGES, "stages")
-        stages = []
+        stages: list[StageRef] = []
         for i, s in enumerate(raw):
             need(isinstance(s, dict), f"stages[{i}]")
             try:
-                ref = StageRef(int(s["index"]), int(s["start"]), int(s["end"]), str(s["peer_id"]),
-                               str(s["name"])[:64], str(s["host"])[:255], int(s["link_port"]))  # fmt: skip
+                ref = StageRef(
+                    int(s["index"]),
+                    int(s["start"]),
+                    int(s["end"]),
+                    str(s["peer_id"]),
+                    str(s["name"])[:64],
+                    str(s["host"])[:255],
+                    int(s["link_port"]),
+                )
             except (KeyError, TypeError, ValueError):
                 need(False, f"stages[{i}] fields")
-            need(ref.index == i and 0 <= ref.start < ref.end and is_peer_id(ref.peer_id)
-                 and 0 < ref.link_port < 65536, f"stages[{i}] values")  # fmt: skip
+            need(
+                ref.index == i
+                and 0 <= ref.start < ref.end
+                and is_peer_id(ref.peer_id)
+                and 0 < ref.link_port < 65536,
+                f"stages[{i}] values",
+            )
             need(
                 i == 0 and ref.start == 0 or i > 0 and ref.start == stages[-1].end,
                 f"stages[{i}] not contiguous",
@@ -309,13 +332,24 @@ class Shard:
     def status(self) -> dict[str, Any]:
         a = self.a
         return {
-            "deployment_id": a.deployment_id, "model_id": a.model_id, "role": a.role, "stage_index": a.stage_index,
-            "n_stages": len(a.stages), "start": a.start, "end": a.end, "state": self.state, "error": self.error,
-            "needed": self.needed, "weights": self.fmt, "bytes_fetched": self.bytes_fetched,
+            "deployment_id": a.deployment_id,
+            "model_id": a.model_id,
+            "role": a.role,
+            "stage_index": a.stage_index,
+            "n_stages": len(a.stages),
+            "start": a.start,
+            "end": a.end,
+            "state": self.state,
+            "error": self.error,
+            "needed": self.needed,
+            "weights": self.fmt,
+            "bytes_fetched": self.bytes_fetched,
             "progress": {"done": self.progress[0], "total": self.progress[1]},
-            "fetch_s": round(self.fetch_s, 3), "load_s": round(self.load_s, 3), "next_hop_ok": self.next_hop_ok,
+            "fetch_s": round(self.fetch_s, 3),
+            "load_s": round(self.load_s, 3),
+            "next_hop_ok": self.next_hop_ok,
             "sessions": len(self.head_sessions) if a.stage_index == 0 else None,
-        }  # fmt: skip
+        }
 
 
 def error_frame(sid: int, stage: str, message: str) -> Frame:
@@ -385,11 +419,18 @@ class Worker:
 
     def status(self) -> dict[str, Any]:
         return {
-            "name": self.name, "peer_id": self.identity.peer_id, "device": self.device,
-            "weights": self.default_weights(), "offered": self.offered, "reserved": self.reserved, "free": self.free,
-            "available": available_memory(self.device), "link_port": self.link_port,
-            "shards": [s.status() for s in self.shards.values()], "frames_refused": self.frames_refused,
-        }  # fmt: skip
+            "name": self.name,
+            "peer_id": self.identity.peer_id,
+            "device": self.device,
+            "weights": self.default_weights(),
+            "offered": self.offered,
+            "reserved": self.reserved,
+            "free": self.free,
+            "available": available_memory(self.device),
+            "link_port": self.link_port,
+            "shards": [s.status() for s in self.shards.values()],
+            "frames_refused": self.frames_refused,
+        }
 
     def heads(self) -> list[Shard]:
         """Head shards that can serve: loaded, and their next hop not known to be gone."""
@@ -403,8 +444,9 @@ class Worker:
         """Accept links and run loads until cancelled. Starts with the bound link port."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            listeners = await nursery.start(serve_tcp_links, self.identity, self.link_host, self.link_port,
-                                            self._serve_link)  # fmt: skip
+            listeners = await nursery.start(
+                serve_tcp_links, self.identity, self.link_host, self.link_port, self._serve_link
+            )
             self.link_port = listeners[0].socket.getsockname()[1]
             task_status.started(self.link_port)
 
@@ -438,8 +480,9 @@ class Worker:
 
     def refusal(self, a: Assignment, needed: int, fmt: str) -> str:
         return (
-            f"layers {a.start}-{a.end - 1} of {a.model_id} need {format_size(needed)} ({fmt} weights + KV for "
-            f"{a.sessions} sessions x {a.max_ctx} tokens); worker {self.name} offers {format_size(self.offered)}, "
+            f"layers {a.start}-{a.end - 1} of {a.model_id} need {format_size(needed)} ({fmt} weights + KV "
+            f"for {a.sessions} sessions x {a.max_ctx} tokens); worker {self.name} offers "
+            f"{format_size(self.offered)}, "
             f"{format_size(self.free)} free"
         )
 
@@ -481,8 +524,14 @@ class Worker:
             def progress(done: int, total: int) -> None:
                 shard.progress = (done, total)
 
-            result = await fetch_assignment(list(a.data_peers), a.model_id, a.start, a.end,
-                                            cache_root=self.data_dir / "shards", progress=progress)  # fmt: skip
+            result = await fetch_assignment(
+                list(a.data_peers),
+                a.model_id,
+                a.start,
+                a.end,
+                cache_root=self.data_dir / "shards",
+                progress=progress,
+            )
             shard.bytes_fetched = result.bytes_fetched
             shard.fetch_s = time.perf_counter() - t0
             shard.state = "loading"
@@ -490,8 +539,13 @@ class Worker:
             await self.compute(self._build_stage, shard, result.path)
             shard.load_s = time.perf_counter() - t1
             shard.state = "ready"
-            log.info("%s ready: fetched %s in %.1f s, loaded in %.1f s", shard.label,
-                     format_size(shard.bytes_fetched), shard.fetch_s, shard.load_s)  # fmt: skip
+            log.info(
+                "%s ready: fetched %s in %.1f s, loaded in %.1f s",
+                shard.label,
+                format_size(shard.bytes_fetched),
+                shard.fetch_s,
+                shard.load_s,
+            )
         except EldricError as exc:
             shard.state, shard.error = "failed", str(exc)
             log.warning("%s failed to load: %s", shard.label, exc)
@@ -552,8 +606,9 @@ class Worker:
                 return ds
             nxt = shard.a.next
             try:
-                link = await open_tcp_link(nxt.host, nxt.link_port, self.identity, nxt.peer_id,
-                                           handshake_timeout=LINK_TIMEOUT_S)  # fmt: skip
+                link = await open_tcp_link(
+                    nxt.host, nxt.link_port, self.identity, nxt.peer_id, handshake_timeout=LINK_TIMEOUT_S
+                )
             except PeerUnavailable:
                 shard.next_hop_ok = False
                 raise
@@ -578,8 +633,11 @@ class Worker:
         await trio.aclose_forcefully(ds.link)
         if shard.state != "ready":
             return
-        sids = list(shard.head_sessions) if shard.a.stage_index == 0 else [
-            s.sid for s in self._stage_sessions.values() if s.shard is shard]  # fmt: skip
+        sids = (
+            list(shard.head_sessions)
+            if shard.a.stage_index == 0
+            else [s.sid for s in self._stage_sessions.values() if s.shard is shard]
+        )
         if sids:
             log.warning("%s: next hop %s %s; ending %d sessions", shard.label, nxt.label(), reason, len(sids))
         for sid in sids:
@@ -655,13 +713,19 @@ class Worker:
             orphans = [s for s in self._stage_sessions.values() if s.link is link]
             for sess in orphans:
                 prev = sess.shard.a.prev
-                await self._fail(sess.shard, sess.sid, prev.label(), f"peer {prev.peer_id} closed the link",
-                                 forward=True)  # fmt: skip
+                await self._fail(
+                    sess.shard, sess.sid, prev.label(), f"peer {prev.peer_id} closed the link", forward=True
+                )
             for shard in self.shards.values():
                 if shard.a.stage_index == 0 and not shard.a.single and shard.a.prev.peer_id == link.peer_id:
                     for sid in list(shard.head_sessions):
-                        await self._fail(shard, sid, shard.a.prev.label(), "the tail closed its link to the head",
-                                         forward=True)  # fmt: skip
+                        await self._fail(
+                            shard,
+                            sid,
+                            shard.a.prev.label(),
+                            "the tail closed its link to the head",
+                            forward=True,
+                        )
 
     async def _refuse(self, back: FrameWriter, sid: int, message: str) -> None:
         self.frames_refused += 1
@@ -849,8 +913,10 @@ def worker_routes(worker: Worker) -> list[Route]:
                 message = worker.refusal(a, needed, fmt)
                 log.info("refused an assignment: %s", message)
                 error = {"message": message, "type": "invalid_request_error", "code": "does_not_fit"}
-                return JSONResponse({"error": error, "needed": needed, "offered": worker.offered,
-                                     "free": worker.free}, status_code=409)  # fmt: skip
+                return JSONResponse(
+                    {"error": error, "needed": needed, "offered": worker.offered, "free": worker.free},
+                    status_code=409,
+                )
             shard = worker.start_load(a, needed, fmt)
         except UsageError as exc:
             code = "model_not_found" if type(exc).__name__ == "ModelNotFound" else "invalid_assignment"

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import test_pipeline
 import trio
-from test_pipeline import MODEL, cluster, deploy, generate, joined, local, local_answer, model_dir  # noqa: F401
+from test_pipeline import MODEL, cluster, deploy, generate, joined, local_answer
 
 from eldric_p2p.coordinator import PlanDoesNotFit, WorkerView, plan_layers
 from eldric_p2p.engine.generate import LocalModel
@@ -18,6 +19,8 @@ from eldric_p2p.gguf_index import GGUFIndex, read_index
 from eldric_p2p.synthetic import write_synthetic_gguf
 
 MiB = 1 << 20
+model_dir = test_pipeline.model_dir  # shared module fixtures: the synthetic model, its one-process run
+local = test_pipeline.local
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +81,9 @@ def test_refusal_carries_the_numbers(index24: GGUFIndex) -> None:
 
 
 def test_heartbeat_marks_a_lost_worker_and_rebalance_redeploys_on_the_rest(
-    tmp_path: Path, model_dir: Path, local: LocalModel
+    tmp_path: Path,
+    model_dir: Path,
+    local: LocalModel,
 ) -> None:
     params = SamplingParams.greedy(max_tokens=10)
     want = local_answer(local, "the world", params)

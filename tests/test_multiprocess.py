@@ -65,14 +65,48 @@ def swarm(tmp: Path, model: Path, memories: dict[str, str]) -> Iterator[dict[str
     """A data peer serving `model` (no worker) and one worker per `memories` entry, bootstrapped from it."""
     procs: dict[str, Proc] = {}
     try:
-        data = Proc("data", [*CLI, "node", "--name", "data", "--data-dir", str(tmp / "data"), "--listen",
-                             "127.0.0.1:0", "--models", str(model), "--no-worker", "--no-mdns"], tmp / "data.log")  # fmt: skip
+        data = Proc(
+            "data",
+            [
+                *CLI,
+                "node",
+                "--name",
+                "data",
+                "--data-dir",
+                str(tmp / "data"),
+                "--listen",
+                "127.0.0.1:0",
+                "--models",
+                str(model),
+                "--no-worker",
+                "--no-mdns",
+            ],
+            tmp / "data.log",
+        )
         procs["data"] = data
         host_port = data.wait_url().removeprefix("http://")
         for name, mem in memories.items():
-            procs[name] = Proc(name, [*CLI, "node", "--name", name, "--data-dir", str(tmp / name), "--listen",
-                                      "127.0.0.1:0", "--memory", mem, "--peer", host_port, "--no-mdns",
-                                      "--device", "cpu"], tmp / f"{name}.log")  # fmt: skip
+            procs[name] = Proc(
+                name,
+                [
+                    *CLI,
+                    "node",
+                    "--name",
+                    name,
+                    "--data-dir",
+                    str(tmp / name),
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--memory",
+                    mem,
+                    "--peer",
+                    host_port,
+                    "--no-mdns",
+                    "--device",
+                    "cpu",
+                ],
+                tmp / f"{name}.log",
+            )
         for name in memories:
             procs[name].wait_url()
         yield procs
@@ -113,7 +147,10 @@ def test_qwen_three_workers_3_2_3_split_and_chat_equals_run(tmp_path: Path, qwen
             "deploy", model_id, "--workers", "w1,w2,w3", "--node", procs["data"].url, "--ctx", "1024"
         )
         assert [(s["worker"], s["start"], s["end"]) for s in dep["stages"]] == [
-            ("w1", 0, 9), ("w2", 9, 15), ("w3", 15, 24)]  # fmt: skip
+            ("w1", 0, 9),
+            ("w2", 9, 15),
+            ("w3", 15, 24),
+        ]
         report = check_fetched_only_own_layers(qwen_path, dep)
         print("bytes fetched per worker (fetched, own tensors):", report)
         # through the data peer's node (no worker there: it routes to the head over HTTP) and the head's own
@@ -149,9 +186,21 @@ def test_killing_a_middle_worker_mid_generation(tmp_path: Path, qwen_path: Path)
     with swarm(tmp_path, qwen_path, {"w1": "480MiB", "w2": "320MiB", "w3": "480MiB"}) as procs:
         model_id = qwen_path.stem
         cli_json("deploy", model_id, "--workers", "w1,w2,w3", "--node", procs["data"].url, "--ctx", "1024")
-        chat = subprocess.Popen([*CLI, "chat", model_id, "Count from 1 to 500, one number per line.", "--node",
-                                 procs["data"].url, "--max-tokens", "900"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        chat = subprocess.Popen(
+            [
+                *CLI,
+                "chat",
+                model_id,
+                "Count from 1 to 500, one number per line.",
+                "--node",
+                procs["data"].url,
+                "--max-tokens",
+                "900",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert chat.stdout is not None
         chat.stdout.read(20)  # it is generating
         procs["w2"].p.kill()

@@ -66,15 +66,38 @@ async def cluster(
 ) -> AsyncIterator[list[Member]]:
     """Nodes n0..nK; n0 serves `model_dir` and the others bootstrap from it (`--peer`)."""
     async with trio.open_nursery() as nursery:
-        members = [await _start(nursery, NodeConfig(
-            name="n0", data_dir=tmp / "n0", listen_port=0, models=[model_dir] if model_dir else [],
-            memory=memories[0], worker=memories[0] is not None, mdns=False, peer_interval=0.2))]  # fmt: skip
+        members = [
+            await _start(
+                nursery,
+                NodeConfig(
+                    name="n0",
+                    data_dir=tmp / "n0",
+                    listen_port=0,
+                    models=[model_dir] if model_dir else [],
+                    memory=memories[0],
+                    worker=memories[0] is not None,
+                    mdns=False,
+                    peer_interval=0.2,
+                ),
+            )
+        ]
         port0 = members[0].node.port
         assert port0 is not None
         for i, mem in enumerate(memories[1:], 1):
-            members.append(await _start(nursery, NodeConfig(
-                name=f"n{i}", data_dir=tmp / f"n{i}", listen_port=0, memory=mem, mdns=False,
-                peers=[("127.0.0.1", port0)], peer_interval=0.2)))  # fmt: skip
+            members.append(
+                await _start(
+                    nursery,
+                    NodeConfig(
+                        name=f"n{i}",
+                        data_dir=tmp / f"n{i}",
+                        listen_port=0,
+                        memory=mem,
+                        mdns=False,
+                        peers=[("127.0.0.1", port0)],
+                        peer_interval=0.2,
+                    ),
+                )
+            )
         try:
             yield members
         finally:
@@ -87,8 +110,9 @@ async def deploy(client: httpx.AsyncClient, url: str, **body: Any) -> httpx.Resp
     return await client.post(f"{url}/api/v1/pipeline/deploy", json=body, timeout=60)
 
 
-async def generate(client: httpx.AsyncClient, url: str, prompt: str, params: SamplingParams,
-                   *, raw: bool = True) -> list[dict[str, Any]]:  # fmt: skip
+async def generate(
+    client: httpx.AsyncClient, url: str, prompt: str, params: SamplingParams, *, raw: bool = True
+) -> list[dict[str, Any]]:
     body = {"model": MODEL, "prompt": prompt, "raw": raw, "params": params.to_dict()}
     async with client.stream("POST", f"{url}/api/v1/pipeline/generate", json=body, timeout=30) as resp:
         if resp.status_code != 200:
@@ -117,7 +141,7 @@ def local_answer(
 
 def test_deploy_splits_in_proportion_and_greedy_chat_equals_one_process(
     tmp_path: Path, model_dir: Path, local: LocalModel
-) -> None:
+) -> None:  # noqa: F811
     params = SamplingParams.greedy(max_tokens=24)
     want = local_answer(local, "Hello world the cat", params)
 
@@ -130,7 +154,10 @@ def test_deploy_splits_in_proportion_and_greedy_chat_equals_one_process(
             assert r.status_code == 200, r.text
             plan = r.json()
             assert [(s["worker"], s["start"], s["end"]) for s in plan["stages"]] == [
-                ("n0", 0, 3), ("n1", 3, 5), ("n2", 5, 8)]  # fmt: skip
+                ("n0", 0, 3),
+                ("n1", 3, 5),
+                ("n2", 5, 8),
+            ]
             assert [s["role"] for s in plan["stages"]] == ["head", "middle", "tail"]
             assert all(s["state"] == "ready" and s["bytes_fetched"] > 0 for s in plan["stages"])
             # through the head's node, and through a node that is not the head (routed to the head over HTTP)
@@ -153,12 +180,15 @@ def test_deploy_splits_in_proportion_and_greedy_chat_equals_one_process(
 
 def test_four_concurrent_sessions_each_equal_to_alone(
     tmp_path: Path, model_dir: Path, local: LocalModel
-) -> None:
+) -> None:  # noqa: F811
     prompts = ["Hello", "the world is", "and the cat", "Hello world and"]
-    params = [SamplingParams.greedy(max_tokens=16), SamplingParams.greedy(max_tokens=20),
-              SamplingParams(temperature=0.9, seed=7, max_tokens=18, top_k=0, top_p=1.0, min_p=0.0),
-              SamplingParams(temperature=0.7, seed=11, max_tokens=14, repetition_penalty=1.3)]  # fmt: skip
-    wants = [local_answer(local, p, sp) for p, sp in zip(prompts, params)]
+    params = [
+        SamplingParams.greedy(max_tokens=16),
+        SamplingParams.greedy(max_tokens=20),
+        SamplingParams(temperature=0.9, seed=7, max_tokens=18, top_k=0, top_p=1.0, min_p=0.0),
+        SamplingParams(temperature=0.7, seed=11, max_tokens=14, repetition_penalty=1.3),
+    ]
+    wants = [local_answer(local, p, sp) for p, sp in zip(prompts, params, strict=True)]
 
     async def main() -> None:
         async with (
@@ -179,7 +209,7 @@ def test_four_concurrent_sessions_each_equal_to_alone(
     trio.run(main)
 
 
-def test_chat_template_prompt_and_single_stage(tmp_path: Path, model_dir: Path, local: LocalModel) -> None:
+def test_chat_template_prompt_and_single_stage(tmp_path: Path, model_dir: Path, local: LocalModel) -> None:  # noqa: F811
     params = SamplingParams.greedy(max_tokens=12)
     want = local_answer(local, "What is the world?", params, raw=False)
 
@@ -193,7 +223,7 @@ def test_chat_template_prompt_and_single_stage(tmp_path: Path, model_dir: Path, 
     trio.run(main)
 
 
-def test_deploy_that_does_not_fit_is_refused_with_numbers(tmp_path: Path, model_dir: Path) -> None:
+def test_deploy_that_does_not_fit_is_refused_with_numbers(tmp_path: Path, model_dir: Path) -> None:  # noqa: F811
     async def main() -> None:
         # the model needs about 1.35 MiB in one stage with a 256-token context for 4 sessions
         async with cluster(tmp_path, model_dir, [512 << 10, 512 << 10]) as m, httpx.AsyncClient() as c:
@@ -218,7 +248,7 @@ def test_deploy_that_does_not_fit_is_refused_with_numbers(tmp_path: Path, model_
     trio.run(main)
 
 
-def test_worker_refuses_an_assignment_that_does_not_fit_its_memory(tmp_path: Path, model_dir: Path) -> None:
+def test_worker_refuses_an_assignment_that_does_not_fit_its_memory(tmp_path: Path, model_dir: Path) -> None:  # noqa: F811
     """A coordinator with a stale view pushes too much: the worker itself refuses, with its numbers."""
     from eldric_p2p.worker import Assignment, StageRef
 
@@ -241,7 +271,7 @@ def test_worker_refuses_an_assignment_that_does_not_fit_its_memory(tmp_path: Pat
 
 def test_killed_middle_stage_fails_the_request_by_name_then_a_new_deploy_works(
     tmp_path: Path, model_dir: Path, local: LocalModel
-) -> None:
+) -> None:  # noqa: F811
     params = SamplingParams.greedy(max_tokens=200)
 
     async def main() -> None:

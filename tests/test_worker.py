@@ -1,4 +1,4 @@
-"""Worker: refuses hostile link traffic while it keeps serving; unload frees what load took; assignments checked."""
+"""Worker: refuses hostile link traffic and keeps serving; unload frees its memory; assignments checked."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import test_pipeline
 import trio
-from test_pipeline import MODEL, cluster, deploy, generate, joined, local, local_answer, model_dir  # noqa: F401
+from test_pipeline import MODEL, cluster, deploy, generate, joined, local_answer
 
 from eldric_p2p.engine.generate import LocalModel
 from eldric_p2p.engine.sampling import SamplingParams
@@ -19,6 +20,8 @@ from eldric_p2p.links import open_tcp_link
 from eldric_p2p.worker import Assignment
 
 MiB = 1 << 20
+model_dir = test_pipeline.model_dir  # shared module fixtures: the synthetic model, its one-process run
+local = test_pipeline.local
 
 
 async def closed(reader: FrameReader) -> bool:
@@ -33,7 +36,9 @@ GREEDY = SamplingParams.greedy(max_tokens=12)
 
 
 def test_hostile_link_traffic_is_refused_and_the_pipeline_keeps_serving(
-    tmp_path: Path, model_dir: Path, local: LocalModel
+    tmp_path: Path,
+    model_dir: Path,
+    local: LocalModel,
 ) -> None:
     want = local_answer(local, "Hello world", GREEDY)
 
@@ -77,8 +82,27 @@ def test_hostile_link_traffic_is_refused_and_the_pipeline_keeps_serving(
             assert pong is not None and pong.type == FrameType.PONG and pong.session_id == 5
             # an oversized frame: the header claims a payload over the limit -> ERROR, then the link is closed
             header = bytearray(HEADER_SIZE)
-            struct.pack_into("<2sBBHBBQII4IIIQ", header, 0, b"EF", 1, int(FrameType.HIDDEN), 0, 3, 2, 1, 0,
-                             1 << 20, 1 << 20, 64, 0, 0, 0, 0, (1 << 20) * 64 * 4)  # fmt: skip
+            struct.pack_into(
+                "<2sBBHBBQII4IIIQ",
+                header,
+                0,
+                b"EF",
+                1,
+                int(FrameType.HIDDEN),
+                0,
+                3,
+                2,
+                1,
+                0,
+                1 << 20,
+                1 << 20,
+                64,
+                0,
+                0,
+                0,
+                0,
+                (1 << 20) * 64 * 4,
+            )
             await stranger.send_all(bytes(header))
             err = await reader.next()
             assert err is not None and err.type == FrameType.ERROR and "bad frame" in err.ext["message"]
@@ -128,12 +152,31 @@ def test_status_unload_frees_memory_and_the_head_goes_away(tmp_path: Path, model
 
 def test_assignment_parser_refuses_bad_fields() -> None:
     good = {
-        "deployment_id": "d", "model_id": "m", "data_peers": ["http://127.0.0.1:1"], "stage_index": 1,
-        "stages": [{"index": 0, "start": 0, "end": 2, "peer_id": Identity.generate().peer_id, "name": "a",
-                    "host": "127.0.0.1", "link_port": 5},
-                   {"index": 1, "start": 2, "end": 4, "peer_id": Identity.generate().peer_id, "name": "b",
-                    "host": "127.0.0.1", "link_port": 6}],
-    }  # fmt: skip
+        "deployment_id": "d",
+        "model_id": "m",
+        "data_peers": ["http://127.0.0.1:1"],
+        "stage_index": 1,
+        "stages": [
+            {
+                "index": 0,
+                "start": 0,
+                "end": 2,
+                "peer_id": Identity.generate().peer_id,
+                "name": "a",
+                "host": "127.0.0.1",
+                "link_port": 5,
+            },
+            {
+                "index": 1,
+                "start": 2,
+                "end": 4,
+                "peer_id": Identity.generate().peer_id,
+                "name": "b",
+                "host": "127.0.0.1",
+                "link_port": 6,
+            },
+        ],
+    }
     a = Assignment.from_json_untrusted(good)
     assert (a.role, a.start, a.end, a.next.name, a.prev.name) == ("tail", 2, 4, "a", "a")
     assert Assignment.from_json_untrusted(a.to_json()) == a

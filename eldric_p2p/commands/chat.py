@@ -63,15 +63,29 @@ def main(args: argparse.Namespace) -> int:
         raise PeerUnavailable(f"{base} ended the stream before the generation finished")
     timings = last.get("timings") or {}
     if args.json:
-        print(json.dumps({
-            "text": "".join(text), "token_ids": token_ids, "prompt_token_ids": prompt_ids,
-            "finish_reason": last["finish_reason"], "prefill_s": timings.get("prefill_s"),
-            "decode_s": timings.get("decode_s"), "decode_tokens_per_s": timings.get("decode_tokens_per_s"),
-            "usage": last.get("usage"), "wall_s": round(time.perf_counter() - t0, 3), "node": base,
-        }, ensure_ascii=False))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "text": "".join(text),
+                    "token_ids": token_ids,
+                    "prompt_token_ids": prompt_ids,
+                    "finish_reason": last["finish_reason"],
+                    "prefill_s": timings.get("prefill_s"),
+                    "decode_s": timings.get("decode_s"),
+                    "decode_tokens_per_s": timings.get("decode_tokens_per_s"),
+                    "usage": last.get("usage"),
+                    "wall_s": round(time.perf_counter() - t0, 3),
+                    "node": base,
+                },
+                ensure_ascii=False,
+            )
+        )
     else:
         sys.stdout.write("\n")
-        print(f"[{len(prompt_ids)} prompt tokens, prefill {timings.get('prefill_s', 0):.2f} s; {len(token_ids)} "
-              f"tokens, {timings.get('decode_tokens_per_s', 0):.1f} tokens/s; {last['finish_reason']}]",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"[{len(prompt_ids)} prompt tokens, prefill {timings.get('prefill_s', 0):.2f} s; "
+            f"{len(token_ids)} "
+            f"tokens, {timings.get('decode_tokens_per_s', 0):.1f} tokens/s; {last['finish_reason']}]",
+            file=sys.stderr,
+        )
     return 0

@@ -60,14 +60,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def print_plan(dep: dict[str, Any], out: Any = sys.stdout) -> None:
     from eldric_p2p.units import format_size
 
-    print(f"{dep['id']}: {dep['model']} {dep['state']} ({dep['n_layers']} layers, {len(dep['stages'])} stages; "
-          f"{dep.get('note', '')})", file=out)  # fmt: skip
+    print(
+        f"{dep['id']}: {dep['model']} {dep['state']} ({dep['n_layers']} layers, {len(dep['stages'])} stages; "
+        f"{dep.get('note', '')})",
+        file=out,
+    )
     for s in dep["stages"]:
         hb = s.get("last_heartbeat_s")
-        print(f"  stage {s['index']} {s['role']:<6} {s['worker']:<12} layers {s['start']:>3}-{s['end'] - 1:<3} "
-              f"({s['layers']:>2})  {format_size(s['memory']):>10}  {s['state']:<8} fetched "
-              f"{format_size(s['bytes_fetched'])}" + (f"  heartbeat {hb:.1f}s ago" if hb is not None else ""),
-              file=out)  # fmt: skip
+        print(
+            f"  stage {s['index']} {s['role']:<6} {s['worker']:<12} layers {s['start']:>3}-{s['end'] - 1:<3} "
+            f"({s['layers']:>2})  {format_size(s['memory']):>10}  {s['state']:<8} fetched "
+            f"{format_size(s['bytes_fetched'])}" + (f"  heartbeat {hb:.1f}s ago" if hb is not None else ""),
+            file=out,
+        )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -75,8 +80,13 @@ def main(args: argparse.Namespace) -> int:
 
     from eldric_p2p.errors import PeerUnavailable
 
-    body: dict[str, Any] = {"model": args.model, "strategy": args.strategy, "weights": args.weights,
-                            "max_ctx": args.ctx, "sessions": args.sessions}  # fmt: skip
+    body: dict[str, Any] = {
+        "model": args.model,
+        "strategy": args.strategy,
+        "weights": args.weights,
+        "max_ctx": args.ctx,
+        "sessions": args.sessions,
+    }
     if args.workers:
         body["workers"] = [w.strip() for w in args.workers.split(",") if w.strip()]
     if args.data_peer:

@@ -48,17 +48,23 @@ def main(args: argparse.Namespace) -> int:
         print(f"  serves: {', '.join(n['models'])}")
     w = st["worker"]
     if w:
-        print(f"  worker: {w['device']}, offers {format_size(w['offered'])}, {format_size(w['free'])} free, "
-              f"link port {w['link_port']}")  # fmt: skip
+        print(
+            f"  worker: {w['device']}, offers {format_size(w['offered'])}, {format_size(w['free'])} free, "
+            f"link port {w['link_port']}"
+        )
         for s in w["shards"]:
-            print(f"    {s['deployment_id']}: {s['role']} layers {s['start']}-{s['end'] - 1} {s['state']}"
-                  f" ({format_size(s['needed'])}, fetched {format_size(s['bytes_fetched'])})")  # fmt: skip
+            print(
+                f"    {s['deployment_id']}: {s['role']} layers {s['start']}-{s['end'] - 1} {s['state']}"
+                f" ({format_size(s['needed'])}, fetched {format_size(s['bytes_fetched'])})"
+            )
     print(f"peers ({len(st['peers'])}):")
     for p in st["peers"]:
         wk = p.get("worker") or {}
         mem = f", offers {format_size(wk['offered'])}" if wk.get("offered") else ""
-        print(f"  {p['name']:<12} {p['peer_id']}  {p['url']}  {', '.join(p['roles'])}{mem}"
-              f"  seen {p['last_seen_s']}s ago")  # fmt: skip
+        print(
+            f"  {p['name']:<12} {p['peer_id']}  {p['url']}  {', '.join(p['roles'])}{mem}"
+            f"  seen {p['last_seen_s']}s ago"
+        )
     print(f"pipelines ({len(st['pipelines'])}):")
     for dep in st["pipelines"]:
         print_plan(dep)
