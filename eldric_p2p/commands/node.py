@@ -68,8 +68,12 @@ def main(args: argparse.Namespace) -> int:
                 for m in node.catalog.models.values():
                     print(f"  model {m.id}: {m.index.architecture}, {m.index.n_layers} layers, "
                           f"{format_size(m.version.size)}", flush=True)  # fmt: skip
-            if config.memory is not None:
-                print(f"  worker memory offered: {format_size(config.memory)}", flush=True)
+            if node.worker is not None:
+                w = node.worker
+                offer = format_size(w.offered)
+                print(f"  worker: {w.device}, offers {offer}, pipeline links on port {w.link_port}", flush=True)
+            if config.peers:
+                print(f"  bootstrap peers: {', '.join(f'{h}:{p}' for h, p in config.peers)}", flush=True)
 
     trio.run(run)
     return 0
