@@ -28,7 +28,12 @@ from eldric_p2p.coordinator import Coordinator, coordinator_routes
 from eldric_p2p.datapeer import Catalog, datapeer_routes
 from eldric_p2p.errors import UsageError
 from eldric_p2p.http_server import EXCEPTION_HANDLERS, serve_app
+from eldric_p2p.dashboard import dashboard_routes
+from eldric_p2p.gateway import gateway_routes
 from eldric_p2p.identity import Identity
+from eldric_p2p.metrics import metrics_routes
+from eldric_p2p.router import Router
+from eldric_p2p.upstream import UpstreamBackend
 from eldric_p2p.paths import default_data_dir
 from eldric_p2p.peers import PORT_HEADER, PeerDirectory, node_url
 from eldric_p2p.pipeline import PipelineBackend, RemotePipelineBackend, pipeline_routes
@@ -75,6 +80,8 @@ class NodeConfig:
     relay_listen: tuple[str, int] | None = None
     link_port: int = 0  # pipeline links (TLS over TCP) on listen_host; 0 picks a free port
     peer_interval: float = 2.0  # seconds between polls of the bootstrap peers
+    api_keys: list[str] = field(default_factory=list)  # required as `Authorization: Bearer KEY` on /v1
+    upstreams: list[tuple[str, str]] = field(default_factory=list)  # (model name, OpenAI-compatible base URL)
 
     @property
     def roles(self) -> list[str]:
@@ -116,6 +123,8 @@ class Node:
             own_is_worker=self.worker is not None,
         )
         self._remote: dict[tuple[str, str], RemotePipelineBackend] = {}
+        self.upstreams = [UpstreamBackend(name, url) for name, url in config.upstreams]
+        self.router = Router([self.backends, lambda: self.upstreams])
 
     @property
     def url(self) -> str | None:
@@ -168,6 +177,9 @@ class Node:
             routes += worker_routes(self.worker)
         routes += coordinator_routes(self.coordinator)
         routes += pipeline_routes(self.backends, self.peers.refresh)
+        routes += gateway_routes(self.router, api_keys=self.config.api_keys)
+        routes += metrics_routes()
+        routes += dashboard_routes(self.router)
         return routes
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:

@@ -27,11 +27,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-mdns", action="store_true", help="do not announce or browse on the LAN")
     p.add_argument("--relay", action="append", default=[], metavar="HOST:PORT", help="edge relay to join (repeatable)")
     p.add_argument("--relay-listen", default=None, metavar="HOST:PORT", help="run an edge relay on this UDP address")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1 (repeatable)")  # fmt: skip
+    p.add_argument("--upstream", action="append", default=[], metavar="NAME=URL",
+                   help="offer model NAME served by an OpenAI-compatible server (vLLM, llama-server, Ollama)")  # fmt: skip
 
 
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
     """NodeConfig from parsed flags. Raises UsageError for a bad size, address or device."""
     from eldric_p2p.errors import UsageError
+    from eldric_p2p.upstream import parse_upstream_spec
 
     device = args.device
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
@@ -50,6 +55,8 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         mdns=not args.no_mdns,
         relays=[parse_host_port(r) for r in args.relay],
         relay_listen=parse_host_port(args.relay_listen) if args.relay_listen else None,
+        api_keys=list(args.api_key),
+        upstreams=[parse_upstream_spec(u) for u in args.upstream],
     )
 
 
