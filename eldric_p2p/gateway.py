@@ -671,6 +671,7 @@ def gateway_routes(router: Router, *, api_keys: Iterable[str] = (), max_body: in
             try:
                 _check_key(request, keys)
                 parsed = parse(await read_json_body(request, max_body))
+                await router.ensure(parsed.model)
                 router.pick(parsed.model)  # unknown model -> 404 before anything streams
             except (ApiError, ModelNotFound) as exc:
                 err = api_error_from(exc)

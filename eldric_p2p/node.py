@@ -124,7 +124,7 @@ class Node:
         )
         self._remote: dict[tuple[str, str], RemotePipelineBackend] = {}
         self.upstreams = [UpstreamBackend(name, url) for name, url in config.upstreams]
-        self.router = Router([self.backends, lambda: self.upstreams])
+        self.router = Router([self.backends, lambda: self.upstreams], refresh=self.peers.refresh)
 
     @property
     def url(self) -> str | None:

@@ -18,7 +18,7 @@ router raises `Overloaded` (the gateway answers 429 with Retry-After), when none
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -51,8 +51,10 @@ class Router:
         *,
         max_queue: int = DEFAULT_MAX_QUEUE,
         retry_after: float = 2.0,
+        refresh: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.sources: list[BackendSource] = list(sources)
+        self.refresh = refresh  # asks the peers again (a pipeline deployed a moment ago may not be known yet)
         self.max_queue = max_queue
         self.retry_after = retry_after
         self._inflight: dict[
@@ -79,6 +81,11 @@ class Router:
 
     def backends(self, model: str) -> list[Backend]:
         return [b for b in self.all_backends() if b.model_id == model]
+
+    async def ensure(self, model: str) -> None:
+        """Refresh the sources once when nothing serves `model` yet."""
+        if self.refresh is not None and not self.backends(model):
+            await self.refresh()
 
     def model_ids(self) -> list[str]:
         return sorted({b.model_id for b in self.all_backends()})

@@ -81,3 +81,23 @@ def test_a_broken_info_does_not_hide_other_models() -> None:
     router = Router([lambda: [Broken("x", name="x"), FakeBackend("y")]])
     assert [m["id"] for m in router.models()] == ["x", "y"]
     assert router.pick("x").model_id == "x"
+
+
+def test_ensure_refreshes_once_when_a_model_is_unknown() -> None:
+    found: list[FakeBackend] = []
+    calls = 0
+
+    async def refresh() -> None:
+        nonlocal calls
+        calls += 1
+        found.append(FakeBackend("m"))  # a peer reports a pipeline deployed a moment ago
+
+    router = Router([lambda: found], refresh=refresh)
+
+    async def main() -> None:
+        await router.ensure("m")
+        assert router.pick("m") is found[0]
+        await router.ensure("m")  # known now: no second round of polls
+
+    trio.run(main)
+    assert calls == 1
