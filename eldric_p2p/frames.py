@@ -407,6 +407,8 @@ async def send_frame(stream: trio.abc.SendStream, frame: Frame, limits: FrameLim
             await stream.send_all(payload)
     except trio.BrokenResourceError as exc:
         raise PeerUnavailable(f"link broke while sending a {frame.type.name} frame") from exc
+    except trio.ClosedResourceError as exc:  # closed on this side by another task (e.g. a session teardown)
+        raise PeerUnavailable(f"link closed while sending a {frame.type.name} frame") from exc
 
 
 class FrameWriter:
@@ -448,6 +450,8 @@ class FrameReader:
                 data = await self.stream.receive_some(self.read_size)
             except trio.BrokenResourceError as exc:
                 raise PeerUnavailable("link broke while reading a frame") from exc
+            except trio.ClosedResourceError as exc:
+                raise PeerUnavailable("link closed while reading a frame") from exc
             self._decoder.receive_data(data)
 
     def __aiter__(self) -> AsyncIterator[Frame]:

@@ -261,3 +261,20 @@ def test_broken_link_and_cut_frame_are_reported() -> None:
             await FrameReader(Broken()).next()
 
     trio.run(main)
+
+
+def test_a_link_closed_on_this_side_is_peer_unavailable_not_a_crash() -> None:
+    import trio.testing
+
+    from eldric_p2p.errors import PeerUnavailable
+    from eldric_p2p.frames import FrameReader, FrameType, Frame, send_frame
+
+    async def main() -> None:
+        a, b = trio.testing.memory_stream_pair()
+        await a.aclose()
+        with pytest.raises(PeerUnavailable, match="closed while sending"):
+            await send_frame(a, Frame(FrameType.PING, session_id=0))
+        with pytest.raises(PeerUnavailable, match="closed while reading"):
+            await FrameReader(a).next()
+
+    trio.run(main)
