@@ -766,7 +766,9 @@ static void run_chunk(const job_t *j, int64_t c) {
 }
 
 #define MAX_WORKERS 255
-#define SPIN_NS 2000000 /* a worker spins this long for the next job before it sleeps */
+/* A worker spins this long for the next job before it sleeps: long enough to bridge the Python between two
+ * matmuls of one forward pass, short enough not to hold a core that the next pipeline stage (or torch) needs. */
+static _Atomic int64_t g_spin_ns = 200000;
 #define CLOSED 0xffffffffu
 
 static job_t g_job;
@@ -815,7 +817,7 @@ static void *worker_main(void *arg) {
         const int64_t t0 = now_ns();
         for (int spins = 1; g == seen; spins++) {
             cpu_relax();
-            if ((spins & 255) == 0 && now_ns() - t0 > SPIN_NS) {
+            if ((spins & 255) == 0 && now_ns() - t0 > atomic_load_explicit(&g_spin_ns, memory_order_relaxed)) {
                 pthread_mutex_lock(&g_sleep_mu);
                 atomic_fetch_add(&g_sleepers, 1);
                 while ((g = atomic_load(&g_gen)) == seen) pthread_cond_wait(&g_sleep_cv, &g_sleep_mu);
@@ -1017,7 +1019,21 @@ static PyObject *py_set_simd(PyObject *self, PyObject *arg) {
     return PyBool_FromLong(use_avx2);
 }
 
+static PyObject *py_set_spin_us(PyObject *self, PyObject *arg) {
+    (void)self;
+    const long long us = PyLong_AsLongLong(arg);
+    if (us == -1 && PyErr_Occurred()) return NULL;
+    if (us < 0 || us > 1000000) {
+        PyErr_SetString(PyExc_ValueError, "spin time must be 0..1000000 microseconds");
+        return NULL;
+    }
+    const int64_t old = atomic_exchange(&g_spin_ns, (int64_t)us * 1000);
+    return PyLong_FromLongLong(old / 1000);
+}
+
 static PyMethodDef methods[] = {
+    {"set_spin_us", py_set_spin_us, METH_O,
+     "set_spin_us(us) -> int: how long idle workers spin before sleeping (default 200); returns the old value."},
     {"qmatmul", py_qmatmul, METH_VARARGS,
      "qmatmul(x, w, out, ggml_type, in_features, out_features, n_threads) -> None\n"
      "out[T, out_features] = x[T, in_features] @ W.T on GGUF blocks, with ggml's CPU arithmetic."},

@@ -117,3 +117,11 @@ def qlinear(x: torch.Tensor, w: QuantWeight, n_threads: int | None = None) -> to
         x2.numpy(), w.data.numpy(), out.numpy(), int(w.ggml_type), w.in_features, w.out_features, threads
     )
     return out.reshape(*lead, w.out_features)
+
+
+def set_spin_us(us: int) -> int:
+    """How long idle kernel threads spin for the next matmul before sleeping (default 200 µs); returns the old
+    value. 0 frees the core at once, e.g. for several pipeline stages sharing one machine."""
+    if _qkernels is None:
+        return 0
+    return int(_qkernels.set_spin_us(int(us)))
