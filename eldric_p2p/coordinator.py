@@ -246,6 +246,7 @@ class ShardState:
     progress: dict[str, int] = field(default_factory=dict)
     last_heartbeat: float = 0.0  # trio clock
     next_hop_ok: bool = True
+    link: str | None = None  # path of the link to the next hop: "direct" | "relayed" (None: not open yet)
 
 
 @dataclass
@@ -303,6 +304,7 @@ class Deployment:
                     "bytes_fetched": s.bytes_fetched,
                     "progress": s.progress,
                     "next_hop_ok": s.next_hop_ok,
+                    "link": s.link,
                     "last_heartbeat_s": round(now - s.last_heartbeat, 1) if s.last_heartbeat else None,
                 }
                 for i, s in enumerate(self.shards)
@@ -322,8 +324,10 @@ class Coordinator:
         own_is_worker: bool,
         heartbeat_s: float = HEARTBEAT_S,
         lost_after_s: float = LOST_AFTER_S,
+        client_factory: Callable[[], httpx.AsyncClient] = httpx.AsyncClient,
     ) -> None:
         self.peers = peers
+        self.client_factory = client_factory  # a Connector's client reaches peers behind NAT by peer URL
         self.own_url = own_url
         self.own_models = own_models
         self.own_is_worker = own_is_worker
@@ -342,7 +346,7 @@ class Coordinator:
                 (own, {"roles": ["worker"] if self.own_is_worker else [], "models": self.own_models()})
             )
         for info in self.peers.table.peers():
-            url = info.fields.get("url")
+            url = self.peers.url_for(info)
             if isinstance(url, str):
                 out.append((url, info.fields))
         return out
@@ -421,7 +425,7 @@ class Coordinator:
         if not data_peers:
             model = self.resolve_model(model)
             data_peers = self.data_peers_for(model)
-        async with self._lock, httpx.AsyncClient() as client:
+        async with self._lock, self.client_factory() as client:
             for old in [d for d in self.deployments.values() if d.model == model]:
                 await self._poll(client, old, strict=True)
                 if (
@@ -533,6 +537,8 @@ class Coordinator:
             shard.bytes_fetched = int(s.get("bytes_fetched") or 0)
             shard.progress = s.get("progress") or {}
             shard.next_hop_ok = s.get("next_hop_ok") is not False
+            link = s.get("link")
+            shard.link = link if link in ("direct", "relayed") else None
 
         async with trio.open_nursery() as nursery:
             for shard in dep.shards:
@@ -561,7 +567,7 @@ class Coordinator:
         return max(deps, key=lambda d: d.created)
 
     async def undeploy(self, key: str) -> Deployment:
-        async with self._lock, httpx.AsyncClient() as client:
+        async with self._lock, self.client_factory() as client:
             dep = self.find(key)
             await self._unload(client, dep.id, dep.shards)
             del self.deployments[dep.id]
@@ -573,7 +579,7 @@ class Coordinator:
         The old shards are unloaded first: the survivors need their memory back for their new ranges.
         """
         old = await self.undeploy(key)
-        async with httpx.AsyncClient() as client:
+        async with self.client_factory() as client:
             await self.peers.refresh()
             live = {v.name for v in await self.worker_views(client)}
         names = [n for n in old.workers_asked if n in live] if old.workers_asked else None
@@ -589,7 +595,7 @@ class Coordinator:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Heartbeats: poll every deployment's workers every `heartbeat_s`."""
-        async with httpx.AsyncClient() as client:
+        async with self.client_factory() as client:
             task_status.started()
             while True:
                 await trio.sleep(self.heartbeat_s)

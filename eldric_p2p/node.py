@@ -3,7 +3,14 @@
 Each role contributes Starlette routes and background services; `Node.run` assembles them into one app and
 serves it. Roles: gateway (always: `GET /api/v1/node`, `POST /api/v1/pipeline/generate`), data peer
 (`--models`), worker (unless `--no-worker`: load/unload/status and a link listener for pipeline frames),
-coordinator (always: deploy/status/models/undeploy/rebalance, peers from `--peer` bootstrap).
+coordinator (always: deploy/status/models/undeploy/rebalance, peers from `--peer` bootstrap), edge relay
+(`--relay-listen`).
+
+Finding peers: `--peer` bootstrap (HTTP polling), mDNS on the LAN (unless `--no-mdns`) and the directory of
+each `--relay`; all three feed one `PeerTable` (`node.peers.table`), read by the coordinator and the gateway.
+Reaching them: `node.connector` (eldric_p2p.connector) gives links and HTTP streams by peer id, direct where
+an address answers and relayed otherwise; incoming relayed streams go through the same link dispatch as
+direct links (pipeline frames to the worker, HTTP-tagged links to this node's own HTTP port).
 
 `node.backends()` lists what the gateway can route a generation to: a `PipelineBackend` for each pipeline
 whose head stage runs here, and a `RemotePipelineBackend` for each head a peer reports.
@@ -24,19 +31,23 @@ from starlette.routing import Route
 
 from eldric_p2p import __version__
 from eldric_p2p.backend import Backend
+from eldric_p2p.connector import Connector, http_client_factory
 from eldric_p2p.coordinator import Coordinator, coordinator_routes
-from eldric_p2p.datapeer import Catalog, datapeer_routes
-from eldric_p2p.errors import UsageError
-from eldric_p2p.http_server import EXCEPTION_HANDLERS, serve_app
 from eldric_p2p.dashboard import dashboard_routes
+from eldric_p2p.datapeer import Catalog, datapeer_routes
+from eldric_p2p.discovery import Announcement, local_ipv4_addresses, run_discovery
+from eldric_p2p.errors import UsageError
 from eldric_p2p.gateway import gateway_routes
+from eldric_p2p.http_server import EXCEPTION_HANDLERS, serve_app
 from eldric_p2p.identity import Identity
 from eldric_p2p.metrics import metrics_routes
-from eldric_p2p.router import Router
-from eldric_p2p.upstream import UpstreamBackend
 from eldric_p2p.paths import default_data_dir
 from eldric_p2p.peers import PORT_HEADER, PeerDirectory, node_url
 from eldric_p2p.pipeline import PipelineBackend, RemotePipelineBackend, pipeline_routes
+from eldric_p2p.relay.client import RelayMember
+from eldric_p2p.relay.server import Relay, run_relay
+from eldric_p2p.router import Router
+from eldric_p2p.upstream import UpstreamBackend
 from eldric_p2p.worker import Worker, worker_routes
 
 log = logging.getLogger(__name__)
@@ -82,6 +93,7 @@ class NodeConfig:
     peer_interval: float = 2.0  # seconds between polls of the bootstrap peers
     api_keys: list[str] = field(default_factory=list)  # required as `Authorization: Bearer KEY` on /v1
     upstreams: list[tuple[str, str]] = field(default_factory=list)  # (model name, OpenAI-compatible base URL)
+    relay_options: dict[str, Any] = field(default_factory=dict)  # RelayMember keyword options (tests: backoff)
 
     @property
     def roles(self) -> list[str]:
@@ -105,6 +117,11 @@ class Node:
         self.catalog: Catalog | None = None
         self.port: int | None = None
         self.peers = PeerDirectory(self.identity.peer_id, config.peers, interval=config.peer_interval)
+        self.connector = Connector(self.identity, self.peers.table)
+        self.connector.local_http = self._local_http
+        self.client_factory = http_client_factory(self.connector)
+        self.relay: Relay | None = None
+        self.members: list[RelayMember] = []
         self.worker: Worker | None = None
         if config.worker:
             self.worker = Worker(
@@ -115,12 +132,15 @@ class Node:
                 memory=config.memory,
                 link_host=config.listen_host,
                 link_port=config.link_port,
+                connector=self.connector,
             )
+            self.connector.frames_handler = self.worker._serve_link
         self.coordinator = Coordinator(
             self.peers,
             own_url=lambda: self.url,
             own_models=lambda: sorted(self.catalog.models) if self.catalog else [],
             own_is_worker=self.worker is not None,
+            client_factory=self.client_factory,
         )
         self._remote: dict[tuple[str, str], RemotePipelineBackend] = {}
         self.upstreams = [UpstreamBackend(name, url) for name, url in config.upstreams]
@@ -142,7 +162,54 @@ class Node:
             "heads": [{"model": s.a.model_id, "deployment_id": s.a.deployment_id} for s in w.heads()]
             if w
             else [],
+            "relay": {"peer_id": self.identity.peer_id, "members": len(self.relay.members)}
+            if self.relay is not None
+            else None,
+            "relays": [
+                {"relay": f"{m.host}:{m.port}", "registered": m.registered, "relay_id": m.relay_id,
+                 "connects": m.connects}  # fmt: skip
+                for m in self.members
+            ],
+            "paths": dict(self.connector.paths),
         }
+
+    def _local_http(self) -> tuple[str, int] | None:
+        """Where HTTP-tagged links are spliced to: our own HTTP port."""
+        if self.port is None:
+            return None
+        host = self.config.listen_host
+        return ("127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host), self.port
+
+    def addresses(self) -> tuple[str, ...]:
+        """The addresses we announce (where our HTTP and link ports listen)."""
+        host = self.config.listen_host
+        if host in ("0.0.0.0", "::", ""):
+            return tuple(local_ipv4_addresses() or ["127.0.0.1"])
+        return (host,)
+
+    def announcement(self) -> Announcement:
+        """What mDNS and the relays tell other nodes about us (re-read every second; changes re-announced)."""
+        w = self.worker
+        heads = set(id(s) for s in w.heads()) if w is not None else set()
+        held = w.shards.values() if w is not None else ()
+        shards = tuple(f"{'head' if id(s) in heads else 'stage'}:{s.a.model_id}" for s in held)
+        return Announcement(
+            peer_id=self.identity.peer_id,
+            name=self.name,
+            http_port=self.port or 0,
+            addresses=self.addresses(),
+            device=w.device if w is not None else "",
+            memory_total=w.offered if w is not None else 0,
+            memory_free=w.free if w is not None else 0,
+            roles=tuple(self.config.roles),
+            models=tuple(sorted(self.catalog.models)) if self.catalog else (),
+            shards=shards,
+        )
+
+    def relay_announcement(self) -> dict[str, Any]:
+        fields = self.announcement().to_fields()
+        fields["link_port"] = self.worker.link_port if self.worker is not None else 0
+        return fields
 
     def backends(self) -> list[Backend]:
         """Where a generation can go: pipelines headed here first, then heads on peers."""
@@ -153,14 +220,14 @@ class Node:
                     shard.backend = PipelineBackend(self.worker, shard)
                 out.append(shard.backend)
         for info in self.peers.table.peers():
-            url = info.fields.get("url")
-            for head in info.fields.get("heads") or []:
-                model = head.get("model") if isinstance(head, dict) else None
-                if isinstance(url, str) and isinstance(model, str):
-                    key = (url, model)
-                    if key not in self._remote:
-                        self._remote[key] = RemotePipelineBackend(url, model, info={"peer": info.name})
-                    out.append(self._remote[key])
+            url = self.peers.url_for(info)
+            for model in self.peers.heads_of(info) if url is not None else []:
+                key = (url, model)
+                if key not in self._remote:
+                    self._remote[key] = RemotePipelineBackend(
+                        url, model, info={"peer": info.name}, client_factory=self.client_factory
+                    )
+                out.append(self._remote[key])
         return out
 
     def routes(self) -> list[Route]:
@@ -201,4 +268,27 @@ class Node:
                 nursery.start_soon(self.catalog.hash_all)
             await nursery.start(self.peers.run)
             await nursery.start(self.coordinator.run)
+            if cfg.relay_listen is not None:
+                host, port = cfg.relay_listen
+                self.relay = await nursery.start(run_relay, host, port, self.identity)
+            for host, port in cfg.relays:
+                member = RelayMember(
+                    self.identity,
+                    host,
+                    port,
+                    self.peers.table,
+                    self.relay_announcement,
+                    self.connector.handle_relayed,
+                    **cfg.relay_options,
+                )
+                self.members.append(member)
+                self.connector.members.append(member)
+                await nursery.start(member.run)
+            if cfg.mdns:
+                lan = None if cfg.listen_host in ("0.0.0.0", "::", "") else [cfg.listen_host]
+                await nursery.start(
+                    lambda task_status: run_discovery(
+                        self.peers.table, self.announcement, interfaces=lan, task_status=task_status
+                    )
+                )
             task_status.started(self.port)

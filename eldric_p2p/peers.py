@@ -166,8 +166,34 @@ class PeerDirectory:
 
     def url_of(self, peer_id: str) -> str | None:
         info = self.table.get(peer_id)
-        url = info.fields.get("url") if info is not None else None
-        return url if isinstance(url, str) else None
+        return self.url_for(info) if info is not None else None
+
+    @staticmethod
+    def url_for(info: PeerInfo) -> str | None:
+        """A peer's HTTP base URL: the polled one for a static peer, else a peer URL naming it by id
+        (`connector.peer_url`, resolved by the Connector: direct to its announced addresses, else relayed)."""
+        url = info.fields.get("url") if info.source == "static" else None
+        if isinstance(url, str):
+            return url
+        if info.http_port is None:
+            return None
+        from eldric_p2p.connector import peer_url
+
+        return peer_url(info.peer_id, info.http_port)
+
+    @staticmethod
+    def heads_of(info: PeerInfo) -> list[str]:
+        """Models whose pipeline head runs on that peer: `heads` (static) or `head:`/`single:` shards."""
+        out: list[str] = []
+        for head in info.fields.get("heads") or []:
+            model = head.get("model") if isinstance(head, dict) else None
+            if isinstance(model, str):
+                out.append(model)
+        for shard in info.fields.get("shards") or []:
+            role, _, model = str(shard).partition(":")
+            if role in ("head", "single") and model and model not in out:
+                out.append(model)
+        return out
 
     def listing(self) -> list[dict[str, Any]]:
         now = trio.current_time()
@@ -178,7 +204,7 @@ class PeerDirectory:
                 {
                     "peer_id": info.peer_id,
                     "name": info.name,
-                    "url": f.get("url"),
+                    "url": self.url_for(info),
                     "source": info.source,
                     "roles": f.get("roles", []),
                     "models": f.get("models", []),
@@ -209,7 +235,7 @@ class PeerDirectory:
             if own:
                 await client.aclose()
         now = trio.current_time()
-        for info in self.table.peers():
+        for info in self.table.peers("static"):  # mdns and relay entries have their own expiry
             if now - info.last_seen > self.expiry:
                 self.table.remove(info.peer_id, info.source)
                 gone = info.fields.get("url")

@@ -340,8 +340,10 @@ class RemotePipelineBackend:
         *,
         info: dict[str, Any] | None = None,
         step_timeout: float = PREFILL_TIMEOUT_S,
+        client_factory: Callable[..., httpx.AsyncClient] = httpx.AsyncClient,
     ) -> None:
         self.node_url = node_url.rstrip("/")
+        self.client_factory = client_factory  # a Connector's client reaches a head behind NAT by peer URL
         self.model_id = model_id
         self._info = info or {}
         self.step_timeout = step_timeout
@@ -375,7 +377,7 @@ class RemotePipelineBackend:
         self._running += 1
         finished = False
         try:
-            async with events, httpx.AsyncClient(timeout=timeout) as client:
+            async with events, self.client_factory(timeout=timeout) as client:
                 url = f"{self.node_url}/api/v1/pipeline/generate"
                 async with client.stream("POST", url, json=body) as resp:
                     if resp.status_code != 200:

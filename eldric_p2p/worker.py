@@ -70,6 +70,7 @@ from eldric_p2p.peers import fetch_model_index
 from eldric_p2p.units import format_size
 
 if TYPE_CHECKING:
+    from eldric_p2p.connector import Connector
     from eldric_p2p.engine.model import Stage
     from eldric_p2p.engine.sampling import Sampler
     from eldric_p2p.engine.tokenizer import Tokenizer
@@ -348,6 +349,9 @@ class Shard:
             "fetch_s": round(self.fetch_s, 3),
             "load_s": round(self.load_s, 3),
             "next_hop_ok": self.next_hop_ok,
+            "link": self.downstream.link.path
+            if self.downstream is not None and not self.downstream.broken
+            else None,
             "sessions": len(self.head_sessions) if a.stage_index == 0 else None,
         }
 
@@ -377,8 +381,13 @@ class Worker:
         memory: int | None = None,
         link_host: str = "127.0.0.1",
         link_port: int = 0,
+        connector: Connector | None = None,
     ) -> None:
         self.identity = identity
+        # With a connector, next hops, data peers and peer URLs are reached by peer id (direct or relayed)
+        # and incoming links go through its dispatch (HTTP-tagged links to the API, the rest to us).
+        self.connector = connector
+        self.link_handler = self._serve_link if connector is None else connector.dispatch
         self.name = name
         self.data_dir = Path(data_dir)
         self.device = resolve_device(device)
@@ -432,6 +441,12 @@ class Worker:
             "frames_refused": self.frames_refused,
         }
 
+    def http_client(self) -> httpx.AsyncClient:
+        """An httpx client that also reaches peer URLs (through the connector, when there is one)."""
+        from eldric_p2p.connector import http_client_factory
+
+        return http_client_factory(self.connector)()
+
     def heads(self) -> list[Shard]:
         """Head shards that can serve: loaded, and their next hop not known to be gone."""
         return [
@@ -445,7 +460,7 @@ class Worker:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             listeners = await nursery.start(
-                serve_tcp_links, self.identity, self.link_host, self.link_port, self._serve_link
+                serve_tcp_links, self.identity, self.link_host, self.link_port, self.link_handler
             )
             self.link_port = listeners[0].socket.getsockname()[1]
             task_status.started(self.link_port)
@@ -515,6 +530,7 @@ class Worker:
         return shard
 
     async def _load(self, shard: Shard) -> None:
+        from eldric_p2p.connector import fetch_connect
         from eldric_p2p.fetcher import fetch_assignment
 
         a = shard.a
@@ -531,6 +547,7 @@ class Worker:
                 a.end,
                 cache_root=self.data_dir / "shards",
                 progress=progress,
+                connect=fetch_connect(self.connector) if self.connector is not None else None,
             )
             shard.bytes_fetched = result.bytes_fetched
             shard.fetch_s = time.perf_counter() - t0
@@ -539,6 +556,12 @@ class Worker:
             await self.compute(self._build_stage, shard, result.path)
             shard.load_s = time.perf_counter() - t1
             shard.state = "ready"
+            if not a.single:  # open the next hop now: the first request does not wait for it, and the
+                try:  # coordinator's status shows the link's path (direct | relayed) from the start
+                    await self._downstream(shard)
+                except EldricError as exc:
+                    shard.next_hop_ok = True  # not fatal yet: the first frame tries again
+                    log.info("%s: next hop not reachable yet: %s", shard.label, exc)
             log.info(
                 "%s ready: fetched %s in %.1f s, loaded in %.1f s",
                 shard.label,
@@ -606,9 +629,14 @@ class Worker:
                 return ds
             nxt = shard.a.next
             try:
-                link = await open_tcp_link(
-                    nxt.host, nxt.link_port, self.identity, nxt.peer_id, handshake_timeout=LINK_TIMEOUT_S
-                )
+                if self.connector is not None:
+                    link = await self.connector.open_link(
+                        nxt.peer_id, port=nxt.link_port, hints=[(nxt.host, nxt.link_port)]
+                    )
+                else:
+                    link = await open_tcp_link(
+                        nxt.host, nxt.link_port, self.identity, nxt.peer_id, handshake_timeout=LINK_TIMEOUT_S
+                    )
             except PeerUnavailable:
                 shard.next_hop_ok = False
                 raise
@@ -907,7 +935,7 @@ def worker_routes(worker: Worker) -> list[Route]:
     async def load(request: Request) -> Response:
         try:
             a = Assignment.from_json_untrusted(await _json_body(request))
-            async with httpx.AsyncClient() as client:
+            async with worker.http_client() as client:
                 needed, fmt = await worker.needs(a, client)
             if needed > worker.free:
                 message = worker.refusal(a, needed, fmt)

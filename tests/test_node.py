@@ -52,7 +52,7 @@ def test_parse_host_port() -> None:
 def test_node_serves_info_and_models(tmp_path: Path) -> None:
     (tmp_path / "m").mkdir()
     write_synthetic_gguf(tmp_path / "m" / "tiny.gguf")
-    cfg = NodeConfig(name="n1", data_dir=tmp_path / "data", listen_port=0, models=[tmp_path / "m"])
+    cfg = NodeConfig(name="n1", data_dir=tmp_path / "data", listen_port=0, models=[tmp_path / "m"], mdns=False)
 
     async def main() -> None:
         node = Node(cfg)

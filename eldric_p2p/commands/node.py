@@ -81,6 +81,12 @@ def main(args: argparse.Namespace) -> int:
                 print(f"  worker: {w.device}, offers {offer}, pipeline links on port {w.link_port}", flush=True)
             if config.peers:
                 print(f"  bootstrap peers: {', '.join(f'{h}:{p}' for h, p in config.peers)}", flush=True)
+            if node.relay is not None and node.relay.address is not None:
+                rhost, rport = node.relay.address
+                print(f"  edge relay {node.identity.peer_id} on udp {rhost}:{rport}", flush=True)
+            for m in node.members:
+                print(f"  member of relay {m.host}:{m.port} (reconnects by itself)", flush=True)
+            print(f"  mdns: {'on' if config.mdns else 'off'}", flush=True)
 
     trio.run(run)
     return 0
