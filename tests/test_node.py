@@ -70,3 +70,47 @@ def test_node_serves_info_and_models(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+@pytest.mark.slow  # about 6 s: zeroconf probes and announces each name before it is up
+def test_three_nodes_find_each_other_by_mdns_and_a_stopped_one_leaves(tmp_path: Path) -> None:
+    """No --peer flags: mDNS on loopback only. (Other nodes on this host may show up too: only ours count.)"""
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nodes, scopes = [], []
+            for i in range(3):
+                node = Node(NodeConfig(name=f"m{i}", data_dir=tmp_path / f"m{i}", listen_port=0, worker=False))
+
+                async def run(node: Node = node, *, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+                    with trio.CancelScope() as scope:
+                        async with trio.open_nursery() as inner:
+                            await inner.start(node.run)
+                            task_status.started(scope)
+
+                scopes.append(await nursery.start(run))
+                nodes.append(node)
+            ids = {n.identity.peer_id for n in nodes}
+
+            def sees(node: Node) -> set[str]:
+                return {p.peer_id for p in node.peers.table.peers("mdns")} & ids
+
+            t0 = trio.current_time()
+            with trio.fail_after(10):
+                while not all(sees(n) == ids - {n.identity.peer_id} for n in nodes):  # noqa: ASYNC110
+                    await trio.sleep(0.1)
+            found_s = trio.current_time() - t0
+            # what a peer found by mDNS offers: its HTTP port, reachable at the announced address
+            p1 = nodes[0].peers.table.get(nodes[1].identity.peer_id)
+            assert p1 is not None and p1.http_port == nodes[1].port and "127.0.0.1" in p1.addresses
+            async with httpx.AsyncClient() as c:
+                listing = (await c.get(f"{nodes[0].url}/api/v1/peers")).json()["peers"]
+            assert {p["name"] for p in listing if p["source"] == "mdns"} >= {"m1", "m2"}
+            scopes[2].cancel()  # m2 stops: its goodbye removes it
+            with trio.fail_after(10):
+                while nodes[2].identity.peer_id in sees(nodes[0]) | sees(nodes[1]):  # noqa: ASYNC110
+                    await trio.sleep(0.1)
+            print(f"found in {found_s:.1f} s; gone in {trio.current_time() - t0 - found_s:.1f} s")
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
