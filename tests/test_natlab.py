@@ -168,3 +168,80 @@ def test_sites_reach_the_relay_only_outbound_and_talk_through_it(lab: natlab.Lab
 
 
 HOST_A1 = natlab.HOSTS["a1"][0]
+
+
+# ------------------------------------------------------------------------------- eldric-p2p nodes in the lab
+
+PROMPT = "Write a Python function that reverses a string."
+TOKENS = 12
+
+
+def _json_out(proc: subprocess.CompletedProcess[str]) -> dict[str, object]:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)  # type: ignore[no-any-return]
+
+
+def _chat(fed: natlab.Federation, model: str, within: float) -> dict[str, object]:
+    """Greedy chat through the data peer (the head is behind NAT A); retried while the pipeline comes back."""
+    deadline = time.monotonic() + within
+    while True:
+        proc = fed.cli("data", "chat", model, PROMPT, "--node", fed.nodes["data"].url, "--max-tokens",
+                       str(TOKENS), "--temperature", "0", "--json", timeout=300)  # fmt: skip
+        if proc.returncode == 0 or time.monotonic() > deadline:
+            return _json_out(proc)
+        time.sleep(1)
+
+
+@pytest.mark.slow
+@pytest.mark.models
+def test_qwen_across_two_nated_sites_equals_run_and_survives_a_relay_restart(
+    lab: natlab.Lab, qwen_path: Path, tmp_path: Path
+) -> None:
+    model = qwen_path.stem
+    ref = _json_out(subprocess.run(
+        [sys.executable, "-m", "eldric_p2p", "run", str(qwen_path), PROMPT, "--max-tokens", str(TOKENS),
+         "--temperature", "0", "--json"], capture_output=True, text=True, timeout=600))  # fmt: skip
+    fed = natlab.Federation(lab, str(tmp_path), str(qwen_path.parent))
+    try:
+        fed.start()
+        fed.wait_directory()
+        data = fed.nodes["data"]
+        dep = _json_out(fed.cli("data", "deploy", model, "--workers", "a1,a2,b1", "--node", data.url,
+                                "--ctx", "512", "--json"))  # fmt: skip
+        stages = dep["stages"]
+        assert isinstance(stages, list)
+        assert [(s["worker"], s["state"]) for s in stages] == [("a1", "ready"), ("a2", "ready"), ("b1", "ready")]
+        assert all(s["bytes_fetched"] > 0 for s in stages)  # ranges fetched from the public data peer
+        assert dep["data_peers"] == [data.url]
+
+        # the sites accept no inbound connections: not from the public segment, only from their own LAN
+        a1 = lab.addr("a1")
+        assert lab.tcp_probe("data", a1, natlab.HTTP_PORT, timeout=1.5) == "timeout"
+        assert lab.tcp_probe("relay", lab.addr("b1"), natlab.HTTP_PORT, timeout=1.5) == "timeout"
+        assert lab.tcp_probe("a2", a1, natlab.HTTP_PORT) == "connected"
+
+        got = _chat(fed, model, within=30)
+        assert got["token_ids"] == ref["token_ids"] and got["text"] == ref["text"]
+
+        status = fed.get("data", f"{data.url}/api/v1/pipeline/status")
+        links = [(s["worker"], s["link"]) for s in status["deployments"][0]["stages"]]  # type: ignore[index]
+        # a1 -> a2 stays inside site A; a2 -> b1 and b1 -> a1 (the tokens back to the head) cross sites
+        assert links == [("a1", "direct"), ("a2", "relayed"), ("b1", "relayed")]
+        info = fed.get("data", f"{data.url}/api/v1/node")
+        assert info["paths"][fed.nodes["a1"].peer_id] == "relayed"  # type: ignore[index]
+
+        # the relay restarts while idle: members reconnect by themselves and a later request works
+        fed.nodes["relay"].stop()
+        time.sleep(2)
+        fed.start_relay()
+        deadline = time.monotonic() + 60
+        while True:
+            infos = [fed.get(r, f"{fed.nodes[r].url}/api/v1/node") for r in ("data", *natlab.WORKERS)]
+            if all(i["relays"][0]["registered"] and i["relays"][0]["connects"] >= 2 for i in infos):  # type: ignore[index]
+                break
+            assert time.monotonic() < deadline, f"members did not reconnect: {infos}"
+            time.sleep(0.5)
+        again = _chat(fed, model, within=60)
+        assert again["token_ids"] == ref["token_ids"]
+    finally:
+        fed.stop()

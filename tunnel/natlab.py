@@ -294,6 +294,114 @@ def natlab(prefix: str = "elp", delay_ms: float = 0.0) -> Iterator[Lab]:
         lab.down()
 
 
+# ---------------------------------------------------------------------------------------------- nodes
+
+
+RELAY_PORT = 4433
+HTTP_PORT = 8470
+WORKERS = ("a1", "a2", "b1")
+
+
+class Node:
+    """An `eldric-p2p node` process inside a lab namespace; its log goes to `log`."""
+
+    def __init__(self, lab: Lab, role: str, argv: Sequence[str], log: str) -> None:
+        self.role = role
+        self.url = f"http://{lab.addr(role)}:{HTTP_PORT}"
+        self.log = log
+        with open(log, "ab") as f:
+            self.proc = lab.popen(role, argv, stdout=subprocess.PIPE, stderr=f)
+        self.peer_id = ""
+
+    def wait_serving(self, timeout: float = 60.0) -> None:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise LabError(f"node {self.role} exited (rc={self.proc.poll()}); see {self.log}")
+            if "serving on" in line:
+                self.peer_id = line.split("(", 1)[1].split(")", 1)[0]
+                return
+        raise LabError(f"node {self.role} did not start within {timeout} s; see {self.log}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def node_argv(lab: Lab, role: str, data_dir: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "eldric_p2p", "-v", "node", "--name", role, "--data-dir", data_dir,
+            "--listen", f"{lab.addr(role)}:{HTTP_PORT}", "--no-mdns", *extra]  # fmt: skip
+
+
+@dataclass
+class Federation:
+    """The lab's eldric-p2p processes: a relay node, a data peer (public), workers a1, a2 (site A), b1 (B).
+
+    Every node but the relay is a `--relay` member; none has `--peer`: they know each other from the relay.
+    """
+
+    lab: Lab
+    tmp: str
+    models: str
+    memory: str = "1GiB"
+    nodes: dict[str, Node] = field(default_factory=dict)
+
+    def start_relay(self) -> Node:
+        argv = node_argv(self.lab, "relay", f"{self.tmp}/relay", "--no-worker",
+                         "--relay-listen", f"0.0.0.0:{RELAY_PORT}")  # fmt: skip
+        node = self.nodes["relay"] = Node(self.lab, "relay", argv, f"{self.tmp}/relay.log")
+        node.wait_serving()
+        return node
+
+    def start(self) -> None:
+        self.start_relay()
+        relay = f"{self.lab.addr('relay')}:{RELAY_PORT}"
+        argv = node_argv(self.lab, "data", f"{self.tmp}/data", "--no-worker", "--models", self.models,
+                         "--relay", relay)  # fmt: skip
+        self.nodes["data"] = Node(self.lab, "data", argv, f"{self.tmp}/data.log")
+        for role in WORKERS:
+            argv = node_argv(self.lab, role, f"{self.tmp}/{role}", "--device", "cpu", "--memory", self.memory,
+                             "--relay", relay)  # fmt: skip
+            self.nodes[role] = Node(self.lab, role, argv, f"{self.tmp}/{role}.log")
+        for role in ("data", *WORKERS):
+            self.nodes[role].wait_serving()
+
+    def stop(self) -> None:
+        for node in self.nodes.values():
+            node.stop()
+
+    def cli(self, role: str, *argv: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        """`eldric-p2p ARGV` run inside `role`'s namespace."""
+        return subprocess.run(self.lab.argv(role, [sys.executable, "-m", "eldric_p2p", *argv]),
+                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+    def get(self, role: str, url: str, timeout: float = 10.0) -> object:
+        """GET `url` from inside `role`'s namespace; the decoded JSON."""
+        import json
+
+        code = (
+            "import sys, urllib.request\n"
+            f"print(urllib.request.urlopen({url!r}, timeout={timeout}).read().decode())\n"
+        )
+        out = self.lab.exec(role, sys.executable, "-c", code)
+        return json.loads(out.stdout)
+
+    def wait_directory(self, timeout: float = 60.0) -> None:
+        """Until the data peer's table lists the three workers (learned from the relay)."""
+        deadline = time.monotonic() + timeout
+        names: set[str] = set()
+        while time.monotonic() < deadline:
+            doc = self.get("data", f"{self.nodes['data'].url}/api/v1/peers")
+            names = {p["name"] for p in doc["peers"]}  # type: ignore[index]
+            if names >= set(WORKERS):
+                return
+            time.sleep(0.5)
+        raise LabError(f"the data peer sees only {sorted(names)} after {timeout} s")
+
+
 # ---------------------------------------------------------------------------------------------- forwarder
 
 
