@@ -237,7 +237,8 @@ def test_qwen_across_two_nated_sites_equals_run_and_survives_a_relay_restart(
         deadline = time.monotonic() + 60
         while True:
             infos = [fed.get(r, f"{fed.nodes[r].url}/api/v1/node") for r in ("data", *natlab.WORKERS)]
-            if all(i["relays"][0]["registered"] and i["relays"][0]["connects"] >= 2 for i in infos):  # type: ignore[index]
+            relays = [i["relays"][0] for i in infos]  # type: ignore[index]
+            if all(r["registered"] and r["connects"] >= 2 for r in relays):
                 break
             assert time.monotonic() < deadline, f"members did not reconnect: {infos}"
             time.sleep(0.5)
