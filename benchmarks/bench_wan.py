@@ -87,7 +87,7 @@ def main() -> int:
         print(f"{delay:>8.0f}ms {'/'.join(r['links']):>26} {r['decode_tokens_per_s']:>7.2f} {ms:>7.1f} "
               f"{1000 / bound_ms:>12.2f} {bound_ms:>9.1f} {1000 / bound_ms / r['decode_tokens_per_s']:>6.2f} "
               f"{ms - bound_ms:>12.1f} {str(same):>9}")  # fmt: skip
-        print(f"           ranges {r['ranges']}, deploy {r['deploy_s']:.1f} s, prefill {r['prefill_s']:.2f} s, "
+        print(f"{'':11}ranges {r['ranges']}, deploy {r['deploy_s']:.1f} s, prefill {r['prefill_s']:.2f} s, "
               f"{len(r['token_ids'])} tokens")  # fmt: skip
     return 0
 
