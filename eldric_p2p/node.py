@@ -221,7 +221,9 @@ class Node:
                 out.append(shard.backend)
         for info in self.peers.table.peers():
             url = self.peers.url_for(info)
-            for model in self.peers.heads_of(info) if url is not None else []:
+            if url is None:
+                continue
+            for model in self.peers.heads_of(info):
                 key = (url, model)
                 if key not in self._remote:
                     self._remote[key] = RemotePipelineBackend(
