@@ -72,7 +72,7 @@ MIN_AGREEMENT = {"qwen": 0.99, "gemma": 0.97}
 def test_greedy_continuations_equal_llama_cpp(name, request):
     src, stage = request.getfixturevalue(name)
     fx = fixture(name)
-    n = 32
+    n = 32  # every step up to the first near-tie is checked; after a divergence the contexts differ
     exact, near_tie_splits, real_splits = 0, [], []
     for p in fx["prompts"]:
         want = p["greedy_ids"][:n]
@@ -87,7 +87,6 @@ def test_greedy_continuations_equal_llama_cpp(name, request):
     print(f"{name}: {exact}/{len(fx['prompts'])} greedy continuations identical for {n} tokens; "
           f"near-tie divergences (prompt, step, llama.cpp top-2 gap): {near_tie_splits}")
     assert not real_splits, f"greedy leaves llama.cpp where it is not a near-tie: {real_splits}"
-    assert exact >= len(fx["prompts"]) // 2
 
 
 @pytest.mark.slow

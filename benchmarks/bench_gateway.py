@@ -1,0 +1,134 @@
+"""Gateway overhead: time to first token and decode tokens/s through `/v1` beside `eldric-p2p chat`, one run.
+
+    python benchmarks/bench_gateway.py [--tokens 64] [--rounds 3]
+
+Starts a data peer and three workers as real `eldric-p2p node` processes on loopback, deploys the Qwen
+reference model across the workers, and then asks the data peer's node (which hosts no stage, so both paths
+are routed to the head) the same greedy chat question alternately:
+
+- the request `eldric-p2p chat` makes (`POST /api/v1/pipeline/generate`, NDJSON events);
+- the official `openai` client, streaming `/v1/chat/completions` (SSE chunks), timed from the request.
+
+Time to first token is measured by the client in both cases (chat: the first event with text), decode
+tokens/s from the first token to the last. Prints medians and the differences in percent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import openai
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_pipeline import start  # noqa: E402
+
+from eldric_p2p.paths import models_dir  # noqa: E402
+
+QUESTION = "Write a Python function that checks whether a number is prime."
+
+
+def via_chat(url: str, model: str, tokens: int) -> tuple[float, float, list[int]]:
+    """What `eldric-p2p chat` does: NDJSON events from the node; the first token counts when its line arrives."""
+    body = {"model": model, "prompt": QUESTION, "params": {"temperature": 0.0, "max_tokens": tokens}}
+    t0 = time.perf_counter()
+    first = None
+    ids: list[int] = []
+    with httpx.stream("POST", f"{url}/api/v1/pipeline/generate", json=body, timeout=600) as resp:
+        for line in resp.iter_lines():
+            if not line.strip():
+                continue
+            ev = json.loads(line)
+            if "error" in ev:
+                raise SystemExit(ev["error"]["message"])
+            if ev.get("token_ids"):
+                ids += ev["token_ids"]
+                first = first or time.perf_counter()
+    t1 = time.perf_counter()
+    assert first is not None
+    return first - t0, (len(ids) - 1) / (t1 - first), ids
+
+
+def via_openai(client: openai.OpenAI, model: str, tokens: int) -> tuple[float, float, str, int]:
+    t0 = time.perf_counter()
+    first = None
+    text, n = "", 0
+    stream = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+            first = first or time.perf_counter()
+        if chunk.usage:
+            n = chunk.usage.completion_tokens
+    t1 = time.perf_counter()
+    assert first is not None
+    return first - t0, (n - 1) / (t1 - first), text, n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=models_dir() / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    model = args.model.stem
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-gateway-") as d:
+        tmp = Path(d)
+        try:
+            p, data = start("data", tmp, ["--models", str(args.model), "--no-worker"])
+            procs.append(p)
+            for name in ("w1", "w2", "w3"):
+                p, _ = start(name, tmp, ["--peer", data.removeprefix("http://"), "--device", "cpu"])
+                procs.append(p)
+            r = httpx.post(f"{data}/api/v1/pipeline/deploy", timeout=900,
+                           json={"model": model, "workers": ["w1", "w2", "w3"], "max_ctx": 1024})  # fmt: skip
+            if r.status_code != 200:
+                raise SystemExit(f"deploy failed: {r.text}")
+            client = openai.OpenAI(base_url=f"{data}/v1", api_key="-")
+            via_chat(data, model, 8)  # warm up both paths: first forwards, links opened
+            via_openai(client, model, 8)
+            chat, oai = [], []
+            for _ in range(args.rounds):
+                chat.append(via_chat(data, model, args.tokens))
+                oai.append(via_openai(client, model, args.tokens))
+        finally:
+            for p in procs:
+                p.send_signal(signal.SIGINT)
+            for p in procs:
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+    def med(rows: list, i: int) -> float:
+        return statistics.median(r[i] for r in rows)
+
+    c_ttft, c_tps, o_ttft, o_tps = med(chat, 0), med(chat, 1), med(oai, 0), med(oai, 1)
+    same = len(chat[0][2]) == oai[0][3]
+    print(f"model {model}, 3-stage pipeline, {args.tokens} tokens greedy, {args.rounds} rounds (medians)")
+    print(f"  eldric chat API   ttft {c_ttft * 1000:7.1f} ms   decode {c_tps:6.2f} tokens/s")
+    print(f"  /v1 (openai SSE)  ttft {o_ttft * 1000:7.1f} ms   decode {o_tps:6.2f} tokens/s")
+    print(
+        f"  /v1 vs chat: ttft {100 * (o_ttft / c_ttft - 1):+.1f}%   decode {100 * (o_tps / c_tps - 1):+.1f}%"
+        f"   same token count: {same}"
+    )
+
+
+if __name__ == "__main__":
+    main()
