@@ -38,7 +38,7 @@ from eldric_p2p.errors import DoesNotFit, EldricError, ModelNotFound, PeerUnavai
 from eldric_p2p.http_server import error_response
 from eldric_p2p.peers import PeerDirectory, fetch_model_index, get_json, post_json, split_url
 from eldric_p2p.units import format_size
-from eldric_p2p.worker import Assignment, StageRef
+from eldric_p2p.assignment import Assignment, StageRef
 
 if TYPE_CHECKING:
     from eldric_p2p.gguf_index import GGUFIndex

@@ -250,7 +250,7 @@ def test_deploy_that_does_not_fit_is_refused_with_numbers(tmp_path: Path, model_
 
 def test_worker_refuses_an_assignment_that_does_not_fit_its_memory(tmp_path: Path, model_dir: Path) -> None:  # noqa: F811
     """A coordinator with a stale view pushes too much: the worker itself refuses, with its numbers."""
-    from eldric_p2p.worker import Assignment, StageRef
+    from eldric_p2p.assignment import Assignment, StageRef
 
     async def main() -> None:
         async with cluster(tmp_path, model_dir, [256 << 10]) as m, httpx.AsyncClient() as c:

@@ -17,7 +17,7 @@ from eldric_p2p.errors import AuthenticationError, PeerUnavailable, UsageError
 from eldric_p2p.frames import HEADER_SIZE, Frame, FrameReader, FrameType, send_frame, token_frame
 from eldric_p2p.identity import Identity
 from eldric_p2p.links import open_tcp_link
-from eldric_p2p.worker import Assignment
+from eldric_p2p.assignment import Assignment
 
 MiB = 1 << 20
 model_dir = test_pipeline.model_dir  # shared module fixtures: the synthetic model, its one-process run
