@@ -62,3 +62,34 @@ def test_demo_with_the_reference_model(qwen_path: Path) -> None:
     out, root = run_demo(["--model", "qwen", "--max-tokens", "24", "--prompt", "Say hello."], timeout=600)
     assert "pipeline ready" in out and re.search(r"\b\d+ tokens, first after", out), out
     assert no_process_left(root)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_demo_and_every_node(tmp_path: Path) -> None:
+    """`kill` or a closed terminal must not leave node processes behind."""
+    import signal
+    import time
+
+    gguf = write_synthetic_gguf(tmp_path / "tiny-term.gguf", arch="llama", n_layers=3, hidden=64, ffn=128)
+    proc = subprocess.Popen([sys.executable, "-m", "eldric_p2p", "demo", "--keep", "--workers", "2",
+                             "--model", str(gguf), "--max-tokens", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    out = ""
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 240
+        while "press Ctrl-C" not in out and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            out += line
+        assert "press Ctrl-C" in out, out
+        root = Path(re.search(r"logs:\s+(\S+)", out).group(1))
+        assert not no_process_left(root)
+        proc.send_signal(signal.SIGTERM)
+        out += proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "got SIGTERM" in out and "stopping 3 nodes" in out, out
+    assert no_process_left(root)

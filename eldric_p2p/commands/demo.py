@@ -287,10 +287,26 @@ async def run_demo(args: argparse.Namespace, root: Path) -> None:
             await stop_all(nodes)
 
 
+async def run_until_signalled(args: argparse.Namespace, root: Path) -> None:
+    """Run the demo; SIGTERM and SIGHUP (`kill`, a closed terminal) stop it like Ctrl-C: every node too."""
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+                async for signum in signals:
+                    say(f"got {signal.Signals(signum).name}")
+                    nursery.cancel_scope.cancel()
+                    return
+
+        nursery.start_soon(watch)
+        await run_demo(args, root)
+        nursery.cancel_scope.cancel()
+
+
 def main(args: argparse.Namespace) -> int:
     root = Path(tempfile.mkdtemp(prefix="eldric-demo-"))
     try:
-        trio.run(run_demo, args, root)
+        trio.run(run_until_signalled, args, root)
     except KeyboardInterrupt:
         say("stopped")
     finally:
