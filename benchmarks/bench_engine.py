@@ -53,7 +53,9 @@ LLAMA_CPP = textwrap.dedent(
 def run_llama_cpp(path: str, threads: int, n_gen: int) -> dict:
     out = subprocess.run(
         [sys.executable, "-c", LLAMA_CPP, path, str(threads), str(n_gen), PROMPT],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     r = json.loads(out.stdout.strip().splitlines()[-1])
     r["decode_tps"] = r["decode_steps"] / r["decode_s"]
@@ -63,8 +65,23 @@ def run_llama_cpp(path: str, threads: int, n_gen: int) -> dict:
 
 def run_eldric(path: str, threads: int, n_gen: int, weights: str) -> dict:
     cmd = [
-        sys.executable, "-m", "eldric_p2p", "run", path, PROMPT, "--raw", "--json",
-        "--max-tokens", str(n_gen), "--ignore-eos", "--threads", str(threads), "--weights", weights, "--ctx", "1024",
+        sys.executable,
+        "-m",
+        "eldric_p2p",
+        "run",
+        path,
+        PROMPT,
+        "--raw",
+        "--json",
+        "--max-tokens",
+        str(n_gen),
+        "--ignore-eos",
+        "--threads",
+        str(threads),
+        "--weights",
+        weights,
+        "--ctx",
+        "1024",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -87,21 +104,25 @@ def main() -> None:
         best: dict[str, dict] = {}
         for _ in range(args.rounds):
             for side, fn in (
-                ("llama.cpp", lambda: run_llama_cpp(path, args.threads, args.tokens)),
-                ("eldric", lambda: run_eldric(path, args.threads, args.tokens, args.weights)),
+                ("llama.cpp", lambda p: run_llama_cpp(p, args.threads, args.tokens)),
+                ("eldric", lambda p: run_eldric(p, args.threads, args.tokens, args.weights)),
             ):
-                r = fn()
+                r = fn(path)
                 if side not in best or r["decode_tps"] > best[side]["decode_tps"]:
                     best[side] = r
         e, ll = best["eldric"], best["llama.cpp"]
         a, b = e["token_ids"], ll["token_ids"]
-        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)  # first differing step
+        # the first step where the greedy tokens differ (None: identical)
+        same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
         rows.append((name, e, ll, same))
     print(f"threads={args.threads} decode steps={args.tokens} rounds={args.rounds} (best of each)")
     print(f"{'model':6} {'side':10} {'prefill tok/s':>14} {'decode tok/s':>13}")
     for name, e, ll, same in rows:  # noqa: B007
         print(f"{name:6} {'llama.cpp':10} {ll['prefill_tps']:14.1f} {ll['decode_tps']:13.1f}")
-        print(f"{name:6} {'eldric':10} {e['prefill_tps']:14.1f} {e['decode_tps']:13.1f}   weights={e.get('weights')}")
+        print(
+            f"{name:6} {'eldric':10} {e['prefill_tps']:14.1f} {e['decode_tps']:13.1f}"
+            f"   weights={e.get('weights')}"
+        )
         print(
             f"{name:6} {'ratio':10} {e['prefill_tps'] / ll['prefill_tps']:14.2f} "
             f"{e['decode_tps'] / ll['decode_tps']:13.2f}   greedy tokens "

@@ -37,7 +37,7 @@ QUESTION = "Write a Python function that checks whether a number is prime."
 
 
 def via_chat(url: str, model: str, tokens: int) -> tuple[float, float, list[int]]:
-    """What `eldric-p2p chat` does: NDJSON events from the node; the first token counts when its line arrives."""
+    """What `eldric-p2p chat` does: NDJSON events from the node; the first token counts on its line."""
     body = {"model": model, "prompt": QUESTION, "params": {"temperature": 0.0, "max_tokens": tokens}}
     t0 = time.perf_counter()
     first = None

@@ -1,15 +1,16 @@
 """What the gateway talks to: something that generates text for one model.
 
 A backend is a pipeline whose head runs on this node, a pipeline whose head runs on another node (reached over
-HTTP, relayed when needed), an upstream OpenAI-compatible server, or a whole model in this process. The gateway
-routes a request to a backend and streams its events; it does not care which kind it is.
+HTTP, relayed when needed), an upstream OpenAI-compatible server, or a whole model in this process. The
+gateway routes a request to a backend and streams its events; it does not care which kind it is.
 
     async with trio.open_nursery() as nursery:
         send, recv = trio.open_memory_channel[GenerationEvent](16)
         nursery.start_soon(backend.generate, request, send)   # closes `send` when done
         async for event in recv: ...
 
-A backend raises `EldricError` subclasses: `InvalidInput` (the request cannot be served: too long, bad params),
+A backend raises `EldricError` subclasses: `InvalidInput` (the request cannot be served: too long, bad
+params),
 `ModelNotFound`, `PeerUnavailable`/`StageFailed` (a stage or peer failed mid-request), `Overloaded`.
 """
 
@@ -48,7 +49,9 @@ class GenerationEvent:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" on the last event
     usage: dict[str, int] | None = None  # {"prompt_tokens", "completion_tokens", "total_tokens"}
-    timings: dict[str, float] | None = None  # {"prefill_s", "decode_s", "decode_tokens_per_s"} on the last event
+    timings: dict[str, float] | None = (
+        None  # {"prefill_s", "decode_s", "decode_tokens_per_s"} on the last event
+    )
     prompt_token_ids: list[int] | None = None  # on the first event
 
     def as_json(self) -> dict[str, Any]:
@@ -72,6 +75,8 @@ class Backend(Protocol):
         """Requests running or waiting; the router prefers the backend with the smallest."""
         ...
 
-    async def generate(self, request: GenerationRequest, events: trio.MemorySendChannel[GenerationEvent]) -> None:
+    async def generate(
+        self, request: GenerationRequest, events: trio.MemorySendChannel[GenerationEvent]
+    ) -> None:
         """Stream the generation's events into `events`, then close it. Raises on failure."""
         ...

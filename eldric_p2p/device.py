@@ -36,7 +36,6 @@ def default_offer(device: str) -> int:
     return int(free * (0.9 if device.startswith("cuda") else 0.5))
 
 
-
 def free_memory(device: str) -> None:
     gc.collect()
     if device.startswith("cuda"):

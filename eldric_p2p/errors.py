@@ -14,7 +14,7 @@
     ├── AuthenticationError     a peer could not prove the peer id it claims
     └── EngineError             the inference engine refused an input
         ├── UnsupportedModel    architecture or tensor type this engine does not run
-        └── InvalidInput        token id out of range, positions that skip, context overflow, wrong shape/dtype
+        └── InvalidInput        token id out of range, skipped positions, context overflow, wrong shape/dtype
 
 Foreign exceptions (httpx, OSError, ssl, aioquic) are converted at the boundary with ``raise ... from exc``.
 """

@@ -87,7 +87,9 @@ class GGUFIndex:
     alignment: int
     data_offset: int  # absolute offset of the tensor data section (= bytes needed to parse the header)
     file_size: int | None = None
-    types: dict[str, int] = field(default_factory=dict)  # metadata key -> GGUFValueType (arrays: element type)
+    types: dict[str, int] = field(
+        default_factory=dict
+    )  # metadata key -> GGUFValueType (arrays: element type)
 
     @property
     def architecture(self) -> str:
@@ -340,7 +342,9 @@ def parse_gguf_untrusted(data: bytes | memoryview, *, file_size: int | None = No
         if rel_offset % alignment:
             raise GGUFFormatError(f"tensor {name!r} offset {rel_offset} is not {alignment}-aligned")
         if offset + nbytes > size:
-            raise GGUFFormatError(f"tensor {name!r} [{offset}, {offset + nbytes}) lies past the file end {size}")
+            raise GGUFFormatError(
+                f"tensor {name!r} [{offset}, {offset + nbytes}) lies past the file end {size}"
+            )
         tensors[name] = TensorInfo(name, ggml_type, shape, offset, nbytes)
 
     return GGUFIndex(

@@ -1,6 +1,7 @@
 """Node identity: an Ed25519 key pair kept in the data dir, and the peer id derived from its public key.
 
-peer id = "ep" + base32(sha256(raw public key))[:26], lower case: short enough to read aloud, 130 bits of the hash.
+peer id = "ep" + base32(sha256(raw public key))[:26], lower case: short enough to read aloud, 130 bits of
+the hash.
 Anyone holding the public key can check that it matches a claimed peer id (`peer_id_of`), and a signature
 made with the private key proves possession (`verify`).
 """

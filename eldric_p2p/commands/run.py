@@ -45,12 +45,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--weights",
         default="auto",
-        help="auto | native (GGUF blocks, CPU kernels) | f32 | bf16 | f16 (default auto: native on CPU, bf16 on CUDA)",
+        help="auto | native (GGUF blocks, CPU kernels) | f32 | bf16 | f16 "
+        "(default auto: native on CPU, bf16 on CUDA)",
     )
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--ctx", type=int, default=4096, help="context size in tokens (default 4096)")
-    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence (benchmarks)")
-    p.add_argument("--splits", default="", help="split into stages at these layers, e.g. 8,16 (tests split invariance)")
+    p.add_argument(
+        "--ignore-eos", action="store_true", help="keep generating past end-of-sequence (benchmarks)"
+    )
+    p.add_argument(
+        "--splits", default="", help="split into stages at these layers, e.g. 8,16 (tests split invariance)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -76,7 +81,12 @@ def main(args: argparse.Namespace) -> int:
     result = model.generate(ids, params, on_text=None if args.json else show, ignore_eos=args.ignore_eos)
     if args.json:
         out = result.as_json()
-        out.update(load_s=round(load_s, 3), weights=model.stages[0].fmt, device=args.device, threads=torch.get_num_threads())
+        out.update(
+            load_s=round(load_s, 3),
+            weights=model.stages[0].fmt,
+            device=args.device,
+            threads=torch.get_num_threads(),
+        )
         print(json.dumps(out, ensure_ascii=False))
     else:
         sys.stdout.write("\n")

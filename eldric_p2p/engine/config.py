@@ -28,7 +28,9 @@ class ModelConfig:
     norm_eps: float
     rope_base: float
     rope_dim: int  # leading dims of each head that are rotated
-    rope_neox: bool  # True: rotate halves (qwen2, gemma3); False: rotate interleaved pairs (llama's GGUF layout)
+    rope_neox: (
+        bool  # True: rotate halves (qwen2, gemma3); False: rotate interleaved pairs (llama's GGUF layout)
+    )
     rope_scale: float = 1.0  # linear position scaling (positions are divided by this)
     rope_base_local: float | None = None  # sliding-window layers' own base (gemma3)
     sliding_window: int | None = None
@@ -43,7 +45,9 @@ class ModelConfig:
 
     def is_sliding(self, layer: int) -> bool:
         """Whether absolute layer `layer` attends only to the last `sliding_window` positions."""
-        return bool(self.sliding_window) and self.sliding_pattern > 0 and (layer + 1) % self.sliding_pattern != 0
+        return (
+            bool(self.sliding_window) and self.sliding_pattern > 0 and (layer + 1) % self.sliding_pattern != 0
+        )
 
     def layer_rope_base(self, layer: int) -> float:
         if self.is_sliding(layer) and self.rope_base_local is not None:

@@ -78,7 +78,9 @@ class TextStream:
         return self.finish_reason is not None
 
 
-def prompt_token_ids(tokenizer: Tokenizer, metadata: dict, prompt: str | list[dict], *, raw: bool) -> list[int]:
+def prompt_token_ids(
+    tokenizer: Tokenizer, metadata: dict, prompt: str | list[dict], *, raw: bool
+) -> list[int]:
     """Token ids for a prompt: raw text (BOS as the model asks) or chat messages through the chat template."""
     if raw:
         if not isinstance(prompt, str):
@@ -113,7 +115,9 @@ class GenerationResult:
             "finish_reason": self.finish_reason,
             "prefill_s": round(self.prefill_s, 4),
             "decode_s": round(self.decode_s, 4),
-            "prefill_tokens_per_s": round(len(self.prompt_token_ids) / self.prefill_s, 2) if self.prefill_s else 0,
+            "prefill_tokens_per_s": round(len(self.prompt_token_ids) / self.prefill_s, 2)
+            if self.prefill_s
+            else 0,
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
             **self.extra,
         }
@@ -137,7 +141,8 @@ class LocalModel:
         self.tokenizer = Tokenizer.from_gguf_metadata(index.metadata)
         bounds = [0, *splits, index.n_layers]
         self.stages = [
-            Stage(self.file, a, b, device=device, weights=weights, max_ctx=max_ctx) for a, b in zip(bounds, bounds[1:])
+            Stage(self.file, a, b, device=device, weights=weights, max_ctx=max_ctx)
+            for a, b in zip(bounds, bounds[1:], strict=False)
         ]
         self._next_sid = 0
 
@@ -160,14 +165,17 @@ class LocalModel:
         ctx = self.stages[0].max_ctx
         if len(prompt_ids) + params.max_tokens > ctx:
             raise InvalidInput(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceed the {ctx}-token context"
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) "
+                f"exceed the {ctx}-token context"
             )
         sid = f"local-{self._next_sid}"
         self._next_sid += 1
         for stage in self.stages:
             stage.open_session(sid)
         sampler = Sampler(params)
-        stream = TextStream(self.tokenizer, max_tokens=params.max_tokens, stop=params.stop, ignore_eos=ignore_eos)
+        stream = TextStream(
+            self.tokenizer, max_tokens=params.max_tokens, stop=params.stop, ignore_eos=ignore_eos
+        )
         history = list(prompt_ids)
         steps = 0
         try:

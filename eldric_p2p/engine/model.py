@@ -2,7 +2,8 @@
 
 A stage embeds token ids when `start == 0` and applies the final norm and LM head when `end == n_layers`;
 in between it maps hidden states to hidden states. The residual stream is float32 everywhere, so splitting a
-model into any number of stages (passing float32 hidden states between them) gives the same logits as one stage.
+model into any number of stages (passing float32 hidden states between them) gives the same logits as one
+stage.
 
 Weights stay in their GGUF block format and are multiplied by the CPU kernels of `qmatmul` when those are
 built ("native" weights, llama.cpp's arithmetic), or are dequantized to a dense dtype (bf16/f16/f32; the only
@@ -50,7 +51,9 @@ def resolve_weights(weights: str, device: torch.device) -> str:
             return "native" if native_available() else "f32"
         return "bf16"
     if weights == "native" and (device.type != "cpu" or not native_available()):
-        raise UsageError("native GGUF weights need the CPU kernels (eldric_p2p.engine._qkernels) and --device cpu")
+        raise UsageError(
+            "native GGUF weights need the CPU kernels (eldric_p2p.engine._qkernels) and --device cpu"
+        )
     if weights not in ("native", "f32", "bf16", "f16"):
         raise UsageError(f"unknown weight format {weights!r}: use auto, native, f32, bf16 or f16")
     return weights
@@ -62,7 +65,9 @@ _DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 class Linear:
     """y = x @ W.T (+ b) with x float32 [T, in] -> float32 [T, out]."""
 
-    def __init__(self, src: TensorSource, info: TensorInfo, bias: torch.Tensor | None, fmt: str, device: torch.device):
+    def __init__(
+        self, src: TensorSource, info: TensorInfo, bias: torch.Tensor | None, fmt: str, device: torch.device
+    ):
         self.out_features = info.shape[1] if len(info.shape) > 1 else 1
         self.in_features = info.shape[0]
         self.bias = bias
@@ -98,7 +103,9 @@ class Embedding:
         self.dim, self.vocab = info.shape[0], info.shape[1]
         block, type_size = GGML_QUANT_SIZES[info.ggml_type]
         self.row_bytes = self.dim // block * type_size
-        self.rows = np.frombuffer(src.tensor_data(info.name), dtype=np.uint8).reshape(self.vocab, self.row_bytes)
+        self.rows = np.frombuffer(src.tensor_data(info.name), dtype=np.uint8).reshape(
+            self.vocab, self.row_bytes
+        )
         self.device = device
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
@@ -114,8 +121,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def gelu_ggml(x: torch.Tensor) -> torch.Tensor:
-    """GELU (tanh form) as ggml's CPU backend computes it: through an f16 table, so input and output are rounded
-    to f16; inputs <= -10 give 0 and inputs >= 10 pass through."""
+    """GELU (tanh form) as ggml's CPU backend computes it: through an f16 table, so input and output are
+    rounded to f16; inputs <= -10 give 0 and inputs >= 10 pass through."""
     y = F.gelu(x.half().float(), approximate="tanh").half().float()
     return torch.where(x <= -10.0, torch.zeros_like(x), torch.where(x >= 10.0, x, y))
 
@@ -123,7 +130,9 @@ def gelu_ggml(x: torch.Tensor) -> torch.Tensor:
 def rope_tables(cfg: ModelConfig, base: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [T, rope_dim/2] for `positions`, theta built by repeated float32 products as ggml does."""
     half = cfg.rope_dim // 2
-    theta_scale = torch.tensor(base, dtype=torch.float32) ** torch.tensor(-2.0 / cfg.rope_dim, dtype=torch.float32)
+    theta_scale = torch.tensor(base, dtype=torch.float32) ** torch.tensor(
+        -2.0 / cfg.rope_dim, dtype=torch.float32
+    )
     steps = torch.full((half,), float(theta_scale), dtype=torch.float32)
     steps[0] = 1.0
     pos = positions.to(torch.float32)[:, None] / cfg.rope_scale  # [T, 1]
@@ -165,7 +174,9 @@ class Layer:
             info = t.get(p + name)
             if info is None:
                 return None
-            return dequantize(src.tensor_data(info.name), info.ggml_type, info.shape, name=info.name).to(device)
+            return dequantize(src.tensor_data(info.name), info.ggml_type, info.shape, name=info.name).to(
+                device
+            )
 
         def lin(name: str, bias: str | None = None) -> Linear:
             if p + name not in t:
@@ -195,8 +206,9 @@ class Layer:
 class Stage:
     """Layers [start, end) of one model, with per-session KV caches.
 
-    `open_session(sid)`, then `forward(sid, x, start_pos)` where x is int64 token ids [T] (head stage) or float32
-    hidden states [T, hidden] (other stages); returns hidden states [T, hidden], or logits [T, vocab] from the tail.
+    `open_session(sid)`, then `forward(sid, x, start_pos)` where x is int64 token ids [T] (head stage) or
+    float32 hidden states [T, hidden] (other stages); returns hidden states [T, hidden], or logits [T, vocab]
+    from the tail.
     `truncate(sid, pos)` rewinds a session; `close_session(sid)` frees its cache.
     """
 
@@ -235,11 +247,14 @@ class Stage:
         self.sessions: dict[str, KVCache] = {}
 
     def _linears(self) -> list[Linear]:
-        out = [m for layer in self.layers for m in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate,
-                                                    layer.w_up, layer.w_down)]
+        out = [
+            m
+            for layer in self.layers
+            for m in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down)
+        ]
         return out + ([self.lm_head] if self.lm_head is not None else [])
 
-    # ---- sessions -------------------------------------------------------------------------------------------
+    # ---- sessions ---------------------------------------------------------------------------------------
 
     def open_session(self, sid: str, max_ctx: int | None = None) -> None:
         n = self.max_ctx if max_ctx is None else min(max_ctx, self.max_ctx)
@@ -267,7 +282,7 @@ class Stage:
         except KeyError:
             raise InvalidInput(f"unknown session {sid!r}") from None
 
-    # ---- compute ---------------------------------------------------------------------------------------------
+    # ---- compute ----------------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def forward(self, sid: str, x: torch.Tensor, start_pos: int) -> torch.Tensor:
@@ -296,7 +311,9 @@ class Stage:
         if T == 0:
             raise InvalidInput("empty input")
         if start_pos + T > cache.max_ctx:
-            raise InvalidInput(f"context overflow: {start_pos} + {T} tokens exceed the {cache.max_ctx}-token context")
+            raise InvalidInput(
+                f"context overflow: {start_pos} + {T} tokens exceed the {cache.max_ctx}-token context"
+            )
         positions = torch.arange(start_pos, start_pos + T, device=self.device)
         ropes: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
         masks = self._masks(start_pos, T)
@@ -380,7 +397,7 @@ class Stage:
         return h + d
 
     def _masks(self, pos0: int, T: int) -> dict[bool, torch.Tensor | None]:
-        """Attention masks [T, S] (True = hidden) for global and sliding layers; None when nothing is hidden."""
+        """Attention masks [T, S] (True = hidden) for global and sliding layers; None hides nothing."""
         end = pos0 + T
         qpos = torch.arange(pos0, end, device=self.device)[:, None]  # [T, 1]
         kpos = torch.arange(end, device=self.device)[None, :]  # [1, S]
@@ -391,7 +408,7 @@ class Stage:
             out[True] = window if bool(window.any()) else None
         return out
 
-    # ---- planning ----------------------------------------------------------------------------------------------
+    # ---- planning ---------------------------------------------------------------------------------------
 
     @property
     def weight_bytes(self) -> int:
@@ -425,7 +442,13 @@ def estimate_stage_bytes(
             total += t.n_elements * elem
         else:
             total += t.nbytes
-        if t.name == "token_embd.weight" and start == 0 and end == cfg.n_layers and cfg.tied_embeddings and elem:
+        if (
+            t.name == "token_embd.weight"
+            and start == 0
+            and end == cfg.n_layers
+            and cfg.tied_embeddings
+            and elem
+        ):
             total += t.n_elements * elem  # tied LM head expanded as well
     total += kv_bytes_per_token(cfg, end - start) * min(max_ctx, cfg.context_length) * sessions
     return total

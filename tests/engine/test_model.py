@@ -29,7 +29,7 @@ def run_split(src, splits, weights, prompt, steps):
     """Logits of a prefill plus `steps` greedy decode steps through stages cut at `splits`."""
     n = src.index.n_layers
     bounds = [0, *splits, n]
-    stages = [Stage(src, a, b, weights=weights, max_ctx=64) for a, b in zip(bounds, bounds[1:])]
+    stages = [Stage(src, a, b, weights=weights, max_ctx=64) for a, b in zip(bounds, bounds[1:], strict=False)]
     for s in stages:
         s.open_session("s")
     out = []
@@ -53,7 +53,7 @@ def test_any_split_gives_the_same_logits(models, arch, weights):
     ref = run_split(src, [], weights, prompt, steps=3)
     for splits in ([2], [1, 3], [1, 2, 3]):
         got = run_split(src, splits, weights, prompt, steps=3)
-        for a, b in zip(ref, got):
+        for a, b in zip(ref, got, strict=True):
             assert torch.equal(a, b), f"{arch} {weights} split {splits} differs"
     assert ref[0].shape == (len(prompt), src.index.tensors["token_embd.weight"].shape[1])
 
@@ -140,7 +140,9 @@ def test_memory_estimate_tracks_format_and_context(models):
     longer = estimate_stage_bytes(ix, 0, n, weights="native", max_ctx=1024, sessions=4)
     assert small < dense < dense * 10
     assert longer > small
-    half = estimate_stage_bytes(ix, 1, 3, weights="f32", max_ctx=64, sessions=1)  # middle: no embedding, no head
+    half = estimate_stage_bytes(
+        ix, 1, 3, weights="f32", max_ctx=64, sessions=1
+    )  # middle: no embedding, no head
     assert half < dense / 2
 
 

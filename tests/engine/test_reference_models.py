@@ -60,9 +60,10 @@ def teacher_forced_argmax(stage: Stage, ids: list[int]) -> list[int]:
 
 
 # llama.cpp is not bit-reproducible across its own code paths: evaluating the fixture sequences in one batch
-# instead of token by token moves its logits by up to 0.31 (mean 0.035) and flips 2 of 674 argmaxes (Qwen,
-# 2 threads; Gemma: up to 1.19, mean 0.13, 10 of 600 flipped; measured with llama-cpp-python 0.3.36). A greedy continuation can therefore only be required to
-# follow llama.cpp's until a step where llama.cpp's own top two logits are closer than that noise.
+# instead of token by token moves its logits by up to 0.31 (mean 0.035) and flips 2 of 674 argmaxes on Qwen,
+# and by up to 1.19 (mean 0.13) with 10 of 600 flipped on Gemma (2 threads, llama-cpp-python 0.3.36). A greedy
+# continuation can therefore only be required to follow llama.cpp's until a step where llama.cpp's own top two
+# logits are closer than that noise.
 LLAMA_CPP_NOISE = {"qwen": 0.35, "gemma": 1.2}
 MIN_AGREEMENT = {"qwen": 0.99, "gemma": 0.97}
 
@@ -80,12 +81,16 @@ def test_greedy_continuations_equal_llama_cpp(name, request):
         if got == want:
             exact += 1
             continue
-        first = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+        first = next(i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b)
         top = p["top_logits"][len(p["prompt_ids"]) - 1 + first]
         gap = top[0] - top[1]
-        (near_tie_splits if gap < LLAMA_CPP_NOISE[name] else real_splits).append((str(p["prompt"])[:40], first, round(gap, 3)))
-    print(f"{name}: {exact}/{len(fx['prompts'])} greedy continuations identical for {n} tokens; "
-          f"near-tie divergences (prompt, step, llama.cpp top-2 gap): {near_tie_splits}")
+        (near_tie_splits if gap < LLAMA_CPP_NOISE[name] else real_splits).append(
+            (str(p["prompt"])[:40], first, round(gap, 3))
+        )
+    print(
+        f"{name}: {exact}/{len(fx['prompts'])} greedy continuations identical for {n} tokens; "
+        f"near-tie divergences (prompt, step, llama.cpp top-2 gap): {near_tie_splits}"
+    )
     assert not real_splits, f"greedy leaves llama.cpp where it is not a near-tie: {real_splits}"
 
 
@@ -100,7 +105,7 @@ def test_teacher_forced_argmax_agrees_with_llama_cpp(name, request):
         ours = teacher_forced_argmax(stage, ids)
         theirs = [top[0] for top in p["top_ids"]]
         k = min(len(ours), len(theirs))
-        agree += sum(a == b for a, b in zip(ours[:k], theirs[:k]))
+        agree += sum(a == b for a, b in zip(ours[:k], theirs[:k], strict=True))
         total += k
     assert total >= 500
     print(f"{name}: teacher-forced argmax agrees with llama.cpp at {agree}/{total} = {agree / total:.4f}")
@@ -136,6 +141,6 @@ def test_any_split_of_a_real_model_gives_the_same_logits(name, request):
     ref = run([whole])
     for k in (2, 3, 4):
         bounds = [round(i * n / k) for i in range(k + 1)]
-        stages = [Stage(src, a, b, max_ctx=1024) for a, b in zip(bounds, bounds[1:])]
-        for a, b in zip(ref, run(stages)):
+        stages = [Stage(src, a, b, max_ctx=1024) for a, b in zip(bounds, bounds[1:], strict=False)]
+        for a, b in zip(ref, run(stages), strict=True):
             assert torch.equal(a, b), f"{name}: {k} stages {bounds} differ from one stage"
