@@ -240,10 +240,10 @@ def peer_info_from_service_untrusted(info: ServiceInfo, now: float) -> PeerInfo 
         "memory_total": _int(props.get("mt")) or 0,
         "memory_free": _int(props.get("mf")) or 0,
     }
-    for key in ("roles", "models", "shards"):
-        fields[key] = [x for x in props.get(key, "").split(",") if x]
-        if (n := _int(props.get(key + "_n"))) is not None:
-            fields[key + "_n"] = n
+    for list_key in ("roles", "models", "shards"):
+        fields[list_key] = [x for x in props.get(list_key, "").split(",") if x]
+        if (n := _int(props.get(list_key + "_n"))) is not None:
+            fields[list_key + "_n"] = n
     addresses = [a for a in info.parsed_addresses(IPVersion.V4Only)]
     addresses += [a for a in props.get("addr", "").split(",") if a and a not in addresses]
     fields["addresses"] = addresses[:16]

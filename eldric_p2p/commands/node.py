@@ -84,8 +84,8 @@ def main(args: argparse.Namespace) -> int:
             if node.relay is not None and node.relay.address is not None:
                 rhost, rport = node.relay.address
                 print(f"  edge relay {node.identity.peer_id} on udp {rhost}:{rport}", flush=True)
-            for m in node.members:
-                print(f"  member of relay {m.host}:{m.port} (reconnects by itself)", flush=True)
+            for member in node.members:
+                print(f"  member of relay {member.host}:{member.port} (reconnects by itself)", flush=True)
             print(f"  mdns: {'on' if config.mdns else 'off'}", flush=True)
 
     trio.run(run)

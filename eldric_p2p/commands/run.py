@@ -30,7 +30,7 @@ def sampling_params(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         repetition_penalty=args.repeat_penalty,
         seed=args.seed,
         max_tokens=args.max_tokens,
-        stop=list(args.stop),
+        stop=tuple(args.stop),
     )
 
 

@@ -23,7 +23,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from eldric_p2p.engine.config import ModelConfig
 from eldric_p2p.engine.dequant import dequantize
-from eldric_p2p.errors import InvalidInput, UsageError
+from eldric_p2p.errors import InvalidInput, UnsupportedModel, UsageError
 from eldric_p2p.gguf_index import GGUFIndex, TensorInfo
 
 try:
@@ -170,33 +170,40 @@ class Layer:
         t = src.index.tensors
         p = f"blk.{i}."
 
-        def vec(name: str) -> torch.Tensor | None:
+        def vec(name: str, size: int, *, required: bool = False) -> torch.Tensor | None:
             info = t.get(p + name)
             if info is None:
+                if required:
+                    raise UnsupportedModel(f"model file lacks tensor {p + name}")
                 return None
-            return dequantize(src.tensor_data(info.name), info.ggml_type, info.shape, name=info.name).to(
-                device
-            )
+            if info.shape != (size,):
+                raise UnsupportedModel(f"{info.name} has shape {info.shape}, expected ({size},)")
+            out = dequantize(src.tensor_data(info.name), info.ggml_type, info.shape, name=info.name)
+            return out.to(device)
 
-        def lin(name: str, bias: str | None = None) -> Linear:
-            if p + name not in t:
-                raise InvalidInput(f"model file lacks tensor {p + name}")
-            return Linear(src, t[p + name], vec(bias) if bias else None, fmt, device)
+        def lin(name: str, n_in: int, n_out: int, bias: str | None = None) -> Linear:
+            info = t.get(p + name)
+            if info is None:
+                raise UnsupportedModel(f"model file lacks tensor {p + name}")
+            if info.shape != (n_in, n_out):
+                raise UnsupportedModel(f"{info.name} has shape {info.shape}, expected ({n_in}, {n_out})")
+            return Linear(src, info, vec(bias, n_out) if bias else None, fmt, device)
 
+        d, q_dim, kv_dim = cfg.hidden, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.index = i
-        self.attn_norm = vec("attn_norm.weight")
-        self.wq = lin("attn_q.weight", "attn_q.bias")
-        self.wk = lin("attn_k.weight", "attn_k.bias")
-        self.wv = lin("attn_v.weight", "attn_v.bias")
-        self.wo = lin("attn_output.weight")
-        self.q_norm = vec("attn_q_norm.weight")
-        self.k_norm = vec("attn_k_norm.weight")
-        self.post_attn_norm = vec("post_attention_norm.weight")
-        self.ffn_norm = vec("ffn_norm.weight")
-        self.w_gate = lin("ffn_gate.weight")
-        self.w_up = lin("ffn_up.weight")
-        self.w_down = lin("ffn_down.weight")
-        self.post_ffn_norm = vec("post_ffw_norm.weight")
+        self.attn_norm = vec("attn_norm.weight", d, required=True)
+        self.wq = lin("attn_q.weight", d, q_dim, "attn_q.bias")
+        self.wk = lin("attn_k.weight", d, kv_dim, "attn_k.bias")
+        self.wv = lin("attn_v.weight", d, kv_dim, "attn_v.bias")
+        self.wo = lin("attn_output.weight", q_dim, d)
+        self.q_norm = vec("attn_q_norm.weight", cfg.head_dim, required=cfg.qk_norm)
+        self.k_norm = vec("attn_k_norm.weight", cfg.head_dim, required=cfg.qk_norm)
+        self.post_attn_norm = vec("post_attention_norm.weight", d, required=cfg.post_norms)
+        self.ffn_norm = vec("ffn_norm.weight", d, required=True)
+        self.w_gate = lin("ffn_gate.weight", d, cfg.ffn)
+        self.w_up = lin("ffn_up.weight", d, cfg.ffn)
+        self.w_down = lin("ffn_down.weight", cfg.ffn, d)
+        self.post_ffn_norm = vec("post_ffw_norm.weight", d, required=cfg.post_norms)
         self.sliding = cfg.is_sliding(i)
         self.rope_base = cfg.layer_rope_base(i)
         linears = (self.wq, self.wk, self.wv, self.wo, self.w_gate, self.w_up, self.w_down)
@@ -234,13 +241,19 @@ class Stage:
         self.kv_dtype = torch.float16 if self.fmt in ("native", "f16", "f32") else torch.bfloat16
         t = src.index.tensors
         self.is_head, self.is_tail = start == 0, end == cfg.n_layers
+        if t["token_embd.weight"].shape[0] != cfg.hidden:
+            raise UnsupportedModel(
+                f"token_embd.weight has shape {t['token_embd.weight'].shape}, hidden {cfg.hidden}"
+            )
         self.embed = Embedding(src, t["token_embd.weight"], self.device) if self.is_head else None
         self.layers = [Layer(src, cfg, i, self.fmt, self.device) for i in range(start, end)]
         self.out_norm = self.lm_head = None
         if self.is_tail:
-            norm = t["output_norm.weight"]
-            self.out_norm = dequantize(src.tensor_data(norm.name), norm.ggml_type, norm.shape).to(self.device)
+            norm = t.get("output_norm.weight")
             head = t["token_embd.weight"] if cfg.tied_embeddings else t["output.weight"]
+            if norm is None or norm.shape != (cfg.hidden,) or head.shape != (cfg.hidden, cfg.vocab):
+                raise UnsupportedModel("output_norm.weight / output.weight are missing or of the wrong shape")
+            self.out_norm = dequantize(src.tensor_data(norm.name), norm.ggml_type, norm.shape).to(self.device)
             self.lm_head = Linear(src, head, None, self.fmt, self.device)
         for linear in self._linears():
             linear.threads = self.threads
@@ -360,7 +373,8 @@ class Stage:
         q = layer.wq(x).view(T, cfg.n_heads, cfg.head_dim)  # [T, nh, hd]
         k = layer.wk(x).view(T, cfg.n_kv_heads, cfg.head_dim)  # [T, nkv, hd]
         v = layer.wv(x).view(T, cfg.n_kv_heads, cfg.head_dim)  # [T, nkv, hd]
-        if layer.q_norm is not None:
+        if cfg.qk_norm:
+            assert layer.q_norm is not None and layer.k_norm is not None
             q = rms_norm(q, layer.q_norm, cfg.norm_eps)
             k = rms_norm(k, layer.k_norm, cfg.norm_eps)
         q = apply_rope(q, *rope, cfg)

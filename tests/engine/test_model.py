@@ -164,3 +164,19 @@ def test_sliding_window_hides_keys_older_than_the_window(tmp_path):
     st.open_session("b")
     steps = torch.cat([st.forward("b", torch.tensor([t]), i) for i, t in enumerate(ids)])
     torch.testing.assert_close(steps, ref, rtol=1e-3, atol=1e-3)
+
+
+def test_a_model_file_with_wrong_tensor_shapes_is_refused_at_load(tmp_path):
+    """A hostile or broken file: tensors of the wrong shape are a clear error, not a torch crash mid-forward."""
+    from dataclasses import replace
+
+    src = GGUFFile(write_synthetic_gguf(tmp_path / "m.gguf", arch="qwen2", n_layers=2, hidden=64, vocab=400))
+    good = src.index.tensors["blk.1.ffn_up.weight"]
+    src.index.tensors["blk.1.ffn_up.weight"] = replace(good, shape=(good.shape[1], good.shape[0]))
+    with pytest.raises(UnsupportedModel, match=r"blk\.1\.ffn_up\.weight has shape"):
+        Stage(src, 0, 2, weights="f32")
+    Stage(src, 0, 1, weights="f32")  # the other layer alone still loads
+    src.index.tensors["blk.1.ffn_up.weight"] = good
+    del src.index.tensors["blk.0.attn_norm.weight"]
+    with pytest.raises(UnsupportedModel, match="lacks tensor blk.0.attn_norm.weight"):
+        Stage(src, 0, 1, weights="f32")
