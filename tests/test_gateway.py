@@ -467,12 +467,6 @@ def test_local_backend_context_and_disconnect(local: tuple[str, LocalBackend, Lo
 def test_node_without_a_stage_routes_v1_to_the_pipeline(tmp_path: Path, one_thread: None) -> None:
     from eldric_p2p.node import Node, NodeConfig
 
-    class GatewayNode(Node):
-        """A node with the gateway mounted (as node.py will mount it)."""
-
-        def routes(self) -> list[Any]:
-            return super().routes() + gateway_routes(Router([self.backends]))
-
     models = tmp_path / "models"
     models.mkdir()
     write_synthetic_gguf(models / "tiny.gguf", arch="qwen2", n_layers=6, hidden=64, ffn=128, seed=3)
@@ -481,7 +475,7 @@ def test_node_without_a_stage_routes_v1_to_the_pipeline(tmp_path: Path, one_thre
     expected = ref.generate(ids, SamplingParams.greedy(max_tokens=16))
 
     async def start(nursery: trio.Nursery, cfg: NodeConfig) -> Node:
-        node = GatewayNode(cfg)
+        node = Node(cfg)
         await nursery.start(node.run)
         return node
 
@@ -520,6 +514,35 @@ def test_node_without_a_stage_routes_v1_to_the_pipeline(tmp_path: Path, one_thre
                     json.loads(ln)["choices"][0]["delta"].get("content") or "" for ln in lines[:-1]
                 )
                 assert text == expected.text
+
+                # 50 concurrent streams on the 3-stage pipeline: each completes with the same greedy text or
+                # is refused cleanly (429/503 with Retry-After); none hangs.
+                results: list[tuple[int, str, str | None]] = []
+
+                async def one(i: int) -> None:
+                    body = {**chat, "stream": True, "max_tokens": 8}
+                    async with http.stream("POST", "/v1/chat/completions", json=body) as s:
+                        raw = (await s.aread()).decode()
+                        if s.status_code == 200:
+                            events = [e[6:] for e in raw.split("\n\n") if e.startswith("data: ")]
+                            assert events[-1] == "[DONE]", raw[-300:]
+                            parts = [json.loads(e) for e in events[:-1]]
+                            assert not any("error" in p for p in parts), raw[-300:]
+                            text = "".join(p["choices"][0]["delta"].get("content") or "" for p in parts)
+                            results.append((200, text, None))
+                        else:
+                            results.append((s.status_code, raw, s.headers.get("retry-after")))
+
+                with trio.fail_after(180):
+                    async with trio.open_nursery() as many:
+                        for i in range(50):
+                            many.start_soon(one, i)
+                short = ref.generate(ids, SamplingParams.greedy(max_tokens=8)).text
+                assert len(results) == 50
+                done = [r for r in results if r[0] == 200]
+                print(f"50 concurrent streams: {len(done)} completed, {50 - len(done)} refused (Retry-After)")
+                assert done and all(text == short for _, text, _ in done)
+                assert all(s in (429, 503) and retry for s, _, retry in results if s != 200), results
             nursery.cancel_scope.cancel()
 
     trio.run(main)
