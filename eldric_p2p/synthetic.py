@@ -22,6 +22,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
 from gguf.quants import quantize
 
+from eldric_p2p.engine.tokenizer import bytes_to_unicode
+
 Q = GGMLQuantizationType
 QK_K = 256
 ARCHS = ("llama", "qwen2", "gemma3")
@@ -61,22 +63,9 @@ _SPM_PIECES = (
 _SPM_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (as in `tokenizers`' ByteLevel)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs, strict=True)}
-
-
 def _bpe_vocab(arch: str) -> tuple[list[str], list[int], list[str], dict[str, int]]:
     """tokens, token types, merges, special ids for a byte-level BPE vocabulary."""
-    tokens = list(_bytes_to_unicode().values())
+    tokens = list(bytes_to_unicode().values())
     for merge in _BPE_MERGES:
         a, b = merge.split(" ")
         assert a in tokens and b in tokens, merge
