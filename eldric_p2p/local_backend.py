@@ -128,7 +128,7 @@ class LocalBackend:
         history = list(ids)
 
         def step(tokens: list[int], pos: int) -> int:
-            logits = model.forward(sid, tokens, pos)  # [T, vocab]
+            logits = model.forward(sid, tokens, pos, last_only=True)  # [1, vocab]
             return sampler.sample(logits[-1], history)
 
         t0 = time.perf_counter()

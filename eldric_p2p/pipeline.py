@@ -253,7 +253,8 @@ class PipelineBackend:
         wire = {"f32": DType.F32, "f16": DType.F16, "bf16": DType.BF16}[self.wire]
 
         def run() -> torch.Tensor | int:
-            out = stage.forward(str(sid), x, pos)  # [T, hidden], or [T, vocab] for a single stage
+            # [T, hidden], or [1, vocab] for a single stage (only the last position is sampled)
+            out = stage.forward(str(sid), x, pos, last_only=sampler is not None)
             if sampler is not None:
                 return sampler.sample(out[-1], history)
             return out if wire == DType.F32 else out.to(wire_dtype(wire))

@@ -693,7 +693,7 @@ class Worker:
         tail = shard.a.role == "tail"
 
         def step() -> torch.Tensor | int:
-            out = stage.forward(str(sess.sid), x, frame.start)  # [T, hidden] or [T, vocab]
+            out = stage.forward(str(sess.sid), x, frame.start, last_only=tail)  # [T, hidden] or [1, vocab]
             if not tail:
                 return out if sess.wire == DType.F32 else out.to(wire_dtype(sess.wire))
             assert sess.sampler is not None

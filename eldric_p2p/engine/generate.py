@@ -146,11 +146,11 @@ class LocalModel:
         ]
         self._next_sid = 0
 
-    def forward(self, sid: str, ids: list[int], pos: int) -> torch.Tensor:
+    def forward(self, sid: str, ids: list[int], pos: int, *, last_only: bool = False) -> torch.Tensor:
         x: torch.Tensor = torch.tensor(ids, dtype=torch.int64)
         for stage in self.stages:
-            x = stage.forward(sid, x, pos)
-        return x  # [T, vocab]
+            x = stage.forward(sid, x, pos, last_only=last_only)
+        return x  # [T, vocab], or [1, vocab] with last_only
 
     def generate(
         self,
@@ -180,7 +180,7 @@ class LocalModel:
         steps = 0
         try:
             t0 = time.perf_counter()
-            logits = self.forward(sid, prompt_ids, 0)
+            logits = self.forward(sid, prompt_ids, 0, last_only=True)
             token = sampler.sample(logits[-1], history)
             t1 = time.perf_counter()
             while True:
@@ -190,7 +190,7 @@ class LocalModel:
                 if stream.done:
                     break
                 history.append(token)
-                logits = self.forward(sid, [token], len(history) - 1)
+                logits = self.forward(sid, [token], len(history) - 1, last_only=True)
                 steps += 1
                 token = sampler.sample(logits[-1], history)
             t2 = time.perf_counter()

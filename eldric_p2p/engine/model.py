@@ -298,9 +298,11 @@ class Stage:
     # ---- compute ----------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward(self, sid: str, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def forward(self, sid: str, x: torch.Tensor, start_pos: int, *, last_only: bool = False) -> torch.Tensor:
+        """Run the stage; the tail returns logits [T, vocab], or [1, vocab] for the last position with
+        `last_only` (what generation needs: the LM head is then computed for one row instead of T)."""
         if self.fmt != "native" or self.device.type != "cpu":
-            return self._forward(sid, x, start_pos)
+            return self._forward(sid, x, start_pos, last_only)
         # With native weights the matmuls run on the kernels' own threads; torch only does small element-wise
         # and attention ops here. Its OpenMP workers would keep spinning between those ops and take the core
         # the kernel threads need (measured: 49 ms vs 34 ms per Qwen decode step on 2 cores), so torch runs
@@ -308,11 +310,11 @@ class Stage:
         saved = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return self._forward(sid, x, start_pos)
+            return self._forward(sid, x, start_pos, last_only)
         finally:
             torch.set_num_threads(saved)
 
-    def _forward(self, sid: str, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def _forward(self, sid: str, x: torch.Tensor, start_pos: int, last_only: bool) -> torch.Tensor:
         cache = self._cache(sid)
         if start_pos != cache.length:
             raise InvalidInput(
@@ -338,7 +340,9 @@ class Stage:
         if not self.is_tail:
             return h
         assert self.out_norm is not None and self.lm_head is not None
-        return self.lm_head(rms_norm(h, self.out_norm, self.cfg.norm_eps))  # [T, vocab]
+        if last_only:
+            h = h[-1:]  # [1, hidden]
+        return self.lm_head(rms_norm(h, self.out_norm, self.cfg.norm_eps))  # [T or 1, vocab]
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg

@@ -180,3 +180,19 @@ def test_a_model_file_with_wrong_tensor_shapes_is_refused_at_load(tmp_path):
     del src.index.tensors["blk.0.attn_norm.weight"]
     with pytest.raises(UnsupportedModel, match="lacks tensor blk.0.attn_norm.weight"):
         Stage(src, 0, 1, weights="f32")
+
+
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_last_only_logits_equal_the_last_row(models, weights):
+    src = models["qwen2"]
+    st = Stage(src, 0, src.index.n_layers, weights=weights, max_ctx=32)
+    st.open_session("a")
+    st.open_session("b")
+    full = st.forward("a", torch.tensor([3, 4, 5, 6]), 0)
+    last = st.forward("b", torch.tensor([3, 4, 5, 6]), 0, last_only=True)
+    assert last.shape == (1, full.shape[1])
+    if weights == "native":  # the kernels compute each row alone: bit-identical
+        assert torch.equal(last[0], full[-1])
+    else:  # BLAS picks another summation order for one row than for four
+        torch.testing.assert_close(last[0], full[-1], rtol=1e-4, atol=1e-4)
+    assert st.session_length("b") == 4  # the whole input still went into the KV cache
