@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import httpx
 import openai
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_pipeline import start  # noqa: E402
+from bench_pipeline import start, stop  # noqa: E402
 
 from eldric_p2p.paths import models_dir  # noqa: E402
 
@@ -108,13 +107,7 @@ def main() -> None:
                 chat.append(via_chat(data, model, args.tokens))
                 oai.append(via_openai(client, model, args.tokens))
         finally:
-            for p in procs:
-                p.send_signal(signal.SIGINT)
-            for p in procs:
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            stop(procs)
 
     def med(rows: list, i: int) -> float:
         return statistics.median(r[i] for r in rows)

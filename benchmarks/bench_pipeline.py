@@ -62,6 +62,17 @@ def start(name: str, tmp: Path, args: list[str]) -> tuple[subprocess.Popen[bytes
     raise SystemExit(f"{name} did not start")
 
 
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Ctrl-C every node, then wait (a node that does not exit in 10 s is killed)."""
+    for p in procs:
+        p.send_signal(signal.SIGINT)
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def generate(url: str, model: str, prompt: str, tokens: int) -> dict[str, Any]:
     body = {
         "model": model,
@@ -124,13 +135,7 @@ def main() -> None:
                 for k, url in heads.items():
                     runs[k].append(generate(url, model, args.prompt, args.tokens))
         finally:
-            for p in procs:
-                p.send_signal(signal.SIGINT)
-            for p in procs:
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            stop(procs)
     tps = {k: statistics.median(r["decode_tokens_per_s"] for r in v) for k, v in runs.items()}
     same = runs["1 stage"][0]["token_ids"] == runs["3 stages"][0]["token_ids"]
     print(f"model {model}, {args.tokens} tokens greedy, {args.rounds} rounds, median decode tokens/s:")
