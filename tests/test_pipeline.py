@@ -8,6 +8,7 @@ concurrent sessions do not disturb each other, and a failed stage ends a request
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -312,5 +313,57 @@ def test_killed_middle_stage_fails_the_request_by_name_then_a_new_deploy_works(
             want = local_answer(local, "Hello world", SamplingParams.greedy(max_tokens=10))
             got = joined(await generate(c, m[2].url, "Hello world", SamplingParams.greedy(max_tokens=10)))
             assert got == want
+
+    trio.run(main)
+
+
+def test_a_client_that_disconnects_mid_stream_frees_the_session_on_every_stage(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    """OpenAI streaming through a node with no stage; the client goes away after two chunks."""
+
+    def open_sessions(members: list[Member]) -> int:
+        n = 0
+        for member in members:
+            worker = member.node.worker
+            if worker is None:
+                continue
+            for shard in worker.shards.values():
+                n += len(shard.stage.sessions) if shard.stage is not None else 0
+        return n
+
+    async def main() -> None:
+        async with (
+            cluster(tmp_path, model_dir, [None, 100 * MiB, 100 * MiB, 100 * MiB]) as m,
+            httpx.AsyncClient(timeout=30) as c,
+        ):
+            assert (await deploy(c, m[0].url, workers=["n1", "n2", "n3"])).status_code == 200
+            tail = next(iter(m[3].node.worker.shards.values())).stage
+            forward = tail.forward
+
+            def slow_forward(*args: Any, **kwargs: Any) -> Any:  # 200 tokens now take > 4 s
+                time.sleep(0.02)
+                return forward(*args, **kwargs)
+
+            tail.forward = slow_forward
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 200,
+                    "temperature": 0, "stream": True}  # fmt: skip
+            with trio.fail_after(30):
+                while (await c.get(f"{m[0].url}/v1/models")).json()["data"] == []:  # noqa: ASYNC110
+                    await trio.sleep(0.1)
+                async with c.stream("POST", f"{m[0].url}/v1/chat/completions", json=body) as resp:
+                    assert resp.status_code == 200
+                    chunks = 0
+                    async for line in resp.aiter_lines():
+                        chunks += line.startswith("data: ")
+                        if chunks == 3:
+                            assert open_sessions(m) == 3  # one KV cache per stage while it runs
+                            break  # leaving the block closes the connection mid-stream
+            with trio.fail_after(1.5):  # far sooner than the 200 tokens would take: the generation stopped
+                while open_sessions(m) != 0:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            # and the pipeline still serves
+            r = await c.post(f"{m[0].url}/v1/chat/completions", json={**body, "stream": False, "max_tokens": 4})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
 
     trio.run(main)
