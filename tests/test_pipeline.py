@@ -363,7 +363,8 @@ def test_a_client_that_disconnects_mid_stream_frees_the_session_on_every_stage(
                 while open_sessions(m) != 0:  # noqa: ASYNC110
                     await trio.sleep(0.05)
             # and the pipeline still serves
-            r = await c.post(f"{m[0].url}/v1/chat/completions", json={**body, "stream": False, "max_tokens": 4})
+            short = {**body, "stream": False, "max_tokens": 4}
+            r = await c.post(f"{m[0].url}/v1/chat/completions", json=short)
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
 
     trio.run(main)
