@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 import trio
+from peer_helpers import wait_for
 from zeroconf import ServiceInfo
 
 from eldric_p2p.discovery import (
@@ -25,22 +24,6 @@ LOOPBACK = ["127.0.0.1"]
 
 def announcement(name: str, port: int, **kw: object) -> Announcement:
     return Announcement(peer_id=Identity.generate().peer_id, name=name, http_port=port, **kw)  # type: ignore[arg-type]
-
-
-async def wait_for(tables: list[PeerTable], cond: Callable[[], bool]) -> None:
-    """Wait (under the caller's deadline) until `cond` holds, re-checking whenever a table changes."""
-    while True:
-        versions = [t.version for t in tables]  # taken before the check, so no change slips between
-        if cond():
-            return
-        async with trio.open_nursery() as nursery:
-            for t, v in zip(tables, versions, strict=True):
-
-                async def changed(t: PeerTable = t, v: int = v) -> None:
-                    await t.wait_changed(v)
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(changed)
 
 
 def test_three_nodes_find_each_other_and_a_stopped_one_leaves() -> None:

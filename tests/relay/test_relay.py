@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 from aioquic.quic.connection import QuicConnection
+from peer_helpers import wait_for
 
 from eldric_p2p.discovery import PeerTable
 from eldric_p2p.errors import PeerUnavailable
@@ -41,22 +42,6 @@ def make_member(relay_addr: tuple[str, int], name: str, handler: object = echo) 
         open_timeout_s=2.0,
         handshake_timeout_s=2.0,
     )
-
-
-async def wait_for(tables: list[PeerTable], cond: Callable[[], bool]) -> None:
-    """Wait (under the caller's deadline) until `cond` holds, re-checking whenever a table changes."""
-    while True:
-        versions = [t.version for t in tables]  # taken before the check, so no change slips between
-        if cond():
-            return
-        async with trio.open_nursery() as nursery:
-            for t, v in zip(tables, versions, strict=True):
-
-                async def changed(t: PeerTable = t, v: int = v) -> None:
-                    await t.wait_changed(v)
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(changed)
 
 
 async def eventually(cond: Callable[[], bool]) -> None:
