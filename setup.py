@@ -19,6 +19,8 @@ class BuildExt(build_ext):
         if self.compiler.compiler_type == "unix":
             for ext in self.extensions:
                 ext.extra_compile_args = ["-O3", "-std=c11", "-pthread"]
+                if ext.name.endswith("_ggmlops"):
+                    ext.extra_compile_args.append("-ffp-contract=off")  # only the fused operations it spells out
                 ext.extra_link_args = ["-pthread"]
         super().build_extensions()
 
@@ -29,7 +31,13 @@ setup(
             "eldric_p2p.engine._qkernels",
             sources=["eldric_p2p/engine/_qkernels.c"],
             optional=True,
-        )
+        ),
+        Extension(
+            "eldric_p2p.engine._ggmlops",
+            sources=["eldric_p2p/engine/_ggmlops.c"],
+            optional=True,
+            libraries=["m"],
+        ),
     ]
     if sys.implementation.name == "cpython"
     else [],

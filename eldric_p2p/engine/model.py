@@ -31,6 +31,11 @@ try:
 except ImportError:  # pragma: no cover - the module ships with the package; the C extension may not
     qmatmul = None  # type: ignore[assignment]
 
+try:  # rope, attention and SwiGLU with ggml's exact arithmetic (optional C extension)
+    from eldric_p2p.engine import _ggmlops
+except ImportError:  # pragma: no cover - built by setup.py where a C compiler exists
+    _ggmlops = None  # type: ignore[assignment]
+
 
 class TensorSource(Protocol):
     """Where a stage reads weights: a local GGUF file or a shard cache (both `GGUFFile`)."""
@@ -115,9 +120,18 @@ class Embedding:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # x: [..., D]; computed in float64 accumulation like ggml's rms_norm, scaled in float32
-    mean = x.double().pow(2).mean(-1, keepdim=True)
-    return (x * torch.rsqrt(mean + eps).float()) * weight
+    """RMS norm with ggml's arithmetic: squares in float32 summed in float64, the mean rounded to float32,
+    scale = 1/sqrt(mean + eps) in float32 (eps a float32), y = (x * scale) * weight.
+
+    torch's float32 sqrt is not always correctly rounded (ggml's sqrtf is); a float64 sqrt rounded to float32
+    is, so the square root is taken in float64."""
+    mean = ((x * x).double().sum(-1, keepdim=True) / x.shape[-1]).float()  # [..., 1]
+    root = torch.sqrt((mean + _f32(eps)).double()).float()
+    return (x * (1.0 / root)) * weight
+
+
+def _f32(v: float) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32)
 
 
 def gelu_ggml(x: torch.Tensor) -> torch.Tensor:
@@ -239,6 +253,8 @@ class Stage:
         self.fmt = resolve_weights(weights, self.device)
         self.max_ctx = min(max_ctx, cfg.context_length)
         self.kv_dtype = torch.float16 if self.fmt in ("native", "f16", "f32") else torch.bfloat16
+        # rope, attention and SwiGLU through _ggmlops: ggml's exact arithmetic, for f16 caches on the CPU
+        self.exact_ops = _ggmlops is not None and self.device.type == "cpu" and self.kv_dtype == torch.float16
         t = src.index.tensors
         self.is_head, self.is_tail = start == 0, end == cfg.n_layers
         if t["token_embd.weight"].shape[0] != cfg.hidden:
@@ -331,11 +347,11 @@ class Stage:
             )
         positions = torch.arange(start_pos, start_pos + T, device=self.device)
         ropes: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
-        masks = self._masks(start_pos, T)
+        masks = {False: None, True: None} if self.exact_ops else self._masks(start_pos, T)
         for li, layer in enumerate(self.layers):
-            if layer.rope_base not in ropes:
+            if layer.rope_base not in ropes and not self.exact_ops:
                 ropes[layer.rope_base] = rope_tables(self.cfg, layer.rope_base, positions)
-            h = self._layer(layer, li, h, cache, start_pos, ropes[layer.rope_base], masks[layer.sliding])
+            h = self._layer(layer, li, h, cache, start_pos, ropes.get(layer.rope_base), masks[layer.sliding])
         cache.length = start_pos + T
         if not self.is_tail:
             return h
@@ -368,7 +384,7 @@ class Stage:
         h: torch.Tensor,
         cache: KVCache,
         pos0: int,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor] | None,  # cos/sin tables (None with exact_ops)
         masked: torch.Tensor | None,
     ) -> torch.Tensor:
         cfg = self.cfg
@@ -381,16 +397,64 @@ class Stage:
             assert layer.q_norm is not None and layer.k_norm is not None
             q = rms_norm(q, layer.q_norm, cfg.norm_eps)
             k = rms_norm(k, layer.k_norm, cfg.norm_eps)
-        q = apply_rope(q, *rope, cfg)
-        k = apply_rope(k, *rope, cfg)
+        end = pos0 + T
+        if self.exact_ops:
+            q, k = q.contiguous(), k.contiguous()
+            positions = np.arange(pos0, end, dtype=np.int64)
+            for t in (q, k):
+                _ggmlops.rope(t.numpy(), positions, t.shape[1], cfg.head_dim, cfg.rope_dim, layer.rope_base,
+                              1.0 / cfg.rope_scale, cfg.rope_neox)  # fmt: skip
+        else:
+            assert rope is not None
+            q = apply_rope(q, *rope, cfg)
+            k = apply_rope(k, *rope, cfg)
         if cfg.attn_scale:
             q = q * cfg.attn_scale
             score_scale = 1.0
         else:
             score_scale = 1.0 / math.sqrt(cfg.head_dim)
-        end = pos0 + T
         cache.k[li, :, pos0:end] = k.transpose(0, 1).to(cache.k.dtype)
         cache.v[li, :, pos0:end] = v.transpose(0, 1).to(cache.v.dtype)
+        if self.exact_ops:
+            attn = torch.empty(T, cfg.n_heads * cfg.head_dim)
+            window = cfg.sliding_window if layer.sliding else 0
+            _ggmlops.attention(q.contiguous().numpy(), cache.k[li].numpy(), cache.v[li].numpy(), attn.numpy(),
+                               cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, pos0, cache.max_ctx,
+                               float(np.float32(score_scale)), window or 0, T > 1)  # fmt: skip
+        else:
+            attn = self._attention_torch(q, cache, li, end, score_scale, masked)
+        o = layer.wo(attn)  # [T, hidden]
+        if layer.post_attn_norm is not None:
+            o = rms_norm(o, layer.post_attn_norm, cfg.norm_eps)
+        h = h + o
+        x = rms_norm(h, layer.ffn_norm, cfg.norm_eps)
+        gate, up = layer.w_gate(x), layer.w_up(x)  # [T, ffn]
+        if self.exact_ops:
+            act = torch.empty_like(gate)
+            fused = _ggmlops.geglu if cfg.act == "gelu_tanh" else _ggmlops.swiglu
+            fused(gate.numpy(), up.numpy(), act.numpy())
+        elif cfg.act == "gelu_tanh":
+            act = gelu_ggml(gate) * up
+        else:
+            act = F.silu(gate) * up
+        d = layer.w_down(act)  # [T, hidden]
+        if layer.post_ffn_norm is not None:
+            d = rms_norm(d, layer.post_ffn_norm, cfg.norm_eps)
+        return h + d
+
+    def _attention_torch(
+        self,
+        q: torch.Tensor,
+        cache: KVCache,
+        li: int,
+        end: int,
+        score_scale: float,
+        masked: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Attention in torch ops (CUDA, bf16 caches, or without the C extension): the same rounding points as
+        ggml (q and the probabilities rounded to the cache dtype), not its summation order."""
+        cfg = self.cfg
+        T = q.shape[0]
         keys = cache.k[li, :, :end].float()  # [nkv, S, hd]
         vals = cache.v[li, :, :end].float()  # [nkv, S, hd]
         group = cfg.n_heads // cfg.n_kv_heads
@@ -402,17 +466,7 @@ class Stage:
         probs = torch.softmax(scores, dim=-1).to(cache.v.dtype).float()  # [nh, T, S]
         probs = probs.reshape(cfg.n_kv_heads, group * T, end)
         attn = torch.bmm(probs, vals).view(cfg.n_heads, T, cfg.head_dim).transpose(0, 1)  # [T, nh, hd]
-        o = layer.wo(attn.reshape(T, cfg.n_heads * cfg.head_dim))  # [T, hidden]
-        if layer.post_attn_norm is not None:
-            o = rms_norm(o, layer.post_attn_norm, cfg.norm_eps)
-        h = h + o
-        x = rms_norm(h, layer.ffn_norm, cfg.norm_eps)
-        gate = layer.w_gate(x)  # [T, ffn]
-        gate = gelu_ggml(gate) if cfg.act == "gelu_tanh" else F.silu(gate)
-        d = layer.w_down(gate * layer.w_up(x))  # [T, hidden]
-        if layer.post_ffn_norm is not None:
-            d = rms_norm(d, layer.post_ffn_norm, cfg.norm_eps)
-        return h + d
+        return attn.reshape(T, cfg.n_heads * cfg.head_dim)
 
     def _masks(self, pos0: int, T: int) -> dict[bool, torch.Tensor | None]:
         """Attention masks [T, S] (True = hidden) for global and sliding layers; None hides nothing."""

@@ -1,0 +1,124 @@
+"""The layer operations of `_ggmlops` reproduce llama.cpp bit for bit.
+
+tests/fixtures/llamacpp_ops.npz holds inputs and outputs of one layer's rope, attention and gated activation
+as llama.cpp computed them (benchmarks/llamacpp_tensors.py --ops-fixture), on Gemma 3 270M (GEGLU, q scaled
+before attention, one KV head) and Qwen2.5-Coder-0.5B (SwiGLU, scale in the softmax, two KV heads), for a
+batch of prompt tokens (llama.cpp's batched path) and for one decoded token (its single-token path).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+_ggmlops = pytest.importorskip("eldric_p2p.engine._ggmlops", reason="the C extension is not built")
+
+FIXTURE = Path(__file__).parent.parent / "fixtures" / "llamacpp_ops.npz"
+# heads, KV heads, head size, rope base of the fixture's layer (a global one), score scale, activation
+MODELS = {
+    "gemma": dict(nh=4, nkv=1, hd=256, base=1000000.0, scale=1.0, act="geglu"),
+    "qwen": dict(nh=14, nkv=2, hd=64, base=1000000.0, scale=0.125, act="swiglu"),
+}
+CASES = [(m, step) for m in MODELS for step in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def fx():
+    return np.load(FIXTURE)
+
+
+def _case(fx, model: str, step: int) -> dict[str, np.ndarray]:
+    prefix = f"{model}/{step}/"
+    return {k[len(prefix) :]: fx[k] for k in fx.files if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("model,step", CASES)
+def test_rope_is_bit_exact(fx, model, step):
+    c, m = _case(fx, model, step), MODELS[model]
+    x = c["rope_in"].copy()
+    pos0 = int(c["meta"][1])
+    positions = np.arange(pos0, pos0 + len(x), dtype=np.int64)
+    _ggmlops.rope(x, positions, m["nh"], m["hd"], m["hd"], m["base"], 1.0, True)
+    assert np.array_equal(x, c["rope_out"])
+
+
+def _attention(c: dict[str, np.ndarray], m: dict, pos0: int, ctx: int) -> np.ndarray:
+    nkv, S, hd = c["k"].shape
+    k = np.zeros((nkv, ctx, hd), np.float16)
+    v = np.zeros((nkv, ctx, hd), np.float16)
+    k[:, :S], v[:, :S] = c["k"], c["v"]
+    T = len(c["q"])
+    out = np.zeros((T, m["nh"] * hd), np.float32)
+    _ggmlops.attention(c["q"], k.view(np.uint16), v.view(np.uint16), out, m["nh"], nkv, hd, pos0, ctx,
+                       m["scale"], 0, T > 1)  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("model,step", CASES)
+@pytest.mark.parametrize("ctx", [None, 40])  # the cache's size and its unused tail change nothing
+def test_attention_is_bit_exact(fx, model, step, ctx):
+    c, m = _case(fx, model, step), MODELS[model]
+    pos0 = int(c["meta"][1])
+    out = _attention(c, m, pos0, ctx or c["k"].shape[1])
+    assert np.array_equal(out, c["attn_out"])
+
+
+@pytest.mark.parametrize("model,step", CASES)
+def test_gated_activation_is_bit_exact(fx, model, step):
+    c, m = _case(fx, model, step), MODELS[model]
+    out = np.zeros_like(c["gate"])
+    getattr(_ggmlops, m["act"])(c["gate"], c["up"], out)
+    assert np.array_equal(out, c["act"])
+
+
+def test_attention_matches_a_plain_softmax_attention():
+    """Independent of the fixtures: causal and sliding-window masks, GQA, odd lengths, both orders."""
+    g = torch.Generator().manual_seed(0)
+    nh, nkv, hd, ctx = 6, 2, 64, 50
+    for pos0, T, window in [(0, 7, 0), (13, 1, 0), (20, 9, 5), (0, 1, 0)]:
+        S = pos0 + T
+        q = torch.randn(T, nh, hd, generator=g)
+        k = torch.randn(nkv, ctx, hd, generator=g).half()
+        v = torch.randn(nkv, ctx, hd, generator=g).half()
+        out = torch.empty(T, nh * hd)
+        _ggmlops.attention(
+            q.numpy(), k.numpy(), v.numpy(), out.numpy(), nh, nkv, hd, pos0, ctx, 0.125, window, T > 1
+        )
+        qpos = torch.arange(pos0, S)[:, None]
+        kpos = torch.arange(S)[None, :]
+        hidden = (kpos > qpos) | ((qpos - kpos >= window) if window else torch.zeros_like(kpos > qpos))
+        kk = k[:, :S].float().repeat_interleave(nh // nkv, 0)  # [nh, S, hd]
+        vv = v[:, :S].float().repeat_interleave(nh // nkv, 0)
+        scores = torch.einsum("thd,hsd->hts", q.half().float(), kk) * 0.125
+        p = torch.softmax(scores.masked_fill(hidden, -math.inf), -1)
+        ref = torch.einsum("hts,hsd->thd", p, vv).reshape(T, -1)
+        torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
+
+
+def test_activations_match_their_formulas_on_odd_lengths():
+    g = torch.linspace(-12, 12, 1001)
+    u = torch.linspace(2, -1, 1001)
+    for name, ref, tol in (
+        ("swiglu", F.silu(g) * u, 1e-5),
+        ("geglu", F.gelu(g, approximate="tanh") * u, 3e-2),
+    ):
+        out = torch.empty_like(g)
+        getattr(_ggmlops, name)(g.numpy(), u.numpy(), out.numpy())
+        torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
+def test_bad_sizes_are_errors():
+    q = np.zeros((2, 4, 64), np.float32)
+    kv = np.zeros((1, 8, 64), np.float16)
+    out = np.zeros((2, 256), np.float32)
+    with pytest.raises(ValueError):
+        _ggmlops.attention(q, kv, kv, out, 4, 1, 64, 7, 8, 1.0, 0, True)  # 7 + 2 positions exceed the context
+    with pytest.raises(ValueError):
+        _ggmlops.attention(q, kv[:, :4], kv, out, 4, 1, 64, 0, 8, 1.0, 0, True)  # k is not [nkv, ctx, hd]
+    with pytest.raises(ValueError):
+        _ggmlops.rope(np.zeros((2, 4, 64), np.float32), np.arange(3), 4, 64, 64, 1e4, 1.0, True)
