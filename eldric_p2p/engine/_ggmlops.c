@@ -174,46 +174,21 @@ static inline float reduce4x8(float acc[4][8]) {
         free(cs);                                                                                                \
     }                                                                                                            \
                                                                                                                  \
-    /* work: floats for the scores (n8 + pad), the probabilities and one f16-rounded query/value column. */     \
-    ATTR static void attention_##SUFFIX(const float *q, const uint16_t *k, const uint16_t *v, float *out,       \
-                                        int64_t T, int nh, int nkv, int hd, int64_t pos0, int64_t ctx,           \
-                                        float scale, int64_t window, int one_acc, float *work) {                 \
-        const int64_t S = pos0 + T;                                                                              \
-        const int step = one_acc ? 8 : 32;                                                                       \
-        const int64_t Sp = (S + step - 1) / step * step;  /* keys, padded with zeros like llama.cpp's cache */    \
-        const int hdp = (hd + step - 1) / step * step;                                                           \
-        float *w = work, *p = w + Sp, *qv = p + Sp, *kr = qv + hdp, *vc = kr + hdp;                              \
-        const int group = nh / nkv;                                                                              \
-        for (int64_t t = 0; t < T; t++) {                                                                        \
-            const int64_t qpos = pos0 + t;                                                                       \
-            for (int h = 0; h < nh; h++) {                                                                       \
-                const uint16_t *kh = k + (size_t)(h / group) * ctx * hd;                                         \
-                const uint16_t *vh = v + (size_t)(h / group) * ctx * hd;                                         \
-                const float *qr = q + ((size_t)t * nh + h) * hd;                                                 \
-                for (int d = 0; d < hdp; d++) qv[d] = d < hd ? round_f16(qr[d]) : 0.0f;                          \
-                float max = -INFINITY;                                                                           \
-                for (int64_t s = 0; s < Sp; s++) {                                                               \
-                    const int hidden = s > qpos || s >= S || (window > 0 && qpos - s >= window);                 \
-                    if (hidden) { w[s] = -INFINITY; continue; }                                                  \
-                    for (int d = 0; d < hdp; d++) kr[d] = d < hd ? h2f(kh[(size_t)s * hd + d]) : 0.0f;           \
-                    w[s] = dot_##SUFFIX(kr, qv, hdp, one_acc) * scale;                                           \
-                    if (w[s] > max) max = w[s];                                                                  \
-                }                                                                                                \
-                /* ggml_vec_soft_max_f32: exp in blocks of 8, each block summed in float, blocks in double */    \
-                double sum = 0.0;                                                                                \
-                for (int64_t s = 0; s < Sp; s += 8) {                                                            \
-                    for (int l = 0; l < 8; l++) p[s + l] = expf_ggml_##SUFFIX(w[s + l] - max);                   \
-                    sum += (double)hsum8(p + s);                                                                 \
-                }                                                                                                \
-                const float inv = (float)(1.0 / sum);                                                            \
-                for (int64_t s = 0; s < Sp; s++) p[s] = round_f16(p[s] * inv);                                   \
-                float *o = out + ((size_t)t * nh + h) * hd;                                                      \
-                for (int d = 0; d < hd; d++) {                                                                   \
-                    for (int64_t s = 0; s < Sp; s++) vc[s] = s < S ? h2f(vh[(size_t)s * hd + d]) : 0.0f;         \
-                    o[d] = dot_##SUFFIX(vc, p, (int)Sp, one_acc);                                                \
-                }                                                                                                \
-            }                                                                                                    \
+    /* Softmax of one row of scores w (hidden keys set to -inf here) into p, rounded to f16 for V^T . p. */     \
+    ATTR static void probs_##SUFFIX(float *w, float *p, int64_t Sp, int64_t S, int64_t qpos, int64_t window) {   \
+        float max = -INFINITY;                                                                                   \
+        for (int64_t s = 0; s < Sp; s++) {                                                                       \
+            if (s > qpos || s >= S || (window > 0 && qpos - s >= window)) w[s] = -INFINITY;                      \
+            if (w[s] > max) max = w[s];                                                                          \
         }                                                                                                        \
+        /* ggml_vec_soft_max_f32: exp in blocks of 8, each block summed in float, the blocks in double */        \
+        double sum = 0.0;                                                                                        \
+        for (int64_t s = 0; s < Sp; s += 8) {                                                                    \
+            for (int l = 0; l < 8; l++) p[s + l] = expf_ggml_##SUFFIX(w[s + l] - max);                           \
+            sum += (double)hsum8(p + s);                                                                         \
+        }                                                                                                        \
+        const float inv = (float)(1.0 / sum);                                                                    \
+        for (int64_t s = 0; s < Sp; s++) p[s] = round_f16(p[s] * inv);                                          \
     }                                                                                                            \
                                                                                                                  \
     /* ggml_vec_swiglu_f32: blocks of 8 with the polynomial expf, the tail with libm's expf. */                  \
@@ -227,6 +202,149 @@ static inline float reduce4x8(float acc[4][8]) {
 DEFINE_ROUTINES(fma, TARGET_FMA)
 #endif
 DEFINE_ROUTINES(generic, )
+
+/* Lane reductions of the weighted value sums (see attention_*): lane arrays L[nl][hd] -> out[hd]. */
+static void reduce_lanes(float *const *L, int nl, int hd, float *out) {
+    for (int d = 0; d < hd; d++) {
+        float a[8];
+        if (nl == 8) {
+            for (int l = 0; l < 8; l++) a[l] = L[l][d];
+            out[d] = hsum8(a);
+        } else {
+            float acc[4][8];
+            for (int j = 0; j < 4; j++)
+                for (int l = 0; l < 8; l++) acc[j][l] = L[8 * j + l][d];
+            out[d] = reduce4x8(acc);
+        }
+    }
+}
+
+/* Attention for T query rows with ggml's arithmetic. ggml computes V^T . p: output element d is a dot product
+ * over key positions s, whose 8 (or 4x8) float lanes take s mod 8 (or s mod 32). Here the same lanes are kept as
+ * arrays over d, L[s mod nl][d] += p[s] * V[s][d], which is the same sequence of fused multiply-adds per lane.
+ * Keys with p = 0 (masked, or beyond the sequence) are skipped: adding 0 * v leaves a lane unchanged.
+ * work: 2 * Sp + (nl + 1) * hd floats. */
+static void attention_generic(const float *q, const uint16_t *k, const uint16_t *v, float *out, int64_t T, int nh,
+                              int nkv, int hd, int64_t pos0, int64_t ctx, float scale, int64_t window, int one_acc,
+                              float *work) {
+    const int64_t S = pos0 + T, Sp = (S + 31) / 32 * 32;
+    const int nl = one_acc ? 8 : 32, group = nh / nkv;
+    float *w = work, *p = w + Sp, *qv = p + Sp, *lanes = qv + hd;
+    float *L[32];
+    for (int l = 0; l < nl; l++) L[l] = lanes + (size_t)l * hd;
+    float *kr = malloc(sizeof(float) * (size_t)hd);
+    if (!kr) return;
+    for (int64_t t = 0; t < T; t++) {
+        for (int h = 0; h < nh; h++) {
+            const uint16_t *kh = k + (size_t)(h / group) * ctx * hd, *vh = v + (size_t)(h / group) * ctx * hd;
+            const float *qr = q + ((size_t)t * nh + h) * hd;
+            for (int d = 0; d < hd; d++) qv[d] = round_f16(qr[d]);
+            for (int64_t s = 0; s < Sp; s++) {
+                w[s] = 0.0f;
+                if (s >= S) continue;
+                for (int d = 0; d < hd; d++) kr[d] = h2f(kh[(size_t)s * hd + d]);
+                w[s] = dot_generic(kr, qv, hd, one_acc) * scale;
+            }
+            probs_generic(w, p, Sp, S, pos0 + t, window);
+            memset(lanes, 0, sizeof(float) * (size_t)nl * hd);
+            for (int64_t s = 0; s < S; s++) {
+                if (p[s] == 0.0f) continue;
+                float *acc = L[s % nl];
+                for (int d = 0; d < hd; d++) acc[d] = fmaf(p[s], h2f(vh[(size_t)s * hd + d]), acc[d]);
+            }
+            reduce_lanes(L, nl, hd, out + ((size_t)t * nh + h) * hd);
+        }
+    }
+    free(kr);
+}
+
+#if OPS_X86
+#define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#include <immintrin.h>
+
+TARGET_AVX2 static inline float hsum8_avx2(__m256 x) {
+    __m128 r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+
+/* K row (f16) . q (f32 holding f16 values), hd % 32 == 0, in ggml's order. */
+TARGET_AVX2 static inline float kdot_avx2(const uint16_t *kr, const float *qv, int hd, int one_acc) {
+    if (one_acc) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int i = 0; i < hd; i += 8)
+            acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kr + i))), _mm256_loadu_ps(qv + i), acc);
+        return hsum8_avx2(acc);
+    }
+    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int i = 0; i < hd; i += 32)
+        for (int j = 0; j < 4; j++)
+            a[j] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kr + i + 8 * j))),
+                                   _mm256_loadu_ps(qv + i + 8 * j), a[j]);
+    const __m256 x = _mm256_add_ps(_mm256_add_ps(a[0], a[2]), _mm256_add_ps(a[1], a[3]));
+    const __m128 t0 = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    const __m128 t1 = _mm_hadd_ps(t0, t0);
+    return _mm_cvtss_f32(_mm_hadd_ps(t1, t1));
+}
+
+/* The same computation as attention_generic, eight output elements at a time. Needs hd % 32 == 0. */
+TARGET_AVX2 static void attention_avx2(const float *q, const uint16_t *k, const uint16_t *v, float *out, int64_t T,
+                                       int nh, int nkv, int hd, int64_t pos0, int64_t ctx, float scale,
+                                       int64_t window, int one_acc, float *work) {
+    const int64_t S = pos0 + T, Sp = (S + 31) / 32 * 32;
+    const int nl = one_acc ? 8 : 32, group = nh / nkv;
+    float *w = work, *p = w + Sp, *qv = p + Sp, *lanes = qv + hd;
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t qpos = pos0 + t;
+        const int64_t first = window > 0 && qpos - window + 1 > 0 ? qpos - window + 1 : 0;
+        for (int h = 0; h < nh; h++) {
+            const uint16_t *kh = k + (size_t)(h / group) * ctx * hd, *vh = v + (size_t)(h / group) * ctx * hd;
+            const float *qr = q + ((size_t)t * nh + h) * hd;
+            for (int d = 0; d < hd; d++) qv[d] = round_f16(qr[d]);
+            for (int64_t s = 0; s < Sp; s++)
+                w[s] = s >= first && s <= qpos ? kdot_avx2(kh + (size_t)s * hd, qv, hd, one_acc) * scale : 0.0f;
+            probs_fma(w, p, Sp, S, qpos, window);
+            memset(lanes, 0, sizeof(float) * (size_t)nl * hd);
+            for (int64_t s = first; s <= qpos; s++) {
+                if (p[s] == 0.0f) continue;
+                const __m256 ps = _mm256_set1_ps(p[s]);
+                float *acc = lanes + (size_t)(s % nl) * hd;
+                const uint16_t *vr = vh + (size_t)s * hd;
+                for (int d = 0; d < hd; d += 8) {
+                    const __m256 vv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vr + d)));
+                    _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(ps, vv, _mm256_loadu_ps(acc + d)));
+                }
+            }
+            float *o = out + ((size_t)t * nh + h) * hd;
+            for (int d = 0; d < hd; d += 8) {
+#define LANE(l) _mm256_loadu_ps(lanes + (size_t)(l) * hd + d)
+                __m256 x[8];
+                if (one_acc) {
+                    for (int l = 0; l < 8; l++) x[l] = LANE(l);
+                } else { /* GGML_F32x8_REDUCE of the four accumulators, lane by lane */
+                    for (int l = 0; l < 8; l++)
+                        x[l] = _mm256_add_ps(_mm256_add_ps(LANE(l), LANE(16 + l)), _mm256_add_ps(LANE(8 + l), LANE(24 + l)));
+                }
+#undef LANE
+                __m256 res;
+                if (one_acc) { /* hsum_float_8: (l4 + l0), ...; then (r0 + r2) + (r1 + r3) */
+                    const __m256 r0 = _mm256_add_ps(x[4], x[0]), r1 = _mm256_add_ps(x[5], x[1]);
+                    const __m256 r2 = _mm256_add_ps(x[6], x[2]), r3 = _mm256_add_ps(x[7], x[3]);
+                    res = _mm256_add_ps(_mm256_add_ps(r0, r2), _mm256_add_ps(r1, r3));
+                } else { /* lo4 + hi4, then two horizontal adds: (t0 + t1) + (t2 + t3) */
+                    const __m256 t0 = _mm256_add_ps(x[0], x[4]), t1 = _mm256_add_ps(x[1], x[5]);
+                    const __m256 t2 = _mm256_add_ps(x[2], x[6]), t3 = _mm256_add_ps(x[3], x[7]);
+                    res = _mm256_add_ps(_mm256_add_ps(t0, t1), _mm256_add_ps(t2, t3));
+                }
+                _mm256_storeu_ps(o + d, res);
+            }
+        }
+    }
+}
+#endif
+
+static int have_avx2 = 0;
 
 static int have_fma(void) {
 #if OPS_X86
@@ -318,8 +436,9 @@ static PyObject *py_attention(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OOOOiiiLLfLp", &oq, &ok, &ov, &oout, &nh, &nkv, &hd, &pos0, &ctx, &scale,
                           &window, &one_acc))
         return NULL;
-    if (nh <= 0 || nkv <= 0 || nh % nkv || hd <= 0 || pos0 < 0 || ctx <= 0) {
-        PyErr_SetString(PyExc_ValueError, "attention: bad head counts, head size, position or context");
+    if (nh <= 0 || nkv <= 0 || nh % nkv || hd <= 0 || hd % 32 || pos0 < 0 || ctx <= 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "attention: bad head counts, head size (a multiple of 32), position or context");
         return NULL;
     }
     Py_buffer bq, bk, bv, bo;
@@ -334,15 +453,16 @@ static PyObject *py_attention(PyObject *self, PyObject *args) {
     if (get_buffer(ok, &bk, 0, kv_bytes, "attention: k") < 0) goto fail_q;
     if (get_buffer(ov, &bv, 0, kv_bytes, "attention: v") < 0) goto fail_k;
     if (get_buffer(oout, &bo, 1, (Py_ssize_t)(T * nh * hd * 4), "attention: out") < 0) goto fail_v;
-    const int64_t Sp = pos0 + T + 32, hdp = hd + 32;
-    float *work = malloc(sizeof(float) * (size_t)(3 * Sp + 2 * hdp));
+    const int64_t Sp = pos0 + T + 32;
+    float *work = malloc(sizeof(float) * (size_t)(2 * Sp + 33 * (int64_t)hd));
     if (!work) {
         PyErr_NoMemory();
         goto fail_o;
     }
     Py_BEGIN_ALLOW_THREADS
 #if OPS_X86
-    if (use_fma) attention_fma(bq.buf, bk.buf, bv.buf, bo.buf, T, nh, nkv, hd, pos0, ctx, scale, window, one_acc, work);
+    if (have_avx2 && hd % 32 == 0)
+        attention_avx2(bq.buf, bk.buf, bv.buf, bo.buf, T, nh, nkv, hd, pos0, ctx, scale, window, one_acc, work);
     else
 #endif
         attention_generic(bq.buf, bk.buf, bv.buf, bo.buf, T, nh, nkv, hd, pos0, ctx, scale, window, one_acc, work);
@@ -415,7 +535,20 @@ static PyObject *py_geglu(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* set_simd(enabled) -> bool: use the FMA/AVX2 versions where the CPU has them (default), or the portable ones
+ * (for tests: both must give the same bits). Returns whether the vector versions are now in use. */
+static PyObject *py_set_simd(PyObject *self, PyObject *arg) {
+    const int on = PyObject_IsTrue(arg);
+    if (on < 0) return NULL;
+    use_fma = on && have_fma();
+#if OPS_X86
+    have_avx2 = use_fma && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+#endif
+    return PyBool_FromLong(use_fma);
+}
+
 static PyMethodDef methods[] = {
+    {"set_simd", py_set_simd, METH_O, "Use the FMA/AVX2 versions (True, default where available) or portable C."},
     {"geglu", py_geglu, METH_VARARGS, "gelu(g) * u through ggml's f16 GELU table."},
     {"rope", py_rope, METH_VARARGS, "Rotary embedding in place, ggml's arithmetic."},
     {"attention", py_attention, METH_VARARGS, "Causal attention over an f16 KV cache, ggml's arithmetic."},
@@ -429,6 +562,9 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__ggmlops(void) {
     use_fma = have_fma();
+#if OPS_X86
+    have_avx2 = use_fma && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+#endif
     build_gelu_table();
     return PyModule_Create(&module);
 }

@@ -254,7 +254,12 @@ class Stage:
         self.max_ctx = min(max_ctx, cfg.context_length)
         self.kv_dtype = torch.float16 if self.fmt in ("native", "f16", "f32") else torch.bfloat16
         # rope, attention and SwiGLU through _ggmlops: ggml's exact arithmetic, for f16 caches on the CPU
-        self.exact_ops = _ggmlops is not None and self.device.type == "cpu" and self.kv_dtype == torch.float16
+        self.exact_ops = (
+            _ggmlops is not None
+            and self.device.type == "cpu"
+            and self.kv_dtype == torch.float16
+            and cfg.head_dim % 32 == 0  # the exact attention's summation orders need whole 32-element blocks
+        )
         t = src.index.tensors
         self.is_head, self.is_tail = start == 0, end == cfg.n_layers
         if t["token_embd.weight"].shape[0] != cfg.hidden:

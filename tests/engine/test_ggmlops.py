@@ -32,6 +32,18 @@ def fx():
     return np.load(FIXTURE)
 
 
+@pytest.fixture(params=["simd", "portable"], autouse=True)
+def simd(request):
+    """Each test runs with the FMA/AVX2 code and with the portable code: both must give llama.cpp's bits."""
+    got = _ggmlops.set_simd(request.param == "simd")
+    try:
+        if request.param == "simd" and not got:
+            pytest.skip("this CPU has no FMA")
+        yield request.param
+    finally:
+        _ggmlops.set_simd(True)
+
+
 def _case(fx, model: str, step: int) -> dict[str, np.ndarray]:
     prefix = f"{model}/{step}/"
     return {k[len(prefix) :]: fx[k] for k in fx.files if k.startswith(prefix)}
