@@ -10,8 +10,8 @@ copies every float32/float16 tensor of the graph as it is computed. The pickle h
 ("attn_norm-3", "Qcur-3", "kq_soft_max-3", "ffn_out-3", ...); arrays have numpy's axis order (ne reversed).
 
 `--ops-fixture` records small inputs/outputs of the operations `eldric_p2p.engine._ggmlops` reproduces
-(rope, attention, GEGLU from Gemma 3; SwiGLU from Qwen2.5) for both of llama.cpp's paths, so a fast test can
-check that they stay bit-exact without llama.cpp installed.
+(RMS norm, rope, attention, GEGLU from Gemma 3; SwiGLU from Qwen2.5) for both of llama.cpp's paths, so a
+fast test can check that they stay bit-exact without llama.cpp installed.
 """
 
 from __future__ import annotations
@@ -165,6 +165,11 @@ def ops_fixture(dest: Path) -> None:
             arrays[key + "gate"] = _get(step, f"ffn_gate-{layer}").reshape(-1)[keep]
             arrays[key + "up"] = _get(step, f"ffn_up-{layer}").reshape(-1)[keep]
             arrays[key + "act"] = _get(step, f"{act}-{layer}").reshape(-1)[keep]
+            i_prev = names.index(f"l_out-{layer - 1}")  # the layer's input; RMS_NORM (op 25) of it follows
+            arrays[key + "norm_in"] = step["tensors"][i_prev][4].reshape(len(step["logits"]), -1)
+            arrays[key + "norm_out"] = next(t[4] for t in step["tensors"][i_prev:] if t[1] == 25).reshape(
+                len(step["logits"]), -1
+            )
             arrays[key + "meta"] = np.array([layer, pos0], dtype=np.int64)
     dest.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(dest, **arrays)

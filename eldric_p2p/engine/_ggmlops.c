@@ -10,6 +10,8 @@
  *              accumulator (llamafile's tinyBLAS, used by llama.cpp for several query rows) or four 8-lane
  *              accumulators (ggml_vec_dot_f16, used for one query row).
  *   swiglu     silu(g) * u with the same expf polynomial.
+ *   rms_norm   ggml_rms_norm then the weight: squares in float summed in double, mean rounded to float,
+ *              scale = 1/sqrtf(mean + eps), y = (x * scale) * w.
  *   geglu      gelu(g) * u through ggml's table of GELU (tanh form) at every f16 input, computed as ggml's
  *              compiler evaluates 0.5x(1 + tanh(sqrt(2/pi) x (1 + 0.044715 x^2))) on an FMA machine.
  *
@@ -25,6 +27,7 @@
  *       one_acc selects the one-accumulator summation order (llama.cpp's batched path).
  *   swiglu(g, u, out)                                                      float32 [n] each
  *   geglu(g, u, out)                                                       float32 [n] each
+ *   rms_norm(x, w, out, eps)                  x, out float32 [rows, n]; w float32 [n]
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -512,6 +515,43 @@ static PyObject *py_swiglu(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static void rms_norm(const float *x, const float *w, float *y, int64_t rows, int64_t n, float eps) {
+    for (int64_t r = 0; r < rows; r++, x += n, y += n) {
+        double sum = 0.0;
+        for (int64_t i = 0; i < n; i++) sum += (double)(x[i] * x[i]);
+        const float mean = (float)(sum / (double)n);
+        const float scale = 1.0f / sqrtf(mean + eps);
+        for (int64_t i = 0; i < n; i++) y[i] = (x[i] * scale) * w[i];
+    }
+}
+
+static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
+    PyObject *ox, *ow, *oy;
+    float eps;
+    if (!PyArg_ParseTuple(args, "OOOf", &ox, &ow, &oy, &eps)) return NULL;
+    Py_buffer bx, bw, by;
+    if (PyObject_GetBuffer(ow, &bw, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    const int64_t n = bw.len / 4;
+    if (n <= 0 || PyObject_GetBuffer(ox, &bx, PyBUF_C_CONTIGUOUS) < 0) {
+        if (n <= 0) PyErr_SetString(PyExc_ValueError, "rms_norm: empty weight");
+        PyBuffer_Release(&bw);
+        return NULL;
+    }
+    if (bx.len % (n * 4) || get_buffer(oy, &by, 1, bx.len, "rms_norm: out") < 0) {
+        if (bx.len % (n * 4)) PyErr_SetString(PyExc_ValueError, "rms_norm: x is not [rows, len(w)]");
+        PyBuffer_Release(&bx);
+        PyBuffer_Release(&bw);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rms_norm(bx.buf, bw.buf, by.buf, bx.len / (n * 4), n, eps);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&by);
+    PyBuffer_Release(&bx);
+    PyBuffer_Release(&bw);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_geglu(PyObject *self, PyObject *args) {
     PyObject *og, *ou, *oy;
     if (!PyArg_ParseTuple(args, "OOO", &og, &ou, &oy)) return NULL;
@@ -549,6 +589,7 @@ static PyObject *py_set_simd(PyObject *self, PyObject *arg) {
 
 static PyMethodDef methods[] = {
     {"set_simd", py_set_simd, METH_O, "Use the FMA/AVX2 versions (True, default where available) or portable C."},
+    {"rms_norm", py_rms_norm, METH_VARARGS, "RMS norm times a weight, ggml's arithmetic."},
     {"geglu", py_geglu, METH_VARARGS, "gelu(g) * u through ggml's f16 GELU table."},
     {"rope", py_rope, METH_VARARGS, "Rotary embedding in place, ggml's arithmetic."},
     {"attention", py_attention, METH_VARARGS, "Causal attention over an f16 KV cache, ggml's arithmetic."},

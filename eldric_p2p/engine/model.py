@@ -123,8 +123,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMS norm with ggml's arithmetic: squares in float32 summed in float64, the mean rounded to float32,
     scale = 1/sqrt(mean + eps) in float32 (eps a float32), y = (x * scale) * weight.
 
-    torch's float32 sqrt is not always correctly rounded (ggml's sqrtf is); a float64 sqrt rounded to float32
-    is, so the square root is taken in float64."""
+    One C call where _ggmlops is built (CPU float32); otherwise torch ops. torch's float32 sqrt is not always
+    correctly rounded (ggml's sqrtf is); a float64 sqrt rounded to float32 is, hence a float64 root."""
+    if _ggmlops is not None and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel():
+        out = torch.empty_like(x)
+        _ggmlops.rms_norm(x.contiguous().numpy(), weight.numpy(), out.numpy(), eps)
+        return out
     mean = ((x * x).double().sum(-1, keepdim=True) / x.shape[-1]).float()  # [..., 1]
     root = torch.sqrt((mean + _f32(eps)).double()).float()
     return (x * (1.0 / root)) * weight

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -47,6 +48,21 @@ def simd(request):
 def _case(fx, model: str, step: int) -> dict[str, np.ndarray]:
     prefix = f"{model}/{step}/"
     return {k[len(prefix) :]: fx[k] for k in fx.files if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("model,step", CASES)
+def test_rms_norm_is_bit_exact(fx, model, step):
+    c = _case(fx, model, step)
+    eps = 1e-6
+    out = np.zeros_like(c["norm_in"])
+    _ggmlops.rms_norm(c["norm_in"], np.ones(c["norm_in"].shape[1], np.float32), out, eps)
+    assert np.array_equal(out, c["norm_out"])
+    # the torch fallback (CUDA, no C extension) computes the same bits
+    from eldric_p2p.engine import model as engine_model
+
+    with mock.patch.object(engine_model, "_ggmlops", None):
+        ours = engine_model.rms_norm(torch.from_numpy(c["norm_in"]), torch.ones(out.shape[1]), eps)
+    assert np.array_equal(ours.numpy(), c["norm_out"])
 
 
 @pytest.mark.parametrize("model,step", CASES)
@@ -132,5 +148,8 @@ def test_bad_sizes_are_errors():
         _ggmlops.attention(q, kv, kv, out, 4, 1, 64, 7, 8, 1.0, 0, True)  # 7 + 2 positions exceed the context
     with pytest.raises(ValueError):
         _ggmlops.attention(q, kv[:, :4], kv, out, 4, 1, 64, 0, 8, 1.0, 0, True)  # k is not [nkv, ctx, hd]
+    with pytest.raises(ValueError):
+        x5 = np.zeros((2, 5), np.float32)
+        _ggmlops.rms_norm(x5, np.ones(4, np.float32), x5.copy(), 1e-6)  # rows are not a multiple of len(w)
     with pytest.raises(ValueError):
         _ggmlops.rope(np.zeros((2, 4, 64), np.float32), np.arange(3), 4, 64, 64, 1e4, 1.0, True)
