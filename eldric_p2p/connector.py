@@ -95,13 +95,11 @@ class Connector:
     def addresses(self, peer_id: str) -> list[str]:
         """Every address any source gave for `peer_id` (most direct source first)."""
         out: list[str] = []
-        for source in self.table.sources(peer_id):
-            for info in self.table.peers(source):
-                if info.peer_id == peer_id:
-                    out += [a for a in info.addresses if a not in out]
-                    url = info.fields.get("url")
-                    if isinstance(url, str) and (host := httpx.URL(url).host) and host not in out:
-                        out.append(host)
+        for info in self.table.entries(peer_id):
+            out += [a for a in info.addresses if a not in out]
+            url = info.fields.get("url")
+            if isinstance(url, str) and (host := httpx.URL(url).host) and host not in out:
+                out.append(host)
         return out
 
     def _candidates(
@@ -232,8 +230,11 @@ class Connector:
         return winner
 
     async def _relayed_link(self, peer_id: str) -> Link:
+        """Through the relays whose directories list `peer_id` first (any of them will do), then the others
+        (a directory can lag behind a peer that just joined)."""
         errors: list[str] = []
-        for member in self.members:
+        listing = self.table.relays(peer_id)
+        for member in sorted(self.members, key=lambda m: m.address not in listing):  # stable: keeps order
             if not member.registered:
                 errors.append(f"relay {member.host}:{member.port}: not connected")
                 continue

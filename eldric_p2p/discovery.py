@@ -1,7 +1,9 @@
 """Finding peers: the peer table, and LAN discovery over mDNS/DNS-SD (python-zeroconf).
 
 `PeerTable` is the one place other code reads peers from. Each peer id may be known from several sources
-("mdns", "static", "relay"); `get` prefers the most direct one. The table is only touched from trio tasks.
+("mdns", "static", "relay"); `get` prefers the most direct one. A node may be a member of several relays:
+each relay's entries are kept apart by `via` (the relay's "HOST:PORT"), so one relay's directory update or
+disconnect never touches what another relay said. The table is only touched from trio tasks.
 
 `run_discovery` registers this node as `<peer id>._eldric-p2p._tcp.local.` with its announcement in TXT
 properties, updates the record when the announcement changes, browses for other nodes, and keeps their
@@ -111,23 +113,29 @@ def _fit(items: Sequence[str], limit: int) -> tuple[list[str], int]:
 
 @dataclass
 class PeerInfo:
-    """One peer as seen from one source."""
+    """One peer as seen from one source (and, for "relay", through one relay)."""
 
     peer_id: str
     name: str = ""
     addresses: tuple[str, ...] = ()
     http_port: int | None = None
     fields: dict[str, Any] = field(default_factory=dict)
-    source: str = "mdns"  # "mdns" | "static" | "relay"
+    source: str = "mdns"  # "mdns" | "static" | "relay": the kind of source
     last_seen: float = 0.0
+    via: str = ""  # "relay" entries: the relay ("HOST:PORT") whose directory listed the peer; else ""
 
 
 class PeerTable:
-    """peer id -> what each source knows about it. Read anywhere; written from trio tasks only."""
+    """peer id -> what each source knows about it. Read anywhere; written from trio tasks only.
+
+    Entries are keyed by (source, via): "mdns" and "static" have one entry per peer, "relay" one per relay
+    that lists the peer. Wherever a method takes `via=None` it means every relay (or the one entry of a
+    source that has no `via`); a "HOST:PORT" means only what that relay said.
+    """
 
     def __init__(self, own_peer_id: str | None = None) -> None:
         self.own_peer_id = own_peer_id
-        self._entries: dict[str, dict[str, PeerInfo]] = {}
+        self._entries: dict[str, dict[tuple[str, str], PeerInfo]] = {}
         self.version = 0  # bumped on every change
         self._changed = trio.Event()
 
@@ -142,53 +150,95 @@ class PeerTable:
             await self._changed.wait()
         return self.version
 
+    @staticmethod
+    def _check(source: str, via: str | None) -> None:
+        if source not in SOURCES:
+            raise ValueError(f"unknown peer source {source!r}")
+        if via and source != "relay":
+            raise ValueError(f"only relay entries come through a relay, not {source!r} (via {via!r})")
+
+    @staticmethod
+    def _keys(
+        by_source: dict[tuple[str, str], PeerInfo], source: str, via: str | None
+    ) -> list[tuple[str, str]]:
+        return [k for k in by_source if k[0] == source and (via is None or k[1] == via)]
+
     def upsert(self, info: PeerInfo) -> None:
-        if info.source not in SOURCES:
-            raise ValueError(f"unknown peer source {info.source!r}")
+        self._check(info.source, info.via)
         if info.peer_id == self.own_peer_id:
             return
-        self._entries.setdefault(info.peer_id, {})[info.source] = info
+        self._entries.setdefault(info.peer_id, {})[(info.source, info.via)] = info
         self._bump()
 
-    def touch(self, peer_id: str, source: str, now: float) -> None:
-        info = self._entries.get(peer_id, {}).get(source)
-        if info is not None:
-            info.last_seen = now
+    def touch(self, peer_id: str, source: str, now: float, *, via: str | None = None) -> None:
+        by_source = self._entries.get(peer_id, {})
+        for key in self._keys(by_source, source, via):
+            by_source[key].last_seen = now
 
-    def remove(self, peer_id: str, source: str) -> bool:
-        """Forget what `source` said about `peer_id`; True if there was something."""
+    def remove(self, peer_id: str, source: str, *, via: str | None = None) -> bool:
+        """Forget what `source` (through relay `via`; any relay when None) said about `peer_id`; True if
+        there was something."""
         by_source = self._entries.get(peer_id)
-        if not by_source or by_source.pop(source, None) is None:
+        keys = self._keys(by_source, source, via) if by_source else []
+        if not by_source or not keys:
             return False
+        for key in keys:
+            del by_source[key]
         if not by_source:
             del self._entries[peer_id]
         self._bump()
         return True
 
-    def replace_source(self, source: str, infos: Iterable[PeerInfo]) -> None:
-        """Make `source`'s entries exactly `infos` (a full snapshot, e.g. the relay's directory)."""
-        fresh = {i.peer_id: i for i in infos if i.peer_id != self.own_peer_id}
-        for peer_id in [p for p, by in self._entries.items() if source in by and p not in fresh]:
-            self.remove(peer_id, source)
-        for info in fresh.values():
-            self._entries.setdefault(info.peer_id, {})[source] = replace(info, source=source)
+    def replace_source(self, source: str, infos: Iterable[PeerInfo], *, via: str | None = None) -> None:
+        """Make `source`'s entries exactly `infos` (a full snapshot, e.g. a relay's directory).
+
+        With `via` only the entries learned through that relay are replaced (`infos` are stored with that
+        `via`), and every other relay's entries stay; with None, all of `source`'s entries are.
+        """
+        self._check(source, via)
+        fresh: dict[tuple[str, str], PeerInfo] = {}
+        for info in infos:
+            if info.peer_id != self.own_peer_id:
+                info = replace(info, source=source, via=info.via if via is None else via)
+                fresh[(info.peer_id, info.via)] = info
+        for peer_id, by_source in list(self._entries.items()):
+            for key in self._keys(by_source, source, via):
+                if (peer_id, key[1]) not in fresh:
+                    del by_source[key]
+            if not by_source:
+                del self._entries[peer_id]
+        for (peer_id, entry_via), info in fresh.items():
+            self._entries.setdefault(peer_id, {})[(source, entry_via)] = info
         self._bump()
 
     def get(self, peer_id: str) -> PeerInfo | None:
-        """The most direct source's entry for `peer_id` (mdns, then static, then relay)."""
+        """The most direct source's entry for `peer_id` (mdns, then static, then relay); among several
+        relays, the most recently seen entry (the freshest announcement)."""
+        entries = self.entries(peer_id)
+        if not entries:
+            return None
+        best = [i for i in entries if i.source == entries[0].source]
+        return max(best, key=lambda i: i.last_seen)  # the first of equals: the relay that listed it first
+
+    def entries(self, peer_id: str) -> list[PeerInfo]:
+        """Every entry for `peer_id`, most direct source first (relays in the order they listed it)."""
         by_source = self._entries.get(peer_id, {})
-        for source in SOURCES:
-            if source in by_source:
-                return by_source[source]
-        return None
+        return [info for s in SOURCES for (source, _), info in by_source.items() if source == s]
 
     def sources(self, peer_id: str) -> list[str]:
-        return [s for s in SOURCES if s in self._entries.get(peer_id, {})]
+        """The kinds of source that know `peer_id`, most direct first (each once, however many relays)."""
+        by_source = self._entries.get(peer_id, {})
+        return [s for s in SOURCES if any(source == s for source, _ in by_source)]
 
-    def peers(self, source: str | None = None) -> list[PeerInfo]:
-        """One entry per peer (the most direct), or only the entries from `source`."""
+    def relays(self, peer_id: str) -> list[str]:
+        """The relays ("HOST:PORT", the `via`s) whose directories list `peer_id`, in the order they did."""
+        return [via for source, via in self._entries.get(peer_id, {}) if source == "relay"]
+
+    def peers(self, source: str | None = None, *, via: str | None = None) -> list[PeerInfo]:
+        """One entry per peer (the most direct, see `get`), or every entry from `source` (through relay
+        `via` when given): a peer listed by two relays then appears once per relay."""
         if source is not None:
-            return [by[source] for by in self._entries.values() if source in by]
+            return [by[k] for by in self._entries.values() for k in self._keys(by, source, via)]
         return [info for p in self._entries if (info := self.get(p)) is not None]
 
     def __contains__(self, peer_id: object) -> bool:
@@ -198,7 +248,9 @@ class PeerTable:
         return len(self._entries)
 
 
-def peer_info_from_fields(peer_id: str, fields: dict[str, Any], source: str, now: float) -> PeerInfo:
+def peer_info_from_fields(
+    peer_id: str, fields: dict[str, Any], source: str, now: float, *, via: str = ""
+) -> PeerInfo:
     """A PeerInfo from an announcement object (already checked by the relay protocol)."""
     port = fields.get("http_port")
     addrs = fields.get("addresses")
@@ -210,6 +262,7 @@ def peer_info_from_fields(peer_id: str, fields: dict[str, Any], source: str, now
         fields=dict(fields),
         source=source,
         last_seen=now,
+        via=via,
     )
 
 

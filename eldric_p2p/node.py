@@ -166,8 +166,13 @@ class Node:
             if self.relay is not None
             else None,
             "relays": [
-                {"relay": f"{m.host}:{m.port}", "registered": m.registered, "relay_id": m.relay_id,
-                 "connects": m.connects}  # fmt: skip
+                {
+                    "relay": m.address,
+                    "registered": m.registered,
+                    "relay_id": m.relay_id,
+                    "connects": m.connects,
+                    "peers": len(self.peers.table.peers("relay", via=m.address)),  # listed by this relay
+                }
                 for m in self.members
             ],
             "paths": dict(self.connector.paths),
@@ -273,7 +278,7 @@ class Node:
             if cfg.relay_listen is not None:
                 host, port = cfg.relay_listen
                 self.relay = await nursery.start(run_relay, host, port, self.identity)
-            for host, port in cfg.relays:
+            for host, port in dict.fromkeys(cfg.relays):  # one membership per relay: its entries' `via`
                 member = RelayMember(
                     self.identity,
                     host,

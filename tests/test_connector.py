@@ -22,6 +22,7 @@ from eldric_p2p.connector import Connector, peer_url
 from eldric_p2p.discovery import PeerInfo, PeerTable
 from eldric_p2p.engine.generate import LocalModel, prompt_token_ids
 from eldric_p2p.engine.sampling import SamplingParams
+from eldric_p2p.errors import PeerUnavailable
 from eldric_p2p.identity import Identity
 from eldric_p2p.links import Link, serve_tcp_links
 from eldric_p2p.node import Node, NodeConfig
@@ -85,6 +86,8 @@ def test_deploy_across_sites_links_relayed_and_chat_equals_one_process(
             assert data.url is not None
             peers = {p["name"]: p for p in (await c.get(f"{data.url}/api/v1/peers")).json()["peers"]}
             assert peers["w2"]["source"] == "relay"
+            (relay_status,) = (await c.get(f"{data.url}/api/v1/node")).json()["relays"]
+            assert relay_status["registered"] and relay_status["peers"] == 3  # w0, w1, w2 in its directory
             assert peers["w2"]["url"] == peer_url(nodes["w2"].identity.peer_id, nodes["w2"].port or 0)
             body = {"model": MODEL, "workers": ["w0", "w1", "w2"], "max_ctx": 256}
             r = await c.post(f"{data.url}/api/v1/pipeline/deploy", json=body)
@@ -143,5 +146,39 @@ def test_direct_race_skips_a_dead_address_and_remembers_the_good_one(tmp_path: P
             with pytest.raises(Exception, match="no relay is configured"):
                 await conn.open_link(server.peer_id, port=port)
             nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+class RefusingRelay:
+    """Stands in for a RelayMember: records which relay a stream was asked of, and refuses it."""
+
+    def __init__(self, address: str, tried: list[str], registered: bool = True) -> None:
+        self.host, _, port = address.rpartition(":")
+        self.port = int(port)
+        self.address = address
+        self.registered = registered
+        self.tried = tried
+
+    async def open_stream(self, peer_id: str) -> Any:
+        self.tried.append(self.address)
+        raise PeerUnavailable(f"relay {self.address} refused a stream to {peer_id}")
+
+
+def test_relayed_links_go_first_through_the_relays_that_list_the_peer() -> None:
+    me, peer = Identity.generate(), Identity.generate().peer_id
+    table = PeerTable(me.peer_id)
+    for via in ("r3:1", "r2:1"):  # the peer is in the directories of r2 and r3, not of r1 or r4
+        table.upsert(PeerInfo(peer, "s", (), 8080, {}, "relay", 0.0, via))
+    tried: list[str] = []
+    conn = Connector(me, table)
+    relays = [RefusingRelay(a, tried, registered=a != "r3:1") for a in ("r1:1", "r2:1", "r3:1", "r4:1")]
+    conn.members += relays  # type: ignore[arg-type]
+
+    async def main() -> None:
+        with pytest.raises(PeerUnavailable) as caught:
+            await conn.open_link(peer)
+        assert tried == ["r2:1", "r1:1", "r4:1"]  # listing relays first, each group in configured order
+        assert "relay r3:1: not connected" in str(caught.value)
 
     trio.run(main)

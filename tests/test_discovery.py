@@ -138,3 +138,54 @@ def test_peer_table_prefers_direct_sources_and_removes_per_source() -> None:
     assert pid not in table
     with pytest.raises(ValueError):
         table.upsert(PeerInfo(pid, source="carrier-pigeon"))
+
+
+R1, R2 = "relay-a.example.org:4433", "[2001:db8::1]:4433"
+
+
+def relayed(peer_id: str, name: str, now: float = 0.0) -> PeerInfo:
+    return PeerInfo(peer_id, name=name, source="relay", last_seen=now)
+
+
+def test_each_relay_keeps_its_own_peers_through_updates_and_disconnects() -> None:
+    table = PeerTable(own_peer_id="ep" + "a" * 26)
+    shared, only1, only2, late = ("ep" + c * 26 for c in "bcde")
+    table.replace_source("relay", [relayed(shared, "s"), relayed(only1, "c")], via=R1)
+    table.replace_source("relay", [relayed(shared, "s"), relayed(only2, "d")], via=R2)  # R1's stay
+    assert {p.peer_id for p in table.peers()} == {shared, only1, only2}
+    assert table.relays(shared) == [R1, R2] and table.relays(only1) == [R1] and table.relays(only2) == [R2]
+    assert table.sources(shared) == ["relay"]  # the kind, once, however many relays list it
+    assert len(table.peers("relay")) == 4  # an entry per relay that lists a peer
+    assert {p.peer_id for p in table.peers("relay", via=R2)} == {shared, only2}
+    assert all(p.source == "relay" for p in table.peers("relay"))
+
+    # a new snapshot from R1 (only1 left it, late joined) touches none of R2's entries
+    table.replace_source("relay", [relayed(shared, "s"), relayed(late, "e")], via=R1)
+    assert only1 not in table and late in table and only2 in table and table.relays(shared) == [R1, R2]
+
+    # R1 goes away: what only R1 listed goes, the peer R2 lists too stays, now through R2 alone
+    table.replace_source("relay", [], via=R1)
+    assert late not in table and only2 in table and table.relays(shared) == [R2]
+    assert table.get(shared).via == R2  # type: ignore[union-attr]
+    table.replace_source("relay", [], via=R2)
+    assert len(table) == 0
+
+
+def test_removing_a_peer_from_one_relay_leaves_the_others_entry() -> None:
+    table = PeerTable()
+    pid = "ep" + "f" * 26
+    table.upsert(PeerInfo(pid, name="old", source="relay", last_seen=1.0, via=R1))
+    table.upsert(PeerInfo(pid, name="new", source="relay", last_seen=2.0, via=R2))
+    assert table.get(pid).name == "new"  # type: ignore[union-attr]  # the freshest announcement wins
+    table.upsert(PeerInfo(pid, name="lan", source="mdns", last_seen=0.5))
+    assert table.get(pid).name == "lan"  # type: ignore[union-attr]  # a direct source still beats any relay
+    assert [i.name for i in table.entries(pid)] == ["lan", "old", "new"]
+    assert table.remove(pid, "relay", via=R2) and not table.remove(pid, "relay", via=R2)
+    assert table.relays(pid) == [R1] and table.sources(pid) == ["mdns", "relay"]
+    table.upsert(PeerInfo(pid, name="back", source="relay", via=R2))
+    assert table.remove(pid, "relay")  # no via: every relay's entry
+    assert table.relays(pid) == [] and table.get(pid).name == "lan"  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="through a relay"):
+        table.upsert(PeerInfo(pid, source="mdns", via=R1))
+    with pytest.raises(ValueError, match="unknown peer source"):
+        table.replace_source("carrier-pigeon", [], via=R1)

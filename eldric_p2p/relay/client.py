@@ -1,9 +1,11 @@
 """Member side of the edge relay: one outbound QUIC connection, kept up with reconnects and backoff.
 
 `RelayMember.run` connects, registers (proving our peer id), mirrors the relay's directory into the
-`PeerTable` with source "relay", answers keepalives, re-announces when `announcement_fn()` changes, and
-hands incoming relayed streams to `stream_handler(stream, source_peer_id)`. `open_stream(peer_id)` asks the
-relay for a stream to another member.
+`PeerTable` as source "relay" via `address` (entries of its own: a node that is a member of several relays
+keeps each relay's peers apart, and one relay's update or disconnect leaves the others'), answers
+keepalives, re-announces when `announcement_fn()` changes, and hands incoming relayed streams to
+`stream_handler(stream, source_peer_id)`. `open_stream(peer_id)` asks the relay for a stream to another
+member.
 
 Relayed streams are plain `trio.abc.Stream`s of opaque bytes. `source_peer_id` is only what the relay
 claims; run the link handshake over the stream to authenticate the other end.
@@ -72,6 +74,12 @@ class RelayMember:
         self._changed = trio.Event()
 
     @property
+    def address(self) -> str:
+        """This relay as "HOST:PORT": the `via` of the peer-table entries learned through it."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
     def registered(self) -> bool:
         return self._conn is not None
 
@@ -103,7 +111,7 @@ class RelayMember:
                 log.info("relay %s:%d: %s", self.host, self.port, self.last_error)
             finally:
                 self._set_conn(None)
-                self.table.replace_source("relay", [])
+                self.table.replace_source("relay", [], via=self.address)  # only this relay's peers go
             if self.connects > connects:
                 backoff = self.backoff_initial_s
             await trio.sleep(backoff * random.uniform(0.75, 1.25))
@@ -156,23 +164,22 @@ class RelayMember:
                             log.info("registered with relay %s as %s", self.relay_id, self.identity.peer_id)
                             nursery.start_soon(self._accept_streams, conn, nursery)
                             nursery.start_soon(self._reannounce, control, send_pending)
-                        elif isinstance(event, p.Directory):
-                            self.table.replace_source(
-                                "relay",
-                                [
-                                    peer_info_from_fields(m.peer_id, m.announcement, "relay", now)
-                                    for m in event.members
-                                ],
-                            )
-                        elif isinstance(event, p.DirectoryUpdate):
-                            for peer_id in event.removed:
-                                self.table.remove(peer_id, "relay")
-                            for m in event.added:
-                                self.table.upsert(
-                                    peer_info_from_fields(m.peer_id, m.announcement, "relay", now)
-                                )
+                        elif isinstance(event, (p.Directory, p.DirectoryUpdate)):
+                            self._apply_directory(event, now)
                     await send_pending()
                     deadline = trio.CancelScope(deadline=now + dead_after)
+
+    def _apply_directory(self, event: p.Directory | p.DirectoryUpdate, now: float) -> None:
+        """Mirror this relay's directory (a snapshot or a change) into the table's entries via `address`."""
+        via = self.address
+        if isinstance(event, p.Directory):
+            infos = [peer_info_from_fields(m.peer_id, m.announcement, "relay", now) for m in event.members]
+            self.table.replace_source("relay", infos, via=via)
+            return
+        for peer_id in event.removed:
+            self.table.remove(peer_id, "relay", via=via)
+        for m in event.added:
+            self.table.upsert(peer_info_from_fields(m.peer_id, m.announcement, "relay", now, via=via))
 
     @staticmethod
     async def _watch_connection(conn: QuicConn, scope: trio.CancelScope) -> None:

@@ -12,9 +12,12 @@ import trio
 from aioquic.quic.connection import QuicConnection
 from peer_helpers import wait_for
 
+from eldric_p2p.connector import Connector
 from eldric_p2p.discovery import PeerTable
 from eldric_p2p.errors import PeerUnavailable
 from eldric_p2p.identity import Identity
+from eldric_p2p.links import Link
+from eldric_p2p.relay import protocol as p
 from eldric_p2p.relay.client import RelayMember
 from eldric_p2p.relay.quic import QuicStream, client_configuration
 from eldric_p2p.relay.server import Relay, RelayLimits, run_relay
@@ -28,13 +31,21 @@ async def echo(stream: QuicStream, source: str) -> None:
     await stream.send_eof()
 
 
-def make_member(relay_addr: tuple[str, int], name: str, handler: object = echo) -> RelayMember:
-    ident = Identity.generate()
+def make_member(
+    relay_addr: tuple[str, int],
+    name: str,
+    handler: object = echo,
+    *,
+    ident: Identity | None = None,
+    table: PeerTable | None = None,
+) -> RelayMember:
+    """A member with fast retries; pass `ident` and `table` to make one node a member of several relays."""
+    ident = ident or Identity.generate()
     return RelayMember(
         ident,
         relay_addr[0],
         relay_addr[1],
-        PeerTable(ident.peer_id),
+        table if table is not None else PeerTable(ident.peer_id),
         lambda: {"name": name, "http_port": 8080, "roles": ["worker"]},
         handler,  # type: ignore[arg-type]
         backoff_initial_s=0.1,
@@ -265,5 +276,105 @@ def test_a_member_without_a_handler_refuses_streams() -> None:
                 with pytest.raises(PeerUnavailable, match="no_handler"):
                     await a.open_stream(quiet.identity.peer_id)
                 nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_directories_of_two_relays_fill_one_table_side_by_side() -> None:
+    ident = Identity.generate()
+    table = PeerTable(ident.peer_id)
+    a, b = (make_member(("127.0.0.1", port), "x", ident=ident, table=table) for port in (4433, 4434))
+    shared, only_a, only_b = (Identity.generate().peer_id for _ in range(3))
+
+    def listed(peer_id: str, name: str) -> p.Member:
+        return p.Member(peer_id, b"", {"name": name, "http_port": 8080})
+
+    a._apply_directory(p.Directory((listed(shared, "s"), listed(only_a, "a"))), now=1.0)
+    b._apply_directory(p.Directory((listed(shared, "s"), listed(only_b, "b"))), now=2.0)
+    assert {shared, only_a, only_b} == {i.peer_id for i in table.peers()}
+    assert table.relays(shared) == ["127.0.0.1:4433", "127.0.0.1:4434"]
+
+    # an update through A (only_a leaves, shared re-announces) leaves B's entries alone
+    a._apply_directory(p.DirectoryUpdate(added=(listed(shared, "s2"),), removed=(only_a,)), now=3.0)
+    assert only_a not in table and only_b in table and table.relays(shared) == [a.address, b.address]
+    assert table.get(shared).name == "s2"  # type: ignore[union-attr]  # the freshest announcement
+    b._apply_directory(p.DirectoryUpdate(removed=(shared,)), now=4.0)
+    assert table.relays(shared) == [a.address] and only_b in table
+
+
+async def echo_link(link: Link) -> None:
+    while data := await link.receive_some():
+        await link.send_all(data)
+
+
+def test_a_node_in_two_relays_keeps_a_peer_both_list_while_either_is_up() -> None:
+    """x and s are members of relays R1 and R2, c only of R1, d only of R2. d leaving R2 and R1 dying each
+    take only their own peers from x's table, and x still links to s (through R2) when R1 is gone."""
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def relay_in(scope: trio.CancelScope, *, task_status: trio.TaskStatus[Relay]) -> None:
+                with scope:
+                    await run_relay("127.0.0.1", 0, Identity.generate(), limits=FAST, task_status=task_status)
+
+            r1_scope, d_scope = trio.CancelScope(), trio.CancelScope()
+            r1: Relay = await nursery.start(relay_in, r1_scope)
+            r2: Relay = await nursery.start(relay_in, trio.CancelScope())
+            assert r1.address is not None and r2.address is not None
+            x_ident, s_ident = Identity.generate(), Identity.generate()
+            x_table = PeerTable(x_ident.peer_id)
+            x1 = make_member(r1.address, "x", ident=x_ident, table=x_table)
+            x2 = make_member(r2.address, "x", ident=x_ident, table=x_table)
+            x_conn = Connector(x_ident, x_table)
+            x_conn.members += [x1, x2]
+            s_table = PeerTable(s_ident.peer_id)
+            s_conn = Connector(s_ident, s_table)
+            s_conn.frames_handler = echo_link
+            s1 = make_member(r1.address, "s", s_conn.handle_relayed, ident=s_ident, table=s_table)
+            s2 = make_member(r2.address, "s", s_conn.handle_relayed, ident=s_ident, table=s_table)
+            c, d = make_member(r1.address, "c"), make_member(r2.address, "d")
+            for m in (x1, x2, s1, s2, c):
+                await nursery.start(m.run)
+
+            async def run_d(*, task_status: trio.TaskStatus[None]) -> None:
+                with d_scope:
+                    await d.run(task_status=task_status)
+
+            await nursery.start(run_d)
+            s_id, c_id, d_id = s_ident.peer_id, c.identity.peer_id, d.identity.peer_id
+            with trio.fail_after(5):
+                await wait_for(
+                    [x_table],
+                    lambda: (
+                        {s_id, c_id, d_id} <= {i.peer_id for i in x_table.peers()}
+                        and len(x_table.relays(s_id)) == 2
+                    ),
+                )
+            assert x_table.relays(c_id) == [x1.address] and x_table.relays(d_id) == [x2.address]
+
+            d_scope.cancel()  # d leaves R2: R2's directory update must not touch R1's entries
+            with trio.fail_after(5):
+                await wait_for([x_table], lambda: d_id not in x_table)
+            assert c_id in x_table and x_table.relays(s_id) == [x1.address, x2.address]
+
+            r1_scope.cancel()  # R1 dies without a goodbye: x's membership there ends after its silence
+            with trio.fail_after(5):
+                await wait_for([x_table], lambda: c_id not in x_table)
+            assert x_table.relays(s_id) == [x2.address]
+            info = x_table.get(s_id)
+            assert info is not None and info.source == "relay" and info.name == "s"
+
+            with trio.fail_after(5):
+                link = await x_conn.open_link(s_id)  # no address announced: relayed, through R2
+            assert link.path == "relayed" and x_conn.paths[s_id] == "relayed"
+            await link.send_all(b"EF still reachable")
+            got = b""
+            with trio.fail_after(3):
+                while len(got) < 18 and (chunk := await link.receive_some()):
+                    got += chunk
+            assert got == b"EF still reachable"
+            await link.aclose()
+            nursery.cancel_scope.cancel()
 
     trio.run(main)
