@@ -2,7 +2,7 @@
  *
  * out[t, r] = dot(weight row r, activation row t), with ggml's CPU arithmetic: each activation row is first
  * quantized to ggml's "vec_dot type" of the weight (Q8_0 for Q4_0/Q5_0/Q8_0, Q8_1 for Q4_1/Q5_1, Q8_K for the
- * K-quants, F16 for F16, none for F32), exactly as ggml's reference quantize_row_q8_0/q8_1/q8_K does, and each
+ * K-quants, F16 for F16, none for F32), exactly as llama.cpp's x86 build does it, and each
  * output is the block dot product of ggml's reference vec_dot: exact integer sums inside a block, scaled by the
  * product of the two fp16 (or, for Q8_K, fp32) block scales and summed over blocks in float32. Results equal
  * ggml's up to the order of the float32 block sums.
@@ -110,41 +110,48 @@ typedef struct { float d; int8_t qs[QK]; } act_q8_0;            /* d = fp16(amax
 typedef struct { float d; float s; int8_t qs[QK]; } act_q8_1;   /* s = fp16(d * sum(qs)) */
 typedef struct { float d; int8_t qs[QK_K]; int16_t bsums[QK_K / 16]; } act_q8_K;
 
-/* quantize_row_q8_0_ref: d = amax/127, id = 1/d, q = roundf(x*id) (half away from zero). */
-static void quantize_q8_0(const float *x, act_q8_0 *y, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, x += QK) {
-        float amax = 0.0f;
-        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[j]));
-        const float d = amax / 127.0f;
-        const float id = d != 0.0f ? 1.0f / d : 0.0f;
-        y[i].d = f16_to_f32(f32_to_f16(d));
-        for (int j = 0; j < QK; j++) y[i].qs[j] = (int8_t)roundf(x[j] * id);
-    }
-}
-
-/* quantize_row_q8_1_ref: as Q8_0, plus s = fp16(sum(qs) * d) with the unrounded d. */
-static void quantize_q8_1(const float *x, act_q8_1 *y, int64_t nb) {
-    for (int64_t i = 0; i < nb; i++, x += QK) {
-        float amax = 0.0f;
-        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[j]));
-        const float d = amax / 127.0f;
-        const float id = d != 0.0f ? 1.0f / d : 0.0f;
-        y[i].d = f16_to_f32(f32_to_f16(d));
-        int sum = 0;
-        for (int j = 0; j < QK; j++) {
-            y[i].qs[j] = (int8_t)roundf(x[j] * id);
-            sum += y[i].qs[j];
-        }
-        y[i].s = f16_to_f32(f32_to_f16((float)sum * d));
-    }
-}
-
 /* ggml's nearest_int: round half to even through the 1.5*2^23 trick (valid for |v| < 2^22). */
 static inline int nearest_int(float v) {
     float t = v + 12582912.0f;
     int32_t i;
     memcpy(&i, &t, 4);
     return (i & 0x007fffff) - 0x00400000;
+}
+
+/* Q8_0/Q8_1 activations as llama.cpp quantizes them on x86 (the AVX/AVX2 quantize_row_q8_0/q8_1, which every
+ * x86-64 build of it with AVX uses): d = fp16(amax / 127), but the multiplier is id = 127 / amax (not 1 / d) and
+ * x * id is rounded half to even (not roundf's half away from zero, as quantize_row_q8_0_ref does). Both show only
+ * on a last-bit difference of the multiplier or an exact tie, yet each moves one quantized activation by a step.
+ * The same rule is used on every machine, so a result does not depend on where it was computed. */
+static inline float q8_amax(const float *x) {
+    float amax = 0.0f;
+    for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[j]));
+    return amax;
+}
+
+static void quantize_q8_0(const float *x, act_q8_0 *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, x += QK) {
+        const float amax = q8_amax(x);
+        const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        y[i].d = f16_to_f32(f32_to_f16(amax / 127.0f));
+        for (int j = 0; j < QK; j++) y[i].qs[j] = (int8_t)nearest_int(x[j] * id);
+    }
+}
+
+/* quantize_row_q8_1: as Q8_0, plus s = fp16(sum(qs) * d) with the unrounded d. */
+static void quantize_q8_1(const float *x, act_q8_1 *y, int64_t nb) {
+    for (int64_t i = 0; i < nb; i++, x += QK) {
+        const float amax = q8_amax(x);
+        const float d = amax / 127.0f;
+        const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        y[i].d = f16_to_f32(f32_to_f16(d));
+        int sum = 0;
+        for (int j = 0; j < QK; j++) {
+            y[i].qs[j] = (int8_t)nearest_int(x[j] * id);
+            sum += y[i].qs[j];
+        }
+        y[i].s = f16_to_f32(f32_to_f16((float)sum * d));
+    }
 }
 
 /* quantize_row_q8_K_ref: the signed value of largest magnitude maps to -127; d = 1/iscale stays fp32. */

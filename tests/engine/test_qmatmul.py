@@ -1,7 +1,6 @@
 """The C kernels against a NumPy implementation of ggml's reference arithmetic.
 
-The reference here quantizes each activation row like ggml's quantize_row_q8_0/q8_1/q8_K (Q8_0 through gguf-py
-itself), decodes the weight blocks into integers and scales, forms the exact integer block sums, and combines
+The reference here quantizes each activation row like llama.cpp's x86 quantize_row_q8_0/q8_1/q8_K, decodes the weight blocks into integers and scales, forms the exact integer block sums, and combines
 them in float64. The kernels must agree to float32 summation-order error, and be close to a float matmul on
 dequantized weights (they differ by the activation quantization only).
 """
@@ -56,30 +55,22 @@ def _f16(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float32)
 
 
-def _roundf(v: np.ndarray) -> np.ndarray:
-    """C roundf (half away from zero) of float32 values."""
-    a = np.abs(v.astype(np.float64))
-    return (np.sign(v) * np.floor(a + 0.5)).astype(np.int64)
-
-
 def ref_q8_0(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[T, n] float32 -> (qs [T, nb, 32] int64, d [T, nb] float32), via gguf-py's bit-exact Q8_0 quantizer."""
-    rows = x.shape[0]
-    raw = gguf_quants.quantize(x, T.Q8_0).reshape(rows, -1, 34)
-    d = raw[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
-    qs = raw[..., 2:].view(np.int8).astype(np.int64)
-    return qs, d
+    """[T, n] float32 -> (qs [T, nb, 32] int64, d [T, nb] float32) as llama.cpp's x86 quantize_row_q8_0 makes
+    them: d = fp16(amax / 127), q = x * (127 / amax) in float32, rounded half to even."""
+    b = x.reshape(x.shape[0], -1, 32)
+    amax = np.abs(b).max(axis=-1)  # float32
+    with np.errstate(divide="ignore"):
+        mult = np.where(amax == 0, np.float32(0), np.float32(127) / amax).astype(np.float32)
+    qs = np.rint(b * mult[..., None]).astype(np.int64)  # np.rint: half to even
+    return qs, _f16(amax / np.float32(127))
 
 
 def ref_q8_1(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """[T, n] -> (qs, d, s): Q8_0 plus s = fp16(sum(qs) * d) with the unrounded d."""
-    b = x.reshape(x.shape[0], -1, 32)
-    d = np.abs(b).max(axis=-1) / np.float32(127)  # float32
-    with np.errstate(divide="ignore"):
-        inv = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
-    qs = _roundf(b * inv[..., None])
-    s = _f16(qs.sum(axis=-1).astype(np.float32) * d)
-    return qs, _f16(d), s
+    qs, d = ref_q8_0(x)
+    d_raw = np.abs(x.reshape(x.shape[0], -1, 32)).max(axis=-1) / np.float32(127)
+    return qs, d, _f16(qs.sum(axis=-1).astype(np.float32) * d_raw)
 
 
 def ref_q8_K(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -330,13 +321,14 @@ def test_fp16_activation_rounding_is_exact() -> None:
     np.testing.assert_array_equal(got, want)
 
 
-def test_q8_0_activation_quantization_is_bit_exact_with_gguf_py() -> None:
-    """Q8_0 weights that pick one element with scale 1: the output is the quantized activation itself."""
+def test_q8_0_activation_quantization_matches_ggml_x86() -> None:
+    """Q8_0 weights that pick one element with scale 1: the output is the quantized activation itself. It must be
+    llama.cpp's x86 rounding (multiplier 127/amax, half to even), not the portable reference's (1/d, roundf)."""
     rng = np.random.default_rng(4)
     n = 96
     x = _activations(6, n, rng)
     x[1, :32] = 0.0  # an all-zero block
-    # amax 127 makes the scale exactly 1, so the k + 0.5 values are ties: roundf takes them away from zero
+    # amax 127 makes the scale exactly 1, so the k + 0.5 values are ties: half to even, where roundf goes away
     x[2, :32] = np.arange(32, dtype=np.float32) - 15.5
     x[2, 0] = -127.0
     blocks = np.zeros((n, n // 32, 34), dtype=np.uint8)
@@ -344,8 +336,13 @@ def test_q8_0_activation_quantization_is_bit_exact_with_gguf_py() -> None:
     for r in range(n):
         blocks[r, r // 32, 2 + r % 32] = 1
     got = _run(x, blocks.reshape(n, -1), T.Q8_0, n)
-    want = gguf_quants.dequantize(gguf_quants.quantize(x, T.Q8_0), T.Q8_0).reshape(x.shape)
+    qs, d = ref_q8_0(x)
+    want = (qs * d[..., None]).reshape(x.shape).astype(np.float32)
     np.testing.assert_array_equal(got, want)
+    assert got[2, 16] == 0.0 and got[2, 17] == 2.0  # -0.5 -> 0 and 1.5 -> 2 (half to even)
+    # where 1/d and 127/amax differ by an ulp, the two rules can part: the kernel follows 127/amax
+    portable = gguf_quants.dequantize(gguf_quants.quantize(x, T.Q8_0), T.Q8_0).reshape(x.shape)
+    assert not np.array_equal(got[2], portable[2])
 
 
 def test_n_threads_do_not_change_results() -> None:
