@@ -1,21 +1,25 @@
-/* Matrix-vector and matrix-matrix products computed directly on GGUF weight blocks.
+/* Matrix-vector and matrix-matrix products computed directly on GGUF weight blocks, bit for bit as llama.cpp
+ * computes them on x86 with AVX2.
  *
- * out[t, r] = dot(weight row r, activation row t), with ggml's CPU arithmetic: each activation row is first
- * quantized to ggml's "vec_dot type" of the weight (Q8_0 for Q4_0/Q5_0/Q8_0, Q8_1 for Q4_1/Q5_1, Q8_K for the
- * K-quants, F16 for F16, none for F32), exactly as llama.cpp's x86 build does it, and each
- * output is the block dot product of ggml's reference vec_dot: exact integer sums inside a block, scaled by the
- * product of the two fp16 (or, for Q8_K, fp32) block scales and summed over blocks in float32. Results equal
- * ggml's up to the order of the float32 block sums.
+ * out[t, r] = dot(weight row r, activation row t): each activation row is first quantized to the weight's ggml
+ * "vec_dot type" (Q8_0 for Q4_0/Q5_0/Q8_0, Q8_1 for Q4_1/Q5_1, Q8_K for the K-quants, F16 for F16, none for F32)
+ * as llama.cpp's x86 build does it; each output is then a sum of exact integer block dot products scaled by the
+ * block scales, with the float32 operations in the order of the llama.cpp code path that the weight and the
+ * number of activation rows select (ggml's AVX2 vec_dot and llamafile's tinyBLAS, which agree; its tiled K-quant
+ * matmul for 8+ rows; the gemv/gemm of the Q4_K weights it repacks). Q2_K, Q3_K, F16 and F32 follow ggml's
+ * formulas in a simpler float order (equal to llama.cpp's up to float32 rounding).
  *
- * Every kernel has a portable C version; on x86-64 with AVX2+FMA+F16C (checked at run time) the hot types use
- * hand-written AVX2 versions, compiled with function target attributes so the module needs no -march flag.
+ * Every kernel has a portable C version computing the same bits; on x86-64 with AVX2+FMA+F16C (checked at run
+ * time) the hot types use AVX2 versions, compiled with function target attributes so the module needs no -march
+ * flag. The result does not depend on the machine, the kernel set or the thread count.
  *
- * Python API: qmatmul(x, w, out, ggml_type, in_features, out_features, n_threads) -> None
- *   x   buffer of float32 [T, in_features] (C-contiguous)
- *   w   buffer of the raw GGUF bytes [out_features, in_features / block * type_size]
- *   out writable buffer of float32 [T, out_features]
- * Raises ValueError for sizes that do not match, TypeError for a non-float32 x/out, NotImplementedError for an
- * unsupported type. The GIL is released during the computation.
+ * Python API: qmatmul(x, w, out, ggml_type, in_features, out_features, n_threads, repacked=-1) -> None
+ *   x        buffer of float32 [T, in_features] (C-contiguous): one batch, as llama.cpp would get it
+ *   w        buffer of the raw GGUF bytes [out_features, in_features / block * type_size]
+ *   out      writable buffer of float32 [T, out_features]
+ *   repacked -1: as llama.cpp decides (it repacks Q4_K weights with out_features % 8 == 0), 0: no, 1: yes
+ * Raises ValueError for sizes that do not match (or a weight llama.cpp cannot repack), TypeError for a
+ * non-float32 x/out, NotImplementedError for an unsupported type. The GIL is released during the computation.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -154,7 +158,10 @@ static void quantize_q8_1(const float *x, act_q8_1 *y, int64_t nb) {
     }
 }
 
-/* quantize_row_q8_K_ref: the signed value of largest magnitude maps to -127; d = 1/iscale stays fp32. */
+/* Q8_K activations (quantize_row_q8_K_ref, which llama.cpp's x86 build uses): the signed value of largest magnitude
+ * maps to -127, d = 1/iscale stays fp32. (ggml_quantize_mat_q8_K_4x8, which quantizes the activation rows of a
+ * repacked Q4_K matmul four at a time, lets +m win a tie of +m and -m where this lets the first win: that negates
+ * both d and every q, and so changes no product.) */
 static void quantize_q8_K(const float *x, act_q8_K *y, int64_t nb) {
     for (int64_t i = 0; i < nb; i++, x += QK_K) {
         float amax = 0.0f, max = 0.0f;
@@ -181,46 +188,54 @@ static void quantize_q8_K(const float *x, act_q8_K *y, int64_t nb) {
 }
 
 /* ------------------------------------------------------------------------------------------------------------
- * Portable block dot products (ggml's _generic vec_dot). w: one weight row, y: its quantized activation row,
- * nb: blocks per row. Integer sums are exact; the float combination follows ggml's formulas.
+ * Block dot products. w: one weight row, y: its quantized activation row, nb: blocks per row.
+ *
+ * Both kernel sets, the portable C below and the AVX2 one further down, compute what llama.cpp's x86 AVX2 build
+ * computes, float operation for float operation, so every machine gets llama.cpp's bits. Its vec_dot kernels
+ * (and llamafile's tinyBLAS, which llama.cpp takes for Q4_0/Q5_0/Q8_0 batches and which computes each output the
+ * same way) work like this:
+ *  - the integer products inside a block are summed exactly, in 8 lanes: lane l of a group of 32 elements gets
+ *    the elements 4l..4l+3 (the layout of _mm256_maddubs_epi16 + _mm256_madd_epi16);
+ *  - every block adds d_w*d_x times its 8 lane sums to 8 float accumulators with a fused multiply-add (fmaf);
+ *  - the accumulators are summed at the end as ggml's hsum_float_8 does.
+ * The minimum terms of Q4_1/Q5_1/Q4_K/Q5_K, the Q4_K weights llama.cpp repacks and its tiled K-quant matmul have
+ * their own orders, given at each kernel.
+ *
+ * setup.py builds with -std=c11, which keeps GCC from fusing a * b + c on its own: every fused multiply-add here
+ * is written out (fmaf, _mm*_fmadd_*), every unfused one must stay unfused.
  */
 
 typedef float (*dot_fn)(const uint8_t *w, const void *y, int64_t nb);
 
-static inline int dot_i8_32(const int8_t *a, const int8_t *b) {
-    int s = 0;
-    for (int j = 0; j < QK; j++) s += a[j] * b[j];
-    return s;
+/* R weight rows (w, w + wrow, ...) times C activation rows (y, y + yrow, ...) at once: out[c * ostride + r]. Every
+ * output is computed exactly as its one-output dot_fn computes it; a tile only decodes a weight block once for
+ * several activation rows and keeps several independent chains of fused multiply-adds in flight. AVX2 only. */
+typedef void (*tile_fn)(const uint8_t *w, size_t wrow, const uint8_t *y, size_t yrow, int64_t nb, float *out,
+                        size_t ostride);
+
+/* ggml's hsum_float_8: ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)). */
+static inline float hsum8(const float *a) {
+    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
 }
 
-static float dot_q4_0(const uint8_t *w, const void *vy, int64_t nb) {
-    const act_q8_0 *y = vy;
-    float sumf = 0.0f;
-    for (int64_t i = 0; i < nb; i++, w += 18) {
-        int8_t a[QK];
-        for (int j = 0; j < 16; j++) {
-            a[j] = (int8_t)((w[2 + j] & 0x0f) - 8);
-            a[j + 16] = (int8_t)((w[2 + j] >> 4) - 8);
-        }
-        sumf += (rd_f16(w) * y[i].d) * (float)dot_i8_32(a, y[i].qs);
+static inline int dot4(const int8_t *a, const int8_t *b) {
+    return a[0] * b[0] + a[1] * b[1] + a[2] * b[2] + a[3] * b[3];
+}
+
+/* One 32-element block into the 8 lane accumulators: acc[l] = fma(d, sum of a*b over 4l..4l+3, acc[l]). */
+static inline void fma_block32(float *acc, float d, const int8_t *a, const int8_t *b) {
+    for (int l = 0; l < 8; l++) acc[l] = fmaf(d, (float)dot4(a + 4 * l, b + 4 * l), acc[l]);
+}
+
+/* 16 bytes -> 32 values: low nibbles first, then high nibbles (ggml's element order), minus `offset`. */
+static inline void unpack_q4(const uint8_t *qs, int offset, int8_t *a) {
+    for (int j = 0; j < 16; j++) {
+        a[j] = (int8_t)((qs[j] & 0x0f) - offset);
+        a[j + 16] = (int8_t)((qs[j] >> 4) - offset);
     }
-    return sumf;
 }
 
-static float dot_q4_1(const uint8_t *w, const void *vy, int64_t nb) {
-    const act_q8_1 *y = vy;
-    float sumf = 0.0f;
-    for (int64_t i = 0; i < nb; i++, w += 20) {
-        int8_t a[QK];
-        for (int j = 0; j < 16; j++) {
-            a[j] = (int8_t)(w[4 + j] & 0x0f);
-            a[j + 16] = (int8_t)(w[4 + j] >> 4);
-        }
-        sumf += (rd_f16(w) * y[i].d) * (float)dot_i8_32(a, y[i].qs) + rd_f16(w + 2) * y[i].s;
-    }
-    return sumf;
-}
-
+/* As unpack_q4, with the fifth bit j of the little-endian u32 at qh4 on element j. */
 static inline void unpack_q5(const uint8_t *qh4, const uint8_t *qs, int offset, int8_t *a) {
     const uint32_t qh = rd_u32(qh4);
     for (int j = 0; j < 16; j++) {
@@ -229,35 +244,65 @@ static inline void unpack_q5(const uint8_t *qh4, const uint8_t *qs, int offset, 
     }
 }
 
+/* Q4_0: d, qs[16]; values nibble - 8. */
+static float dot_q4_0(const uint8_t *w, const void *vy, int64_t nb) {
+    const act_q8_0 *y = vy;
+    float acc[8] = {0};
+    for (int64_t i = 0; i < nb; i++, w += 18) {
+        int8_t a[QK];
+        unpack_q4(w + 2, 8, a);
+        fma_block32(acc, rd_f16(w) * y[i].d, a, y[i].qs);
+    }
+    return hsum8(acc);
+}
+
+/* Q4_1: d, m, qs[16]. The m * s terms go to one scalar, fused (ggml's summs += m * s, which its compiler fuses);
+ * the result is hsum8(acc) + summs. */
+static float dot_q4_1(const uint8_t *w, const void *vy, int64_t nb) {
+    const act_q8_1 *y = vy;
+    float acc[8] = {0}, summs = 0.0f;
+    for (int64_t i = 0; i < nb; i++, w += 20) {
+        int8_t a[QK];
+        unpack_q4(w + 4, 0, a);
+        summs = fmaf(rd_f16(w + 2), y[i].s, summs);
+        fma_block32(acc, rd_f16(w) * y[i].d, a, y[i].qs);
+    }
+    return hsum8(acc) + summs;
+}
+
+/* Q5_0: d, qh[4], qs[16]; values (nibble | bit << 4) - 16. */
 static float dot_q5_0(const uint8_t *w, const void *vy, int64_t nb) {
     const act_q8_0 *y = vy;
-    float sumf = 0.0f;
+    float acc[8] = {0};
     for (int64_t i = 0; i < nb; i++, w += 22) {
         int8_t a[QK];
         unpack_q5(w + 2, w + 6, 16, a);
-        sumf += (rd_f16(w) * y[i].d) * (float)dot_i8_32(a, y[i].qs);
+        fma_block32(acc, rd_f16(w) * y[i].d, a, y[i].qs);
     }
-    return sumf;
+    return hsum8(acc);
 }
 
+/* Q5_1: d, m, qh[4], qs[16]; as Q4_1. */
 static float dot_q5_1(const uint8_t *w, const void *vy, int64_t nb) {
     const act_q8_1 *y = vy;
-    float sumf = 0.0f;
+    float acc[8] = {0}, summs = 0.0f;
     for (int64_t i = 0; i < nb; i++, w += 24) {
         int8_t a[QK];
         unpack_q5(w + 4, w + 8, 0, a);
-        sumf += (rd_f16(w) * y[i].d) * (float)dot_i8_32(a, y[i].qs) + rd_f16(w + 2) * y[i].s;
+        summs = fmaf(rd_f16(w + 2), y[i].s, summs);
+        fma_block32(acc, rd_f16(w) * y[i].d, a, y[i].qs);
     }
-    return sumf;
+    return hsum8(acc) + summs;
 }
 
+/* Q8_0: d, qs[32]. */
 static float dot_q8_0(const uint8_t *w, const void *vy, int64_t nb) {
     const act_q8_0 *y = vy;
-    float sumf = 0.0f;
+    float acc[8] = {0};
     for (int64_t i = 0; i < nb; i++, w += 34) {
-        sumf += (rd_f16(w) * y[i].d) * (float)dot_i8_32((const int8_t *)(w + 2), y[i].qs);
+        fma_block32(acc, rd_f16(w) * y[i].d, (const int8_t *)(w + 2), y[i].qs);
     }
-    return sumf;
+    return hsum8(acc);
 }
 
 /* Q2_K: scales[16] (low nibble scale, high nibble min), qs[64] (2 bits), d, dmin. */
@@ -336,68 +381,199 @@ static inline void k4_scales(const uint8_t *b, uint8_t *sc, uint8_t *mn) {
     }
 }
 
-/* Q4_K / Q5_K share everything but the fifth bit: d, dmin, scales[12], [qh[32]], qs[128]. */
+/* The 256 values of a Q4_K/Q5_K super-block in ggml's element order: 64-element groups j, the low nibbles of
+ * qs[32j..32j+31] first (sub-block 2j), then the high nibbles (sub-block 2j+1); Q5_K adds bit 2j or 2j+1 of qh[l]
+ * as the fifth bit. */
+static inline void unpack_q45_K(const uint8_t *w, int five, int8_t *a) {
+    const uint8_t *qh = w + 16, *q4 = w + (five ? 48 : 16);
+    for (int j = 0; j < 4; j++) {
+        for (int l = 0; l < 32; l++) {
+            int lo = q4[j * 32 + l] & 0x0f, hi = q4[j * 32 + l] >> 4;
+            if (five) {
+                lo |= ((qh[l] >> (2 * j)) & 1) << 4;
+                hi |= ((qh[l] >> (2 * j + 1)) & 1) << 4;
+            }
+            a[j * 64 + l] = (int8_t)lo;
+            a[j * 64 + 32 + l] = (int8_t)hi;
+        }
+    }
+}
+
+/* The minimum term of a Q4_K/Q5_K super-block in ggml's AVX2 layout: prod[k] = mn[2k] s[2k] + mn[2k+1] s[2k+1]
+ * with s[m] the activation sum over the 32 elements of sub-block m. */
+static inline void q45_K_min_prods(const int16_t *bs, const uint8_t *mn, int *prod) {
+    for (int k = 0; k < 4; k++) {
+        prod[k] = mn[2 * k] * (bs[4 * k] + bs[4 * k + 1]) + mn[2 * k + 1] * (bs[4 * k + 2] + bs[4 * k + 3]);
+    }
+}
+
+/* Q4_K / Q5_K (d, dmin, scales[12], [qh[32]], qs[128]) as ggml_vec_dot_q4_K_q8_K / q5_K_q8_K (AVX2): the scaled
+ * sums in 8 lanes, acc += (d_x * d_w) * lanes; the minimum term with dmin = -d_x * dmin_w goes to 4 lanes for Q4_K
+ * (summed (m0 + m2) + (m1 + m3)), to one scalar for Q5_K; the result is hsum8(acc) + that. */
 static inline float dot_q45_K(const uint8_t *w, const act_q8_K *y, int64_t nb, int five) {
     const int bsize = five ? 176 : 144;
-    float sumf = 0.0f;
+    float acc[8] = {0}, accm[4] = {0}, summs = 0.0f;
     for (int64_t i = 0; i < nb; i++, w += bsize) {
-        const uint8_t *qh = w + 16, *q4 = w + (five ? 48 : 16);
         const int8_t *q8 = y[i].qs;
         uint8_t sc[8], mn[8];
         k4_scales(w + 4, sc, mn);
-        int sumi_m = 0;
-        for (int j = 0; j < 16; j++) sumi_m += y[i].bsums[j] * mn[j / 2];
-        int isum = 0;
-        for (int j = 0; j < 4; j++) {  /* 64 elements: low nibbles (sub-block 2j), high nibbles (2j+1) */
-            int acc_lo = 0, acc_hi = 0;
-            for (int l = 0; l < 32; l++) {
-                int lo = q4[j * 32 + l] & 0x0f, hi = q4[j * 32 + l] >> 4;
-                if (five) {
-                    lo |= ((qh[l] >> (2 * j)) & 1) << 4;
-                    hi |= ((qh[l] >> (2 * j + 1)) & 1) << 4;
-                }
-                acc_lo += q8[j * 64 + l] * lo;
-                acc_hi += q8[j * 64 + 32 + l] * hi;
-            }
-            isum += sc[2 * j] * acc_lo + sc[2 * j + 1] * acc_hi;
+        int8_t a[QK_K];
+        unpack_q45_K(w, five, a);
+        int lanes[8] = {0};
+        for (int j = 0; j < 8; j++) {  /* sub-block j: 32 elements, scale sc[j] */
+            for (int l = 0; l < 8; l++) lanes[l] += sc[j] * dot4(a + 32 * j + 4 * l, q8 + 32 * j + 4 * l);
         }
-        const float d = rd_f16(w) * y[i].d;
-        const float dmin = rd_f16(w + 2) * y[i].d;
-        sumf += d * (float)isum - dmin * (float)sumi_m;
+        const float d = y[i].d * rd_f16(w);
+        const float dmin = -y[i].d * rd_f16(w + 2);
+        for (int l = 0; l < 8; l++) acc[l] = fmaf(d, (float)lanes[l], acc[l]);
+        int prod[4];
+        q45_K_min_prods(y[i].bsums, mn, prod);
+        if (five) {
+            summs = fmaf(dmin, (float)(prod[0] + prod[1] + prod[2] + prod[3]), summs);
+        } else {
+            for (int k = 0; k < 4; k++) accm[k] = fmaf(dmin, (float)prod[k], accm[k]);
+        }
     }
-    return sumf;
+    return hsum8(acc) + (five ? summs : (accm[0] + accm[2]) + (accm[1] + accm[3]));
 }
 
 static float dot_q4_K(const uint8_t *w, const void *vy, int64_t nb) { return dot_q45_K(w, vy, nb, 0); }
 static float dot_q5_K(const uint8_t *w, const void *vy, int64_t nb) { return dot_q45_K(w, vy, nb, 1); }
 
-/* Q6_K: ql[128] (low 4 bits), qh[64] (high 2 bits), scales[16] int8, d. Values are q - 32. */
+/* Q4_K weights that llama.cpp repacks (q4_K_8x8: every Q4_K weight with a multiple of 8 rows, on x86 with AVX2).
+ * Its gemv (one activation row) adds, per super-block, the whole integer sums isum = sum(sc_j i_j) and
+ * msum = sum(mn_j s_j) to two scalars: acc = fma(isum, d_w d_x, acc), accm = fma(msum, dmin_w d_x, accm). Its gemm
+ * (activation rows in groups of four, quantized by ggml_quantize_mat_q8_K_4x8) does the same per 64 elements, i.e.
+ * per pair of sub-blocks. Either returns acc - accm. */
+static inline float dot_q4_K_repacked(const uint8_t *w, const act_q8_K *y, int64_t nb, int per64) {
+    float acc = 0.0f, accm = 0.0f;
+    for (int64_t i = 0; i < nb; i++, w += 144) {
+        uint8_t sc[8], mn[8];
+        k4_scales(w + 4, sc, mn);
+        int8_t a[QK_K];
+        unpack_q45_K(w, 0, a);
+        int isum[4], msum[4];
+        q45_K_min_prods(y[i].bsums, mn, msum);
+        for (int k = 0; k < 4; k++) {
+            isum[k] = 0;
+            for (int m = 2 * k; m < 2 * k + 2; m++) {
+                int s = 0;
+                for (int l = 0; l < 32; l++) s += a[32 * m + l] * y[i].qs[32 * m + l];
+                isum[k] += sc[m] * s;
+            }
+        }
+        const float d = rd_f16(w) * y[i].d, dmin = rd_f16(w + 2) * y[i].d;
+        if (per64) {
+            for (int k = 0; k < 4; k++) {
+                acc = fmaf((float)isum[k], d, acc);
+                accm = fmaf((float)msum[k], dmin, accm);
+            }
+        } else {
+            acc = fmaf((float)(isum[0] + isum[1] + isum[2] + isum[3]), d, acc);
+            accm = fmaf((float)(msum[0] + msum[1] + msum[2] + msum[3]), dmin, accm);
+        }
+    }
+    return acc - accm;
+}
+
+static float dot_q4_K_gemv(const uint8_t *w, const void *vy, int64_t nb) {
+    return dot_q4_K_repacked(w, vy, nb, 0);
+}
+
+static float dot_q4_K_gemm4(const uint8_t *w, const void *vy, int64_t nb) {
+    return dot_q4_K_repacked(w, vy, nb, 1);
+}
+
+/* K-quant weights against 8 or more activation rows (llama.cpp's "tiled" matmul, ggml-cpu/tiled, for the weights
+ * it does not repack): per super-block the whole integer sums isum and msum (as above), r = d_w * isum, for
+ * Q4_K/Q5_K r = fma(-dmin_w, msum, r), then acc = fma(r, d_x, acc). */
+static inline float dot_q45_K_tiled(const uint8_t *w, const act_q8_K *y, int64_t nb, int five) {
+    const int bsize = five ? 176 : 144;
+    float acc = 0.0f;
+    for (int64_t i = 0; i < nb; i++, w += bsize) {
+        uint8_t sc[8], mn[8];
+        k4_scales(w + 4, sc, mn);
+        int8_t a[QK_K];
+        unpack_q45_K(w, five, a);
+        int isum = 0, prod[4];
+        for (int j = 0; j < 8; j++) {
+            int s = 0;
+            for (int l = 0; l < 32; l++) s += a[32 * j + l] * y[i].qs[32 * j + l];
+            isum += sc[j] * s;
+        }
+        q45_K_min_prods(y[i].bsums, mn, prod);
+        const int msum = prod[0] + prod[1] + prod[2] + prod[3];
+        acc = fmaf(fmaf(-rd_f16(w + 2), (float)msum, rd_f16(w) * (float)isum), y[i].d, acc);
+    }
+    return acc;
+}
+
+static float dot_q4_K_tiled(const uint8_t *w, const void *vy, int64_t nb) {
+    return dot_q45_K_tiled(w, vy, nb, 0);
+}
+
+static float dot_q5_K_tiled(const uint8_t *w, const void *vy, int64_t nb) {
+    return dot_q45_K_tiled(w, vy, nb, 1);
+}
+
+/* The 256 unsigned 6-bit values of a Q6_K super-block (ql[128] low 4 bits, qh[64] high 2 bits), in element
+ * order; the weight is value - 32. */
+static inline void unpack_q6_K(const uint8_t *w, int8_t *a) {
+    for (int k = 0; k < 2; k++) {
+        const uint8_t *ql = w + k * 64, *qh = w + 128 + k * 32;
+        int8_t *ak = a + k * 128;
+        for (int l = 0; l < 32; l++) {
+            ak[l] = (int8_t)((ql[l] & 0x0f) | (((qh[l] >> 0) & 3) << 4));
+            ak[l + 32] = (int8_t)((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4));
+            ak[l + 64] = (int8_t)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4));
+            ak[l + 96] = (int8_t)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4));
+        }
+    }
+}
+
+/* Q6_K: ql[128], qh[64], scales[16] int8, d. As ggml_vec_dot_q6_K_q8_K (AVX2): with q the unsigned values, lane l
+ * gets sc[2c + l/4] * (sum of q * q8 over elements 4l..4l+3) of every 32-element group c, and the whole -32 offset
+ * of sub-blocks 2l and 2l+1, through the activation sums: -32 (sc[2l] bsums[2l] + sc[2l+1] bsums[2l+1]); then
+ * acc += (d_x d_w) lanes as for the other types. */
 static float dot_q6_K(const uint8_t *w, const void *vy, int64_t nb) {
     const act_q8_K *y = vy;
-    float sumf = 0.0f;
+    float acc[8] = {0};
     for (int64_t i = 0; i < nb; i++, w += 210) {
         const int8_t *q8 = y[i].qs;
         const int8_t *sc = (const int8_t *)(w + 192);
         int8_t a[QK_K];
-        for (int k = 0; k < 2; k++) {
-            const uint8_t *ql = w + k * 64, *qh = w + 128 + k * 32;
-            int8_t *ak = a + k * 128;
-            for (int l = 0; l < 32; l++) {
-                ak[l] = (int8_t)(((ql[l] & 0x0f) | (((qh[l] >> 0) & 3) << 4)) - 32);
-                ak[l + 32] = (int8_t)(((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) - 32);
-                ak[l + 64] = (int8_t)(((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
-                ak[l + 96] = (int8_t)(((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+        unpack_q6_K(w, a);
+        const int16_t *bs = y[i].bsums;
+        int lanes[8];
+        for (int l = 0; l < 8; l++) lanes[l] = -32 * (sc[2 * l] * bs[2 * l] + sc[2 * l + 1] * bs[2 * l + 1]);
+        for (int c = 0; c < 8; c++) {
+            for (int l = 0; l < 8; l++) {
+                lanes[l] += sc[2 * c + l / 4] * dot4(a + 32 * c + 4 * l, q8 + 32 * c + 4 * l);
             }
         }
+        const float d = y[i].d * rd_f16(w + 208);
+        for (int l = 0; l < 8; l++) acc[l] = fmaf(d, (float)lanes[l], acc[l]);
+    }
+    return hsum8(acc);
+}
+
+/* Q6_K against 8 or more activation rows (see dot_q45_K_tiled): acc = fma(d_w * isum, d_x, acc). */
+static float dot_q6_K_tiled(const uint8_t *w, const void *vy, int64_t nb) {
+    const act_q8_K *y = vy;
+    float acc = 0.0f;
+    for (int64_t i = 0; i < nb; i++, w += 210) {
+        const int8_t *sc = (const int8_t *)(w + 192);
+        int8_t a[QK_K];
+        unpack_q6_K(w, a);
         int isum = 0;
         for (int j = 0; j < 16; j++) {
-            int acc = 0;
-            for (int l = 0; l < 16; l++) acc += q8[j * 16 + l] * a[j * 16 + l];
-            isum += sc[j] * acc;
+            int s = 0;
+            for (int l = 0; l < 16; l++) s += (a[16 * j + l] - 32) * y[i].qs[16 * j + l];
+            isum += sc[j] * s;
         }
-        sumf += (rd_f16(w + 208) * y[i].d) * (float)isum;
+        acc = fmaf(rd_f16(w + 208) * (float)isum, y[i].d, acc);
     }
-    return sumf;
+    return acc;
 }
 
 /* F16 weights against the activation rounded to fp16 (ggml's vec_dot_f16); nb = elements. */
@@ -436,8 +612,8 @@ static float dot_f32(const uint8_t *w, const void *vy, int64_t n) {
 }
 
 /* ------------------------------------------------------------------------------------------------------------
- * AVX2 versions of the hot dot products. Integer block sums are the same exact integers; only the order of the
- * float32 sums over blocks differs from the portable code (vector lanes, fused multiply-add).
+ * AVX2 versions of the hot dot products: the same arithmetic as the portable kernels above (and as llama.cpp's
+ * x86 AVX2 build), in vector registers.
  */
 
 #if QK_X86
@@ -449,21 +625,29 @@ TARGET_AVX2 static inline float hsum_ps(__m256 v) {
     return _mm_cvtss_f32(r);
 }
 
-TARGET_AVX2 static inline int hsum_epi32(__m256i v) {
-    __m128i r = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+TARGET_AVX2 static inline int hsum4_epi32(__m128i r) {
     r = _mm_add_epi32(r, _mm_unpackhi_epi64(r, r));
     r = _mm_add_epi32(r, _mm_shuffle_epi32(r, _MM_SHUFFLE(2, 3, 0, 1)));
     return _mm_cvtsi128_si32(r);
 }
 
-/* 32 signed bytes times 32 signed bytes -> 8 int32 sums of 4 products. |y| <= 127 (activations) keeps the
- * unsigned*signed multiply exact even when x holds -128. */
+TARGET_AVX2 static inline int hsum_epi32(__m256i v) {
+    return hsum4_epi32(_mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+}
+
+/* a * b + c with one rounding. */
+TARGET_AVX2 static inline float fma1(float a, float b, float c) {
+    return _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(a), _mm_set_ss(b), _mm_set_ss(c)));
+}
+
+/* 32 signed bytes times 32 signed bytes -> 8 int32 lanes, lane l = sum over bytes 4l..4l+3. |y| <= 127
+ * (activations) keeps the unsigned*signed multiply exact even when x holds -128. */
 TARGET_AVX2 static inline __m256i dot_i8_avx2(__m256i x, __m256i y) {
     const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
     return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
 }
 
-/* 32 unsigned bytes (< 128) times 32 signed bytes -> 8 int32. */
+/* 32 unsigned bytes (< 128) times 32 signed bytes -> 8 int32 lanes. */
 TARGET_AVX2 static inline __m256i dot_u8_avx2(__m256i x, __m256i y) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1));
 }
@@ -488,57 +672,14 @@ TARGET_AVX2 static inline float f16_avx2(const uint8_t *p) {
     return _cvtsh_ss((unsigned short)(p[0] | (p[1] << 8)));
 }
 
-TARGET_AVX2 static float dot_q8_0_avx2(const uint8_t *w, const void *vy, int64_t nb) {
-    const act_q8_0 *y = vy;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 1 < nb; i += 2, w += 68) {
-        const __m256i x0 = _mm256_loadu_si256((const __m256i *)(w + 2));
-        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(w + 36));
-        const __m256i p0 = dot_i8_avx2(x0, _mm256_loadu_si256((const __m256i *)y[i].qs));
-        const __m256i p1 = dot_i8_avx2(x1, _mm256_loadu_si256((const __m256i *)y[i + 1].qs));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16_avx2(w) * y[i].d), _mm256_cvtepi32_ps(p0), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f16_avx2(w + 34) * y[i + 1].d), _mm256_cvtepi32_ps(p1), acc1);
-    }
-    for (; i < nb; i++, w += 34) {
-        const __m256i p = dot_i8_avx2(_mm256_loadu_si256((const __m256i *)(w + 2)),
-                                      _mm256_loadu_si256((const __m256i *)y[i].qs));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16_avx2(w) * y[i].d), _mm256_cvtepi32_ps(p), acc0);
-    }
-    return hsum_ps(_mm256_add_ps(acc0, acc1));
+/* acc = fma(d, lanes, acc): one block into the 8 lane accumulators. */
+TARGET_AVX2 static inline __m256 fma_block_avx2(float d, __m256i lanes, __m256 acc) {
+    return _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(lanes), acc);
 }
 
-TARGET_AVX2 static float dot_q4_0_avx2(const uint8_t *w, const void *vy, int64_t nb) {
-    const act_q8_0 *y = vy;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t i = 0; i < nb; i++, w += 18) {
-        const __m256i x = _mm256_sub_epi8(nibbles_avx2(w + 2), _mm256_set1_epi8(8));
-        const __m256i p = dot_i8_avx2(x, _mm256_loadu_si256((const __m256i *)y[i].qs));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_avx2(w) * y[i].d), _mm256_cvtepi32_ps(p), acc);
-    }
-    return hsum_ps(acc);
-}
-
-TARGET_AVX2 static float dot_q5_0_avx2(const uint8_t *w, const void *vy, int64_t nb) {
-    const act_q8_0 *y = vy;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    const __m256i f0 = _mm256_set1_epi8((char)0xf0);
-    int64_t i = 0;
-    /* a clear fifth bit means value - 16: set the byte's top four bits so it reads as nibble - 16 */
-    for (; i + 1 < nb; i += 2, w += 44) {
-        const __m256i x0 = _mm256_or_si256(nibbles_avx2(w + 6), _mm256_andnot_si256(bits_avx2(w + 2), f0));
-        const __m256i x1 = _mm256_or_si256(nibbles_avx2(w + 28), _mm256_andnot_si256(bits_avx2(w + 24), f0));
-        const __m256i p0 = dot_i8_avx2(x0, _mm256_loadu_si256((const __m256i *)y[i].qs));
-        const __m256i p1 = dot_i8_avx2(x1, _mm256_loadu_si256((const __m256i *)y[i + 1].qs));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16_avx2(w) * y[i].d), _mm256_cvtepi32_ps(p0), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(f16_avx2(w + 22) * y[i + 1].d), _mm256_cvtepi32_ps(p1), acc1);
-    }
-    for (; i < nb; i++, w += 22) {
-        const __m256i x = _mm256_or_si256(nibbles_avx2(w + 6), _mm256_andnot_si256(bits_avx2(w + 2), f0));
-        const __m256i p = dot_i8_avx2(x, _mm256_loadu_si256((const __m256i *)y[i].qs));
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(f16_avx2(w) * y[i].d), _mm256_cvtepi32_ps(p), acc0);
-    }
-    return hsum_ps(_mm256_add_ps(acc0, acc1));
+/* Q5_0 values as signed bytes: a clear fifth bit means value - 16, i.e. the byte's top four bits set. */
+TARGET_AVX2 static inline __m256i q5_0_values_avx2(const uint8_t *w) {
+    return _mm256_or_si256(nibbles_avx2(w + 6), _mm256_andnot_si256(bits_avx2(w + 2), _mm256_set1_epi8((char)0xf0)));
 }
 
 TARGET_AVX2 static float dot_q4_1_avx2(const uint8_t *w, const void *vy, int64_t nb) {
@@ -546,9 +687,9 @@ TARGET_AVX2 static float dot_q4_1_avx2(const uint8_t *w, const void *vy, int64_t
     __m256 acc = _mm256_setzero_ps();
     float summs = 0.0f;
     for (int64_t i = 0; i < nb; i++, w += 20) {
+        summs = fma1(f16_avx2(w + 2), y[i].s, summs);
         const __m256i p = dot_u8_avx2(nibbles_avx2(w + 4), _mm256_loadu_si256((const __m256i *)y[i].qs));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_avx2(w) * y[i].d), _mm256_cvtepi32_ps(p), acc);
-        summs += f16_avx2(w + 2) * y[i].s;
+        acc = fma_block_avx2(f16_avx2(w) * y[i].d, p, acc);
     }
     return hsum_ps(acc) + summs;
 }
@@ -558,48 +699,68 @@ TARGET_AVX2 static float dot_q5_1_avx2(const uint8_t *w, const void *vy, int64_t
     __m256 acc = _mm256_setzero_ps();
     float summs = 0.0f;
     for (int64_t i = 0; i < nb; i++, w += 24) {
+        summs = fma1(f16_avx2(w + 2), y[i].s, summs);
         const __m256i x = _mm256_or_si256(nibbles_avx2(w + 8),
                                           _mm256_and_si256(bits_avx2(w + 4), _mm256_set1_epi8(0x10)));
         const __m256i p = dot_u8_avx2(x, _mm256_loadu_si256((const __m256i *)y[i].qs));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(f16_avx2(w) * y[i].d), _mm256_cvtepi32_ps(p), acc);
-        summs += f16_avx2(w + 2) * y[i].s;
+        acc = fma_block_avx2(f16_avx2(w) * y[i].d, p, acc);
     }
     return hsum_ps(acc) + summs;
 }
 
-/* Q4_K / Q5_K: per 64 elements, 32 low nibbles (scale 2j) and 32 high nibbles (scale 2j+1). */
+/* The scaled lane sums of one Q4_K/Q5_K super-block: per 64 elements, 32 low nibbles (scale 2j) and 32 high
+ * nibbles (scale 2j+1), lane l holding elements 4l..4l+3 of each 32. */
+TARGET_AVX2 static inline __m256i q45_K_lanes_avx2(const uint8_t *w, const int8_t *q8, const uint8_t *sc, int five) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
+    const uint8_t *q4 = w + (five ? 48 : 16);
+    const __m256i hb = five ? _mm256_loadu_si256((const __m256i *)(w + 16)) : _mm256_setzero_si256();
+    __m256i sumi = _mm256_setzero_si256();
+    for (int j = 0; j < 4; j++) {
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(q4 + 32 * j));
+        __m256i lo = _mm256_and_si256(q, m4);
+        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+        if (five) {
+            lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * j), one), 4));
+            hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * j + 1), one), 4));
+        }
+        const __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(q8 + 64 * j)));
+        const __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(q8 + 64 * j + 32)));
+        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(plo, _mm256_set1_epi16(sc[2 * j])));
+        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(phi, _mm256_set1_epi16(sc[2 * j + 1])));
+    }
+    return sumi;
+}
+
+/* prod[k] = mn[2k] s[2k] + mn[2k+1] s[2k+1], s[m] = the activation sum of sub-block m (see q45_K_min_prods). */
+TARGET_AVX2 static inline __m128i q45_K_min_prods_avx2(const int16_t *bsums, const uint8_t *mn) {
+    const __m128i s = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)bsums),
+                                     _mm_loadu_si128((const __m128i *)(bsums + 8)));
+    return _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)mn)), s);
+}
+
 TARGET_AVX2 static inline float dot_q45_K_avx2(const uint8_t *w, const act_q8_K *y, int64_t nb, int five) {
     const int bsize = five ? 176 : 144;
-    const __m256i m4 = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
-    float sumf = 0.0f;
+    __m256 acc = _mm256_setzero_ps();
+    __m128 accm = _mm_setzero_ps();
+    float summs = 0.0f;
     for (int64_t i = 0; i < nb; i++, w += bsize) {
-        const uint8_t *q4 = w + (five ? 48 : 16);
-        const int8_t *q8 = y[i].qs;
         uint8_t sc[8], mn[8];
         k4_scales(w + 4, sc, mn);
-        int sumi_m = 0;
-        for (int j = 0; j < 8; j++) sumi_m += (y[i].bsums[2 * j] + y[i].bsums[2 * j + 1]) * mn[j];
-        const __m256i hb = five ? _mm256_loadu_si256((const __m256i *)(w + 16)) : _mm256_setzero_si256();
-        __m256i sumi = _mm256_setzero_si256();
-        for (int j = 0; j < 4; j++) {
-            const __m256i q = _mm256_loadu_si256((const __m256i *)(q4 + 32 * j));
-            __m256i lo = _mm256_and_si256(q, m4);
-            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            if (five) {
-                lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * j), one), 4));
-                hi = _mm256_or_si256(hi,
-                                     _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * j + 1), one), 4));
-            }
-            const __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(q8 + 64 * j)));
-            const __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(q8 + 64 * j + 32)));
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(plo, _mm256_set1_epi16(sc[2 * j])));
-            sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(phi, _mm256_set1_epi16(sc[2 * j + 1])));
+        const float d = y[i].d * f16_avx2(w);
+        const float dmin = -y[i].d * f16_avx2(w + 2);
+        const __m128i prod = q45_K_min_prods_avx2(y[i].bsums, mn);
+        if (five) {
+            summs = fma1(dmin, (float)hsum4_epi32(prod), summs);
+        } else {
+            accm = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), accm);
         }
-        const float d = f16_avx2(w) * y[i].d;
-        const float dmin = f16_avx2(w + 2) * y[i].d;
-        sumf += d * (float)hsum_epi32(sumi) - dmin * (float)sumi_m;
+        acc = fma_block_avx2(d, q45_K_lanes_avx2(w, y[i].qs, sc, five), acc);
     }
-    return sumf;
+    if (!five) {
+        accm = _mm_add_ps(accm, _mm_movehl_ps(accm, accm));
+        summs = _mm_cvtss_f32(_mm_add_ss(accm, _mm_movehdup_ps(accm)));
+    }
+    return hsum_ps(acc) + summs;
 }
 
 TARGET_AVX2 static float dot_q4_K_avx2(const uint8_t *w, const void *vy, int64_t nb) {
@@ -610,40 +771,253 @@ TARGET_AVX2 static float dot_q5_K_avx2(const uint8_t *w, const void *vy, int64_t
     return dot_q45_K_avx2(w, vy, nb, 1);
 }
 
-/* Q6_K: the -32 offset is applied once per 16 elements through the activation block sums. */
-TARGET_AVX2 static float dot_q6_K_avx2(const uint8_t *w, const void *vy, int64_t nb) {
-    const act_q8_K *y = vy;
-    const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(3);
-    float sumf = 0.0f;
-    for (int64_t i = 0; i < nb; i++, w += 210) {
-        const int8_t *sc = (const int8_t *)(w + 192);
-        const int8_t *q8 = y[i].qs;
-        int off = 0;
-        for (int j = 0; j < 16; j++) off += sc[j] * y[i].bsums[j];
-        __m256i sumi = _mm256_setzero_si256();
-        for (int k = 0; k < 2; k++) {
-            const __m256i l0 = _mm256_loadu_si256((const __m256i *)(w + 64 * k));
-            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(w + 64 * k + 32));
-            const __m256i h = _mm256_loadu_si256((const __m256i *)(w + 128 + 32 * k));
-            __m256i g[4];
-            g[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(h, m3), 4));
-            g[1] = _mm256_or_si256(_mm256_and_si256(l1, m4),
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), m3), 4));
-            g[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), m3), 4));
-            g[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                                   _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), m3), 4));
-            for (int gi = 0; gi < 4; gi++) {
-                const int s = 8 * k + 2 * gi;
-                const __m256i p = _mm256_maddubs_epi16(g[gi], _mm256_loadu_si256((const __m256i *)(q8 + 128 * k + 32 * gi)));
-                const __m256i scv = _mm256_set_m128i(_mm_set1_epi16(sc[s + 1]), _mm_set1_epi16(sc[s]));
-                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scv));
+TARGET_AVX2 static inline float dot_q45_K_tiled_avx2(const uint8_t *w, const act_q8_K *y, int64_t nb, int five) {
+    const int bsize = five ? 176 : 144;
+    float acc = 0.0f;
+    for (int64_t i = 0; i < nb; i++, w += bsize) {
+        uint8_t sc[8], mn[8];
+        k4_scales(w + 4, sc, mn);
+        const int isum = hsum_epi32(q45_K_lanes_avx2(w, y[i].qs, sc, five));
+        const int msum = hsum4_epi32(q45_K_min_prods_avx2(y[i].bsums, mn));
+        const float r = fma1(-f16_avx2(w + 2), (float)msum, f16_avx2(w) * (float)isum);
+        acc = fma1(r, y[i].d, acc);
+    }
+    return acc;
+}
+
+TARGET_AVX2 static float dot_q4_K_tiled_avx2(const uint8_t *w, const void *vy, int64_t nb) {
+    return dot_q45_K_tiled_avx2(w, vy, nb, 0);
+}
+
+TARGET_AVX2 static float dot_q5_K_tiled_avx2(const uint8_t *w, const void *vy, int64_t nb) {
+    return dot_q45_K_tiled_avx2(w, vy, nb, 1);
+}
+
+/* ---- Tiles (see tile_fn). Each is an always-inlined generic body instantiated for a few fixed shapes, so the
+ * accumulators live in registers. */
+
+#define INLINE_AVX2 TARGET_AVX2 static inline __attribute__((always_inline))
+
+/* Ask for the cache lines of the weight block `ahead` bytes further on: a weight row streams from memory once per
+ * call (a decode step reads every weight once), and the hardware prefetcher alone leaves the core waiting. */
+INLINE_AVX2 void prefetch_block(const uint8_t *w, int bytes, int ahead) {
+    for (int o = 0; o < bytes; o += 64) _mm_prefetch((const char *)(w + ahead + o), _MM_HINT_T0);
+}
+
+/* The signed values of one Q4_0 / Q5_0 / Q8_0 weight block. */
+INLINE_AVX2 __m256i q0_values_avx2(int type, const uint8_t *w) {
+    if (type == T_Q4_0) return _mm256_sub_epi8(nibbles_avx2(w + 2), _mm256_set1_epi8(8));
+    if (type == T_Q5_0) return q5_0_values_avx2(w);
+    return _mm256_loadu_si256((const __m256i *)(w + 2));
+}
+
+/* Q4_0 / Q5_0 / Q8_0: as dot_q4_0_avx2 etc., R x C outputs. */
+INLINE_AVX2 void tile_q0_avx2(const int type, const int R, const int C, const uint8_t *w, size_t wrow,
+                              const uint8_t *y, size_t yrow, int64_t nb, float *out, size_t ostride) {
+    const int bsize = type == T_Q4_0 ? 18 : type == T_Q5_0 ? 22 : 34;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[2][4];
+    for (int r = 0; r < R; r++) {
+        for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
+    }
+    for (int64_t i = 0; i < nb; i++) {
+        for (int r = 0; r < R; r++) {
+            const uint8_t *wb = w + r * wrow + i * bsize;
+            const __m256i x = q0_values_avx2(type, wb);
+            const __m256i ax = _mm256_sign_epi8(x, x);
+            const float dw = f16_avx2(wb);
+            for (int c = 0; c < C; c++) {
+                const act_q8_0 *yb = (const act_q8_0 *)(y + c * yrow) + i;
+                const __m256i sy = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)yb->qs), x);
+                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), ones);
+                acc[r][c] = fma_block_avx2(dw * yb->d, p, acc[r][c]);
             }
         }
-        sumf += (f16_avx2(w + 208) * y[i].d) * (float)(hsum_epi32(sumi) - 32 * off);
     }
-    return sumf;
+    for (int r = 0; r < R; r++) {
+        for (int c = 0; c < C; c++) out[c * ostride + r] = hsum_ps(acc[r][c]);
+    }
 }
+
+/* Q6_K: as dot_q6_K_avx2 (tiled = 0) or dot_q6_K_tiled_avx2 (tiled = 1), R x C outputs. */
+INLINE_AVX2 void tile_q6_K_avx2(const int tiled, const int R, const int C, const uint8_t *w, size_t wrow,
+                                const uint8_t *y, size_t yrow, int64_t nb, float *out, size_t ostride) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(3);
+    __m256 acc[2][4];
+    float accs[2][4];
+    for (int r = 0; r < R; r++) {
+        for (int c = 0; c < C; c++) {
+            acc[r][c] = _mm256_setzero_ps();
+            accs[r][c] = 0.0f;
+        }
+    }
+    for (int64_t i = 0; i < nb; i++) {
+        for (int r = 0; r < R; r++) {
+            const uint8_t *wb = w + r * wrow + i * 210;
+            prefetch_block(wb, 210, 2 * 210);
+            const int8_t *sc = (const int8_t *)(wb + 192);
+            __m256i sumi[4];
+            for (int c = 0; c < C; c++) sumi[c] = _mm256_setzero_si256();
+            for (int k = 0; k < 2; k++) {
+                const __m256i l0 = _mm256_loadu_si256((const __m256i *)(wb + 64 * k));
+                const __m256i l1 = _mm256_loadu_si256((const __m256i *)(wb + 64 * k + 32));
+                const __m256i h = _mm256_loadu_si256((const __m256i *)(wb + 128 + 32 * k));
+                __m256i g[4];
+                g[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(h, m3), 4));
+                g[1] = _mm256_or_si256(_mm256_and_si256(l1, m4),
+                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2), m3), 4));
+                g[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 4), m3), 4));
+                g[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                       _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 6), m3), 4));
+                for (int gi = 0; gi < 4; gi++) {
+                    const int s = 8 * k + 2 * gi;
+                    const __m256i scv = _mm256_set_m128i(_mm_set1_epi16(sc[s + 1]), _mm_set1_epi16(sc[s]));
+                    for (int c = 0; c < C; c++) {
+                        const act_q8_K *yb = (const act_q8_K *)(y + c * yrow) + i;
+                        const __m256i a8 = _mm256_loadu_si256((const __m256i *)(yb->qs + 128 * k + 32 * gi));
+                        sumi[c] = _mm256_add_epi32(sumi[c], _mm256_madd_epi16(_mm256_maddubs_epi16(g[gi], a8), scv));
+                    }
+                }
+            }
+            const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc));
+            const float dw = f16_avx2(wb + 208);
+            for (int c = 0; c < C; c++) {
+                const act_q8_K *yb = (const act_q8_K *)(y + c * yrow) + i;
+                const __m256i offset = _mm256_madd_epi16(sc16, _mm256_loadu_si256((const __m256i *)yb->bsums));
+                const __m256i lanes = _mm256_sub_epi32(sumi[c], _mm256_slli_epi32(offset, 5));
+                if (tiled) {
+                    accs[r][c] = fma1(dw * (float)hsum_epi32(lanes), yb->d, accs[r][c]);
+                } else {
+                    acc[r][c] = fma_block_avx2(yb->d * dw, lanes, acc[r][c]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        for (int c = 0; c < C; c++) out[c * ostride + r] = tiled ? accs[r][c] : hsum_ps(acc[r][c]);
+    }
+}
+
+/* Q4_K as llama.cpp computes the weights it repacks: gemv (per64 = 0) or gemm (per64 = 1, see dot_q4_K_repacked),
+ * R x C outputs. */
+INLINE_AVX2 void tile_q4_K_repacked_avx2(const int per64, const int R, const int C, const uint8_t *w, size_t wrow,
+                                         const uint8_t *y, size_t yrow, int64_t nb, float *out, size_t ostride) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    float acc[2][4], accm[2][4];
+    for (int r = 0; r < R; r++) {
+        for (int c = 0; c < C; c++) acc[r][c] = accm[r][c] = 0.0f;
+    }
+    for (int64_t i = 0; i < nb; i++) {
+        for (int r = 0; r < R; r++) {
+            const uint8_t *wb = w + r * wrow + i * 144;
+            prefetch_block(wb, 144, 2 * 144);
+            uint8_t sc[8], mn[8];
+            k4_scales(wb + 4, sc, mn);
+            __m256i s[4][4]; /* [64-element group j][activation c] */
+            for (int j = 0; j < 4; j++) {
+                const __m256i q = _mm256_loadu_si256((const __m256i *)(wb + 16 + 32 * j));
+                const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+                const __m256i slo = _mm256_set1_epi16(sc[2 * j]), shi = _mm256_set1_epi16(sc[2 * j + 1]);
+                for (int c = 0; c < C; c++) {
+                    const int8_t *q8 = ((const act_q8_K *)(y + c * yrow) + i)->qs + 64 * j;
+                    const __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)q8));
+                    const __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(q8 + 32)));
+                    s[j][c] = _mm256_add_epi32(_mm256_madd_epi16(plo, slo), _mm256_madd_epi16(phi, shi));
+                }
+            }
+            const float dw = f16_avx2(wb), dminw = f16_avx2(wb + 2);
+            for (int c = 0; c < C; c++) {
+                const act_q8_K *yb = (const act_q8_K *)(y + c * yrow) + i;
+                /* the four 64-element sums: two hadds leave (s0 s1 s2 s3) in each 128-bit half; add the halves */
+                const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0][c], s[1][c]),
+                                                    _mm256_hadd_epi32(s[2][c], s[3][c]));
+                const __m128i isum = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+                const __m128i msum = q45_K_min_prods_avx2(yb->bsums, mn);
+                const float d = dw * yb->d, dmin = dminw * yb->d;
+                if (per64) {
+                    int is[4], ms[4];
+                    _mm_storeu_si128((__m128i *)is, isum);
+                    _mm_storeu_si128((__m128i *)ms, msum);
+                    for (int k = 0; k < 4; k++) {
+                        acc[r][c] = fma1((float)is[k], d, acc[r][c]);
+                        accm[r][c] = fma1((float)ms[k], dmin, accm[r][c]);
+                    }
+                } else {
+                    acc[r][c] = fma1((float)hsum4_epi32(isum), d, acc[r][c]);
+                    accm[r][c] = fma1((float)hsum4_epi32(msum), dmin, accm[r][c]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        for (int c = 0; c < C; c++) out[c * ostride + r] = acc[r][c] - accm[r][c];
+    }
+}
+
+/* The instances: name_RxC for the shapes the driver uses. */
+#define TILE_INSTANCE(name, body, arg, R, C)                                                                       \
+    TARGET_AVX2 static void name##_##R##x##C(const uint8_t *w, size_t wrow, const uint8_t *y, size_t yrow,        \
+                                             int64_t nb, float *out, size_t ostride) {                           \
+        body(arg, R, C, w, wrow, y, yrow, nb, out, ostride);                                                     \
+    }
+#define TILE_INSTANCES(name, body, arg)                                                                             \
+    TILE_INSTANCE(name, body, arg, 1, 4)                                                                          \
+    TILE_INSTANCE(name, body, arg, 2, 4)
+
+TILE_INSTANCES(tile_q4_0, tile_q0_avx2, T_Q4_0)
+TILE_INSTANCES(tile_q5_0, tile_q0_avx2, T_Q5_0)
+TILE_INSTANCES(tile_q8_0, tile_q0_avx2, T_Q8_0)
+TILE_INSTANCES(tile_q6_K, tile_q6_K_avx2, 0)
+TILE_INSTANCES(tile_q6_K_tiled, tile_q6_K_avx2, 1)
+TILE_INSTANCES(tile_q4_K_gemv, tile_q4_K_repacked_avx2, 0)
+TILE_INSTANCES(tile_q4_K_gemm4, tile_q4_K_repacked_avx2, 1)
+
+/* The one-output kernels of the same types: 1 x 1 tiles. */
+#define DOT_FROM_TILE(name, body, arg)                                                                              \
+    TARGET_AVX2 static float name(const uint8_t *w, const void *y, int64_t nb) {                                  \
+        float out;                                                                                                \
+        body(arg, 1, 1, w, 0, (const uint8_t *)y, 0, nb, &out, 0);                                                \
+        return out;                                                                                               \
+    }
+
+/* One block of Q4_0 / Q5_0 / Q8_0 into the accumulator. */
+INLINE_AVX2 __m256 q0_block_avx2(const int type, const uint8_t *w, const act_q8_0 *y, __m256 acc) {
+    const __m256i p = dot_i8_avx2(q0_values_avx2(type, w), _mm256_loadu_si256((const __m256i *)y->qs));
+    return fma_block_avx2(f16_avx2(w) * y->d, p, acc);
+}
+
+/* One output of Q4_0 / Q5_0 / Q8_0, the decode step's kernel: two blocks per turn into the one accumulator, and a
+ * prefetch for the weight row streaming from memory. */
+INLINE_AVX2 float dot_q0_avx2(const int type, const uint8_t *w, const void *vy, int64_t nb) {
+    const int bsize = type == T_Q4_0 ? 18 : type == T_Q5_0 ? 22 : 34;
+    const act_q8_0 *y = vy;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 2 <= nb; i += 2, w += 2 * bsize) {
+        _mm_prefetch((const char *)(w + 512), _MM_HINT_T0);
+        acc = q0_block_avx2(type, w, &y[i], acc);
+        acc = q0_block_avx2(type, w + bsize, &y[i + 1], acc);
+    }
+    if (i < nb) acc = q0_block_avx2(type, w, &y[i], acc);
+    return hsum_ps(acc);
+}
+
+TARGET_AVX2 static float dot_q4_0_avx2(const uint8_t *w, const void *y, int64_t nb) {
+    return dot_q0_avx2(T_Q4_0, w, y, nb);
+}
+
+TARGET_AVX2 static float dot_q5_0_avx2(const uint8_t *w, const void *y, int64_t nb) {
+    return dot_q0_avx2(T_Q5_0, w, y, nb);
+}
+
+TARGET_AVX2 static float dot_q8_0_avx2(const uint8_t *w, const void *y, int64_t nb) {
+    return dot_q0_avx2(T_Q8_0, w, y, nb);
+}
+DOT_FROM_TILE(dot_q6_K_avx2, tile_q6_K_avx2, 0)
+DOT_FROM_TILE(dot_q6_K_tiled_avx2, tile_q6_K_avx2, 1)
+DOT_FROM_TILE(dot_q4_K_gemv_avx2, tile_q4_K_repacked_avx2, 0)
+DOT_FROM_TILE(dot_q4_K_gemm4_avx2, tile_q4_K_repacked_avx2, 1)
 
 TARGET_AVX2 static float dot_f16_avx2(const uint8_t *w, const void *vy, int64_t n) {
     const uint16_t *y = vy;
@@ -677,9 +1051,12 @@ TARGET_AVX2 static float dot_f32_avx2(const uint8_t *w, const void *vy, int64_t 
     return sumf;
 }
 
+
 #define AVX2(fn) fn##_avx2
+#define TILE(name, shape) name##_##shape
 #else
 #define AVX2(fn) NULL
+#define TILE(name, shape) NULL
 #endif
 
 /* ------------------------------------------------------------------------------------------------------------
@@ -689,31 +1066,63 @@ TARGET_AVX2 static float dot_f32_avx2(const uint8_t *w, const void *vy, int64_t 
 enum act_kind { ACT_F32, ACT_F16, ACT_Q8_0, ACT_Q8_1, ACT_Q8_K };
 
 typedef struct {
+    dot_fn portable;
+    dot_fn avx2;                /* NULL when there is none */
+    tile_fn avx2_1x4, avx2_2x4; /* 1 or 2 weight rows x 4 activation rows; NULL when there are none */
+} kernel;
+
+typedef struct {
     int type;
-    int block;       /* elements per block */
-    int type_size;   /* bytes per block */
-    int act;         /* enum act_kind */
-    dot_fn dot;      /* portable */
-    dot_fn dot_avx2; /* NULL when there is none */
+    int block;     /* elements per block */
+    int type_size; /* bytes per block */
+    int act;       /* enum act_kind */
+    kernel dot;    /* llama.cpp's vec_dot */
+    kernel tiled;  /* its tiled K-quant matmul, taken for 8 or more activation rows; NULL: never */
+    /* Weights llama.cpp repacks (x86 AVX2: Q4_K with out_features % 8 == 0; NULL: never): its gemm for the
+     * activation rows in groups of four, its gemv for the rest. */
+    kernel gemm4, gemv;
 } qtype_info;
 
+#define K(fn) {fn, AVX2(fn), NULL, NULL}
+#define KT(fn, tile) {fn, AVX2(fn), TILE(tile, 1x4), TILE(tile, 2x4)}
+#define NONE {NULL, NULL, NULL, NULL}
 static qtype_info TYPES[] = {
-    {T_F32, 1, 4, ACT_F32, dot_f32, AVX2(dot_f32)},
-    {T_F16, 1, 2, ACT_F16, dot_f16, AVX2(dot_f16)},
-    {T_Q4_0, QK, 18, ACT_Q8_0, dot_q4_0, AVX2(dot_q4_0)},
-    {T_Q4_1, QK, 20, ACT_Q8_1, dot_q4_1, AVX2(dot_q4_1)},
-    {T_Q5_0, QK, 22, ACT_Q8_0, dot_q5_0, AVX2(dot_q5_0)},
-    {T_Q5_1, QK, 24, ACT_Q8_1, dot_q5_1, AVX2(dot_q5_1)},
-    {T_Q8_0, QK, 34, ACT_Q8_0, dot_q8_0, AVX2(dot_q8_0)},
-    {T_Q2_K, QK_K, 84, ACT_Q8_K, dot_q2_K, NULL},
-    {T_Q3_K, QK_K, 110, ACT_Q8_K, dot_q3_K, NULL},
-    {T_Q4_K, QK_K, 144, ACT_Q8_K, dot_q4_K, AVX2(dot_q4_K)},
-    {T_Q5_K, QK_K, 176, ACT_Q8_K, dot_q5_K, AVX2(dot_q5_K)},
-    {T_Q6_K, QK_K, 210, ACT_Q8_K, dot_q6_K, AVX2(dot_q6_K)},
+    {T_F32, 1, 4, ACT_F32, K(dot_f32), NONE, NONE, NONE},
+    {T_F16, 1, 2, ACT_F16, K(dot_f16), NONE, NONE, NONE},
+    {T_Q4_0, QK, 18, ACT_Q8_0, KT(dot_q4_0, tile_q4_0), NONE, NONE, NONE},
+    {T_Q4_1, QK, 20, ACT_Q8_1, K(dot_q4_1), NONE, NONE, NONE},
+    {T_Q5_0, QK, 22, ACT_Q8_0, KT(dot_q5_0, tile_q5_0), NONE, NONE, NONE},
+    {T_Q5_1, QK, 24, ACT_Q8_1, K(dot_q5_1), NONE, NONE, NONE},
+    {T_Q8_0, QK, 34, ACT_Q8_0, KT(dot_q8_0, tile_q8_0), NONE, NONE, NONE},
+    {T_Q2_K, QK_K, 84, ACT_Q8_K, {dot_q2_K, NULL, NULL, NULL}, NONE, NONE, NONE},
+    {T_Q3_K, QK_K, 110, ACT_Q8_K, {dot_q3_K, NULL, NULL, NULL}, NONE, NONE, NONE},
+    {T_Q4_K, QK_K, 144, ACT_Q8_K, K(dot_q4_K), K(dot_q4_K_tiled), KT(dot_q4_K_gemm4, tile_q4_K_gemm4),
+     KT(dot_q4_K_gemv, tile_q4_K_gemv)},
+    {T_Q5_K, QK_K, 176, ACT_Q8_K, K(dot_q5_K), K(dot_q5_K_tiled), NONE, NONE},
+    {T_Q6_K, QK_K, 210, ACT_Q8_K, KT(dot_q6_K, tile_q6_K), KT(dot_q6_K_tiled, tile_q6_K_tiled), NONE, NONE},
 };
+#undef K
+#undef KT
+#undef NONE
 #define N_TYPES ((int)(sizeof(TYPES) / sizeof(TYPES[0])))
 
 static int use_avx2 = 0;
+
+/* The functions of a kernel that run here: the AVX2 ones when enabled, the portable one (no tiles) otherwise. */
+typedef struct {
+    dot_fn dot;
+    tile_fn t1x4, t2x4;
+} plan_t;
+
+static plan_t pick(kernel k) {
+    plan_t p = {k.portable, NULL, NULL};
+    if (use_avx2 && k.avx2 != NULL) {
+        p.dot = k.avx2;
+        p.t1x4 = k.avx2_1x4;
+        p.t2x4 = k.avx2_2x4;
+    }
+    return p;
+}
 
 static const qtype_info *find_type(int type) {
     for (int i = 0; i < N_TYPES; i++) {
@@ -755,7 +1164,8 @@ static void quantize_row(const qtype_info *ti, const float *x, void *y, int64_t 
  */
 
 typedef struct {
-    dot_fn dot;
+    plan_t plan, plan_grouped; /* plan_grouped for the activation rows t < grouped */
+    int64_t grouped;
     const uint8_t *w;
     const uint8_t *xq;
     float *out;
@@ -764,11 +1174,30 @@ typedef struct {
     int n_workers; /* workers allowed to take part (n_threads - 1) */
 } job_t;
 
+/* Activation rows [t, t1) times weight rows r (and r + 1 when R == 2), with plan p: 4 activation rows at a time
+ * through a tile where there is one, the rest (and every single-row decode step) one output at a time: one weight
+ * row streamed from memory at a time is faster there than two interleaved. */
+static void run_rows(const job_t *j, const plan_t *p, int64_t r, int R, int64_t t, int64_t t1) {
+    const uint8_t *w = j->w + (size_t)r * j->wrow;
+    const tile_fn t4 = R == 2 ? p->t2x4 : p->t1x4;
+    if (t4 != NULL) {
+        for (; t + 4 <= t1; t += 4) {
+            t4(w, j->wrow, j->xq + (size_t)t * j->xrow, j->xrow, j->nb, j->out + t * j->nout + r, (size_t)j->nout);
+        }
+    }
+    for (int k = 0; k < R; k++) {
+        for (int64_t u = t; u < t1; u++) {
+            j->out[u * j->nout + r + k] = p->dot(w + (size_t)k * j->wrow, j->xq + (size_t)u * j->xrow, j->nb);
+        }
+    }
+}
+
 static void run_chunk(const job_t *j, int64_t c) {
     const int64_t r1 = (c + 1) * j->chunk < j->nout ? (c + 1) * j->chunk : j->nout;
-    for (int64_t r = c * j->chunk; r < r1; r++) {
-        const uint8_t *wr = j->w + (size_t)r * j->wrow;
-        for (int64_t t = 0; t < j->T; t++) j->out[t * j->nout + r] = j->dot(wr, j->xq + (size_t)t * j->xrow, j->nb);
+    for (int64_t r = c * j->chunk; r < r1; r += 2) {
+        const int R = r + 1 < r1 ? 2 : 1;
+        run_rows(j, &j->plan_grouped, r, R, 0, j->grouped);
+        run_rows(j, &j->plan, r, R, j->grouped, j->T);
     }
 }
 
@@ -865,10 +1294,12 @@ static void after_fork_child(void) {
     atomic_store(&g_sleepers, 0);
 }
 
-static void compute(const qtype_info *ti, dot_fn dot, const uint8_t *w, const uint8_t *xq, float *out,
-                    int64_t T, int64_t in, int64_t nout, int n_threads) {
+static void compute(const qtype_info *ti, plan_t plan, plan_t plan_grouped, int64_t grouped, const uint8_t *w,
+                    const uint8_t *xq, float *out, int64_t T, int64_t in, int64_t nout, int n_threads) {
     job_t j;
-    j.dot = dot;
+    j.plan = plan;
+    j.plan_grouped = plan_grouped;
+    j.grouped = grouped;
     j.w = w;
     j.xq = xq;
     j.out = out;
@@ -882,6 +1313,7 @@ static void compute(const qtype_info *ti, dot_fn dot, const uint8_t *w, const ui
     int64_t chunk = nout / (8 * (int64_t)n_threads);
     const int64_t min_rows = (int64_t)(16384 / (j.wrow * (size_t)T) + 1);
     if (chunk < min_rows) chunk = min_rows;
+    chunk += chunk & 1; /* whole pairs of rows for the tiles */
     if (n_threads == 1 || chunk >= nout) {
         j.chunk = nout;
         j.n_chunks = 1;
@@ -923,9 +1355,9 @@ static int is_float32_format(const char *fmt) {
 static PyObject *py_qmatmul(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *ox, *ow, *oout;
-    int type, n_threads;
+    int type, n_threads, repacked = -1;
     Py_ssize_t in, nout;
-    if (!PyArg_ParseTuple(args, "OOOinni", &ox, &ow, &oout, &type, &in, &nout, &n_threads)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOOinni|i", &ox, &ow, &oout, &type, &in, &nout, &n_threads, &repacked)) return NULL;
 
     const qtype_info *ti = find_type(type);
     if (ti == NULL) {
@@ -938,6 +1370,12 @@ static PyObject *py_qmatmul(PyObject *self, PyObject *args) {
         return NULL;
     }
     if (n_threads < 1) n_threads = 1;
+    /* llama.cpp (x86 AVX2) repacks a Q4_K weight with a multiple of 8 rows and computes it in another order */
+    if (repacked > 0 && (ti->gemv.portable == NULL || nout % 8 != 0)) {
+        PyErr_Format(PyExc_ValueError, "llama.cpp does not repack a ggml type %d weight of %zd rows", type, nout);
+        return NULL;
+    }
+    const int repack = ti->gemv.portable != NULL && (repacked > 0 || (repacked < 0 && nout % 8 == 0));
 
     Py_buffer bx = {0}, bw = {0}, bo = {0};
     PyObject *result = NULL;
@@ -980,12 +1418,15 @@ static PyObject *py_qmatmul(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
-    dot_fn dot = (use_avx2 && ti->dot_avx2) ? ti->dot_avx2 : ti->dot;
+    /* llama.cpp's path for this weight and batch: repacked, tiled (8+ rows, K-quants it does not repack), vec_dot */
+    const plan_t plan = pick(repack ? ti->gemv : (T >= 8 && ti->tiled.portable != NULL) ? ti->tiled : ti->dot);
+    const plan_t plan_grouped = repack ? pick(ti->gemm4) : plan;
+    const Py_ssize_t grouped = repack ? T - T % 4 : 0; /* rows llama.cpp takes four at a time */
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t t = 0; t < T; t++) {
         quantize_row(ti, (const float *)bx.buf + t * in, (uint8_t *)xq + (size_t)t * xrow, in);
     }
-    compute(ti, dot, bw.buf, xq, bo.buf, T, in, nout, n_threads);
+    compute(ti, plan, plan_grouped, grouped, bw.buf, xq, bo.buf, T, in, nout, n_threads);
     Py_END_ALLOW_THREADS
     Py_INCREF(Py_None);
     result = Py_None;
@@ -1042,8 +1483,9 @@ static PyMethodDef methods[] = {
     {"set_spin_us", py_set_spin_us, METH_O,
      "set_spin_us(us) -> int: how long idle workers spin before sleeping (default 200); returns the old value."},
     {"qmatmul", py_qmatmul, METH_VARARGS,
-     "qmatmul(x, w, out, ggml_type, in_features, out_features, n_threads) -> None\n"
-     "out[T, out_features] = x[T, in_features] @ W.T on GGUF blocks, with ggml's CPU arithmetic."},
+     "qmatmul(x, w, out, ggml_type, in_features, out_features, n_threads, repacked=-1) -> None\n"
+     "out[T, out_features] = x[T, in_features] @ W.T on GGUF blocks, with llama.cpp's x86 CPU arithmetic.\n"
+     "repacked: -1 as llama.cpp decides (Q4_K with out_features % 8 == 0), 0 never, 1 always."},
     {"supported_types", py_supported_types, METH_NOARGS, "The ggml type ids with a kernel."},
     {"simd", py_simd, METH_NOARGS, "'avx2' when the AVX2 kernels are in use, else 'portable'."},
     {"set_simd", py_set_simd, METH_O,

@@ -1,12 +1,12 @@
 """Linear layers computed directly on GGUF weight blocks, with llama.cpp's CPU arithmetic.
 
-`qlinear(x, w)` is `x @ dequantize(w).T` the way ggml computes it on the CPU: each activation row is
-quantized to the weight's ggml "vec_dot type" (Q8_0, Q8_1, Q8_K or F16) and every output is a sum of exact
-integer block dot products scaled by the block scales. That reads 4-8 bits per weight instead of 32 and gives
-logits that match llama.cpp far more closely than a float matmul on dequantized weights. The work is done by
-the C extension `eldric_p2p.engine._qkernels` (built by `pip install`, optional): check `kernels_available()`
-and fall back to the dequantized torch path when it is False. docs/kernels.md describes the arithmetic and
-the measured speeds.
+`qlinear(x, w)` is `x @ dequantize(w).T` the way llama.cpp computes it on an x86 CPU with AVX2: each
+activation row is quantized to the weight's ggml "vec_dot type" (Q8_0, Q8_1, Q8_K or F16), every output is a
+sum of exact integer block dot products scaled by the block scales, and the float32 operations happen in
+llama.cpp's order, so the results are llama.cpp's to the last bit (for every type but Q2_K, Q3_K, F16, F32;
+see docs/kernels.md). That reads 4-8 bits per weight instead of 32. The work is done by the C extension
+`eldric_p2p.engine._qkernels` (built by `pip install`, optional): check `kernels_available()` and fall back to
+the dequantized torch path when it is False. docs/kernels.md describes the arithmetic and the measured speeds.
 """
 
 from __future__ import annotations
@@ -44,20 +44,30 @@ def simd() -> str:
 
 @dataclass(frozen=True, eq=False)
 class QuantWeight:
-    """A GGUF weight kept as its raw blocks: `data` is uint8 [out_features, row_bytes] (may view an mmap)."""
+    """A GGUF weight kept as its raw blocks: `data` is uint8 [out_features, row_bytes] (may view an mmap).
+
+    `repacked` says whether llama.cpp would repack the weight for its x86 AVX2 kernels, which changes the
+    order of its float arithmetic: None means "as llama.cpp decides for a weight it loads into its repack
+    buffer" (every Q4_K weight with a multiple of 8 rows); False is for a weight it keeps as is although it
+    could repack it (one it places by another use, such as a token embedding that is also the output head).
+    """
 
     data: torch.Tensor
     ggml_type: GGMLQuantizationType
     in_features: int
     out_features: int
+    repacked: bool | None = None
 
     @classmethod
-    def from_raw(cls, raw: RawBytes, ggml_type: int, in_features: int, out_features: int) -> QuantWeight:
+    def from_raw(
+        cls, raw: RawBytes, ggml_type: int, in_features: int, out_features: int, repacked: bool | None = None
+    ) -> QuantWeight:
         """Wrap a tensor's raw bytes (shape in ggml order is [in_features, out_features]) without copying.
 
         A read-only buffer (an mmap view) is wrapped as is; torch warns about non-writable numpy arrays, but
         the kernels only read it. Raises `UnsupportedModel` for a type without a kernel and `InvalidInput`
-        when the byte count does not match the shape.
+        when the byte count does not match the shape, or `repacked=True` names a weight llama.cpp cannot
+        repack (only Q4_K with a multiple of 8 rows).
         """
         qtype = GGMLQuantizationType(int(ggml_type))
         if not supports(qtype):
@@ -67,6 +77,8 @@ class QuantWeight:
             raise InvalidInput(
                 f"{qtype.name} weight [{out_features}, {in_features}]: rows must be a multiple of {block}"
             )
+        if repacked and not (qtype == GGMLQuantizationType.Q4_K and out_features % 8 == 0):
+            raise InvalidInput(f"llama.cpp does not repack a {qtype.name} weight with {out_features} rows")
         row_bytes = in_features // block * type_size
         if isinstance(raw, torch.Tensor):
             data = raw.detach().contiguous().view(torch.uint8).reshape(-1)
@@ -79,7 +91,7 @@ class QuantWeight:
                 f"{qtype.name} weight [{out_features}, {in_features}] needs "
                 f"{out_features * row_bytes} bytes, got {data.numel()}"
             )
-        return cls(data.reshape(out_features, row_bytes), qtype, in_features, out_features)
+        return cls(data.reshape(out_features, row_bytes), qtype, in_features, out_features, repacked)
 
     @property
     def nbytes(self) -> int:
@@ -98,9 +110,12 @@ def _uint8_tensor(arr: np.ndarray) -> torch.Tensor:
 
 
 def qlinear(x: torch.Tensor, w: QuantWeight, n_threads: int | None = None) -> torch.Tensor:
-    """x [..., in_features] float32 (CPU) -> [..., out_features] float32 = x @ W.T with ggml's arithmetic.
+    """x [..., in_features] float32 (CPU) -> [..., out_features] float32 = x @ W.T, llama.cpp's arithmetic.
 
-    Threads default to `torch.get_num_threads()`. Raises `InvalidInput` for a wrong shape, dtype or device and
+    All the leading dimensions form one batch of activation rows, as they do in llama.cpp: how many rows a
+    call gets decides which of its code paths (and float order) applies, so a prefill of n tokens must be one
+    call to match llama.cpp's n-token batch. The result does not depend on the thread count. Threads default
+    to `torch.get_num_threads()`. Raises `InvalidInput` for a wrong shape, dtype or device and
     `UnsupportedModel` when the kernels are not built.
     """
     if _qkernels is None:
@@ -113,8 +128,16 @@ def qlinear(x: torch.Tensor, w: QuantWeight, n_threads: int | None = None) -> to
     x2 = x.detach().reshape(-1, w.in_features).contiguous()  # [T, in]
     out = torch.empty((x2.shape[0], w.out_features), dtype=torch.float32)  # [T, out]
     threads = torch.get_num_threads() if n_threads is None else n_threads
+    repacked = -1 if w.repacked is None else int(w.repacked)
     _qkernels.qmatmul(
-        x2.numpy(), w.data.numpy(), out.numpy(), int(w.ggml_type), w.in_features, w.out_features, threads
+        x2.numpy(),
+        w.data.numpy(),
+        out.numpy(),
+        int(w.ggml_type),
+        w.in_features,
+        w.out_features,
+        threads,
+        repacked,
     )
     return out.reshape(*lead, w.out_features)
 

@@ -1,11 +1,23 @@
-"""The C kernels against a NumPy implementation of ggml's reference arithmetic.
+"""The C kernels against a NumPy model of ggml's arithmetic, and bit for bit against llama.cpp's own kernels.
 
-The reference here quantizes each activation row like llama.cpp's x86 quantize_row_q8_0/q8_1/q8_K, decodes the weight blocks into integers and scales, forms the exact integer block sums, and combines
-them in float64. The kernels must agree to float32 summation-order error, and be close to a float matmul on
-dequantized weights (they differ by the activation quantization only).
+- `ref_qlinear` quantizes each activation row like llama.cpp's x86 quantize_row_q8_0/q8_1/q8_K, decodes the
+  weight blocks into integers and scales, forms the exact integer block sums and combines them in float64: the
+  kernels must agree to float32 summation-order error, and be close to a float matmul on dequantized weights.
+- tests/fixtures/qmatmul_llamacpp.npz holds what llama.cpp's CPU kernels (the ggml library that
+  llama-cpp-python ships: ggml_mul_mat, and the gemv/gemm of the Q4_K weights it repacks) return for small
+  weights of every type with an exact kernel, on batches of 1, 6 and 13 rows (its vec_dot, llamafile, repacked
+  and tiled paths). Both kernel sets must reproduce them exactly. `python tests/engine/test_qmatmul.py
+  --write-fixture` rewrites the file (needs llama-cpp-python); the slow tests compare against those kernels
+  directly when it is installed.
 """
 
 from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -322,8 +334,9 @@ def test_fp16_activation_rounding_is_exact() -> None:
 
 
 def test_q8_0_activation_quantization_matches_ggml_x86() -> None:
-    """Q8_0 weights that pick one element with scale 1: the output is the quantized activation itself. It must be
-    llama.cpp's x86 rounding (multiplier 127/amax, half to even), not the portable reference's (1/d, roundf)."""
+    """Q8_0 weights that pick one element with scale 1: the output is the quantized activation itself. It
+    must be llama.cpp's x86 rounding (multiplier 127/amax, half to even), not the portable reference's (1/d,
+    roundf)."""
     rng = np.random.default_rng(4)
     n = 96
     x = _activations(6, n, rng)
@@ -408,3 +421,238 @@ def test_quant_weight_checks_shape_and_wraps_without_copy() -> None:
         qm.qlinear(x.double(), w)
     with pytest.raises(InvalidInput):
         qm.qlinear(x[:, :32], w)
+
+
+def test_portable_and_avx2_kernels_are_bit_identical() -> None:
+    """The two kernel sets implement the same float order independently: every output, every path (one to 13
+    activation rows, repacked Q4_K or not), equal to the bit."""
+    from eldric_p2p.engine import _qkernels
+
+    if not _qkernels.set_simd(True):
+        pytest.skip("this CPU has no AVX2+FMA+F16C")
+    rng = np.random.default_rng(11)
+    try:
+        for qtype in EXACT:
+            n = _in_features(qtype)
+            for rows in (16, 21):
+                raw = _weights(qtype, rows, n, rng, "random")
+                x = _activations(13, n, rng)
+                for t in (1, 2, 5, 8, 13):
+                    _qkernels.set_simd(True)
+                    fast = _run(x[:t], raw, qtype, rows, threads=2)
+                    _qkernels.set_simd(False)
+                    np.testing.assert_array_equal(
+                        fast, _run(x[:t], raw, qtype, rows), err_msg=f"{qtype.name} {t}"
+                    )
+    finally:
+        _qkernels.set_simd(True)
+
+
+def test_repacked_q4_k_follows_llama_cpp_rule() -> None:
+    """Q4_K with a multiple of 8 rows takes llama.cpp's repacked order unless told otherwise; no other weight
+    can."""
+    rng = np.random.default_rng(12)
+    x = torch.from_numpy(_activations(5, 256, rng))
+    raw = _quantized(T.Q4_K, 16, 256, rng)
+    auto = qm.qlinear(x, qm.QuantWeight.from_raw(raw, T.Q4_K, 256, 16))
+    packed = qm.qlinear(x, qm.QuantWeight.from_raw(raw, T.Q4_K, 256, 16, repacked=True))
+    plain = qm.qlinear(x, qm.QuantWeight.from_raw(raw, T.Q4_K, 256, 16, repacked=False))
+    torch.testing.assert_close(auto, packed, rtol=0, atol=0)
+    assert not torch.equal(auto, plain)  # same sums, other float order
+    torch.testing.assert_close(auto, plain, rtol=1e-5, atol=1e-5)
+    with pytest.raises(InvalidInput, match="does not repack"):
+        qm.QuantWeight.from_raw(raw[:12], T.Q4_K, 256, 12, repacked=True)
+    with pytest.raises(InvalidInput, match="does not repack"):
+        qm.QuantWeight.from_raw(_quantized(T.Q6_K, 16, 256, rng), T.Q6_K, 256, 16, repacked=True)
+
+
+# --- llama.cpp's own kernels: the checked-in fixture, and (slow) the library itself
+
+# Types whose kernels reproduce llama.cpp's x86 AVX2 results bit for bit (Q2_K, Q3_K, F16, F32 do not).
+EXACT = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
+LLAMA_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "qmatmul_llamacpp.npz"
+FIXTURE_BATCHES = (1, 6, 13)  # vec_dot (llamafile for Q4_0/Q5_0/Q8_0), repacked gemm + gemv, tiled K-quants
+# (name, type, in_features, rows, repacked): a Q4_K weight with a multiple of 8 rows is repacked by llama.cpp
+FIXTURE_CASES = [
+    ("q4_0", T.Q4_0, 256, 16, False),
+    ("q4_1", T.Q4_1, 256, 16, False),
+    ("q5_0", T.Q5_0, 256, 16, False),
+    ("q5_1", T.Q5_1, 256, 16, False),
+    ("q8_0", T.Q8_0, 256, 16, False),
+    ("q4_k", T.Q4_K, 512, 20, False),
+    ("q4_k_repacked", T.Q4_K, 512, 16, True),
+    ("q5_k", T.Q5_K, 512, 16, False),
+    ("q6_k", T.Q6_K, 512, 16, False),
+]
+
+
+class _LlamaCppKernels:
+    """ggml's CPU kernels from llama-cpp-python's shared libraries, through ctypes."""
+
+    class _Init(ctypes.Structure):
+        _fields_ = [
+            ("mem_size", ctypes.c_size_t),
+            ("mem_buffer", ctypes.c_void_p),
+            ("no_alloc", ctypes.c_bool),
+        ]
+
+    class _Tensor(ctypes.Structure):  # struct ggml_tensor, up to its name (what the repack reads)
+        _fields_ = [
+            ("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4),
+            ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16),
+            ("flags", ctypes.c_int32), ("src", ctypes.c_void_p * 10), ("view_src", ctypes.c_void_p),
+            ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64),
+            ("extra", ctypes.c_void_p), ("padding", ctypes.c_char * 8),
+        ]  # fmt: skip
+
+    def __init__(self, lib_dir: str) -> None:
+        vp, sz, i64, c_int = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64, ctypes.c_int
+        mode = ctypes.RTLD_GLOBAL
+        self.base = base = ctypes.CDLL(os.path.join(lib_dir, "libggml-base.so"), mode=mode)
+        self.cpu = cpu = ctypes.CDLL(os.path.join(lib_dir, "libggml-cpu.so"), mode=mode)
+        cpu.ggml_cpu_init()
+        for name, res, args in [
+            ("ggml_init", vp, [self._Init]), ("ggml_new_tensor_2d", vp, [vp, c_int, i64, i64]),
+            ("ggml_mul_mat", vp, [vp, vp, vp]), ("ggml_new_graph", vp, [vp]),
+            ("ggml_build_forward_expand", None, [vp, vp]), ("ggml_get_data", vp, [vp]),
+            ("ggml_free", None, [vp]),
+        ]:  # fmt: skip
+            getattr(base, name).restype, getattr(base, name).argtypes = res, args
+        cpu.ggml_graph_compute_with_ctx.argtypes = [vp, vp, c_int]
+        cpu.quantize_row_q8_K.argtypes = [vp, vp, i64]
+        cpu.ggml_quantize_mat_q8_K_4x8.argtypes = [vp, vp, i64]
+        for f in (cpu.ggml_gemv_q4_K_8x8_q8_K, cpu.ggml_gemm_q4_K_8x8_q8_K):
+            f.argtypes = [c_int, vp, sz, vp, vp, c_int, c_int]
+        # ggml::cpu::repack::tensor_traits<block_q4_K, 8, 8, GGML_TYPE_Q8_K>::repack(tensor, data, size); it
+        # does not use `this`
+        self.repack = cpu[
+            "_ZN4ggml3cpu6repack13tensor_traitsI10block_q4_KLl8ELl8EL9ggml_type15EE6repackEP11ggml_tensorPKvm"
+        ]
+        self.repack.argtypes, self.repack.restype = [vp, vp, vp, sz], c_int
+
+    def mul_mat(self, x: np.ndarray, raw: np.ndarray, qtype: int, n: int) -> np.ndarray:
+        """ggml_mul_mat with a plain weight, as llama.cpp runs every weight it does not repack."""
+        x, raw = np.ascontiguousarray(x, np.float32), np.ascontiguousarray(raw)  # alive while copied
+        b_, rows, t = self.base, raw.shape[0], x.shape[0]
+        ctx = b_.ggml_init(self._Init(raw.nbytes + 3 * x.nbytes + (64 << 20), None, False))
+        try:
+            a = b_.ggml_new_tensor_2d(ctx, qtype, n, rows)
+            b = b_.ggml_new_tensor_2d(ctx, int(T.F32), n, t)
+            ctypes.memmove(b_.ggml_get_data(a), raw.ctypes.data, raw.nbytes)
+            ctypes.memmove(b_.ggml_get_data(b), x.ctypes.data, x.nbytes)
+            c = b_.ggml_mul_mat(ctx, a, b)
+            graph = b_.ggml_new_graph(ctx)
+            b_.ggml_build_forward_expand(graph, c)
+            assert self.cpu.ggml_graph_compute_with_ctx(ctx, graph, 1) == 0
+            out = ctypes.cast(b_.ggml_get_data(c), ctypes.POINTER(ctypes.c_float))
+            return np.ctypeslib.as_array(out, shape=(t, rows)).copy()
+        finally:
+            b_.ggml_free(ctx)
+
+    def repacked_q4_k(self, x: np.ndarray, raw: np.ndarray, n: int) -> np.ndarray:
+        """llama.cpp's q4_K_8x8 path: activation rows in fours through its gemm, the rest through its gemv."""
+        x, raw = np.ascontiguousarray(x, np.float32), np.ascontiguousarray(raw)
+        t, rows, nb = x.shape[0], raw.shape[0], n // 256
+        packed = np.zeros_like(raw)
+        tensor = self._Tensor(type=int(T.Q4_K), data=packed.ctypes.data, name=b"w")
+        tensor.ne[:] = [n, rows, 1, 1]
+        assert self.repack(None, ctypes.addressof(tensor), raw.ctypes.data, raw.nbytes) == 0
+        out = np.zeros((t, rows), np.float32)
+        grouped = t - t % 4
+        if grouped:
+            xq = np.zeros((grouped // 4, nb * 1168), np.uint8)  # block_q8_Kx4
+            for i in range(grouped // 4):
+                self.cpu.ggml_quantize_mat_q8_K_4x8(x[4 * i : 4 * i + 4].ctypes.data, xq[i].ctypes.data, n)
+            self.cpu.ggml_gemm_q4_K_8x8_q8_K(
+                n, out.ctypes.data, rows, packed.ctypes.data, xq.ctypes.data, grouped, rows
+            )
+        for i in range(grouped, t):
+            xq = np.zeros(nb * 292, np.uint8)  # block_q8_K
+            row = np.zeros(rows, np.float32)
+            self.cpu.quantize_row_q8_K(x[i].ctypes.data, xq.ctypes.data, n)
+            self.cpu.ggml_gemv_q4_K_8x8_q8_K(
+                n, row.ctypes.data, rows, packed.ctypes.data, xq.ctypes.data, 1, rows
+            )
+            out[i] = row
+        return out
+
+    def matmul(self, x: np.ndarray, raw: np.ndarray, qtype: int, n: int, repacked: bool) -> np.ndarray:
+        return self.repacked_q4_k(x, raw, n) if repacked else self.mul_mat(x, raw, qtype, n)
+
+
+@functools.cache
+def _llama_cpp() -> _LlamaCppKernels:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    try:
+        return _LlamaCppKernels(os.path.join(os.path.dirname(llama_cpp.__file__), "lib"))
+    except (OSError, AttributeError) as e:  # another build layout, or a ggml without these kernels
+        pytest.skip(f"llama.cpp's ggml kernels are not reachable: {e}")
+
+
+def _fixture_inputs() -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(2024)
+    x = _activations(max(FIXTURE_BATCHES), 512, rng) * np.float32(3.0)
+    weights = {name: _weights(qtype, rows, n, rng, "random") for name, qtype, n, rows, _ in FIXTURE_CASES}
+    return x, weights
+
+
+def write_llama_cpp_fixture(path: Path = LLAMA_FIXTURE) -> None:
+    """Record llama.cpp's outputs for FIXTURE_CASES (inputs included, so the test never regenerates them)."""
+    kernels = _llama_cpp()
+    x, weights = _fixture_inputs()
+    arrays = {"x": x}
+    for name, qtype, n, _rows, repacked in FIXTURE_CASES:
+        arrays[f"{name}.w"] = weights[name]
+        for t in FIXTURE_BATCHES:
+            arrays[f"{name}.out{t}"] = kernels.matmul(x[:t, :n], weights[name], int(qtype), n, repacked)
+    np.savez_compressed(path, **arrays)
+
+
+@pytest.mark.parametrize("name, qtype, n, rows, repacked", FIXTURE_CASES, ids=[c[0] for c in FIXTURE_CASES])
+def test_bit_exact_with_llama_cpp_fixture(name, qtype, n, rows, repacked, simd: str) -> None:
+    data = np.load(LLAMA_FIXTURE)
+    x, raw = data["x"], data[f"{name}.w"]
+    for t in FIXTURE_BATCHES:
+        w = qm.QuantWeight.from_raw(raw, qtype, n, rows, repacked=None if repacked else False)
+        got = qm.qlinear(torch.from_numpy(x[:t, :n].copy()), w, n_threads=2).numpy()
+        want = data[f"{name}.out{t}"]
+        assert got.view(np.uint32).tolist() == want.view(np.uint32).tolist(), (
+            f"{t} rows: {(got != want).sum()} differ"
+        )
+
+
+@pytest.mark.slow
+def test_llama_cpp_fixture_is_current() -> None:
+    """The checked-in outputs are what the installed llama.cpp computes (else rewrite them, see the module
+    doc)."""
+    kernels = _llama_cpp()
+    data = np.load(LLAMA_FIXTURE)
+    for name, qtype, n, _rows, repacked in FIXTURE_CASES:
+        for t in FIXTURE_BATCHES:
+            got = kernels.matmul(data["x"][:t, :n], data[f"{name}.w"], int(qtype), n, repacked)
+            np.testing.assert_array_equal(got, data[f"{name}.out{t}"], err_msg=f"{name} {t} rows")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", EXACT, ids=lambda q: q.name)
+def test_bit_exact_with_llama_cpp_kernels(qtype: GGMLQuantizationType, simd: str) -> None:
+    """Random weights (every bit pattern, and quantized floats), batches of 1 to 16 rows, both row counts."""
+    kernels = _llama_cpp()
+    rng = np.random.default_rng(100 + int(qtype))
+    n = _in_features(qtype)
+    for rows in (24, 36):  # a Q4_K weight with a multiple of 8 rows is repacked by llama.cpp
+        for kind in ("random", "quantized"):
+            raw = _weights(qtype, rows, n, rng, kind)
+            repacked = qtype == T.Q4_K and rows % 8 == 0
+            for t in range(1, 17):
+                x = _activations(t, n, rng) * np.float32(rng.uniform(0.01, 30))
+                got = _run(x, raw, qtype, rows, threads=2)
+                want = kernels.matmul(x, raw, int(qtype), n, repacked)
+                assert (got == want).all(), f"{kind} rows={rows} t={t}: {(got != want).sum()} differ"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write-fixture"]:
+        raise SystemExit("usage: python tests/engine/test_qmatmul.py --write-fixture")
+    write_llama_cpp_fixture()
+    print(f"wrote {LLAMA_FIXTURE} ({LLAMA_FIXTURE.stat().st_size} bytes)")
