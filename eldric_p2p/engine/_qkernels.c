@@ -914,7 +914,7 @@ INLINE_AVX2 void tile_q4_K_repacked_avx2(const int per64, const int R, const int
             prefetch_block(wb, 144, 2 * 144);
             uint8_t sc[8], mn[8];
             k4_scales(wb + 4, sc, mn);
-            __m256i s[4][4]; /* [64-element group j][activation c] */
+            __m256i s[4][4]; /* [64-element group j][activation c]; for the gemv only s[0][c], the sum of all */
             for (int j = 0; j < 4; j++) {
                 const __m256i q = _mm256_loadu_si256((const __m256i *)(wb + 16 + 32 * j));
                 const __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
@@ -923,28 +923,33 @@ INLINE_AVX2 void tile_q4_K_repacked_avx2(const int per64, const int R, const int
                     const int8_t *q8 = ((const act_q8_K *)(y + c * yrow) + i)->qs + 64 * j;
                     const __m256i plo = _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)q8));
                     const __m256i phi = _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(q8 + 32)));
-                    s[j][c] = _mm256_add_epi32(_mm256_madd_epi16(plo, slo), _mm256_madd_epi16(phi, shi));
+                    const __m256i sj = _mm256_add_epi32(_mm256_madd_epi16(plo, slo), _mm256_madd_epi16(phi, shi));
+                    if (per64) {
+                        s[j][c] = sj;
+                    } else {
+                        s[0][c] = j == 0 ? sj : _mm256_add_epi32(s[0][c], sj);
+                    }
                 }
             }
             const float dw = f16_avx2(wb), dminw = f16_avx2(wb + 2);
             for (int c = 0; c < C; c++) {
                 const act_q8_K *yb = (const act_q8_K *)(y + c * yrow) + i;
-                /* the four 64-element sums: two hadds leave (s0 s1 s2 s3) in each 128-bit half; add the halves */
-                const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0][c], s[1][c]),
-                                                    _mm256_hadd_epi32(s[2][c], s[3][c]));
-                const __m128i isum = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
                 const __m128i msum = q45_K_min_prods_avx2(yb->bsums, mn);
                 const float d = dw * yb->d, dmin = dminw * yb->d;
                 if (per64) {
+                    /* the four 64-element sums: two hadds leave (s0 s1 s2 s3) in each 128-bit half */
+                    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0][c], s[1][c]),
+                                                        _mm256_hadd_epi32(s[2][c], s[3][c]));
                     int is[4], ms[4];
-                    _mm_storeu_si128((__m128i *)is, isum);
+                    _mm_storeu_si128((__m128i *)is, _mm_add_epi32(_mm256_castsi256_si128(h),
+                                                                  _mm256_extracti128_si256(h, 1)));
                     _mm_storeu_si128((__m128i *)ms, msum);
                     for (int k = 0; k < 4; k++) {
                         acc[r][c] = fma1((float)is[k], d, acc[r][c]);
                         accm[r][c] = fma1((float)ms[k], dmin, accm[r][c]);
                     }
                 } else {
-                    acc[r][c] = fma1((float)hsum4_epi32(isum), d, acc[r][c]);
+                    acc[r][c] = fma1((float)hsum_epi32(s[0][c]), d, acc[r][c]);
                     accm[r][c] = fma1((float)hsum4_epi32(msum), dmin, accm[r][c]);
                 }
             }
