@@ -1,10 +1,11 @@
-"""Quantized-block matmul kernels vs torch fp32 F.linear on dequantized weights, on Qwen2.5-0.5B's matrices.
+"""Quantized-block matmul kernels vs torch fp32 F.linear on dequantized weights, on reference model matrices.
 
-    python benchmarks/bench_qmatmul.py [--model PATH] [--threads N] [--repeat N]
+    python benchmarks/bench_qmatmul.py [--model qwen|gemma|PATH] [--threads N] [--repeat N]
 
 Part 1 times one call per matrix shape (the model's real weight type for that shape) at T=1 (a decode step)
-and T=32 (a prefill chunk). Part 2 times every linear layer of the model once at T=1, which sums to the matmul
-time of one decode step and bounds the decode speed from above (tokens/s = 1 / that time).
+and T=32 (a prefill chunk): Qwen2.5-0.5B's shapes, those the model has. Part 2 times every linear layer of the
+model once at T=1 (the output head included, the token embedding when it is tied to it), which sums to the
+matmul time of one decode step and bounds the decode speed from above (tokens/s = 1 / that time).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from eldric_p2p.engine.dequant import dequantize
 from eldric_p2p.gguf_index import GGUFFile
 from eldric_p2p.paths import models_dir
 
-QWEN = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+MODELS = {"qwen": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "gemma": "gemma-3-270m-q4_k_m.gguf"}
 # ggml shape [in, out] -> a tensor of that shape in Qwen2.5-0.5B
 SHAPES = {
     "896x896": "blk.0.attn_q.weight",
@@ -60,7 +61,7 @@ def _dequantized(gguf: GGUFFile, name: str) -> torch.Tensor:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(models_dir() / QWEN))
+    ap.add_argument("--model", default="qwen", help="qwen, gemma or a GGUF path")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--repeat", type=int, default=7)
     args = ap.parse_args()
@@ -68,11 +69,14 @@ def main() -> int:
         print("the _qkernels extension is not built: pip install -e .")
         return 1
     torch.set_num_threads(args.threads)
-    gguf = GGUFFile(args.model)
-    print(f"kernels: {qm.simd()}, threads: {args.threads}, model: {args.model}")
+    model = str(models_dir() / MODELS[args.model]) if args.model in MODELS else args.model
+    gguf = GGUFFile(model)
+    print(f"kernels: {qm.simd()}, threads: {args.threads}, model: {model}")
     head = f"{'shape [in x out]':<16} {'type':<5} {'T':>3} {'qlinear ms':>11} {'torch fp32 ms':>14}"
     print(f"{head} {'speedup':>8} {'GB/s (q)':>9}")
     for shape, name in SHAPES.items():
+        if name not in gguf.index.tensors:
+            continue
         qw = _quant_weight(gguf, name)
         wf = _dequantized(gguf, name)
         for t in (1, 32):
@@ -83,10 +87,11 @@ def main() -> int:
                   f" {tt / tq:>7.1f}x {qw.nbytes / tq / 1e9:>9.1f}")  # fmt: skip
         del wf
 
+    tied_head = "output.weight" not in gguf.index.tensors  # the token embedding is the output head
     names = [
         n
         for n, info in gguf.index.tensors.items()
-        if n.endswith(".weight") and len(info.shape) == 2 and n != "token_embd.weight"
+        if n.endswith(".weight") and len(info.shape) == 2 and (n != "token_embd.weight" or tied_head)
     ]
     weights = [_quant_weight(gguf, n) for n in names]
     total_bytes = sum(w.nbytes for w in weights)
