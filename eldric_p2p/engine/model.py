@@ -71,14 +71,23 @@ class Linear:
     """y = x @ W.T (+ b) with x float32 [T, in] -> float32 [T, out]."""
 
     def __init__(
-        self, src: TensorSource, info: TensorInfo, bias: torch.Tensor | None, fmt: str, device: torch.device
+        self,
+        src: TensorSource,
+        info: TensorInfo,
+        bias: torch.Tensor | None,
+        fmt: str,
+        device: torch.device,
+        *,
+        repacked: bool | None = None,
     ):
         self.out_features = info.shape[1] if len(info.shape) > 1 else 1
         self.in_features = info.shape[0]
         self.bias = bias
         raw = src.tensor_data(info.name)
         if fmt == "native" and qmatmul.supports(info.ggml_type):
-            self.q = qmatmul.QuantWeight.from_raw(raw, info.ggml_type, self.in_features, self.out_features)
+            self.q = qmatmul.QuantWeight.from_raw(
+                raw, info.ggml_type, self.in_features, self.out_features, repacked=repacked
+            )
             self.w = None
             self.nbytes = info.nbytes
         else:
@@ -279,7 +288,10 @@ class Stage:
             if norm is None or norm.shape != (cfg.hidden,) or head.shape != (cfg.hidden, cfg.vocab):
                 raise UnsupportedModel("output_norm.weight / output.weight are missing or of the wrong shape")
             self.out_norm = dequantize(src.tensor_data(norm.name), norm.ggml_type, norm.shape).to(self.device)
-            self.lm_head = Linear(src, head, None, self.fmt, self.device)
+            # llama.cpp never repacks token_embd.weight (row lookups need the plain layout): a tied head is
+            # multiplied in the plain block order
+            repacked = False if cfg.tied_embeddings else None
+            self.lm_head = Linear(src, head, None, self.fmt, self.device, repacked=repacked)
         for linear in self._linears():
             linear.threads = self.threads
         self.sessions: dict[str, KVCache] = {}
