@@ -139,7 +139,21 @@ class Sampler:
         self._gen.manual_seed(self.seed)
 
     def sample(self, logits: torch.Tensor, history: Sequence[int] = ()) -> int:
-        """Next token id from `logits` [vocab] given the ids so far (prompt + generated)."""
+        """Next token id from `logits` [vocab] given the ids so far (prompt + generated).
+
+        Runs with torch single-threaded: these are small ops, and torch's OpenMP workers would otherwise keep
+        spinning afterwards and take the core the next forward pass's matmul threads need (measured on Gemma 3
+        270M, 2 cores: 25 ms instead of 19 ms per decode step)."""
+        saved = torch.get_num_threads()
+        if saved == 1:
+            return self._sample(logits, history)
+        torch.set_num_threads(1)
+        try:
+            return self._sample(logits, history)
+        finally:
+            torch.set_num_threads(saved)
+
+    def _sample(self, logits: torch.Tensor, history: Sequence[int]) -> int:
         p = self.params
         if logits.dim() != 1 or logits.numel() == 0:
             raise InvalidInput(f"logits must be a non-empty [vocab] vector, got shape {tuple(logits.shape)}")
