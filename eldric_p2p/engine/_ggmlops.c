@@ -135,21 +135,6 @@ static inline float reduce4x8(float acc[4][8]) {
 #define DEFINE_ROUTINES(SUFFIX, ATTR)                                                                            \
     DEFINE_EXPF(expf_ggml_##SUFFIX, ATTR)                                                                        \
                                                                                                                  \
-    /* dot(a, b) over n floats in one of ggml's two orders; n is padded by the caller to 8 (one_acc) or 32. */   \
-    ATTR static float dot_##SUFFIX(const float *a, const float *b, int n, int one_acc) {                        \
-        if (one_acc) {                                                                                           \
-            float acc[8] = {0};                                                                                  \
-            for (int i = 0; i < n; i += 8)                                                                       \
-                for (int l = 0; l < 8; l++) acc[l] = fmaf(a[i + l], b[i + l], acc[l]);                           \
-            return hsum8(acc);                                                                                   \
-        }                                                                                                        \
-        float acc[4][8] = {{0}};                                                                                 \
-        for (int i = 0; i < n; i += 32)                                                                          \
-            for (int j = 0; j < 4; j++)                                                                          \
-                for (int l = 0; l < 8; l++) acc[j][l] = fmaf(a[i + 8 * j + l], b[i + 8 * j + l], acc[j][l]);    \
-        return reduce4x8(acc);                                                                                   \
-    }                                                                                                            \
-                                                                                                                 \
     ATTR static void rope_##SUFFIX(float *x, const int64_t *pos, int64_t T, int nh, int hd, int n_dims,          \
                                    float base, float freq_scale, int neox) {                                     \
         const float theta_scale = powf(base, -2.0f / (float)n_dims);                                             \
@@ -205,6 +190,21 @@ static inline float reduce4x8(float acc[4][8]) {
 DEFINE_ROUTINES(fma, TARGET_FMA)
 #endif
 DEFINE_ROUTINES(generic, )
+
+/* dot(a, b) over n floats in one of ggml's two orders; n is padded by the caller to 8 (one_acc) or 32. */
+static float dot_generic(const float *a, const float *b, int n, int one_acc) {
+    if (one_acc) {
+        float acc[8] = {0};
+        for (int i = 0; i < n; i += 8)
+            for (int l = 0; l < 8; l++) acc[l] = fmaf(a[i + l], b[i + l], acc[l]);
+        return hsum8(acc);
+    }
+    float acc[4][8] = {{0}};
+    for (int i = 0; i < n; i += 32)
+        for (int j = 0; j < 4; j++)
+            for (int l = 0; l < 8; l++) acc[j][l] = fmaf(a[i + 8 * j + l], b[i + 8 * j + l], acc[j][l]);
+    return reduce4x8(acc);
+}
 
 /* Lane reductions of the weighted value sums (see attention_*): lane arrays L[nl][hd] -> out[hd]. */
 static void reduce_lanes(float *const *L, int nl, int hd, float *out) {
@@ -487,33 +487,45 @@ fail_q:
     return NULL;
 }
 
-static PyObject *py_swiglu(PyObject *self, PyObject *args) {
+typedef void (*gated_fn)(const float *g, const float *u, float *y, int64_t n);
+
+static void swiglu(const float *g, const float *u, float *y, int64_t n) {
+#if OPS_X86
+    if (use_fma) {
+        swiglu_fma(g, u, y, n);
+        return;
+    }
+#endif
+    swiglu_generic(g, u, y, n);
+}
+
+/* name(g, u, out): out = act(g) * u over equal-sized float32 buffers. */
+static PyObject *gated_call(PyObject *args, const char *name, gated_fn fn) {
     PyObject *og, *ou, *oy;
     if (!PyArg_ParseTuple(args, "OOO", &og, &ou, &oy)) return NULL;
     Py_buffer bg, bu, by;
     if (PyObject_GetBuffer(og, &bg, PyBUF_C_CONTIGUOUS) < 0) return NULL;
-    if (get_buffer(ou, &bu, 0, bg.len, "swiglu: u") < 0) {
+    if (get_buffer(ou, &bu, 0, bg.len, name) < 0) {
         PyBuffer_Release(&bg);
         return NULL;
     }
-    if (get_buffer(oy, &by, 1, bg.len, "swiglu: out") < 0) {
+    if (get_buffer(oy, &by, 1, bg.len, name) < 0) {
         PyBuffer_Release(&bu);
         PyBuffer_Release(&bg);
         return NULL;
     }
-    const int64_t n = bg.len / 4;
     Py_BEGIN_ALLOW_THREADS
-#if OPS_X86
-    if (use_fma) swiglu_fma(bg.buf, bu.buf, by.buf, n);
-    else
-#endif
-        swiglu_generic(bg.buf, bu.buf, by.buf, n);
+    fn(bg.buf, bu.buf, by.buf, bg.len / 4);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&by);
     PyBuffer_Release(&bu);
     PyBuffer_Release(&bg);
     Py_RETURN_NONE;
 }
+
+static PyObject *py_swiglu(PyObject *self, PyObject *args) { return gated_call(args, "swiglu: u/out", swiglu); }
+
+static PyObject *py_geglu(PyObject *self, PyObject *args) { return gated_call(args, "geglu: u/out", geglu); }
 
 static void rms_norm(const float *x, const float *w, float *y, int64_t rows, int64_t n, float eps) {
     for (int64_t r = 0; r < rows; r++, x += n, y += n) {
@@ -549,29 +561,6 @@ static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
     PyBuffer_Release(&by);
     PyBuffer_Release(&bx);
     PyBuffer_Release(&bw);
-    Py_RETURN_NONE;
-}
-
-static PyObject *py_geglu(PyObject *self, PyObject *args) {
-    PyObject *og, *ou, *oy;
-    if (!PyArg_ParseTuple(args, "OOO", &og, &ou, &oy)) return NULL;
-    Py_buffer bg, bu, by;
-    if (PyObject_GetBuffer(og, &bg, PyBUF_C_CONTIGUOUS) < 0) return NULL;
-    if (get_buffer(ou, &bu, 0, bg.len, "geglu: u") < 0) {
-        PyBuffer_Release(&bg);
-        return NULL;
-    }
-    if (get_buffer(oy, &by, 1, bg.len, "geglu: out") < 0) {
-        PyBuffer_Release(&bu);
-        PyBuffer_Release(&bg);
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    geglu(bg.buf, bu.buf, by.buf, bg.len / 4);
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&by);
-    PyBuffer_Release(&bu);
-    PyBuffer_Release(&bg);
     Py_RETURN_NONE;
 }
 
