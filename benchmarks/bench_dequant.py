@@ -18,8 +18,8 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
+from eldric_p2p.data.gguf_index import GGUFFile
 from eldric_p2p.engine.dequant import dequantize
-from eldric_p2p.gguf_index import GGUFFile
 from eldric_p2p.paths import models_dir
 
 T = GGMLQuantizationType

@@ -26,11 +26,11 @@ from pathlib import Path
 import httpx
 import trio
 
-from eldric_p2p.fetcher import CHUNK, fetch_assignment, plan_chunks
-from eldric_p2p.gguf_index import read_index
+from eldric_p2p.data.fetcher import CHUNK, fetch_assignment, plan_chunks
+from eldric_p2p.data.gguf_index import read_index
+from eldric_p2p.data.refmodels import REFERENCE_MODELS
+from eldric_p2p.data.shardcache import forget_parsed_headers
 from eldric_p2p.paths import models_dir
-from eldric_p2p.refmodels import REFERENCE_MODELS
-from eldric_p2p.shardcache import forget_parsed_headers
 
 
 def split(n_layers: int, workers: int) -> list[tuple[int, int]]:

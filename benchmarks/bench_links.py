@@ -4,7 +4,7 @@
 
 Both ends run in one trio process (as DESIGN.md's figures). Compared:
   tcp       plain trio TCP stream (no authentication, no encryption: the floor)
-  tls-link  eldric_p2p.links over TCP (TLS 1.3 + peer-id handshake): what direct links use
+  tls-link  eldric_p2p.net.links over TCP (TLS 1.3 + peer-id handshake): what direct links use
   quic-*    aioquic's QuicConnection driven from trio over UDP, one stream, 1200- and 9000-byte datagrams
 
 Round trip: a 1.8 KB HIDDEN frame ([1, 896] fp16, Qwen2.5-0.5B decode step) sent with send_frame, read back
@@ -31,9 +31,9 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import HandshakeCompleted, StreamDataReceived
 from aioquic.quic.packet import pull_quic_header
 
-from eldric_p2p.frames import FrameReader, hidden_frame, send_frame
-from eldric_p2p.identity import Identity
-from eldric_p2p.links import _self_signed_certificate, link_client, link_server
+from eldric_p2p.net.frames import FrameReader, hidden_frame, send_frame
+from eldric_p2p.net.identity import Identity
+from eldric_p2p.net.links import _self_signed_certificate, link_client, link_server
 
 CHUNK = 1 << 20
 SMALL = hidden_frame(1, 0, torch.randn(1, 896, dtype=torch.float16))  # [1, hidden]: 1,792 bytes

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 
+from eldric_p2p.data.gguf_index import GGUFFile
 from eldric_p2p.engine import qmatmul as qm
 from eldric_p2p.engine.dequant import dequantize
-from eldric_p2p.gguf_index import GGUFFile
 from eldric_p2p.paths import models_dir
 
 MODELS = {"qwen": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "gemma": "gemma-3-270m-q4_k_m.gguf"}

@@ -15,10 +15,10 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from eldric_p2p.discovery import PeerTable
-from eldric_p2p.identity import Identity
-from eldric_p2p.relay.client import RelayMember
-from eldric_p2p.relay.quic import (
+from eldric_p2p.net.discovery import PeerTable
+from eldric_p2p.net.identity import Identity
+from eldric_p2p.net.relay.client import RelayMember
+from eldric_p2p.net.relay.quic import (
     QuicConn,
     QuicServer,
     client_configuration,
@@ -26,7 +26,7 @@ from eldric_p2p.relay.quic import (
     open_udp_socket,
     server_configuration,
 )
-from eldric_p2p.relay.server import RelayLimits, run_relay
+from eldric_p2p.net.relay.server import RelayLimits, run_relay
 
 FRAME = 1800
 

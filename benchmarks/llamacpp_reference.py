@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from eldric_p2p.data.gguf_index import read_index
 from eldric_p2p.engine.chat import render_chat
 from eldric_p2p.engine.tokenizer import Tokenizer
-from eldric_p2p.gguf_index import read_index
 from eldric_p2p.paths import models_dir
 
 REFERENCE = {

@@ -8,7 +8,7 @@ coordinator (always: deploy/status/models/undeploy/rebalance, peers from `--peer
 
 Finding peers: `--peer` bootstrap (HTTP polling), mDNS on the LAN (unless `--no-mdns`) and the directory of
 each `--relay`; all three feed one `PeerTable` (`node.peers.table`), read by the coordinator and the gateway.
-Reaching them: `node.connector` (eldric_p2p.connector) gives links and HTTP streams by peer id, direct where
+Reaching them: `node.connector` (eldric_p2p.net.connector) gives links and HTTP streams by peer id, direct where
 an address answers and relayed otherwise; incoming relayed streams go through the same link dispatch as
 direct links (pipeline frames to the worker, HTTP-tagged links to this node's own HTTP port).
 
@@ -30,25 +30,25 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from eldric_p2p import __version__
-from eldric_p2p.backend import Backend
-from eldric_p2p.connector import Connector, http_client_factory
-from eldric_p2p.coordinator import Coordinator, coordinator_routes
-from eldric_p2p.dashboard import dashboard_routes
-from eldric_p2p.datapeer import Catalog, datapeer_routes
-from eldric_p2p.discovery import Announcement, local_ipv4_addresses, run_discovery
+from eldric_p2p.api.backends.base import Backend
+from eldric_p2p.api.backends.pipeline import PipelineBackend, RemotePipelineBackend, pipeline_routes
+from eldric_p2p.api.backends.upstream import UpstreamBackend
+from eldric_p2p.api.dashboard import dashboard_routes
+from eldric_p2p.api.gateway import gateway_routes
+from eldric_p2p.api.metrics import metrics_routes
+from eldric_p2p.api.router import Router
+from eldric_p2p.data.datapeer import Catalog, datapeer_routes
 from eldric_p2p.errors import UsageError
-from eldric_p2p.gateway import gateway_routes
 from eldric_p2p.http_server import EXCEPTION_HANDLERS, serve_app
-from eldric_p2p.identity import Identity
-from eldric_p2p.metrics import metrics_routes
+from eldric_p2p.net.connector import Connector, http_client_factory
+from eldric_p2p.net.discovery import Announcement, local_ipv4_addresses, run_discovery
+from eldric_p2p.net.identity import Identity
+from eldric_p2p.net.peers import PORT_HEADER, PeerDirectory, node_url
+from eldric_p2p.net.relay.client import RelayMember
+from eldric_p2p.net.relay.server import Relay, run_relay
 from eldric_p2p.paths import default_data_dir
-from eldric_p2p.peers import PORT_HEADER, PeerDirectory, node_url
-from eldric_p2p.pipeline import PipelineBackend, RemotePipelineBackend, pipeline_routes
-from eldric_p2p.relay.client import RelayMember
-from eldric_p2p.relay.server import Relay, run_relay
-from eldric_p2p.router import Router
-from eldric_p2p.upstream import UpstreamBackend
-from eldric_p2p.worker import Worker, worker_routes
+from eldric_p2p.pipeline.coordinator import Coordinator, coordinator_routes
+from eldric_p2p.pipeline.worker import Worker, worker_routes
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Any
 import trio
 from starlette.applications import Starlette
 
-from eldric_p2p.backend import GenerationEvent, GenerationRequest, Overloaded
+from eldric_p2p.api.backends.base import GenerationEvent, GenerationRequest, Overloaded
 from eldric_p2p.errors import InvalidInput
 from eldric_p2p.http_server import EXCEPTION_HANDLERS, serve_app
 

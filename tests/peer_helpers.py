@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import trio
 
-from eldric_p2p.discovery import PeerTable
+from eldric_p2p.net.discovery import PeerTable
 
 
 async def wait_for(tables: list[PeerTable], cond: Callable[[], bool]) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from eldric_p2p.gguf_index import read_index
+from eldric_p2p.data.gguf_index import read_index
 
 pytestmark = [pytest.mark.slow, pytest.mark.models]
 

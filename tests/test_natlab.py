@@ -24,8 +24,8 @@ LISTEN_PORT = 7000
 
 RELAY = """
 import sys, trio
-from eldric_p2p.identity import Identity
-from eldric_p2p.relay.server import RelayLimits, run_relay
+from eldric_p2p.net.identity import Identity
+from eldric_p2p.net.relay.server import RelayLimits, run_relay
 
 async def main():
     async with trio.open_nursery() as nursery:
@@ -47,9 +47,9 @@ trio.run(main)
 
 MEMBER = """
 import json, os, sys, time, trio
-from eldric_p2p.discovery import PeerTable
-from eldric_p2p.identity import Identity
-from eldric_p2p.relay.client import RelayMember
+from eldric_p2p.net.discovery import PeerTable
+from eldric_p2p.net.identity import Identity
+from eldric_p2p.net.relay.client import RelayMember
 
 host, port, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 

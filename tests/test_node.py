@@ -8,10 +8,10 @@ import pytest
 import trio
 
 from eldric_p2p.commands.node import add_parser, config_from_args
+from eldric_p2p.engine.synthetic import write_synthetic_gguf
 from eldric_p2p.errors import UsageError
-from eldric_p2p.identity import Identity
+from eldric_p2p.net.identity import Identity
 from eldric_p2p.node import Node, NodeConfig, parse_host_port
-from eldric_p2p.synthetic import write_synthetic_gguf
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

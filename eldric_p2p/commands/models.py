@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from eldric_p2p.data.refmodels import REFERENCE_MODELS, assemble, is_present, lookup
 from eldric_p2p.paths import models_dir
-from eldric_p2p.refmodels import REFERENCE_MODELS, assemble, is_present, lookup
 from eldric_p2p.units import format_size
 
 

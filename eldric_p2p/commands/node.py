@@ -35,8 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
     """NodeConfig from parsed flags. Raises UsageError for a bad size, address or device."""
+    from eldric_p2p.api.backends.upstream import parse_upstream_spec
     from eldric_p2p.errors import UsageError
-    from eldric_p2p.upstream import parse_upstream_spec
 
     device = args.device
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):

@@ -61,8 +61,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
+    from eldric_p2p.data.refmodels import resolve_model
     from eldric_p2p.engine.generate import LocalModel, prompt_token_ids
-    from eldric_p2p.refmodels import resolve_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from eldric_p2p.data.gguf_index import GGUFIndex
 from eldric_p2p.errors import UnsupportedModel
-from eldric_p2p.gguf_index import GGUFIndex
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3")
 

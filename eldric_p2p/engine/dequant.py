@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
+from eldric_p2p.data.gguf_index import GGUFFile
 from eldric_p2p.engine.chat import render_chat
 from eldric_p2p.engine.model import Stage
 from eldric_p2p.engine.sampling import Sampler, SamplingParams
 from eldric_p2p.engine.tokenizer import Tokenizer
 from eldric_p2p.errors import InvalidInput
-from eldric_p2p.gguf_index import GGUFFile
 
 
 class TextStream:

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from eldric_p2p.data.gguf_index import GGUFIndex, TensorInfo
 from eldric_p2p.engine.config import ModelConfig
 from eldric_p2p.engine.dequant import dequantize
 from eldric_p2p.errors import InvalidInput, UnsupportedModel, UsageError
-from eldric_p2p.gguf_index import GGUFIndex, TensorInfo
 
 try:
     from eldric_p2p.engine import qmatmul

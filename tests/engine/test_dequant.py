@@ -8,10 +8,10 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
+from eldric_p2p.data.gguf_index import GGUFFile
 from eldric_p2p.engine import dequant
 from eldric_p2p.engine.dequant import dequantize, supported_types
 from eldric_p2p.errors import GGUFFormatError, UnsupportedModel
-from eldric_p2p.gguf_index import GGUFFile
 
 T = GGMLQuantizationType
 

@@ -3,11 +3,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from eldric_p2p.data.gguf_index import GGUFFile
 from eldric_p2p.engine.config import ModelConfig
 from eldric_p2p.engine.model import Stage, estimate_stage_bytes, native_available
+from eldric_p2p.engine.synthetic import write_synthetic_gguf
 from eldric_p2p.errors import InvalidInput, UnsupportedModel, UsageError
-from eldric_p2p.gguf_index import GGUFFile
-from eldric_p2p.synthetic import write_synthetic_gguf
 
 ARCHS = ["llama", "qwen2", "gemma3"]
 WEIGHTS = ["f32", "bf16"] + (["native"] if native_available() else [])

@@ -240,7 +240,7 @@ def _quantized(qtype: GGMLQuantizationType, rows: int, n: int, rng: np.random.Ge
     if qtype in (T.F32, T.F16):
         return w.astype(np.float32 if qtype == T.F32 else np.float16).view(np.uint8).reshape(rows, -1)
     if qtype in (T.Q4_K, T.Q6_K):
-        from eldric_p2p.synthetic import quantize_array
+        from eldric_p2p.engine.synthetic import quantize_array
 
         return np.ascontiguousarray(quantize_array(w, qtype)).view(np.uint8).reshape(rows, -1)
     if qtype in SIMPLE:

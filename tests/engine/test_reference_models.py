@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from eldric_p2p.data.gguf_index import GGUFFile
 from eldric_p2p.engine.model import Stage
-from eldric_p2p.gguf_index import GGUFFile
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 pytestmark = [pytest.mark.models]

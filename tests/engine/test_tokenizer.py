@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from eldric_p2p.data.gguf_index import read_index
+from eldric_p2p.engine.synthetic import write_synthetic_gguf
 from eldric_p2p.engine.tokenizer import Tokenizer, spm_merges
 from eldric_p2p.errors import InvalidInput, UnsupportedModel
-from eldric_p2p.gguf_index import read_index
-from eldric_p2p.synthetic import write_synthetic_gguf
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 

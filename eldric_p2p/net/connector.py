@@ -1,0 +1,394 @@
+"""The one place that turns a peer id into a byte stream: direct where it works, relayed otherwise.
+
+    link = await connector.open_link(peer_id, port=link_port)   # pipeline frames: an authenticated Link
+    stream = await connector.open_http(peer_id, http_port)      # HTTP to that peer's API (control, ranges)
+    client = http_client_factory(connector)()                   # httpx that understands peer URLs (below)
+
+Direct: every address the `PeerTable` holds for the peer (plus hints, e.g. the host a stage was given) is
+tried with a short connect timeout, staggered like happy eyeballs, in one nursery; the first that connects
+(and, for links, proves the peer id) wins and cancels the rest. Relayed: a stream from a `RelayMember`, with
+the link handshake run over it end to end (`path="relayed"`), so the relay only ever forwards TLS records.
+What worked is remembered per peer (for `REMEMBER_S`) and tried first next time; `paths` reports it.
+
+Peer URLs: `http://<peer id>.peer.eldric:<http port>` names a node by its id. `http_client()` and
+`fetch_connect` (the fetcher's `connect=`) send such a URL over `open_http`; other URLs go over TCP as usual.
+So the coordinator, the worker's range fetcher and `RemotePipelineBackend` reach a node behind NAT by id.
+
+HTTP over a link: the client sends the 4-byte tag `EHTP` right after the link handshake; the receiving node's
+`dispatch` sees the tag and splices the link to its own HTTP port on loopback (the node's ASGI app answers as
+for any client). A link without the tag carries pipeline frames (they start with `EF`) and goes to the worker.
+Direct HTTP is plain TCP to the peer's HTTP port, as for `--peer` bootstrap; only links are authenticated.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import typing
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import httpcore
+import httpx
+import trio
+from httpcore._backends.trio import TrioBackend, TrioStream
+
+from eldric_p2p.errors import AuthenticationError, EldricError, PeerUnavailable
+from eldric_p2p.net.discovery import PeerTable
+from eldric_p2p.net.identity import Identity, is_peer_id
+from eldric_p2p.net.links import (
+    HANDSHAKE_TIMEOUT_S,
+    Link,
+    LinkHandler,
+    LinkPath,
+    link_client,
+    serve_link_stream,
+)
+
+if typing.TYPE_CHECKING:
+    from eldric_p2p.net.relay.client import RelayMember
+
+log = logging.getLogger(__name__)
+
+PEER_HOST_SUFFIX = ".peer.eldric"
+HTTP_TAG = b"EHTP"
+DIRECT_TIMEOUT_S = 1.5  # per direct connect attempt
+STAGGER_S = 0.25  # happy-eyeballs delay between starting direct attempts
+REMEMBER_S = 60.0  # how long a path that worked is tried first
+MAX_CANDIDATES = 8
+SPLICE_CHUNK = 64 * 1024
+
+
+def peer_url(peer_id: str, http_port: int) -> str:
+    """The URL naming a node by its peer id (resolved by `Connector.open_http`)."""
+    return f"http://{peer_id}{PEER_HOST_SUFFIX}:{http_port}"
+
+
+def peer_of_host(host: str) -> str | None:
+    """The peer id a peer-URL host names, or None for an ordinary host."""
+    if host.endswith(PEER_HOST_SUFFIX):
+        pid = host[: -len(PEER_HOST_SUFFIX)]
+        return pid if is_peer_id(pid) else None
+    return None
+
+
+class Connector:
+    """Links and HTTP streams to peer ids. `members` are the relays this node is registered with."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        table: PeerTable,
+        *,
+        direct_timeout: float = DIRECT_TIMEOUT_S,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+    ) -> None:
+        self.identity = identity
+        self.table = table
+        self.direct_timeout = direct_timeout
+        self.handshake_timeout = handshake_timeout
+        self.members: list[RelayMember] = []
+        self.no_direct: set[str] = set()  # peer ids never tried directly (a firewall we know of; tests)
+        self.paths: dict[str, LinkPath] = {}  # peer id -> the path the last link or HTTP stream took
+        self._good: dict[tuple[str, str], tuple[float, tuple[str, int] | None]] = {}  # (peer, kind) -> addr
+        self.frames_handler: LinkHandler | None = None  # pipeline frames (the worker)
+        self.local_http: Callable[[], tuple[str, int] | None] = lambda: (
+            None
+        )  # our HTTP port, for tagged links
+        self.stats = {"direct": 0, "relayed": 0, "direct_failed": 0, "http_served": 0}
+
+    # ---- where a peer might be ----------------------------------------------------------------------------
+
+    def addresses(self, peer_id: str) -> list[str]:
+        """Every address any source gave for `peer_id` (most direct source first)."""
+        out: list[str] = []
+        for info in self.table.entries(peer_id):
+            out += [a for a in info.addresses if a not in out]
+            url = info.fields.get("url")
+            if isinstance(url, str) and (host := httpx.URL(url).host) and host not in out:
+                out.append(host)
+        return out
+
+    def _candidates(
+        self, peer_id: str, port: int, hints: Iterable[tuple[str, int]], kind: str
+    ) -> list[tuple[str, int]]:
+        out: list[tuple[str, int]] = []
+        remembered = self._remembered(peer_id, kind)
+        if remembered is not None and remembered[1] is not None:
+            out.append(remembered[1])
+        for host, p in hints:
+            if host and peer_of_host(host) is None and (host, p) not in out:
+                out.append((host, p))
+        for host in self.addresses(peer_id):
+            if (host, port) not in out:
+                out.append((host, port))
+        return out[:MAX_CANDIDATES]
+
+    def _remembered(self, peer_id: str, kind: str) -> tuple[float, tuple[str, int] | None] | None:
+        got = self._good.get((peer_id, kind))
+        if got is not None and trio.current_time() - got[0] > REMEMBER_S:
+            del self._good[(peer_id, kind)]
+            return None
+        return got
+
+    def _worked(self, peer_id: str, kind: str, path: LinkPath, addr: tuple[str, int] | None) -> None:
+        self._good[(peer_id, kind)] = (trio.current_time(), addr)
+        self.paths[peer_id] = path
+        self.stats[path] += 1
+
+    # ---- opening ------------------------------------------------------------------------------------------
+
+    async def open_link(
+        self, peer_id: str, *, port: int | None = None, hints: Iterable[tuple[str, int]] = ()
+    ) -> Link:
+        """An authenticated link to `peer_id` (direct to `port` on its addresses, else relayed).
+
+        Raises PeerUnavailable when no path works, AuthenticationError when a path reaches the wrong peer.
+        """
+
+        async def attempt(host: str, p: int) -> Link:
+            with trio.fail_after(self.direct_timeout):
+                stream = await trio.open_tcp_stream(host, p)
+            return await link_client(
+                stream, self.identity, peer_id, path="direct", handshake_timeout=self.handshake_timeout
+            )
+
+        link = await self._open(peer_id, "link", port, hints, attempt)
+        if isinstance(link, Link):
+            return link
+        return await self._relayed_link(peer_id)
+
+    async def open_http(self, peer_id: str, port: int) -> trio.abc.Stream:
+        """A byte stream to `peer_id`'s HTTP API: TCP to `port` on its addresses, else an HTTP-tagged relayed
+        link."""
+
+        async def attempt(host: str, p: int) -> trio.abc.Stream:
+            with trio.fail_after(self.direct_timeout):
+                return await trio.open_tcp_stream(host, p)
+
+        stream = await self._open(peer_id, "http", port, (), attempt)
+        if stream is not None:
+            return stream
+        link = await self._relayed_link(peer_id)
+        try:
+            await link.send_all(HTTP_TAG)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            await trio.aclose_forcefully(link)
+            raise PeerUnavailable(f"relayed link to {peer_id} closed: {exc}") from exc
+        return link
+
+    async def _open(
+        self,
+        peer_id: str,
+        kind: str,
+        port: int | None,
+        hints: Iterable[tuple[str, int]],
+        attempt: Callable[[str, int], Awaitable[Any]],
+    ) -> Any:
+        """The direct race; None when no direct path works (or none is to be tried)."""
+        if peer_id in self.no_direct:
+            return None
+        remembered = self._remembered(peer_id, kind)
+        if remembered is not None and remembered[1] is None and self.members:
+            return None  # relayed worked lately: skip the direct timeouts
+        candidates = self._candidates(peer_id, port or 0, hints, kind) if port or hints else []
+        candidates = [(h, p) for h, p in candidates if p]
+        if not candidates:
+            return None
+        got = await self._race(candidates, attempt)
+        if got is None:
+            self.stats["direct_failed"] += 1
+            return None
+        stream, addr = got
+        self._worked(peer_id, kind, "direct", addr)
+        return stream
+
+    async def _race(
+        self, candidates: list[tuple[str, int]], attempt: Callable[[str, int], Awaitable[Any]]
+    ) -> tuple[Any, tuple[str, int]] | None:
+        """Happy eyeballs: start an attempt every STAGGER_S (or when one fails); the first success wins."""
+        winner: tuple[Any, tuple[str, int]] | None = None
+        failures: list[str] = []
+
+        async with trio.open_nursery() as nursery:
+            for i, addr in enumerate(candidates):
+                failed = trio.Event()
+
+                async def one(addr: tuple[str, int] = addr, failed: trio.Event = failed) -> None:
+                    nonlocal winner
+                    try:
+                        stream = await attempt(*addr)
+                    except (OSError, trio.TooSlowError, PeerUnavailable, AuthenticationError) as exc:
+                        failures.append(f"{addr[0]}:{addr[1]}: {exc}")
+                        failed.set()
+                        return
+                    if winner is None:
+                        winner = (stream, addr)
+                        nursery.cancel_scope.cancel()
+                    else:
+                        await trio.aclose_forcefully(stream)
+
+                nursery.start_soon(one)
+                if i < len(candidates) - 1:
+                    with trio.move_on_after(STAGGER_S):
+                        await failed.wait()
+        if winner is None:
+            log.debug("no direct path: %s", "; ".join(failures))
+        return winner
+
+    async def _relayed_link(self, peer_id: str) -> Link:
+        """Through the relays whose directories list `peer_id` first (any of them will do), then the others
+        (a directory can lag behind a peer that just joined)."""
+        errors: list[str] = []
+        listing = self.table.relays(peer_id)
+        for member in sorted(self.members, key=lambda m: m.address not in listing):  # stable: keeps order
+            if not member.registered:
+                errors.append(f"relay {member.host}:{member.port}: not connected")
+                continue
+            try:
+                stream = await member.open_stream(peer_id)
+                link = await link_client(
+                    stream, self.identity, peer_id, path="relayed", handshake_timeout=self.handshake_timeout
+                )
+            except PeerUnavailable as exc:
+                errors.append(str(exc))
+                continue
+            self._worked(peer_id, "link", "relayed", None)
+            self._good[(peer_id, "http")] = self._good[(peer_id, "link")]
+            return link
+        why = "; ".join(errors) if errors else "no direct address answered and no relay is configured"
+        raise PeerUnavailable(f"cannot reach peer {peer_id}: {why}")
+
+    # ---- incoming -----------------------------------------------------------------------------------------
+
+    async def handle_relayed(self, stream: trio.abc.Stream, source: str) -> None:
+        """The RelayMember's stream handler: authenticate the stream as a link, then `dispatch` it."""
+        await serve_link_stream(
+            stream, self.identity, self.dispatch, path="relayed", handshake_timeout=self.handshake_timeout
+        )
+
+    async def dispatch(self, link: Link) -> None:
+        """An authenticated incoming link: HTTP (tagged) to our own HTTP port, anything else to the worker."""
+        head = bytearray()
+        while len(head) < len(HTTP_TAG) and HTTP_TAG.startswith(bytes(head)):
+            data = await link.receive_some(len(HTTP_TAG) - len(head))
+            if not data:
+                return
+            head += data
+        if bytes(head) == HTTP_TAG:
+            await self._serve_http(link)
+            return
+        link._leftover[:0] = head  # not ours: give the bytes back to the frame reader
+        if self.frames_handler is None:
+            log.info("dropping a frames link from %s: this node runs no worker", link.peer_id)
+            return
+        await self.frames_handler(link)
+
+    async def _serve_http(self, link: Link) -> None:
+        target = self.local_http()
+        if target is None:
+            return
+        host, port = target
+        try:
+            local = await trio.open_tcp_stream(host, port)
+        except OSError as exc:
+            log.warning("cannot reach our own HTTP port %s:%d: %s", host, port, exc)
+            return
+        self.stats["http_served"] += 1
+        async with local:
+            await splice(link, local)
+
+
+async def splice(a: trio.abc.Stream, b: trio.abc.Stream) -> None:
+    """Copy bytes both ways until either side closes (then both directions stop)."""
+
+    async def copy(src: trio.abc.Stream, dst: trio.abc.Stream, scope: trio.CancelScope) -> None:
+        try:
+            while data := await src.receive_some(SPLICE_CHUNK):
+                await dst.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, EldricError):
+            pass
+        scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(copy, a, b, nursery.cancel_scope)
+        nursery.start_soon(copy, b, a, nursery.cancel_scope)
+
+
+# --------------------------------------------------------------------------------------------- HTTP clients
+
+
+class _PeerStream(TrioStream):
+    """httpcore's trio stream over any trio Stream (a Link has no socket to ask about readability)."""
+
+    def get_extra_info(self, info: str) -> Any:
+        if not isinstance(self._stream, trio.SocketStream):
+            return None
+        return super().get_extra_info(info)
+
+
+class _PeerBackend(httpcore.AsyncNetworkBackend):
+    def __init__(self, connector: Connector) -> None:
+        self.connector = connector
+        self.tcp = TrioBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        peer_id = peer_of_host(host)
+        if peer_id is None:
+            return await self.tcp.connect_tcp(host, port, timeout, local_address, socket_options)
+        try:
+            with trio.fail_after(max(timeout or 0, 20.0)):
+                return _PeerStream(await self.connector.open_http(peer_id, port))
+        except (PeerUnavailable, AuthenticationError, trio.TooSlowError) as exc:
+            raise httpcore.ConnectError(str(exc)) from exc
+
+    async def connect_unix_socket(self, *args: Any, **kw: Any) -> httpcore.AsyncNetworkStream:
+        return await self.tcp.connect_unix_socket(*args, **kw)
+
+    async def sleep(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+
+
+class PeerTransport(httpx.AsyncHTTPTransport):
+    """httpx transport whose connections to peer URLs go through a Connector."""
+
+    def __init__(self, connector: Connector) -> None:
+        super().__init__()
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=ssl.create_default_context(),
+            max_connections=100,
+            max_keepalive_connections=20,
+            keepalive_expiry=5.0,
+            network_backend=_PeerBackend(connector),
+        )
+
+
+def http_client_factory(connector: Connector | None) -> Callable[..., httpx.AsyncClient]:
+    """`factory(**httpx_kwargs)` -> an AsyncClient that reaches peer URLs through `connector` (if any)."""
+
+    def make(**kw: Any) -> httpx.AsyncClient:
+        if connector is None:
+            return httpx.AsyncClient(**kw)
+        return httpx.AsyncClient(transport=PeerTransport(connector), trust_env=False, **kw)
+
+    return make
+
+
+def fetch_connect(connector: Connector) -> Callable[[str, int, bool], Awaitable[trio.abc.Stream]]:
+    """The fetcher's `connect=`: peer URLs through `connector`, other hosts as the fetcher would."""
+    from eldric_p2p.data.fetcher import open_stream
+
+    async def connect(host: str, port: int, tls: bool) -> trio.abc.Stream:
+        peer_id = peer_of_host(host)
+        if peer_id is None:
+            return await open_stream(host, port, tls)
+        return await connector.open_http(peer_id, port)
+
+    return connect

@@ -1,0 +1,284 @@
+"""Member side of the edge relay: one outbound QUIC connection, kept up with reconnects and backoff.
+
+`RelayMember.run` connects, registers (proving our peer id), mirrors the relay's directory into the
+`PeerTable` as source "relay" via `address` (entries of its own: a node that is a member of several relays
+keeps each relay's peers apart, and one relay's update or disconnect leaves the others'), answers
+keepalives, re-announces when `announcement_fn()` changes, and hands incoming relayed streams to
+`stream_handler(stream, source_peer_id)`. `open_stream(peer_id)` asks the relay for a stream to another
+member.
+
+Relayed streams are plain `trio.abc.Stream`s of opaque bytes. `source_peer_id` is only what the relay
+claims; run the link handshake over the stream to authenticate the other end.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from eldric_p2p.errors import EldricError, PeerUnavailable, RemoteProtocolError, UsageError
+from eldric_p2p.net.discovery import Announcement, PeerTable, peer_info_from_fields
+from eldric_p2p.net.identity import Identity
+from eldric_p2p.net.relay import protocol as p
+from eldric_p2p.net.relay.framing import read_message, write_message
+from eldric_p2p.net.relay.quic import QuicConn, QuicStream, client_configuration, connect_quic
+
+log = logging.getLogger(__name__)
+
+StreamHandler = Callable[[QuicStream, str], Awaitable[None]]
+
+
+class RelayMember:
+    """Membership in one relay. Start `run` in a nursery; it reconnects by itself until cancelled."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        host: str,
+        port: int,
+        table: PeerTable,
+        announcement_fn: Callable[[], Announcement | dict[str, Any]],
+        stream_handler: StreamHandler | None = None,
+        *,
+        expected_relay_id: str | None = None,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        announce_interval_s: float = 1.0,
+        open_timeout_s: float = 10.0,
+        handshake_timeout_s: float = 10.0,
+        max_datagram_size: int = 1350,
+        stream_window: int = 128 * 1024,
+    ) -> None:
+        self.identity = identity
+        self.host = host
+        self.port = port
+        self.table = table
+        self.announcement_fn = announcement_fn
+        self.stream_handler = stream_handler
+        self.expected_relay_id = expected_relay_id
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.announce_interval_s = announce_interval_s
+        self.open_timeout_s = open_timeout_s
+        self.handshake_timeout_s = handshake_timeout_s
+        self.max_datagram_size = max_datagram_size
+        self.stream_window = stream_window
+        self.relay_id: str | None = None
+        self.connects = 0  # successful registrations so far
+        self.last_error: str | None = None
+        self._conn: QuicConn | None = None
+        self._changed = trio.Event()
+
+    @property
+    def address(self) -> str:
+        """This relay as "HOST:PORT": the `via` of the peer-table entries learned through it."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def registered(self) -> bool:
+        return self._conn is not None
+
+    def _set_conn(self, conn: QuicConn | None) -> None:
+        self._conn = conn
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_registered(self) -> None:
+        """Wait until registered with the relay (returns at once if already)."""
+        while not self.registered:
+            await self._changed.wait()
+
+    def _announcement(self) -> dict[str, Any]:
+        ann = self.announcement_fn()
+        return ann.to_fields() if isinstance(ann, Announcement) else dict(ann)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Stay a member until cancelled: connect, serve, and on any failure retry with jittered backoff."""
+        task_status.started()
+        backoff = self.backoff_initial_s
+        while True:
+            connects = self.connects
+            try:
+                await self._session()
+            except* (EldricError, trio.BrokenResourceError, trio.ClosedResourceError) as group:
+                exc = _first_leaf(group)
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.info("relay %s:%d: %s", self.host, self.port, self.last_error)
+            finally:
+                self._set_conn(None)
+                self.table.replace_source("relay", [], via=self.address)  # only this relay's peers go
+            if self.connects > connects:
+                backoff = self.backoff_initial_s
+            await trio.sleep(backoff * random.uniform(0.75, 1.25))
+            backoff = min(backoff * 2, self.backoff_max_s)
+
+    async def _session(self) -> None:
+        config = client_configuration(
+            idle_timeout=60.0, max_datagram_size=self.max_datagram_size, stream_window=self.stream_window
+        )
+        async with connect_quic(
+            self.host,
+            self.port,
+            config,
+            handshake_timeout=self.handshake_timeout_s,
+            send_window=self.stream_window,
+        ) as conn:
+            control = p.MemberControl(
+                self.identity, self._announcement(), expected_relay_id=self.expected_relay_id
+            )
+            stream = conn.open_stream()
+            lock = trio.Lock()
+
+            async def send_pending() -> None:
+                data = control.data_to_send()
+                if data:
+                    async with lock:
+                        await stream.send_all(data)
+
+            control.hello()
+            await send_pending()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_connection, conn, nursery.cancel_scope)
+                dead_after = self.handshake_timeout_s
+                last_heard = trio.current_time()
+                deadline = trio.CancelScope(deadline=last_heard + dead_after)
+                while True:
+                    with deadline:
+                        data = await stream.receive_some()
+                    if deadline.cancelled_caught:
+                        raise PeerUnavailable(f"relay silent for {dead_after:g} s")
+                    if not data:
+                        raise PeerUnavailable("relay closed the control stream")
+                    now = trio.current_time()
+                    for event in control.receive_data(data):
+                        if isinstance(event, p.Registered):
+                            dead_after = 3 * event.keepalive_s + 1
+                            self.relay_id = control.relay_id
+                            self.connects += 1
+                            self._set_conn(conn)
+                            log.info("registered with relay %s as %s", self.relay_id, self.identity.peer_id)
+                            nursery.start_soon(self._accept_streams, conn, nursery)
+                            nursery.start_soon(self._reannounce, control, send_pending)
+                        elif isinstance(event, (p.Directory, p.DirectoryUpdate)):
+                            self._apply_directory(event, now)
+                    await send_pending()
+                    deadline = trio.CancelScope(deadline=now + dead_after)
+
+    def _apply_directory(self, event: p.Directory | p.DirectoryUpdate, now: float) -> None:
+        """Mirror this relay's directory (a snapshot or a change) into the table's entries via `address`."""
+        via = self.address
+        if isinstance(event, p.Directory):
+            infos = [peer_info_from_fields(m.peer_id, m.announcement, "relay", now) for m in event.members]
+            self.table.replace_source("relay", infos, via=via)
+            return
+        for peer_id in event.removed:
+            self.table.remove(peer_id, "relay", via=via)
+        for m in event.added:
+            self.table.upsert(peer_info_from_fields(m.peer_id, m.announcement, "relay", now, via=via))
+
+    @staticmethod
+    async def _watch_connection(conn: QuicConn, scope: trio.CancelScope) -> None:
+        await conn.wait_closed()
+        scope.cancel()
+
+    async def _reannounce(
+        self, control: p.MemberControl, send_pending: Callable[[], Awaitable[None]]
+    ) -> None:
+        current = control.announcement
+        while True:
+            await trio.sleep(self.announce_interval_s)
+            ann = self._announcement()
+            if ann != current:
+                current = ann
+                control.announce(ann)
+                await send_pending()
+
+    async def _accept_streams(self, conn: QuicConn, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await conn.accept_stream()
+            except PeerUnavailable:
+                return
+            nursery.start_soon(self._incoming, stream)
+
+    async def _incoming(self, stream: QuicStream) -> None:
+        try:
+            with trio.move_on_after(self.open_timeout_s) as cs:
+                msg = await read_message(stream)
+            if cs.cancelled_caught or not isinstance(msg, p.Incoming):
+                stream.abort()
+                return
+            if self.stream_handler is None:
+                await write_message(
+                    stream, p.Refuse(p.RefuseCode.NO_HANDLER, "this node takes no relayed streams")
+                )
+                await stream.aclose()
+                return
+            await write_message(stream, p.Accept())
+            await self.stream_handler(stream, msg.source)
+        except (EldricError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("relayed stream from the relay failed: %s", exc)
+            stream.abort()
+        finally:
+            await stream.aclose()
+
+    async def open_stream(self, peer_id: str) -> QuicStream:
+        """A relayed stream to `peer_id` (opaque bytes; authenticate it with the link handshake).
+
+        Raises PeerUnavailable if we are not registered, the relay refuses (unknown peer id, limits), or
+        nothing answers within `open_timeout_s`.
+        """
+        conn = self._conn
+        if conn is None or not self.registered:
+            raise PeerUnavailable(f"not connected to relay {self.host}:{self.port}")
+        stream = conn.open_stream()
+        ok = False
+        try:
+            with trio.fail_after(self.open_timeout_s):
+                await write_message(stream, p.Open(peer_id))
+                reply = await read_message(stream)
+            if isinstance(reply, p.Refuse):
+                raise PeerUnavailable(f"relay refused a stream to {peer_id}: {reply.code} ({reply.reason})")
+            if not isinstance(reply, p.Accept):
+                raise RemoteProtocolError(f"relay answered OPEN with {type(reply).__name__}")
+            ok = True
+            return stream
+        except trio.TooSlowError as exc:
+            raise PeerUnavailable(f"no answer from the relay for a stream to {peer_id}") from exc
+        finally:
+            if not ok:
+                stream.abort()
+
+
+def _first_leaf(group: BaseException) -> BaseException:
+    while isinstance(group, BaseExceptionGroup) and group.exceptions:
+        group = group.exceptions[0]
+    return group
+
+
+async def run_relay_member(
+    identity: Identity,
+    relay: str,
+    table: PeerTable,
+    announcement_fn: Callable[[], Announcement | dict[str, Any]],
+    stream_handler: StreamHandler | None = None,
+    *,
+    task_status: trio.TaskStatus[RelayMember] = trio.TASK_STATUS_IGNORED,
+    **options: Any,
+) -> None:
+    """Be a member of the relay at "HOST:PORT" until cancelled; `nursery.start` returns the `RelayMember`
+    (call its `open_stream`)."""
+    host, _, port = relay.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"relay address must be HOST:PORT, got {relay!r}")
+    member = RelayMember(
+        identity, host.strip("[]"), int(port), table, announcement_fn, stream_handler, **options
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(member.run)
+        task_status.started(member)

@@ -1,0 +1,628 @@
+"""The edge-relay control protocol, sans-IO: bytes in, events and bytes out; no sockets, no clock.
+
+Every message is length-prefixed:
+
+    u32 big-endian body length | u8 message type | body (UTF-8 JSON object)
+
+The first stream a member opens on its QUIC connection is the *control stream*:
+
+    member                                   relay
+    HELLO {version, nonce_c}           ->
+                                       <-    CHALLENGE {nonce_r, relay_id, relay_key, sig(nonce_c, nonce_r)}
+    REGISTER {peer_id, key, sig, ann}  ->    sig = Ed25519 over (context, nonce_r, nonce_c, sha256(ann))
+                                       <-    REGISTERED {peer_id, keepalive_s}
+                                       <-    DIRECTORY {members: [...]}           (full snapshot)
+                                       <-    DIRECTORY_UPDATE {added, removed}    (on every change)
+    ANNOUNCE {ann}                     ->    (the member's fields changed)
+                                       <-    PING {seq}
+    PONG {seq}                         ->
+
+Every later stream carries one request message and then opaque bytes:
+
+    member A -> relay:  OPEN {target}          relay -> member B:  INCOMING {source}
+    member B -> relay:  ACCEPT | REFUSE        relay -> member A:  ACCEPT | REFUSE {code, reason}
+
+after ACCEPT the relay splices the two streams. End-to-end authentication is the link handshake that the two
+members run over the spliced bytes; the relay only ever sees ciphertext.
+
+Bytes from the other side are hostile: every length is checked against a limit before anything is parsed,
+and a violation raises `RemoteProtocolError` naming what was wrong.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from eldric_p2p.errors import AuthenticationError, LocalProtocolError, RemoteProtocolError
+from eldric_p2p.net.identity import Identity, is_peer_id, verify
+
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct("!IB")  # body length, message type
+MAX_MESSAGE = 16 * 1024  # every message except DIRECTORY
+MAX_DIRECTORY_MESSAGE = 1024 * 1024  # a snapshot of up to MAX_MEMBERS announcements
+MAX_ANNOUNCEMENT = 4096  # canonical JSON bytes of one announcement
+MAX_ANNOUNCEMENT_KEYS = 32
+MAX_LIST_ITEMS = 64
+MAX_STRING = 512
+NONCE_LEN = 32
+REGISTER_CONTEXT = b"eldric-p2p relay register v1\x00"
+CHALLENGE_CONTEXT = b"eldric-p2p relay challenge v1\x00"
+
+Announcement = dict[str, Any]
+
+
+class MsgType(enum.IntEnum):
+    HELLO = 1
+    CHALLENGE = 2
+    REGISTER = 3
+    REGISTERED = 4
+    DIRECTORY = 5
+    DIRECTORY_UPDATE = 6
+    ANNOUNCE = 7
+    PING = 8
+    PONG = 9
+    OPEN = 10
+    INCOMING = 11
+    ACCEPT = 12
+    REFUSE = 13
+    ERROR = 14
+
+
+class RefuseCode(enum.StrEnum):
+    UNKNOWN_PEER = "unknown_peer"
+    SELF = "self"
+    TOO_MANY_STREAMS = "too_many_streams"
+    NOT_REGISTERED = "not_registered"
+    NO_HANDLER = "no_handler"
+    TIMEOUT = "timeout"
+
+
+# ---------------------------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True)
+class Hello:
+    version: int
+    nonce: bytes
+
+
+@dataclass(frozen=True)
+class Challenge:
+    nonce: bytes
+    relay_id: str
+    relay_key: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class Register:
+    peer_id: str
+    public_key: bytes
+    signature: bytes
+    announcement: Announcement
+
+
+@dataclass(frozen=True)
+class Registered:
+    peer_id: str
+    keepalive_s: float
+
+
+@dataclass(frozen=True)
+class Member:
+    """One directory entry: a registered member and what it announced."""
+
+    peer_id: str
+    public_key: bytes
+    announcement: Announcement
+
+
+@dataclass(frozen=True)
+class Directory:
+    members: tuple[Member, ...]
+
+
+@dataclass(frozen=True)
+class DirectoryUpdate:
+    added: tuple[Member, ...] = ()  # new members and members whose announcement changed
+    removed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Announce:
+    announcement: Announcement
+
+
+@dataclass(frozen=True)
+class Ping:
+    seq: int
+
+
+@dataclass(frozen=True)
+class Pong:
+    seq: int
+
+
+@dataclass(frozen=True)
+class Open:
+    target: str
+
+
+@dataclass(frozen=True)
+class Incoming:
+    source: str
+
+
+@dataclass(frozen=True)
+class Accept:
+    pass
+
+
+@dataclass(frozen=True)
+class Refuse:
+    code: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Error:
+    code: str
+    message: str = ""
+
+
+Message = (
+    Hello
+    | Challenge
+    | Register
+    | Registered
+    | Directory
+    | DirectoryUpdate
+    | Announce
+    | Ping
+    | Pong
+    | Open
+    | Incoming
+    | Accept
+    | Refuse
+    | Error
+)
+
+# ---------------------------------------------------------------------------------------------- encoding
+
+
+def canonical_announcement(ann: Announcement) -> bytes:
+    """Bytes a REGISTER signature covers (sorted keys, no spaces). Raises LocalProtocolError if too big."""
+    data = json.dumps(ann, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(data) > MAX_ANNOUNCEMENT:
+        raise LocalProtocolError(f"announcement is {len(data)} bytes, limit {MAX_ANNOUNCEMENT}")
+    return data
+
+
+def register_message(nonce_r: bytes, nonce_c: bytes, ann: Announcement) -> bytes:
+    return REGISTER_CONTEXT + nonce_r + nonce_c + hashlib.sha256(canonical_announcement(ann)).digest()
+
+
+def _member_json(m: Member) -> dict[str, Any]:
+    return {"peer_id": m.peer_id, "public_key": m.public_key.hex(), "announcement": m.announcement}
+
+
+def _body(msg: Message) -> tuple[MsgType, dict[str, Any]]:
+    match msg:
+        case Hello(version, nonce):
+            return MsgType.HELLO, {"version": version, "nonce": nonce.hex()}
+        case Challenge(nonce, relay_id, relay_key, sig):
+            return MsgType.CHALLENGE, {
+                "nonce": nonce.hex(),
+                "relay_id": relay_id,
+                "relay_key": relay_key.hex(),
+                "sig": sig.hex(),
+            }
+        case Register(peer_id, key, sig, ann):
+            return MsgType.REGISTER, {
+                "peer_id": peer_id,
+                "public_key": key.hex(),
+                "sig": sig.hex(),
+                "announcement": ann,
+            }
+        case Registered(peer_id, keepalive_s):
+            return MsgType.REGISTERED, {"peer_id": peer_id, "keepalive_s": keepalive_s}
+        case Directory(members):
+            return MsgType.DIRECTORY, {"members": [_member_json(m) for m in members]}
+        case DirectoryUpdate(added, removed):
+            return MsgType.DIRECTORY_UPDATE, {
+                "added": [_member_json(m) for m in added],
+                "removed": list(removed),
+            }
+        case Announce(ann):
+            return MsgType.ANNOUNCE, {"announcement": ann}
+        case Ping(seq):
+            return MsgType.PING, {"seq": seq}
+        case Pong(seq):
+            return MsgType.PONG, {"seq": seq}
+        case Open(target):
+            return MsgType.OPEN, {"target": target}
+        case Incoming(source):
+            return MsgType.INCOMING, {"source": source}
+        case Accept():
+            return MsgType.ACCEPT, {}
+        case Refuse(code, reason):
+            return MsgType.REFUSE, {"code": code, "reason": reason[:MAX_STRING]}
+        case Error(code, message):
+            return MsgType.ERROR, {"code": code, "message": message[:MAX_STRING]}
+    raise LocalProtocolError(f"not a relay message: {msg!r}")
+
+
+def encode_message(msg: Message) -> bytes:
+    """Frame one message. Raises LocalProtocolError if it exceeds the limit its type allows."""
+    mtype, body = _body(msg)
+    data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    limit = MAX_DIRECTORY_MESSAGE if mtype in (MsgType.DIRECTORY, MsgType.DIRECTORY_UPDATE) else MAX_MESSAGE
+    if len(data) > limit:
+        raise LocalProtocolError(f"{mtype.name} message is {len(data)} bytes, limit {limit}")
+    return HEADER.pack(len(data), mtype) + data
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+
+def _field(body: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    if key not in body:
+        raise RemoteProtocolError(f"relay message lacks field {key!r}")
+    value = body[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise RemoteProtocolError(f"relay message field {key!r} has the wrong type")
+    return value
+
+
+def _str(body: dict[str, Any], key: str, max_len: int = MAX_STRING) -> str:
+    value: str = _field(body, key, str)
+    if len(value) > max_len:
+        raise RemoteProtocolError(f"relay message field {key!r} is {len(value)} characters, limit {max_len}")
+    return value
+
+
+def _peer_id(body: dict[str, Any], key: str) -> str:
+    value = _str(body, key, 64)
+    if not is_peer_id(value):
+        raise RemoteProtocolError(f"relay message field {key!r} is not a peer id")
+    return value
+
+
+def _hex(body: dict[str, Any], key: str, length: int) -> bytes:
+    text = _str(body, key, 2 * length)
+    try:
+        value = bytes.fromhex(text)
+    except ValueError as exc:
+        raise RemoteProtocolError(f"relay message field {key!r} is not hex") from exc
+    if len(value) != length:
+        raise RemoteProtocolError(f"relay message field {key!r} must be {length} bytes, got {len(value)}")
+    return value
+
+
+def _uint(body: dict[str, Any], key: str) -> int:
+    value: int = _field(body, key, int)
+    if not 0 <= value < 2**63:
+        raise RemoteProtocolError(f"relay message field {key!r} out of range")
+    return value
+
+
+def check_announcement_untrusted(value: Any) -> Announcement:
+    """An announcement is a flat JSON object: short keys; string, number, bool or short string-list values."""
+    if not isinstance(value, dict):
+        raise RemoteProtocolError("announcement is not an object")
+    if len(value) > MAX_ANNOUNCEMENT_KEYS:
+        raise RemoteProtocolError(f"announcement has {len(value)} keys, limit {MAX_ANNOUNCEMENT_KEYS}")
+    for k, v in value.items():
+        if len(k) > 32:
+            raise RemoteProtocolError("announcement key longer than 32 characters")
+        if isinstance(v, list):
+            if len(v) > MAX_LIST_ITEMS or not all(isinstance(x, str) and len(x) <= MAX_STRING for x in v):
+                raise RemoteProtocolError(f"announcement field {k!r} is not a short list of strings")
+        elif isinstance(v, str):
+            if len(v) > MAX_STRING:
+                raise RemoteProtocolError(f"announcement field {k!r} is too long")
+        elif not isinstance(v, int | float | bool) and v is not None:
+            raise RemoteProtocolError(f"announcement field {k!r} has an unsupported type")
+    try:
+        canonical_announcement(value)
+    except LocalProtocolError as exc:
+        raise RemoteProtocolError(str(exc)) from exc
+    return value
+
+
+def _member(value: Any) -> Member:
+    if not isinstance(value, dict):
+        raise RemoteProtocolError("directory entry is not an object")
+    return Member(
+        _peer_id(value, "peer_id"),
+        _hex(value, "public_key", 32),
+        check_announcement_untrusted(_field(value, "announcement", dict)),
+    )
+
+
+def _members(body: dict[str, Any], key: str) -> tuple[Member, ...]:
+    return tuple(_member(v) for v in _field(body, key, list))
+
+
+def parse_message_untrusted(mtype: int, data: bytes) -> Message:
+    """Decode one message body of type `mtype`. Raises RemoteProtocolError on anything malformed."""
+    try:
+        kind = MsgType(mtype)
+    except ValueError as exc:
+        raise RemoteProtocolError(f"unknown relay message type {mtype}") from exc
+    try:
+        body = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise RemoteProtocolError(f"{kind.name} body is not JSON") from exc
+    if not isinstance(body, dict):
+        raise RemoteProtocolError(f"{kind.name} body is not an object")
+    match kind:
+        case MsgType.HELLO:
+            return Hello(_uint(body, "version"), _hex(body, "nonce", NONCE_LEN))
+        case MsgType.CHALLENGE:
+            return Challenge(
+                _hex(body, "nonce", NONCE_LEN),
+                _peer_id(body, "relay_id"),
+                _hex(body, "relay_key", 32),
+                _hex(body, "sig", 64),
+            )
+        case MsgType.REGISTER:
+            return Register(
+                _peer_id(body, "peer_id"),
+                _hex(body, "public_key", 32),
+                _hex(body, "sig", 64),
+                check_announcement_untrusted(_field(body, "announcement", dict)),
+            )
+        case MsgType.REGISTERED:
+            keepalive = _field(body, "keepalive_s", int | float)
+            if not 0 < keepalive <= 3600:
+                raise RemoteProtocolError("keepalive_s out of range")
+            return Registered(_peer_id(body, "peer_id"), float(keepalive))
+        case MsgType.DIRECTORY:
+            return Directory(_members(body, "members"))
+        case MsgType.DIRECTORY_UPDATE:
+            removed = _field(body, "removed", list)
+            for r in removed:
+                if not isinstance(r, str) or not is_peer_id(r):
+                    raise RemoteProtocolError("directory update removes something that is not a peer id")
+            return DirectoryUpdate(_members(body, "added"), tuple(removed))
+        case MsgType.ANNOUNCE:
+            return Announce(check_announcement_untrusted(_field(body, "announcement", dict)))
+        case MsgType.PING:
+            return Ping(_uint(body, "seq"))
+        case MsgType.PONG:
+            return Pong(_uint(body, "seq"))
+        case MsgType.OPEN:
+            return Open(_peer_id(body, "target"))
+        case MsgType.INCOMING:
+            return Incoming(_peer_id(body, "source"))
+        case MsgType.ACCEPT:
+            return Accept()
+        case MsgType.REFUSE:
+            return Refuse(_str(body, "code", 64), _str(body, "reason"))
+        case MsgType.ERROR:
+            return Error(_str(body, "code", 64), _str(body, "message"))
+    raise AssertionError(kind)  # pragma: no cover - the match is exhaustive
+
+
+class MessageReader:
+    """Reassembles length-prefixed messages from a byte stream.
+
+    `feed(data)` returns the complete messages so far; `rest()` hands back bytes after the last message (the
+    start of a spliced stream). Raises RemoteProtocolError on an oversized or malformed message.
+    """
+
+    def __init__(self, max_message: int = MAX_MESSAGE, max_directory: int | None = None) -> None:
+        self._buf = bytearray()
+        self._max = max_message
+        self._max_directory = max_directory or max_message
+
+    def feed(self, data: bytes, *, limit: int | None = None) -> list[Message]:
+        self._buf += data
+        out: list[Message] = []
+        while limit is None or len(out) < limit:
+            if len(self._buf) < HEADER.size:
+                break
+            length, mtype = HEADER.unpack_from(self._buf)
+            directory = mtype in (MsgType.DIRECTORY, MsgType.DIRECTORY_UPDATE)
+            max_len = self._max_directory if directory else self._max
+            if length > max_len:
+                raise RemoteProtocolError(f"relay message of {length} bytes (type {mtype}), limit {max_len}")
+            if len(self._buf) < HEADER.size + length:
+                break
+            body = bytes(self._buf[HEADER.size : HEADER.size + length])
+            del self._buf[: HEADER.size + length]
+            out.append(parse_message_untrusted(mtype, body))
+        return out
+
+    def rest(self) -> bytes:
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+
+# ------------------------------------------------------------------------------------ control state machines
+
+
+class _State(enum.Enum):
+    START = "start"
+    HELLO_SENT = "hello_sent"
+    AWAIT_HELLO = "await_hello"
+    AWAIT_REGISTER = "await_register"
+    REGISTERED = "registered"
+    CLOSED = "closed"
+
+
+@dataclass
+class MemberControl:
+    """Member side of the control stream.
+
+    Call `hello()` and send `data_to_send()`; feed received bytes to `receive_data`, which returns the
+    messages the caller acts on (`Registered`, `Directory`, `DirectoryUpdate`, `Ping` for liveness) and
+    answers
+    the challenge and pings by itself. Raises AuthenticationError if the relay's proof fails (or it is not
+    `expected_relay_id`), RemoteProtocolError on a protocol violation or an ERROR from the relay.
+    """
+
+    identity: Identity
+    announcement: Announcement
+    expected_relay_id: str | None = None
+    nonce_source: Callable[[int], bytes] = os.urandom
+    relay_id: str | None = None
+    _state: _State = _State.START
+    _nonce_c: bytes = b""
+    _out: bytearray = field(default_factory=bytearray)
+    _reader: MessageReader = field(default_factory=lambda: MessageReader(max_directory=MAX_DIRECTORY_MESSAGE))
+
+    def hello(self) -> None:
+        if self._state is not _State.START:
+            raise LocalProtocolError("hello() called twice")
+        canonical_announcement(self.announcement)
+        self._nonce_c = self.nonce_source(NONCE_LEN)
+        self._out += encode_message(Hello(PROTOCOL_VERSION, self._nonce_c))
+        self._state = _State.HELLO_SENT
+
+    def announce(self, announcement: Announcement) -> None:
+        """Queue an ANNOUNCE with new fields (sent right away once registered)."""
+        canonical_announcement(announcement)
+        self.announcement = announcement
+        if self._state is _State.REGISTERED:
+            self._out += encode_message(Announce(announcement))
+
+    def data_to_send(self) -> bytes:
+        data = bytes(self._out)
+        self._out.clear()
+        return data
+
+    @property
+    def registered(self) -> bool:
+        return self._state is _State.REGISTERED
+
+    def receive_data(self, data: bytes) -> list[Message]:
+        events: list[Message] = []
+        for msg in self._reader.feed(data):
+            if isinstance(msg, Error):
+                self._state = _State.CLOSED
+                raise RemoteProtocolError(f"relay error {msg.code}: {msg.message}")
+            if self._state is _State.HELLO_SENT and isinstance(msg, Challenge):
+                self._on_challenge(msg)
+            elif self._state is _State.HELLO_SENT and isinstance(msg, Registered):
+                if msg.peer_id != self.identity.peer_id:
+                    raise RemoteProtocolError(f"relay registered us as {msg.peer_id}")
+                self._state = _State.REGISTERED
+                events.append(msg)
+            elif self._state is _State.REGISTERED and isinstance(msg, Directory | DirectoryUpdate):
+                events.append(msg)
+            elif self._state is _State.REGISTERED and isinstance(msg, Ping):
+                self._out += encode_message(Pong(msg.seq))
+                events.append(msg)
+            else:
+                raise RemoteProtocolError(
+                    f"unexpected {type(msg).__name__} from relay in state {self._state.value}"
+                )
+        return events
+
+    def _on_challenge(self, msg: Challenge) -> None:
+        if self.relay_id is not None:
+            raise RemoteProtocolError("relay sent a second CHALLENGE")
+        verify(
+            msg.relay_key,
+            msg.signature,
+            CHALLENGE_CONTEXT + self._nonce_c + msg.nonce,
+            claimed_peer_id=msg.relay_id,
+        )
+        if self.expected_relay_id is not None and msg.relay_id != self.expected_relay_id:
+            raise AuthenticationError(f"relay is {msg.relay_id}, expected {self.expected_relay_id}")
+        self.relay_id = msg.relay_id
+        sig = self.identity.sign(register_message(msg.nonce, self._nonce_c, self.announcement))
+        self._out += encode_message(
+            Register(self.identity.peer_id, self.identity.public_key, sig, self.announcement)
+        )
+
+
+@dataclass
+class RelayControl:
+    """Relay side of one member's control stream.
+
+    Feed received bytes to `receive_data`; it answers HELLO with a CHALLENGE by itself and returns the
+    messages
+    the relay acts on: `Register` once the member proved its peer id (then call `accept(keepalive_s)`),
+    `Announce`, `Pong`. Raises AuthenticationError for a bad proof, RemoteProtocolError for a violation
+    (the caller should then `error(...)`, flush, and close the connection).
+    """
+
+    identity: Identity
+    nonce_source: Callable[[int], bytes] = os.urandom
+    peer_id: str | None = None
+    _state: _State = _State.AWAIT_HELLO
+    _nonce_r: bytes = b""
+    _nonce_c: bytes = b""
+    _out: bytearray = field(default_factory=bytearray)
+    _reader: MessageReader = field(default_factory=MessageReader)
+    _seq: int = 0
+
+    def data_to_send(self) -> bytes:
+        data = bytes(self._out)
+        self._out.clear()
+        return data
+
+    def receive_data(self, data: bytes) -> list[Message]:
+        events: list[Message] = []
+        for msg in self._reader.feed(data):
+            if self._state is _State.AWAIT_HELLO and isinstance(msg, Hello):
+                if msg.version != PROTOCOL_VERSION:
+                    raise RemoteProtocolError(f"relay protocol version {msg.version} not supported")
+                self._nonce_c = msg.nonce
+                self._nonce_r = self.nonce_source(NONCE_LEN)
+                sig = self.identity.sign(CHALLENGE_CONTEXT + self._nonce_c + self._nonce_r)
+                self._out += encode_message(
+                    Challenge(self._nonce_r, self.identity.peer_id, self.identity.public_key, sig)
+                )
+                self._state = _State.AWAIT_REGISTER
+            elif self._state is _State.AWAIT_REGISTER and isinstance(msg, Register):
+                verify(
+                    msg.public_key,
+                    msg.signature,
+                    register_message(self._nonce_r, self._nonce_c, msg.announcement),
+                    claimed_peer_id=msg.peer_id,
+                )
+                self.peer_id = msg.peer_id
+                self._state = _State.REGISTERED
+                events.append(msg)
+            elif self._state is _State.REGISTERED and isinstance(msg, Announce | Pong):
+                events.append(msg)
+            else:
+                raise RemoteProtocolError(
+                    f"unexpected {type(msg).__name__} from member in state {self._state.value}"
+                )
+        return events
+
+    def accept(self, keepalive_s: float) -> None:
+        if self._state is not _State.REGISTERED or self.peer_id is None:
+            raise LocalProtocolError("accept() before a valid REGISTER")
+        self._out += encode_message(Registered(self.peer_id, keepalive_s))
+
+    def send(self, msg: Directory | DirectoryUpdate) -> None:
+        if self._state is not _State.REGISTERED:
+            raise LocalProtocolError("directory sent to an unregistered member")
+        self._out += encode_message(msg)
+
+    def ping(self) -> int:
+        self._seq += 1
+        self._out += encode_message(Ping(self._seq))
+        return self._seq
+
+    def error(self, code: str, message: str = "") -> None:
+        self._out += encode_message(Error(code, message))
+        self._state = _State.CLOSED
