@@ -383,7 +383,7 @@ def http_client_factory(connector: Connector | None) -> Callable[..., httpx.Asyn
 
 def fetch_connect(connector: Connector) -> Callable[[str, int, bool], Awaitable[trio.abc.Stream]]:
     """The fetcher's `connect=`: peer URLs through `connector`, other hosts as the fetcher would."""
-    from eldric_p2p.data.fetcher import open_stream
+    from eldric_p2p.data.rangeclient import open_stream
 
     async def connect(host: str, port: int, tls: bool) -> trio.abc.Stream:
         peer_id = peer_of_host(host)

@@ -3,9 +3,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import socket
-import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -462,30 +460,3 @@ def test_header_parsed_once_per_process(tmp_path: Path, monkeypatch) -> None:
 
     run_with_peers([make_app(src)], go)
     assert len(calls) == 1
-
-
-def test_tensors_hashed_in_order_whatever_order_bytes_land(tmp_path: Path) -> None:
-    """The shard writer hashes each tensor front to back while pieces arrive out of order from threads."""
-    src = write_synthetic_gguf(tmp_path / "m.gguf", arch="llama", hidden=256, ffn=512)
-    ix = read_index(src)
-    data = src.read_bytes()
-    dst = tmp_path / "copy.gguf"
-    dst.write_bytes(bytes(len(data)))
-    tensors = ix.assignment_tensors(0, 4)
-    first, last = min(t.offset for t in tensors), max(t.end for t in tensors)
-    cuts = sorted({first, last, *random.Random(7).sample(range(first, last), 200)})
-    pieces = list(zip(cuts[:-1], cuts[1:], strict=True))
-    random.Random(8).shuffle(pieces)
-    writer = fetcher._ShardWriter(dst, tensors)
-
-    def write_some(part: list[tuple[int, int]]) -> None:
-        for a, b in part:
-            writer.write(a, memoryview(data)[a:b])
-
-    threads = [threading.Thread(target=write_some, args=(pieces[i::4],)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    writer.close()
-    assert writer.digests() == {t.name: hashlib.sha256(data[t.offset : t.end]).hexdigest() for t in tensors}
