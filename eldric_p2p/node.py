@@ -31,7 +31,8 @@ from starlette.routing import Route
 
 from eldric_p2p import __version__
 from eldric_p2p.api.backends.base import Backend
-from eldric_p2p.api.backends.pipeline import PipelineBackend, RemotePipelineBackend, pipeline_routes
+from eldric_p2p.api.backends.pipeline import PipelineBackend
+from eldric_p2p.api.backends.remote import RemotePipelineBackend, pipeline_routes
 from eldric_p2p.api.backends.upstream import UpstreamBackend
 from eldric_p2p.api.dashboard import dashboard_routes
 from eldric_p2p.api.gateway import gateway_routes

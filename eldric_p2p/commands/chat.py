@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     import httpx
 
-    from eldric_p2p.api.backends.pipeline import exception_of
+    from eldric_p2p.api.backends.remote import exception_of
     from eldric_p2p.errors import PeerUnavailable, RemoteProtocolError
 
     params = sampling_params(args)

@@ -23,7 +23,7 @@ def node_base(url: str) -> str:
 
 def raise_for_error(resp: Any, what: str) -> dict[str, Any]:
     """The JSON body of a 2xx answer; raises the matching EldricError for an error answer."""
-    from eldric_p2p.api.backends.pipeline import exception_of
+    from eldric_p2p.api.backends.remote import exception_of
     from eldric_p2p.errors import PeerUnavailable
 
     try:

@@ -17,7 +17,8 @@ from gateway_helpers import PIECES, BusyBackend, FakeBackend, app_of, serving
 
 from eldric_p2p.api.backends.base import GenerationEvent, GenerationRequest
 from eldric_p2p.api.backends.local import LocalBackend
-from eldric_p2p.api.gateway import MAX_BODY, gateway_routes
+from eldric_p2p.api.gateway import gateway_routes
+from eldric_p2p.api.requests import MAX_BODY
 from eldric_p2p.api.router import Router
 from eldric_p2p.engine.generate import LocalModel, prompt_token_ids
 from eldric_p2p.engine.sampling import SamplingParams
