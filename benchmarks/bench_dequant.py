@@ -20,21 +20,10 @@ from gguf import quants as gguf_quants
 
 from eldric_p2p.data.gguf_index import GGUFFile
 from eldric_p2p.engine.dequant import dequantize
+from eldric_p2p.engine.synthetic import F16_FIELDS
 from eldric_p2p.paths import models_dir
 
 T = GGMLQuantizationType
-F16_FIELDS = {
-    T.Q4_0: [0],
-    T.Q4_1: [0, 2],
-    T.Q5_0: [0],
-    T.Q5_1: [0, 2],
-    T.Q8_0: [0],
-    T.Q2_K: [80, 82],
-    T.Q3_K: [108],
-    T.Q4_K: [0, 2],
-    T.Q5_K: [0, 2],
-    T.Q6_K: [208],
-}
 FILES = ("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "gemma-3-270m-q4_k_m.gguf")
 
 

@@ -169,34 +169,30 @@ def _q3_k(blocks: torch.Tensor) -> torch.Tensor:
     return _as_float(q, n, 16, 16, signed=True).mul_(dl).view(n, QK_K)
 
 
-def _k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 12 packed bytes of Q4_K/Q5_K -> eight 6-bit scales and eight 6-bit mins, each [n, 8] uint8."""
-    d = scales[:, 0:4]
+def _k_scale_min(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K/Q5_K blocks (f16 d, f16 dmin, then 12 bytes packing eight 6-bit scales sc and eight 6-bit mins mn)
+    -> the sub-block scales d * sc and mins dmin * mn, each [n, 8, 1] float32."""
+    d = _f16(blocks, 0, 2)  # [n, 1]
+    dmin = _f16(blocks, 2, 4)  # [n, 1]
+    scales = blocks[:, 4:16].contiguous()  # [n, 12]
+    lo = scales[:, 0:4]
     m = scales[:, 4:8]
     m_d = scales[:, 8:12]
-    sc = torch.cat((d & 0x3F, (m_d & 0x0F) | ((d >> 2) & 0x30)), dim=-1)
-    mn = torch.cat((m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)), dim=-1)
-    return sc, mn
+    sc = torch.cat((lo & 0x3F, (m_d & 0x0F) | ((lo >> 2) & 0x30)), dim=-1)  # [n, 8] uint8
+    mn = torch.cat((m & 0x3F, (m_d >> 4) | ((m >> 2) & 0x30)), dim=-1)  # [n, 8] uint8
+    return (d * sc).unsqueeze(-1), (dmin * mn).unsqueeze(-1)  # [n, 8, 1] each
 
 
 def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
-    d = _f16(blocks, 0, 2)  # [n, 1]
-    dmin = _f16(blocks, 2, 4)  # [n, 1]
-    sc, mn = _k_scale_min(blocks[:, 4:16].contiguous())
-    ds = (d * sc).unsqueeze(-1)  # [n, 8, 1]
-    dm = (dmin * mn).unsqueeze(-1)  # [n, 8, 1]
+    ds, dm = _k_scale_min(blocks)  # [n, 8, 1] each
     q = _nibbles(_words(blocks, 16, 144).view(n, 4, 4))  # [n, 4, 2, 4] words = [n, 8, 32] uint8
     return _as_float(q, n, 8, 32).mul_(ds).sub_(dm).view(n, QK_K)
 
 
 def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
     n = blocks.shape[0]
-    d = _f16(blocks, 0, 2)  # [n, 1]
-    dmin = _f16(blocks, 2, 4)  # [n, 1]
-    sc, mn = _k_scale_min(blocks[:, 4:16].contiguous())
-    ds = (d * sc).unsqueeze(-1)  # [n, 8, 1]
-    dm = (dmin * mn).unsqueeze(-1)  # [n, 8, 1]
+    ds, dm = _k_scale_min(blocks)  # [n, 8, 1] each
     high = _bits(_words(blocks, 16, 48)) << 4  # [n, 8, 4] words = [n, 8, 32] in {0, 16}
     low = _nibbles(_words(blocks, 48, 176).view(n, 4, 4))  # [n, 4, 2, 4] words = [n, 8, 32]
     q = low.view(n, 8, 4) | high  # [n, 8, 4] words = [n, 8, 32] uint8 in [0, 31]

@@ -5,180 +5,30 @@ in between it maps hidden states to hidden states. The residual stream is float3
 model into any number of stages (passing float32 hidden states between them) gives the same logits as one
 stage.
 
-Weights stay in their GGUF block format and are multiplied by the CPU kernels of `qmatmul` when those are
-built ("native" weights, llama.cpp's arithmetic), or are dequantized to a dense dtype (bf16/f16/f32; the only
-choice on CUDA). The KV cache is preallocated per session and indexed by position.
+Weights are held as `weights` says (GGUF blocks on the CPU kernels, or dense); norms, GELU and RoPE follow
+ggml's arithmetic (`ops`). The KV cache is preallocated per session and indexed by position.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from eldric_p2p.data.gguf_index import GGUFIndex, TensorInfo
+from eldric_p2p.data.gguf_index import GGUFIndex
 from eldric_p2p.engine.config import ModelConfig
 from eldric_p2p.engine.dequant import dequantize
+from eldric_p2p.engine.ops import apply_rope, gelu_ggml, rms_norm, rope_tables
+from eldric_p2p.engine.weights import Embedding, Linear, TensorSource, resolve_weights
 from eldric_p2p.errors import InvalidInput, UnsupportedModel, UsageError
-
-try:
-    from eldric_p2p.engine import qmatmul
-except ImportError:  # pragma: no cover - the module ships with the package; the C extension may not
-    qmatmul = None  # type: ignore[assignment]
 
 try:  # rope, attention and SwiGLU with ggml's exact arithmetic (optional C extension)
     from eldric_p2p.engine import _ggmlops
 except ImportError:  # pragma: no cover - built by setup.py where a C compiler exists
     _ggmlops = None  # type: ignore[assignment]
-
-
-class TensorSource(Protocol):
-    """Where a stage reads weights: a local GGUF file or a shard cache (both `GGUFFile`)."""
-
-    index: GGUFIndex
-
-    def tensor_data(self, name: str) -> memoryview: ...
-
-
-def native_available() -> bool:
-    return qmatmul is not None and qmatmul.kernels_available()
-
-
-def resolve_weights(weights: str, device: torch.device) -> str:
-    """Pick the weight format: "native" (GGUF blocks + CPU kernels) or a dense dtype name."""
-    if weights == "auto":
-        if device.type == "cpu":
-            return "native" if native_available() else "f32"
-        return "bf16"
-    if weights == "native" and (device.type != "cpu" or not native_available()):
-        raise UsageError(
-            "native GGUF weights need the CPU kernels (eldric_p2p.engine._qkernels) and --device cpu"
-        )
-    if weights not in ("native", "f32", "bf16", "f16"):
-        raise UsageError(f"unknown weight format {weights!r}: use auto, native, f32, bf16 or f16")
-    return weights
-
-
-_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
-
-
-class Linear:
-    """y = x @ W.T (+ b) with x float32 [T, in] -> float32 [T, out]."""
-
-    def __init__(
-        self,
-        src: TensorSource,
-        info: TensorInfo,
-        bias: torch.Tensor | None,
-        fmt: str,
-        device: torch.device,
-        *,
-        repacked: bool | None = None,
-    ):
-        self.out_features = info.shape[1] if len(info.shape) > 1 else 1
-        self.in_features = info.shape[0]
-        self.bias = bias
-        raw = src.tensor_data(info.name)
-        if fmt == "native" and qmatmul.supports(info.ggml_type):
-            self.q = qmatmul.QuantWeight.from_raw(
-                raw, info.ggml_type, self.in_features, self.out_features, repacked=repacked
-            )
-            self.w = None
-            self.nbytes = info.nbytes
-        else:
-            self.q = None
-            dtype = torch.float32 if fmt == "native" else _DTYPES[fmt]
-            self.w = dequantize(raw, info.ggml_type, info.shape, name=info.name, dtype=dtype, device=device)
-            self.nbytes = self.w.numel() * self.w.element_size()
-
-    threads: int | None = None  # kernel threads; set by the Stage (None: torch's thread count)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.q is not None:
-            y = qmatmul.qlinear(x, self.q, n_threads=self.threads)
-        else:
-            assert self.w is not None
-            y = F.linear(x.to(self.w.dtype), self.w).float()
-        if self.bias is not None:
-            y = y + self.bias
-        return y
-
-
-class Embedding:
-    """Token embedding rows dequantized on lookup, so a quantized table is never expanded whole."""
-
-    def __init__(self, src: TensorSource, info: TensorInfo, device: torch.device):
-        self.info = info
-        self.dim, self.vocab = info.shape[0], info.shape[1]
-        block, type_size = GGML_QUANT_SIZES[info.ggml_type]
-        self.row_bytes = self.dim // block * type_size
-        self.rows = np.frombuffer(src.tensor_data(info.name), dtype=np.uint8).reshape(
-            self.vocab, self.row_bytes
-        )
-        self.device = device
-
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        raw = self.rows[ids.cpu().numpy()]  # [T, row_bytes]
-        out = dequantize(raw, self.info.ggml_type, (self.dim, len(raw)), name=self.info.name)
-        return out.to(self.device)  # [T, dim] float32
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMS norm with ggml's arithmetic: squares in float32 summed in float64, the mean rounded to float32,
-    scale = 1/sqrt(mean + eps) in float32 (eps a float32), y = (x * scale) * weight.
-
-    One C call where _ggmlops is built (CPU float32); otherwise torch ops. torch's float32 sqrt is not always
-    correctly rounded (ggml's sqrtf is); a float64 sqrt rounded to float32 is, hence a float64 root."""
-    if _ggmlops is not None and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel():
-        out = torch.empty_like(x)
-        _ggmlops.rms_norm(x.contiguous().numpy(), weight.numpy(), out.numpy(), eps)
-        return out
-    mean = ((x * x).double().sum(-1, keepdim=True) / x.shape[-1]).float()  # [..., 1]
-    root = torch.sqrt((mean + _f32(eps)).double()).float()
-    return (x * (1.0 / root)) * weight
-
-
-def _f32(v: float) -> torch.Tensor:
-    return torch.tensor(v, dtype=torch.float32)
-
-
-def gelu_ggml(x: torch.Tensor) -> torch.Tensor:
-    """GELU (tanh form) as ggml's CPU backend computes it: through an f16 table, so input and output are
-    rounded to f16; inputs <= -10 give 0 and inputs >= 10 pass through."""
-    y = F.gelu(x.half().float(), approximate="tanh").half().float()
-    return torch.where(x <= -10.0, torch.zeros_like(x), torch.where(x >= 10.0, x, y))
-
-
-def rope_tables(cfg: ModelConfig, base: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [T, rope_dim/2] for `positions`, theta built by repeated float32 products as ggml does."""
-    half = cfg.rope_dim // 2
-    theta_scale = torch.tensor(base, dtype=torch.float32) ** torch.tensor(
-        -2.0 / cfg.rope_dim, dtype=torch.float32
-    )
-    steps = torch.full((half,), float(theta_scale), dtype=torch.float32)
-    steps[0] = 1.0
-    pos = positions.to(torch.float32)[:, None] / cfg.rope_scale  # [T, 1]
-    theta = torch.cumprod(torch.cat([pos, steps[None, 1:].expand(len(pos), -1)], dim=1), dim=1)  # [T, half]
-    return torch.cos(theta), torch.sin(theta)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    # x: [T, H, head_dim]; cos/sin: [T, half]
-    half = cfg.rope_dim // 2
-    rot, rest = x[..., : cfg.rope_dim], x[..., cfg.rope_dim :]
-    c, s = cos[:, None, :], sin[:, None, :]  # [T, 1, half]
-    if cfg.rope_neox:
-        x0, x1 = rot[..., :half], rot[..., half:]
-        out = torch.cat([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1)
-    else:
-        x0, x1 = rot[..., 0::2], rot[..., 1::2]
-        out = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2)
-    return torch.cat([out, rest], dim=-1) if rest.numel() else out
 
 
 @dataclass
@@ -545,7 +395,3 @@ def estimate_stage_bytes(
             total += t.n_elements * elem  # tied LM head expanded as well
     total += kv_bytes_per_token(cfg, end - start) * min(max_ctx, cfg.context_length) * sessions
     return total
-
-
-def ggml_type_name(t: int) -> str:
-    return GGMLQuantizationType(t).name

@@ -1,4 +1,4 @@
-"""Tiny random GGUF models for tests: real metadata keys and tensor names, random weights, a working vocabulary.
+"""Tiny random GGUF models for tests: real metadata keys and tensor names, random weights, a working vocab.
 
 `write_synthetic_gguf(path, arch=...)` writes a well-formed file of architecture `llama`, `qwen2` or `gemma3`
 with the same keys and tensor names the real files of that architecture use (checked against the two
@@ -39,6 +39,20 @@ DEFAULT_TYPES: dict[str, GGMLQuantizationType] = {
     "ffn_gate": Q.Q5_0,
     "ffn_up": Q.F16,
     "ffn_down": Q.Q6_K,
+}
+# Byte offsets of the float16 fields (scales, mins) inside one block of each quantized type; random block
+# bytes (tests, benchmarks) keep these finite.
+F16_FIELDS: dict[GGMLQuantizationType, list[int]] = {
+    Q.Q4_0: [0],
+    Q.Q4_1: [0, 2],
+    Q.Q5_0: [0],
+    Q.Q5_1: [0, 2],
+    Q.Q8_0: [0],
+    Q.Q2_K: [80, 82],
+    Q.Q3_K: [108],
+    Q.Q4_K: [0, 2],
+    Q.Q5_K: [0, 2],
+    Q.Q6_K: [208],
 }
 # What a default choice falls back to when the row length does not fit its block size.
 _FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_0, Q.Q6_K: Q.Q8_0, Q.Q5_0: Q.F16, Q.Q8_0: Q.F16, Q.Q4_0: Q.F16}
@@ -97,6 +111,20 @@ def _spm_vocab() -> tuple[list[str], list[int], list[float]]:
         types.append(int(TokenType.NORMAL))
         scores.append(-float(rank))
     return tokens, types, scores
+
+
+def _pad_vocab(tokens: list[str], types: list[int], vocab: int | None, name: str) -> int:
+    """Append control tokens `name.format(i)` to `tokens`/`types` until there are `vocab`; returns how many.
+
+    Raises ValueError when `vocab` is smaller than the built-in vocabulary."""
+    if vocab is None:
+        return 0
+    if vocab < len(tokens):
+        raise ValueError(f"vocab {vocab} is smaller than the built-in {len(tokens)}-token vocabulary")
+    extra = vocab - len(tokens)
+    tokens += [name.format(i) for i in range(extra)]
+    types += [int(TokenType.CONTROL)] * extra
+    return extra
 
 
 def _as_type(t: GGMLQuantizationType | str) -> GGMLQuantizationType:
@@ -179,7 +207,8 @@ def _quantize_q4_k(x: np.ndarray) -> np.ndarray:
         ],
         axis=-1,
     )  # [nb, 12]
-    out = np.concatenate([d.view(np.uint8).reshape(nb, 2), dmin.view(np.uint8).reshape(nb, 2), scales, qs], axis=-1)
+    halves = [d.view(np.uint8).reshape(nb, 2), dmin.view(np.uint8).reshape(nb, 2)]  # [nb, 2] each
+    out = np.concatenate([*halves, scales, qs], axis=-1)
     return out.reshape(rows, -1)
 
 
@@ -255,16 +284,9 @@ def write_synthetic_gguf(
 
     if arch == "gemma3":
         tokens, types, scores = _spm_vocab()
-        n_natural = len(tokens)
         w.add_tokenizer_model("llama")
         w.add_tokenizer_pre("default")
-        if vocab is not None:
-            if vocab < n_natural:
-                raise ValueError(f"vocab {vocab} is smaller than the built-in {n_natural}-token vocabulary")
-            for i in range(vocab - n_natural):
-                tokens.append(f"<unused{i}>")
-                types.append(int(TokenType.CONTROL))
-                scores.append(-1000.0)
+        scores += [-1000.0] * _pad_vocab(tokens, types, vocab, "<unused{}>")
         w.add_token_list(tokens)
         w.add_token_scores(scores)
         w.add_token_types(types)
@@ -277,15 +299,9 @@ def write_synthetic_gguf(
         w.add_add_space_prefix(False)
     else:
         tokens, types, merges, ids = _bpe_vocab(arch)
-        n_natural = len(tokens)
         w.add_tokenizer_model("gpt2")
         w.add_tokenizer_pre("qwen2" if arch == "qwen2" else "llama-bpe")
-        if vocab is not None:
-            if vocab < n_natural:
-                raise ValueError(f"vocab {vocab} is smaller than the built-in {n_natural}-token vocabulary")
-            for i in range(vocab - n_natural):
-                tokens.append(f"<|reserved_{i}|>")
-                types.append(int(TokenType.CONTROL))
+        _pad_vocab(tokens, types, vocab, "<|reserved_{}|>")
         w.add_token_list(tokens)
         w.add_token_types(types)
         w.add_token_merges(merges)

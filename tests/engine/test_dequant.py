@@ -11,23 +11,11 @@ from gguf import quants as gguf_quants
 from eldric_p2p.data.gguf_index import GGUFFile
 from eldric_p2p.engine import dequant
 from eldric_p2p.engine.dequant import dequantize, supported_types
+from eldric_p2p.engine.synthetic import F16_FIELDS
 from eldric_p2p.errors import GGUFFormatError, UnsupportedModel
 
 T = GGMLQuantizationType
 
-# Byte offsets of the float16 fields (scales, mins) inside one block of each block type.
-F16_FIELDS = {
-    T.Q4_0: [0],
-    T.Q4_1: [0, 2],
-    T.Q5_0: [0],
-    T.Q5_1: [0, 2],
-    T.Q8_0: [0],
-    T.Q2_K: [80, 82],
-    T.Q3_K: [108],
-    T.Q4_K: [0, 2],
-    T.Q5_K: [0, 2],
-    T.Q6_K: [208],
-}
 QUANTIZABLE = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.BF16]  # gguf-py quantizes these itself
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from engine_helpers import simd_set
 
 _ggmlops = pytest.importorskip("eldric_p2p.engine._ggmlops", reason="the C extension is not built")
 
@@ -36,13 +37,8 @@ def fx():
 @pytest.fixture(params=["simd", "portable"], autouse=True)
 def simd(request):
     """Each test runs with the FMA/AVX2 code and with the portable code: both must give llama.cpp's bits."""
-    got = _ggmlops.set_simd(request.param == "simd")
-    try:
-        if request.param == "simd" and not got:
-            pytest.skip("this CPU has no FMA")
+    with simd_set(_ggmlops, request.param == "simd", "this CPU has no FMA"):
         yield request.param
-    finally:
-        _ggmlops.set_simd(True)
 
 
 def _case(fx, model: str, step: int) -> dict[str, np.ndarray]:
@@ -58,10 +54,10 @@ def test_rms_norm_is_bit_exact(fx, model, step):
     _ggmlops.rms_norm(c["norm_in"], np.ones(c["norm_in"].shape[1], np.float32), out, eps)
     assert np.array_equal(out, c["norm_out"])
     # the torch fallback (CUDA, no C extension) computes the same bits
-    from eldric_p2p.engine import model as engine_model
+    from eldric_p2p.engine import ops
 
-    with mock.patch.object(engine_model, "_ggmlops", None):
-        ours = engine_model.rms_norm(torch.from_numpy(c["norm_in"]), torch.ones(out.shape[1]), eps)
+    with mock.patch.object(ops, "_ggmlops", None):
+        ours = ops.rms_norm(torch.from_numpy(c["norm_in"]), torch.ones(out.shape[1]), eps)
     assert np.array_equal(ours.numpy(), c["norm_out"])
 
 

@@ -2,11 +2,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_helpers import greedy_logits
 
 from eldric_p2p.data.gguf_index import GGUFFile
 from eldric_p2p.engine.config import ModelConfig
-from eldric_p2p.engine.model import Stage, estimate_stage_bytes, native_available
+from eldric_p2p.engine.model import Stage, estimate_stage_bytes
 from eldric_p2p.engine.synthetic import write_synthetic_gguf
+from eldric_p2p.engine.weights import native_available
 from eldric_p2p.errors import InvalidInput, UnsupportedModel, UsageError
 
 ARCHS = ["llama", "qwen2", "gemma3"]
@@ -30,19 +32,7 @@ def run_split(src, splits, weights, prompt, steps):
     n = src.index.n_layers
     bounds = [0, *splits, n]
     stages = [Stage(src, a, b, weights=weights, max_ctx=64) for a, b in zip(bounds, bounds[1:], strict=False)]
-    for s in stages:
-        s.open_session("s")
-    out = []
-    ids = torch.tensor(prompt)
-    pos = 0
-    for _ in range(steps + 1):
-        x = ids
-        for s in stages:
-            x = s.forward("s", x, pos)
-        out.append(x)
-        pos += len(ids)
-        ids = x[-1:].argmax(-1)
-    return out
+    return greedy_logits(stages, prompt, steps)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -167,7 +157,7 @@ def test_sliding_window_hides_keys_older_than_the_window(tmp_path):
 
 
 def test_a_model_file_with_wrong_tensor_shapes_is_refused_at_load(tmp_path):
-    """A hostile or broken file: tensors of the wrong shape are a clear error, not a torch crash mid-forward."""
+    """A hostile or broken file: tensors of the wrong shape are a clear error, not a torch crash mid-run."""
     from dataclasses import replace
 
     src = GGUFFile(write_synthetic_gguf(tmp_path / "m.gguf", arch="qwen2", n_layers=2, hidden=64, vocab=400))

@@ -22,10 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from engine_helpers import simd_set
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from eldric_p2p.engine import qmatmul as qm
+from eldric_p2p.engine.synthetic import F16_FIELDS
 from eldric_p2p.errors import InvalidInput
 
 T = GGMLQuantizationType
@@ -38,11 +40,6 @@ pytestmark = pytest.mark.skipif(
 SIMPLE = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
 KQUANTS = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 ALL = [T.F32, T.F16, *SIMPLE, *KQUANTS]
-# Byte offsets of the float16 scale fields inside one block.
-F16_FIELDS = {
-    T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0],
-    T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208],
-}  # fmt: skip
 SIMD_MODES = ["portable", "avx2"]
 
 
@@ -51,13 +48,8 @@ def simd(request: pytest.FixtureRequest):
     """Run a test with the portable kernels, then with the AVX2 ones (skipped on CPUs without AVX2)."""
     from eldric_p2p.engine import _qkernels
 
-    got = _qkernels.set_simd(request.param == "avx2")
-    try:
-        if request.param == "avx2" and not got:
-            pytest.skip("this CPU has no AVX2+FMA+F16C")
+    with simd_set(_qkernels, request.param == "avx2", "this CPU has no AVX2+FMA+F16C"):
         yield request.param
-    finally:
-        _qkernels.set_simd(True)
 
 
 # --- reference: activation quantization (ggml-quants.c quantize_row_q8_*_ref)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_helpers import greedy_logits
 
 from eldric_p2p.data.gguf_index import GGUFFile
 from eldric_p2p.engine.model import Stage
@@ -120,26 +121,9 @@ def test_any_split_of_a_real_model_gives_the_same_logits(name, request):
     n = src.index.n_layers
     prompt = [int(t) for t in fixture(name)["prompts"][0]["prompt_ids"]]
 
-    def run(stages: list[Stage]) -> list[torch.Tensor]:
-        for s in stages:
-            s.open_session("split")
-        outs, ids, pos = [], torch.tensor(prompt), 0
-        try:
-            for _ in range(4):  # prefill + 3 decode steps
-                x = ids
-                for s in stages:
-                    x = s.forward("split", x, pos)
-                outs.append(x)
-                pos += len(ids)
-                ids = x[-1:].argmax(-1)
-        finally:
-            for s in stages:
-                s.close_session("split")
-        return outs
-
-    ref = run([whole])
+    ref = greedy_logits([whole], prompt, steps=3, sid="split")  # prefill + 3 decode steps
     for k in (2, 3, 4):
         bounds = [round(i * n / k) for i in range(k + 1)]
         stages = [Stage(src, a, b, max_ctx=1024) for a, b in zip(bounds, bounds[1:], strict=False)]
-        for a, b in zip(ref, run(stages), strict=True):
+        for a, b in zip(ref, greedy_logits(stages, prompt, steps=3, sid="split"), strict=True):
             assert torch.equal(a, b), f"{name}: {k} stages {bounds} differ from one stage"
