@@ -18,14 +18,9 @@ import trio
 from eldric_p2p.net.discovery import PeerTable
 from eldric_p2p.net.identity import Identity
 from eldric_p2p.net.relay.client import RelayMember
-from eldric_p2p.net.relay.quic import (
-    QuicConn,
-    QuicServer,
-    client_configuration,
-    connect_quic,
-    open_udp_socket,
-    server_configuration,
-)
+from eldric_p2p.net.relay.quic import QuicConn
+from eldric_p2p.net.relay.quic_config import client_configuration, server_configuration
+from eldric_p2p.net.relay.quic_udp import QuicServer, connect_quic, open_udp_socket
 from eldric_p2p.net.relay.server import RelayLimits, run_relay
 
 FRAME = 1800

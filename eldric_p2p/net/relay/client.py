@@ -24,8 +24,11 @@ from eldric_p2p.errors import EldricError, PeerUnavailable, RemoteProtocolError,
 from eldric_p2p.net.discovery import Announcement, PeerTable, peer_info_from_fields
 from eldric_p2p.net.identity import Identity
 from eldric_p2p.net.relay import protocol as p
+from eldric_p2p.net.relay.control import MemberControl
 from eldric_p2p.net.relay.framing import read_message, write_message
-from eldric_p2p.net.relay.quic import QuicConn, QuicStream, client_configuration, connect_quic
+from eldric_p2p.net.relay.quic import QuicConn, QuicStream
+from eldric_p2p.net.relay.quic_config import client_configuration
+from eldric_p2p.net.relay.quic_udp import connect_quic
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +131,7 @@ class RelayMember:
             handshake_timeout=self.handshake_timeout_s,
             send_window=self.stream_window,
         ) as conn:
-            control = p.MemberControl(
+            control = MemberControl(
                 self.identity, self._announcement(), expected_relay_id=self.expected_relay_id
             )
             stream = conn.open_stream()
@@ -186,9 +189,7 @@ class RelayMember:
         await conn.wait_closed()
         scope.cancel()
 
-    async def _reannounce(
-        self, control: p.MemberControl, send_pending: Callable[[], Awaitable[None]]
-    ) -> None:
+    async def _reannounce(self, control: MemberControl, send_pending: Callable[[], Awaitable[None]]) -> None:
         current = control.announcement
         while True:
             await trio.sleep(self.announce_interval_s)

@@ -1,4 +1,6 @@
-"""The edge-relay control protocol, sans-IO: bytes in, events and bytes out; no sockets, no clock.
+"""The edge-relay protocol's messages and their encoding, sans-IO: types, limits, `encode_message`,
+`parse_message_untrusted` and `MessageReader`; no sockets, no clock. The control stream's state machines and
+what its signatures cover are control.py's.
 
 Every message is length-prefixed:
 
@@ -32,16 +34,13 @@ and a violation raises `RemoteProtocolError` naming what was wrong.
 from __future__ import annotations
 
 import enum
-import hashlib
 import json
-import os
 import struct
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from eldric_p2p.errors import AuthenticationError, LocalProtocolError, RemoteProtocolError
-from eldric_p2p.net.identity import Identity, is_peer_id, verify
+from eldric_p2p.errors import LocalProtocolError, RemoteProtocolError
+from eldric_p2p.net.identity import is_peer_id
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct("!IB")  # body length, message type
@@ -52,8 +51,6 @@ MAX_ANNOUNCEMENT_KEYS = 32
 MAX_LIST_ITEMS = 64
 MAX_STRING = 512
 NONCE_LEN = 32
-REGISTER_CONTEXT = b"eldric-p2p relay register v1\x00"
-CHALLENGE_CONTEXT = b"eldric-p2p relay challenge v1\x00"
 
 Announcement = dict[str, Any]
 
@@ -73,6 +70,9 @@ class MsgType(enum.IntEnum):
     ACCEPT = 12
     REFUSE = 13
     ERROR = 14
+
+
+DIRECTORY_TYPES = (MsgType.DIRECTORY, MsgType.DIRECTORY_UPDATE)  # the types allowed MAX_DIRECTORY_MESSAGE
 
 
 class RefuseCode(enum.StrEnum):
@@ -205,10 +205,6 @@ def canonical_announcement(ann: Announcement) -> bytes:
     return data
 
 
-def register_message(nonce_r: bytes, nonce_c: bytes, ann: Announcement) -> bytes:
-    return REGISTER_CONTEXT + nonce_r + nonce_c + hashlib.sha256(canonical_announcement(ann)).digest()
-
-
 def _member_json(m: Member) -> dict[str, Any]:
     return {"peer_id": m.peer_id, "public_key": m.public_key.hex(), "announcement": m.announcement}
 
@@ -263,7 +259,7 @@ def encode_message(msg: Message) -> bytes:
     """Frame one message. Raises LocalProtocolError if it exceeds the limit its type allows."""
     mtype, body = _body(msg)
     data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-    limit = MAX_DIRECTORY_MESSAGE if mtype in (MsgType.DIRECTORY, MsgType.DIRECTORY_UPDATE) else MAX_MESSAGE
+    limit = MAX_DIRECTORY_MESSAGE if mtype in DIRECTORY_TYPES else MAX_MESSAGE
     if len(data) > limit:
         raise LocalProtocolError(f"{mtype.name} message is {len(data)} bytes, limit {limit}")
     return HEADER.pack(len(data), mtype) + data
@@ -337,13 +333,17 @@ def check_announcement_untrusted(value: Any) -> Announcement:
     return value
 
 
+def _announcement(body: dict[str, Any]) -> Announcement:
+    return check_announcement_untrusted(_field(body, "announcement", dict))
+
+
 def _member(value: Any) -> Member:
     if not isinstance(value, dict):
         raise RemoteProtocolError("directory entry is not an object")
     return Member(
         _peer_id(value, "peer_id"),
         _hex(value, "public_key", 32),
-        check_announcement_untrusted(_field(value, "announcement", dict)),
+        _announcement(value),
     )
 
 
@@ -378,7 +378,7 @@ def parse_message_untrusted(mtype: int, data: bytes) -> Message:
                 _peer_id(body, "peer_id"),
                 _hex(body, "public_key", 32),
                 _hex(body, "sig", 64),
-                check_announcement_untrusted(_field(body, "announcement", dict)),
+                _announcement(body),
             )
         case MsgType.REGISTERED:
             keepalive = _field(body, "keepalive_s", int | float)
@@ -394,7 +394,7 @@ def parse_message_untrusted(mtype: int, data: bytes) -> Message:
                     raise RemoteProtocolError("directory update removes something that is not a peer id")
             return DirectoryUpdate(_members(body, "added"), tuple(removed))
         case MsgType.ANNOUNCE:
-            return Announce(check_announcement_untrusted(_field(body, "announcement", dict)))
+            return Announce(_announcement(body))
         case MsgType.PING:
             return Ping(_uint(body, "seq"))
         case MsgType.PONG:
@@ -410,6 +410,13 @@ def parse_message_untrusted(mtype: int, data: bytes) -> Message:
         case MsgType.ERROR:
             return Error(_str(body, "code", 64), _str(body, "message"))
     raise AssertionError(kind)  # pragma: no cover - the match is exhaustive
+
+
+def drain(buf: bytearray) -> bytes:
+    """What `buf` held; `buf` is left empty."""
+    data = bytes(buf)
+    buf.clear()
+    return data
 
 
 class MessageReader:
@@ -431,8 +438,7 @@ class MessageReader:
             if len(self._buf) < HEADER.size:
                 break
             length, mtype = HEADER.unpack_from(self._buf)
-            directory = mtype in (MsgType.DIRECTORY, MsgType.DIRECTORY_UPDATE)
-            max_len = self._max_directory if directory else self._max
+            max_len = self._max_directory if mtype in DIRECTORY_TYPES else self._max
             if length > max_len:
                 raise RemoteProtocolError(f"relay message of {length} bytes (type {mtype}), limit {max_len}")
             if len(self._buf) < HEADER.size + length:
@@ -443,186 +449,8 @@ class MessageReader:
         return out
 
     def rest(self) -> bytes:
-        data = bytes(self._buf)
-        self._buf.clear()
-        return data
+        return drain(self._buf)
 
     @property
     def buffered(self) -> int:
         return len(self._buf)
-
-
-# ------------------------------------------------------------------------------------ control state machines
-
-
-class _State(enum.Enum):
-    START = "start"
-    HELLO_SENT = "hello_sent"
-    AWAIT_HELLO = "await_hello"
-    AWAIT_REGISTER = "await_register"
-    REGISTERED = "registered"
-    CLOSED = "closed"
-
-
-@dataclass
-class MemberControl:
-    """Member side of the control stream.
-
-    Call `hello()` and send `data_to_send()`; feed received bytes to `receive_data`, which returns the
-    messages the caller acts on (`Registered`, `Directory`, `DirectoryUpdate`, `Ping` for liveness) and
-    answers
-    the challenge and pings by itself. Raises AuthenticationError if the relay's proof fails (or it is not
-    `expected_relay_id`), RemoteProtocolError on a protocol violation or an ERROR from the relay.
-    """
-
-    identity: Identity
-    announcement: Announcement
-    expected_relay_id: str | None = None
-    nonce_source: Callable[[int], bytes] = os.urandom
-    relay_id: str | None = None
-    _state: _State = _State.START
-    _nonce_c: bytes = b""
-    _out: bytearray = field(default_factory=bytearray)
-    _reader: MessageReader = field(default_factory=lambda: MessageReader(max_directory=MAX_DIRECTORY_MESSAGE))
-
-    def hello(self) -> None:
-        if self._state is not _State.START:
-            raise LocalProtocolError("hello() called twice")
-        canonical_announcement(self.announcement)
-        self._nonce_c = self.nonce_source(NONCE_LEN)
-        self._out += encode_message(Hello(PROTOCOL_VERSION, self._nonce_c))
-        self._state = _State.HELLO_SENT
-
-    def announce(self, announcement: Announcement) -> None:
-        """Queue an ANNOUNCE with new fields (sent right away once registered)."""
-        canonical_announcement(announcement)
-        self.announcement = announcement
-        if self._state is _State.REGISTERED:
-            self._out += encode_message(Announce(announcement))
-
-    def data_to_send(self) -> bytes:
-        data = bytes(self._out)
-        self._out.clear()
-        return data
-
-    @property
-    def registered(self) -> bool:
-        return self._state is _State.REGISTERED
-
-    def receive_data(self, data: bytes) -> list[Message]:
-        events: list[Message] = []
-        for msg in self._reader.feed(data):
-            if isinstance(msg, Error):
-                self._state = _State.CLOSED
-                raise RemoteProtocolError(f"relay error {msg.code}: {msg.message}")
-            if self._state is _State.HELLO_SENT and isinstance(msg, Challenge):
-                self._on_challenge(msg)
-            elif self._state is _State.HELLO_SENT and isinstance(msg, Registered):
-                if msg.peer_id != self.identity.peer_id:
-                    raise RemoteProtocolError(f"relay registered us as {msg.peer_id}")
-                self._state = _State.REGISTERED
-                events.append(msg)
-            elif self._state is _State.REGISTERED and isinstance(msg, Directory | DirectoryUpdate):
-                events.append(msg)
-            elif self._state is _State.REGISTERED and isinstance(msg, Ping):
-                self._out += encode_message(Pong(msg.seq))
-                events.append(msg)
-            else:
-                raise RemoteProtocolError(
-                    f"unexpected {type(msg).__name__} from relay in state {self._state.value}"
-                )
-        return events
-
-    def _on_challenge(self, msg: Challenge) -> None:
-        if self.relay_id is not None:
-            raise RemoteProtocolError("relay sent a second CHALLENGE")
-        verify(
-            msg.relay_key,
-            msg.signature,
-            CHALLENGE_CONTEXT + self._nonce_c + msg.nonce,
-            claimed_peer_id=msg.relay_id,
-        )
-        if self.expected_relay_id is not None and msg.relay_id != self.expected_relay_id:
-            raise AuthenticationError(f"relay is {msg.relay_id}, expected {self.expected_relay_id}")
-        self.relay_id = msg.relay_id
-        sig = self.identity.sign(register_message(msg.nonce, self._nonce_c, self.announcement))
-        self._out += encode_message(
-            Register(self.identity.peer_id, self.identity.public_key, sig, self.announcement)
-        )
-
-
-@dataclass
-class RelayControl:
-    """Relay side of one member's control stream.
-
-    Feed received bytes to `receive_data`; it answers HELLO with a CHALLENGE by itself and returns the
-    messages
-    the relay acts on: `Register` once the member proved its peer id (then call `accept(keepalive_s)`),
-    `Announce`, `Pong`. Raises AuthenticationError for a bad proof, RemoteProtocolError for a violation
-    (the caller should then `error(...)`, flush, and close the connection).
-    """
-
-    identity: Identity
-    nonce_source: Callable[[int], bytes] = os.urandom
-    peer_id: str | None = None
-    _state: _State = _State.AWAIT_HELLO
-    _nonce_r: bytes = b""
-    _nonce_c: bytes = b""
-    _out: bytearray = field(default_factory=bytearray)
-    _reader: MessageReader = field(default_factory=MessageReader)
-    _seq: int = 0
-
-    def data_to_send(self) -> bytes:
-        data = bytes(self._out)
-        self._out.clear()
-        return data
-
-    def receive_data(self, data: bytes) -> list[Message]:
-        events: list[Message] = []
-        for msg in self._reader.feed(data):
-            if self._state is _State.AWAIT_HELLO and isinstance(msg, Hello):
-                if msg.version != PROTOCOL_VERSION:
-                    raise RemoteProtocolError(f"relay protocol version {msg.version} not supported")
-                self._nonce_c = msg.nonce
-                self._nonce_r = self.nonce_source(NONCE_LEN)
-                sig = self.identity.sign(CHALLENGE_CONTEXT + self._nonce_c + self._nonce_r)
-                self._out += encode_message(
-                    Challenge(self._nonce_r, self.identity.peer_id, self.identity.public_key, sig)
-                )
-                self._state = _State.AWAIT_REGISTER
-            elif self._state is _State.AWAIT_REGISTER and isinstance(msg, Register):
-                verify(
-                    msg.public_key,
-                    msg.signature,
-                    register_message(self._nonce_r, self._nonce_c, msg.announcement),
-                    claimed_peer_id=msg.peer_id,
-                )
-                self.peer_id = msg.peer_id
-                self._state = _State.REGISTERED
-                events.append(msg)
-            elif self._state is _State.REGISTERED and isinstance(msg, Announce | Pong):
-                events.append(msg)
-            else:
-                raise RemoteProtocolError(
-                    f"unexpected {type(msg).__name__} from member in state {self._state.value}"
-                )
-        return events
-
-    def accept(self, keepalive_s: float) -> None:
-        if self._state is not _State.REGISTERED or self.peer_id is None:
-            raise LocalProtocolError("accept() before a valid REGISTER")
-        self._out += encode_message(Registered(self.peer_id, keepalive_s))
-
-    def send(self, msg: Directory | DirectoryUpdate) -> None:
-        if self._state is not _State.REGISTERED:
-            raise LocalProtocolError("directory sent to an unregistered member")
-        self._out += encode_message(msg)
-
-    def ping(self) -> int:
-        self._seq += 1
-        self._out += encode_message(Ping(self._seq))
-        return self._seq
-
-    def error(self, code: str, message: str = "") -> None:
-        self._out += encode_message(Error(code, message))
-        self._state = _State.CLOSED

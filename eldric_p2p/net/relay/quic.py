@@ -1,112 +1,37 @@
-"""A thin trio driver for aioquic's sans-IO `QuicConnection` (never its asyncio layer).
+"""A thin trio driver for aioquic's sans-IO `QuicConnection` (never its asyncio layer): one connection and its
+streams. Sockets are quic_udp.py's, settings and certificates quic_config.py's.
 
 One task owns each connection (`QuicConn.run`): it sends what aioquic has queued first, then sleeps until
-aioquic's timer or the next input (a datagram, or a poke from a stream that queued data). The server routes
-datagrams by destination connection id and feeds a new connection its first datagram before its task starts.
+aioquic's timer or the next input (a datagram, or a poke from a stream that queued data).
 
 aioquic buffers without bound in both directions, so this module adds its own watermarks:
 - send: `QuicStream.send_all` waits while the stream holds more than `send_window` unacknowledged bytes;
 - receive: `FlowControlledQuicConnection` grants the peer stream credit as the *application* consumes bytes
   (aioquic grants it as bytes arrive), so a stream never buffers more than `stream_window` unread bytes.
 
-Streams are `trio.abc.HalfCloseableStream`s carrying opaque bytes. TLS uses a throwaway self-signed
-certificate: the relay protocol (REGISTER) and the end-to-end link handshake authenticate peers, not QUIC.
+Streams are `trio.abc.HalfCloseableStream`s carrying opaque bytes.
 """
 
 from __future__ import annotations
 
-import datetime
 import math
-import socket
-import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import trio
-from aioquic.buffer import Buffer
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.packet import (
-    QuicFrameType,
-    QuicPacketType,
-    encode_quic_version_negotiation,
-    pull_quic_header,
-)
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from aioquic.quic.packet import QuicFrameType
 
 from eldric_p2p.errors import PeerUnavailable
+from eldric_p2p.net.relay.quic_config import DEFAULT_STREAM_WINDOW
 
-ALPN = "eldric-relay/1"
-DEFAULT_DATAGRAM_SIZE = 1350  # fits a 1500-byte path MTU with IPv6 headers to spare
-DEFAULT_STREAM_WINDOW = 256 * 1024
 INBOX_SIZE = 512  # datagrams queued for one connection before we drop (like a full socket buffer)
 RECEIVE_CHUNK = 64 * 1024
 
 NetworkAddress = Any
-
-
-# ---------------------------------------------------------------------------------------------- configuration
-
-
-def _self_signed() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "eldric-relay")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=3650))
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
-
-
-def server_configuration(
-    *,
-    idle_timeout: float = 30.0,
-    max_datagram_size: int = DEFAULT_DATAGRAM_SIZE,
-    stream_window: int = DEFAULT_STREAM_WINDOW,
-) -> QuicConfiguration:
-    """QUIC server settings with a fresh self-signed certificate."""
-    config = QuicConfiguration(
-        is_client=False,
-        alpn_protocols=[ALPN],
-        idle_timeout=idle_timeout,
-        max_datagram_size=max_datagram_size,
-        max_stream_data=stream_window,
-        max_data=64 * stream_window,
-    )
-    config.certificate, config.private_key = _self_signed()
-    return config
-
-
-def client_configuration(
-    *,
-    idle_timeout: float = 30.0,
-    max_datagram_size: int = DEFAULT_DATAGRAM_SIZE,
-    stream_window: int = DEFAULT_STREAM_WINDOW,
-) -> QuicConfiguration:
-    """QUIC client settings; the certificate is not checked (REGISTER's CHALLENGE proves the relay's key)."""
-    return QuicConfiguration(
-        is_client=True,
-        alpn_protocols=[ALPN],
-        idle_timeout=idle_timeout,
-        max_datagram_size=max_datagram_size,
-        max_stream_data=stream_window,
-        max_data=64 * stream_window,
-        verify_mode=ssl.CERT_NONE,
-        server_name="eldric-relay",
-    )
 
 
 class FlowControlledQuicConnection(QuicConnection):
@@ -469,10 +394,14 @@ class QuicConn:
         self.quic.forget(stream_id)
 
     # -- public
+    async def wait_handshake(self) -> bool:
+        """Wait until the handshake completes or the connection ends; True if it completed."""
+        await self._connected.wait()
+        return self.handshake_done
+
     async def wait_connected(self) -> None:
         """Wait for the handshake; raises PeerUnavailable if the connection ended first."""
-        await self._connected.wait()
-        if not self.handshake_done:
+        if not await self.wait_handshake():
             raise PeerUnavailable(f"QUIC handshake failed: {self.close_reason or 'connection closed'}")
 
     async def wait_closed(self) -> None:
@@ -500,215 +429,3 @@ class QuicConn:
             self.close_reason = self.close_reason or reason
             self.quic.close(error_code=error_code, reason_phrase=reason)
             self._poke()
-
-
-# ---------------------------------------------------------------------------------------------- server
-
-
-@dataclass
-class ServerStats:
-    garbage: int = 0  # datagrams that are not QUIC
-    unroutable: int = 0  # short-header datagrams for no known connection
-    refused: int = 0  # new connections over a limit
-    version_negotiations: int = 0
-    half_open_dropped: int = 0  # handshakes that did not finish in time
-    connections: int = 0
-
-
-class QuicServer:
-    """Accepts QUIC connections on one UDP socket and runs `handler(conn)` for each completed handshake."""
-
-    def __init__(
-        self,
-        sock: trio.socket.SocketType,
-        configuration: QuicConfiguration,
-        handler: Callable[[QuicConn], Awaitable[None]],
-        *,
-        max_connections: int = 1024,
-        max_half_open: int = 128,
-        handshake_timeout: float = 10.0,
-        send_window: int = DEFAULT_STREAM_WINDOW,
-        max_pending_streams: int = 16,
-    ) -> None:
-        self.sock = sock
-        self.configuration = configuration
-        self.handler = handler
-        self.max_connections = max_connections
-        self.max_half_open = max_half_open
-        self.handshake_timeout = handshake_timeout
-        self.send_window = send_window
-        self.max_pending_streams = max_pending_streams
-        self.stats = ServerStats()
-        self._routes: dict[bytes, QuicConn] = {}
-        self._conns: set[QuicConn] = set()
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            task_status.started()
-            while True:
-                try:
-                    data, addr = await self.sock.recvfrom(65536)
-                except ConnectionError:  # ICMP unreachable from an earlier send; not fatal for UDP
-                    continue
-                self._route(data, addr, nursery)
-
-    def _route(self, data: bytes, addr: NetworkAddress, nursery: trio.Nursery) -> None:
-        try:
-            header = pull_quic_header(
-                Buffer(data=data), host_cid_length=self.configuration.connection_id_length
-            )
-        except ValueError:
-            self.stats.garbage += 1
-            return
-        conn = self._routes.get(header.destination_cid)
-        if conn is not None:
-            conn.feed_datagram(data, addr)
-            return
-        if header.packet_type != QuicPacketType.INITIAL or len(data) < 1200:
-            self.stats.unroutable += 1
-            return
-        if header.version not in self.configuration.supported_versions:
-            self.stats.version_negotiations += 1
-            nursery.start_soon(
-                self._send_quietly,
-                encode_quic_version_negotiation(
-                    source_cid=header.destination_cid,
-                    destination_cid=header.source_cid,
-                    supported_versions=self.configuration.supported_versions,
-                ),
-                addr,
-            )
-            return
-        half_open = sum(1 for c in self._conns if not c.handshake_done)
-        if len(self._conns) >= self.max_connections or half_open >= self.max_half_open:
-            self.stats.refused += 1
-            return
-        quic = FlowControlledQuicConnection(
-            configuration=self.configuration, original_destination_connection_id=header.destination_cid
-        )
-        cids: set[bytes] = set()
-
-        def on_cid(cid: bytes, issued: bool) -> None:
-            if issued:
-                cids.add(cid)
-                self._routes[cid] = conn
-            else:
-                cids.discard(cid)
-                self._routes.pop(cid, None)
-
-        conn = QuicConn(
-            quic,
-            self._send_quietly,
-            send_window=self.send_window,
-            max_pending_streams=self.max_pending_streams,
-            on_cid=on_cid,
-        )
-        quic.receive_datagram(data, addr, now=trio.current_time())  # first datagram before the task starts
-        on_cid(header.destination_cid, True)
-        on_cid(quic.host_cid, True)
-        self._conns.add(conn)
-        self.stats.connections += 1
-        nursery.start_soon(self._serve, conn, cids)
-
-    async def _send_quietly(self, data: bytes, addr: NetworkAddress) -> None:
-        try:
-            await self.sock.sendto(data, addr)
-        except OSError:
-            pass
-
-    async def _serve(self, conn: QuicConn, cids: set[bytes]) -> None:
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(self._drive, conn, nursery.cancel_scope)
-                with trio.move_on_after(self.handshake_timeout):
-                    await conn._connected.wait()
-                if not conn.handshake_done:
-                    if conn.alive:
-                        self.stats.half_open_dropped += 1
-                    nursery.cancel_scope.cancel()
-                    return
-                try:
-                    await self.handler(conn)
-                except* (trio.BrokenResourceError, trio.ClosedResourceError, PeerUnavailable):
-                    pass  # this connection failed; the server goes on
-                finally:
-                    conn.close()
-        finally:
-            self._conns.discard(conn)
-            for cid in list(cids):
-                if self._routes.get(cid) is conn:
-                    del self._routes[cid]
-
-    @staticmethod
-    async def _drive(conn: QuicConn, scope: trio.CancelScope, *, task_status: trio.TaskStatus[None]) -> None:
-        try:
-            await conn.run(task_status=task_status)
-        finally:
-            scope.cancel()
-
-
-async def open_udp_socket(host: str, port: int) -> trio.socket.SocketType:
-    """A bound UDP socket (IPv4 or IPv6 by `host`)."""
-    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    if not infos:
-        raise PeerUnavailable(f"cannot resolve {host}")
-    family, _, _, _, addr = infos[0]
-    sock = trio.socket.socket(family, socket.SOCK_DGRAM)
-    await sock.bind(addr)
-    return sock
-
-
-# ---------------------------------------------------------------------------------------------- client
-
-
-@asynccontextmanager
-async def connect_quic(
-    host: str,
-    port: int,
-    configuration: QuicConfiguration,
-    *,
-    handshake_timeout: float = 10.0,
-    send_window: int = DEFAULT_STREAM_WINDOW,
-) -> AsyncIterator[QuicConn]:
-    """Connect to a QUIC server; yields a connected `QuicConn` and closes it on exit.
-
-    Raises PeerUnavailable if the host cannot be resolved or the handshake does not finish in time.
-    """
-    try:
-        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    except OSError as exc:
-        raise PeerUnavailable(f"cannot resolve {host}: {exc}") from exc
-    family, _, _, _, addr = infos[0]
-    with trio.socket.socket(family, socket.SOCK_DGRAM) as sock:
-        await sock.bind(("0.0.0.0", 0) if family == socket.AF_INET else ("::", 0))
-        quic = FlowControlledQuicConnection(configuration=configuration)
-        quic.connect(addr, now=trio.current_time())
-
-        async def send(data: bytes, to: NetworkAddress) -> None:
-            await sock.sendto(data, to)
-
-        conn = QuicConn(quic, send, send_window=send_window)
-
-        async def read() -> None:
-            while True:
-                try:
-                    data, src = await sock.recvfrom(65536)
-                except ConnectionError:
-                    continue
-                conn.feed_datagram(data, src)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read)
-            await nursery.start(conn.run)
-            with trio.move_on_after(handshake_timeout):
-                await conn._connected.wait()
-            if not conn.handshake_done:
-                nursery.cancel_scope.cancel()
-                raise PeerUnavailable(f"no QUIC handshake with {host}:{port} within {handshake_timeout:g} s")
-            try:
-                yield conn
-            finally:
-                conn.close()
-                with trio.move_on_after(1.0):
-                    await conn.wait_closed()
-                nursery.cancel_scope.cancel()

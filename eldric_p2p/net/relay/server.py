@@ -20,8 +20,11 @@ import trio
 from eldric_p2p.errors import AuthenticationError, EldricError, PeerUnavailable, RemoteProtocolError
 from eldric_p2p.net.identity import Identity
 from eldric_p2p.net.relay import protocol as p
+from eldric_p2p.net.relay.control import RelayControl
 from eldric_p2p.net.relay.framing import read_message, splice, write_message
-from eldric_p2p.net.relay.quic import QuicConn, QuicServer, QuicStream, open_udp_socket, server_configuration
+from eldric_p2p.net.relay.quic import QuicConn, QuicStream
+from eldric_p2p.net.relay.quic_config import server_configuration
+from eldric_p2p.net.relay.quic_udp import QuicServer, open_udp_socket
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ class _Member:
     public_key: bytes
     announcement: p.Announcement
     conn: QuicConn
-    control: p.RelayControl
+    control: RelayControl
     outbox: trio.MemorySendChannel[bytes]
     last_heard: float
     streams: int = 0
@@ -108,7 +111,7 @@ class Relay:
 
     async def _serve_member(self, conn: QuicConn) -> None:
         lim = self.limits
-        control = p.RelayControl(self.identity)
+        control = RelayControl(self.identity)
         register: p.Register | None = None
         with trio.move_on_after(lim.register_timeout_s):
             try:

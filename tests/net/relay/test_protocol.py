@@ -10,11 +10,12 @@ import pytest
 from eldric_p2p.errors import AuthenticationError, LocalProtocolError, RemoteProtocolError
 from eldric_p2p.net.identity import Identity
 from eldric_p2p.net.relay import protocol as p
+from eldric_p2p.net.relay.control import MemberControl, RelayControl
 
 ANN = {"name": "laptop", "http_port": 8080, "roles": ["worker"], "memory_free": 123}
 
 
-def pump(member: p.MemberControl, relay: p.RelayControl) -> tuple[list[p.Message], list[p.Message]]:
+def pump(member: MemberControl, relay: RelayControl) -> tuple[list[p.Message], list[p.Message]]:
     """Move bytes both ways until neither side has anything to say."""
     got_m: list[p.Message] = []
     got_r: list[p.Message] = []
@@ -27,10 +28,10 @@ def pump(member: p.MemberControl, relay: p.RelayControl) -> tuple[list[p.Message
         got_m += member.receive_data(to_member)
 
 
-def registered_pair() -> tuple[Identity, p.MemberControl, p.RelayControl]:
+def registered_pair() -> tuple[Identity, MemberControl, RelayControl]:
     ident = Identity.generate()
-    member = p.MemberControl(ident, dict(ANN))
-    relay = p.RelayControl(Identity.generate())
+    member = MemberControl(ident, dict(ANN))
+    relay = RelayControl(Identity.generate())
     member.hello()
     _, got_r = pump(member, relay)
     assert got_r == [p.Register(ident.peer_id, ident.public_key, got_r[0].signature, ANN)]
@@ -61,8 +62,8 @@ def test_register_proves_peer_id_and_directory_flows() -> None:
 def test_register_with_someone_elses_peer_id_is_refused() -> None:
     ident = Identity.generate()
     victim = Identity.generate()
-    member = p.MemberControl(ident, ANN)
-    relay = p.RelayControl(Identity.generate())
+    member = MemberControl(ident, ANN)
+    relay = RelayControl(Identity.generate())
     member.hello()
     relay.receive_data(member.data_to_send())
     member.receive_data(relay.data_to_send())
@@ -72,8 +73,8 @@ def test_register_with_someone_elses_peer_id_is_refused() -> None:
     with pytest.raises(AuthenticationError, match="not " + victim.peer_id):
         relay.receive_data(p.encode_message(forged))
     # the victim's key with our signature fails too
-    relay2 = p.RelayControl(Identity.generate())
-    member2 = p.MemberControl(ident, ANN)
+    relay2 = RelayControl(Identity.generate())
+    member2 = MemberControl(ident, ANN)
     member2.hello()
     relay2.receive_data(member2.data_to_send())
     member2.receive_data(relay2.data_to_send())
@@ -86,14 +87,14 @@ def test_register_with_someone_elses_peer_id_is_refused() -> None:
 
 def test_replayed_register_fails_against_a_new_challenge() -> None:
     ident = Identity.generate()
-    member = p.MemberControl(ident, ANN)
-    relay = p.RelayControl(Identity.generate())
+    member = MemberControl(ident, ANN)
+    relay = RelayControl(Identity.generate())
     member.hello()
     relay.receive_data(member.data_to_send())
     member.receive_data(relay.data_to_send())
     hello_bytes = p.encode_message(p.Hello(p.PROTOCOL_VERSION, member._nonce_c))
     register_bytes = member.data_to_send()
-    fresh = p.RelayControl(Identity.generate())
+    fresh = RelayControl(Identity.generate())
     fresh.receive_data(hello_bytes)
     with pytest.raises(AuthenticationError):
         fresh.receive_data(register_bytes)
@@ -101,8 +102,8 @@ def test_replayed_register_fails_against_a_new_challenge() -> None:
 
 def test_member_checks_the_relay_identity() -> None:
     relay_ident = Identity.generate()
-    member = p.MemberControl(Identity.generate(), ANN, expected_relay_id=Identity.generate().peer_id)
-    relay = p.RelayControl(relay_ident)
+    member = MemberControl(Identity.generate(), ANN, expected_relay_id=Identity.generate().peer_id)
+    relay = RelayControl(relay_ident)
     member.hello()
     relay.receive_data(member.data_to_send())
     with pytest.raises(AuthenticationError, match="expected"):
@@ -110,14 +111,14 @@ def test_member_checks_the_relay_identity() -> None:
 
 
 def test_messages_out_of_order_are_protocol_errors() -> None:
-    relay = p.RelayControl(Identity.generate())
+    relay = RelayControl(Identity.generate())
     with pytest.raises(RemoteProtocolError, match="unexpected Announce"):
         relay.receive_data(p.encode_message(p.Announce(ANN)))
-    member = p.MemberControl(Identity.generate(), ANN)
+    member = MemberControl(Identity.generate(), ANN)
     member.hello()
     with pytest.raises(RemoteProtocolError, match="unexpected Directory"):
         member.receive_data(p.encode_message(p.Directory(())))
-    member2 = p.MemberControl(Identity.generate(), ANN)
+    member2 = MemberControl(Identity.generate(), ANN)
     member2.hello()
     with pytest.raises(RemoteProtocolError, match="relay error full: too many members"):
         member2.receive_data(p.encode_message(p.Error("full", "too many members")))
@@ -166,7 +167,7 @@ def test_deep_nesting_and_oversized_announcements_are_refused() -> None:
     with pytest.raises(RemoteProtocolError, match="unsupported type"):
         p.parse_message_untrusted(p.MsgType.ANNOUNCE, b'{"announcement": {"x": {"nested": 1}}}')
     with pytest.raises(LocalProtocolError):
-        p.MemberControl(Identity.generate(), big["announcement"]).hello()
+        MemberControl(Identity.generate(), big["announcement"]).hello()
 
 
 def test_directory_may_be_larger_than_control_messages_only_for_members() -> None:

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import trio
 
-from eldric_p2p.net.relay.quic import (
-    QuicConn,
-    QuicServer,
-    QuicStream,
-    client_configuration,
-    connect_quic,
-    open_udp_socket,
-    server_configuration,
-)
+from eldric_p2p.net.relay.quic import QuicConn, QuicStream
+from eldric_p2p.net.relay.quic_config import client_configuration, server_configuration
+from eldric_p2p.net.relay.quic_udp import QuicServer, connect_quic, open_udp_socket
 
 WINDOW = 64 * 1024
 

@@ -19,7 +19,8 @@ from eldric_p2p.net.identity import Identity
 from eldric_p2p.net.links import Link
 from eldric_p2p.net.relay import protocol as p
 from eldric_p2p.net.relay.client import RelayMember
-from eldric_p2p.net.relay.quic import QuicStream, client_configuration
+from eldric_p2p.net.relay.quic import QuicStream
+from eldric_p2p.net.relay.quic_config import client_configuration
 from eldric_p2p.net.relay.server import Relay, RelayLimits, run_relay
 
 FAST = RelayLimits(keepalive_s=0.2, dead_after_s=0.8, handshake_timeout_s=0.5, register_timeout_s=1.0)

@@ -1,0 +1,217 @@
+"""The control stream's two state machines, sans-IO: `MemberControl` (a member registering) and `RelayControl`
+(the relay's side of one member), and what CHALLENGE and REGISTER sign.
+
+The messages and their order are drawn in protocol.py's docstring. The relay proves its key by signing
+(CHALLENGE_CONTEXT, nonce_c, nonce_r); the member proves its peer id by signing `register_message`: the
+relay's fresh nonce, its own, and the hash of its canonical announcement, so a recorded REGISTER is useless
+on another connection.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from eldric_p2p.errors import AuthenticationError, LocalProtocolError, RemoteProtocolError
+from eldric_p2p.net.identity import Identity, verify
+from eldric_p2p.net.relay.protocol import (
+    MAX_DIRECTORY_MESSAGE,
+    NONCE_LEN,
+    PROTOCOL_VERSION,
+    Announce,
+    Announcement,
+    Challenge,
+    Directory,
+    DirectoryUpdate,
+    Error,
+    Hello,
+    Message,
+    MessageReader,
+    Ping,
+    Pong,
+    Register,
+    Registered,
+    canonical_announcement,
+    drain,
+    encode_message,
+)
+
+REGISTER_CONTEXT = b"eldric-p2p relay register v1\x00"
+CHALLENGE_CONTEXT = b"eldric-p2p relay challenge v1\x00"
+
+
+def register_message(nonce_r: bytes, nonce_c: bytes, ann: Announcement) -> bytes:
+    """The bytes a REGISTER signature covers. Raises LocalProtocolError if `ann` is too big."""
+    return REGISTER_CONTEXT + nonce_r + nonce_c + hashlib.sha256(canonical_announcement(ann)).digest()
+
+
+class _State(enum.Enum):
+    START = "start"
+    HELLO_SENT = "hello_sent"
+    AWAIT_HELLO = "await_hello"
+    AWAIT_REGISTER = "await_register"
+    REGISTERED = "registered"
+    CLOSED = "closed"
+
+
+def _unexpected(msg: Message, sender: str, state: _State) -> RemoteProtocolError:
+    return RemoteProtocolError(f"unexpected {type(msg).__name__} from {sender} in state {state.value}")
+
+
+@dataclass
+class MemberControl:
+    """Member side of the control stream.
+
+    Call `hello()` and send `data_to_send()`; feed received bytes to `receive_data`, which returns the
+    messages the caller acts on (`Registered`, `Directory`, `DirectoryUpdate`, `Ping` for liveness) and
+    answers
+    the challenge and pings by itself. Raises AuthenticationError if the relay's proof fails (or it is not
+    `expected_relay_id`), RemoteProtocolError on a protocol violation or an ERROR from the relay.
+    """
+
+    identity: Identity
+    announcement: Announcement
+    expected_relay_id: str | None = None
+    nonce_source: Callable[[int], bytes] = os.urandom
+    relay_id: str | None = None
+    _state: _State = _State.START
+    _nonce_c: bytes = b""
+    _out: bytearray = field(default_factory=bytearray)
+    _reader: MessageReader = field(default_factory=lambda: MessageReader(max_directory=MAX_DIRECTORY_MESSAGE))
+
+    def hello(self) -> None:
+        if self._state is not _State.START:
+            raise LocalProtocolError("hello() called twice")
+        canonical_announcement(self.announcement)
+        self._nonce_c = self.nonce_source(NONCE_LEN)
+        self._out += encode_message(Hello(PROTOCOL_VERSION, self._nonce_c))
+        self._state = _State.HELLO_SENT
+
+    def announce(self, announcement: Announcement) -> None:
+        """Queue an ANNOUNCE with new fields (sent right away once registered)."""
+        canonical_announcement(announcement)
+        self.announcement = announcement
+        if self._state is _State.REGISTERED:
+            self._out += encode_message(Announce(announcement))
+
+    def data_to_send(self) -> bytes:
+        return drain(self._out)
+
+    @property
+    def registered(self) -> bool:
+        return self._state is _State.REGISTERED
+
+    def receive_data(self, data: bytes) -> list[Message]:
+        events: list[Message] = []
+        for msg in self._reader.feed(data):
+            if isinstance(msg, Error):
+                self._state = _State.CLOSED
+                raise RemoteProtocolError(f"relay error {msg.code}: {msg.message}")
+            if self._state is _State.HELLO_SENT and isinstance(msg, Challenge):
+                self._on_challenge(msg)
+            elif self._state is _State.HELLO_SENT and isinstance(msg, Registered):
+                if msg.peer_id != self.identity.peer_id:
+                    raise RemoteProtocolError(f"relay registered us as {msg.peer_id}")
+                self._state = _State.REGISTERED
+                events.append(msg)
+            elif self._state is _State.REGISTERED and isinstance(msg, Directory | DirectoryUpdate):
+                events.append(msg)
+            elif self._state is _State.REGISTERED and isinstance(msg, Ping):
+                self._out += encode_message(Pong(msg.seq))
+                events.append(msg)
+            else:
+                raise _unexpected(msg, "relay", self._state)
+        return events
+
+    def _on_challenge(self, msg: Challenge) -> None:
+        if self.relay_id is not None:
+            raise RemoteProtocolError("relay sent a second CHALLENGE")
+        verify(
+            msg.relay_key,
+            msg.signature,
+            CHALLENGE_CONTEXT + self._nonce_c + msg.nonce,
+            claimed_peer_id=msg.relay_id,
+        )
+        if self.expected_relay_id is not None and msg.relay_id != self.expected_relay_id:
+            raise AuthenticationError(f"relay is {msg.relay_id}, expected {self.expected_relay_id}")
+        self.relay_id = msg.relay_id
+        sig = self.identity.sign(register_message(msg.nonce, self._nonce_c, self.announcement))
+        self._out += encode_message(
+            Register(self.identity.peer_id, self.identity.public_key, sig, self.announcement)
+        )
+
+
+@dataclass
+class RelayControl:
+    """Relay side of one member's control stream.
+
+    Feed received bytes to `receive_data`; it answers HELLO with a CHALLENGE by itself and returns the
+    messages
+    the relay acts on: `Register` once the member proved its peer id (then call `accept(keepalive_s)`),
+    `Announce`, `Pong`. Raises AuthenticationError for a bad proof, RemoteProtocolError for a violation
+    (the caller should then `error(...)`, flush, and close the connection).
+    """
+
+    identity: Identity
+    nonce_source: Callable[[int], bytes] = os.urandom
+    peer_id: str | None = None
+    _state: _State = _State.AWAIT_HELLO
+    _nonce_r: bytes = b""
+    _nonce_c: bytes = b""
+    _out: bytearray = field(default_factory=bytearray)
+    _reader: MessageReader = field(default_factory=MessageReader)
+    _seq: int = 0
+
+    def data_to_send(self) -> bytes:
+        return drain(self._out)
+
+    def receive_data(self, data: bytes) -> list[Message]:
+        events: list[Message] = []
+        for msg in self._reader.feed(data):
+            if self._state is _State.AWAIT_HELLO and isinstance(msg, Hello):
+                if msg.version != PROTOCOL_VERSION:
+                    raise RemoteProtocolError(f"relay protocol version {msg.version} not supported")
+                self._nonce_c = msg.nonce
+                self._nonce_r = self.nonce_source(NONCE_LEN)
+                sig = self.identity.sign(CHALLENGE_CONTEXT + self._nonce_c + self._nonce_r)
+                self._out += encode_message(
+                    Challenge(self._nonce_r, self.identity.peer_id, self.identity.public_key, sig)
+                )
+                self._state = _State.AWAIT_REGISTER
+            elif self._state is _State.AWAIT_REGISTER and isinstance(msg, Register):
+                verify(
+                    msg.public_key,
+                    msg.signature,
+                    register_message(self._nonce_r, self._nonce_c, msg.announcement),
+                    claimed_peer_id=msg.peer_id,
+                )
+                self.peer_id = msg.peer_id
+                self._state = _State.REGISTERED
+                events.append(msg)
+            elif self._state is _State.REGISTERED and isinstance(msg, Announce | Pong):
+                events.append(msg)
+            else:
+                raise _unexpected(msg, "member", self._state)
+        return events
+
+    def accept(self, keepalive_s: float) -> None:
+        if self._state is not _State.REGISTERED or self.peer_id is None:
+            raise LocalProtocolError("accept() before a valid REGISTER")
+        self._out += encode_message(Registered(self.peer_id, keepalive_s))
+
+    def send(self, msg: Directory | DirectoryUpdate) -> None:
+        if self._state is not _State.REGISTERED:
+            raise LocalProtocolError("directory sent to an unregistered member")
+        self._out += encode_message(msg)
+
+    def ping(self) -> int:
+        self._seq += 1
+        self._out += encode_message(Ping(self._seq))
+        return self._seq
+
+    def error(self, code: str, message: str = "") -> None:
+        self._out += encode_message(Error(code, message))
+        self._state = _State.CLOSED
