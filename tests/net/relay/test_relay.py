@@ -335,7 +335,11 @@ def test_a_node_in_two_relays_keeps_a_peer_both_list_while_either_is_up() -> Non
             s1 = make_member(r1.address, "s", s_conn.handle_relayed, ident=s_ident, table=s_table)
             s2 = make_member(r2.address, "s", s_conn.handle_relayed, ident=s_ident, table=s_table)
             c, d = make_member(r1.address, "c"), make_member(r2.address, "d")
-            for m in (x1, x2, s1, s2, c):
+            for m in (x1, s1, c):
+                await nursery.start(m.run)
+            with trio.fail_after(5):  # R1 lists s first, so x's table has R1 before R2 for s
+                await wait_for([x_table], lambda: x_table.relays(s_ident.peer_id) == [x1.address])
+            for m in (x2, s2):
                 await nursery.start(m.run)
 
             async def run_d(*, task_status: trio.TaskStatus[None]) -> None:
