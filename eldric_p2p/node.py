@@ -48,7 +48,8 @@ from eldric_p2p.net.peers import PORT_HEADER, PeerDirectory, node_url
 from eldric_p2p.net.relay.client import RelayMember
 from eldric_p2p.net.relay.server import Relay, run_relay
 from eldric_p2p.paths import default_data_dir
-from eldric_p2p.pipeline.coordinator import Coordinator, coordinator_routes
+from eldric_p2p.pipeline.coordinator import Coordinator
+from eldric_p2p.pipeline.coordinator_routes import coordinator_routes
 from eldric_p2p.pipeline.worker import Worker, worker_routes
 
 log = logging.getLogger(__name__)

@@ -1,235 +1,53 @@
-"""Coordinator role: plan layer ranges over the workers' offered memory, deploy, watch, rebalance.
+"""Coordinator role: gather the workers' offered memory, deploy the planner's layer ranges, watch, rebalance.
 
-    POST /api/v1/pipeline/deploy     {model, data_peer?, workers?, strategy?, weights?, max_ctx?, sessions?}
-                                     -> 200 the deployment (plan + shard states) once every shard is ready;
-                                        409 {"error", "needed", "free", "workers", "best"}: does not fit
-    GET  /api/v1/pipeline/status     every deployment: each shard's state, layers, memory, last heartbeat
-    GET  /api/v1/pipeline/models     deployed models and where their heads are
-    POST /api/v1/pipeline/undeploy   {deployment_id | model}
-    POST /api/v1/pipeline/rebalance  {deployment_id | model}: plan again over the live workers and redeploy
-    GET  /api/v1/peers               the peer table
-
-Planning (`plan_layers`, pure): the memory of a stage [a, b) is `estimate_stage_bytes` (weights in the
-worker's
-format, the embedding on the head, the output matrix on the tail, KV caches for `sessions` x `max_ctx`).
-"proportional" gives each worker a contiguous range whose layer count is proportional to its free memory; when
-that range would not fit (the head and tail carry the embedding and the output matrix), it falls back to the
-contiguous split that minimises the largest memory use relative to each worker's free memory. "fewest-hops"
-uses the fewest workers (largest first) that fit. Assignments are pushed tail first, head last.
+The plan comes from `plan_layers` (pipeline/planner.py, pure: no I/O); this module does the I/O around it:
+worker status reads, pushing assignments (tail first, head last), waiting until every shard is ready,
+heartbeats that mark a silent worker lost, undeploy and rebalance. Its HTTP routes are in
+pipeline/coordinator_routes.py.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 import trio
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
-from eldric_p2p.errors import DoesNotFit, EldricError, ModelNotFound, PeerUnavailable, UsageError
-from eldric_p2p.http_server import error_response
+from eldric_p2p.errors import DoesNotFit, ModelNotFound, PeerUnavailable, UsageError
 from eldric_p2p.net.peers import PeerDirectory, fetch_model_index, get_json, post_json, split_url
 from eldric_p2p.pipeline.assignment import Assignment, StageRef
-from eldric_p2p.units import format_size
-
-if TYPE_CHECKING:
-    from eldric_p2p.data.gguf_index import GGUFIndex
+from eldric_p2p.pipeline.planner import STRATEGIES, WorkerView, plan_layers
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("proportional", "fewest-hops")
 HEARTBEAT_S = 2.0
 LOST_AFTER_S = 8.0
 READY_TIMEOUT_S = 900.0
 
 
-@dataclass
-class WorkerView:
-    """A worker as its status endpoint describes it."""
-
-    name: str
-    peer_id: str
-    url: str
-    host: str
-    link_port: int
-    device: str
-    weights: str
-    offered: int
-    free: int
-
-    @classmethod
-    def from_status(cls, url: str, st: Any) -> WorkerView:
-        """Raises PeerUnavailable for a malformed status."""
-        try:
-            host, _port = split_url(url)
-            return cls(
-                str(st["name"])[:64],
-                str(st["peer_id"]),
-                url,
-                host,
-                int(st["link_port"]),
-                str(st["device"]),
-                str(st["weights"]),
-                int(st["offered"]),
-                int(st["free"]),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PeerUnavailable(f"{url}: malformed worker status ({exc})") from exc
-
-
-@dataclass
-class StagePlan:
-    worker: WorkerView
-    start: int
-    end: int
-    needed: int
-
-
-class PlanDoesNotFit(DoesNotFit):
-    """No split over the offered workers fits; `details` holds the numbers (JSON-able)."""
-
-    def __init__(self, message: str, details: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.details = details
-
-
-def _proportional_bounds(n: int, mems: list[int]) -> list[int]:
-    """Boundaries [0, b1, ..., n] with layer counts proportional to `mems`, at least one layer each."""
-    total = sum(mems)
-    bounds = [0]
-    acc = 0
-    for i, m in enumerate(mems[:-1]):
-        acc += m
-        b = round(n * acc / total)
-        b = max(b, bounds[-1] + 1)  # at least one layer
-        b = min(b, n - (len(mems) - 1 - i))  # leave one for each worker after
-        bounds.append(b)
-    bounds.append(n)
-    return bounds
-
-
-def _balanced_bounds(n: int, ws: list[WorkerView], cost: Callable[[int, int, int], int]) -> list[int] | None:
-    """Contiguous split minimising max(cost / free) over workers (dynamic programming); None if W > n."""
-    w = len(ws)
-    if w > n:
-        return None
-    inf = float("inf")
-    # best[k][b]: the smallest max-utilisation covering layers [0, b) with the first k workers
-    best = [[inf] * (n + 1) for _ in range(w + 1)]
-    cut = [[0] * (n + 1) for _ in range(w + 1)]
-    best[0][0] = 0.0
-    for k in range(1, w + 1):
-        free = max(ws[k - 1].free, 1)
-        for b in range(k, n - (w - k) + 1):
-            for a in range(k - 1, b):
-                if best[k - 1][a] == inf:
-                    continue
-                u = max(best[k - 1][a], cost(k - 1, a, b) / free)
-                if u < best[k][b]:
-                    best[k][b], cut[k][b] = u, a
-    bounds = [n]
-    for k in range(w, 0, -1):
-        bounds.append(cut[k][bounds[-1]])
-    return bounds[::-1]
-
-
-def plan_layers(
-    index: GGUFIndex,
-    workers: list[WorkerView],
-    *,
-    strategy: str = "proportional",
-    weights: str = "auto",
-    max_ctx: int = 4096,
-    sessions: int = 4,
-) -> tuple[list[StagePlan], str]:
-    """Contiguous layer ranges over `workers` (in order: the first is the head). Returns (plan, note).
-
-    Raises PlanDoesNotFit with the numbers, UsageError for an unknown strategy or no workers.
-    """
-    from eldric_p2p.engine.model import estimate_stage_bytes
-
-    if strategy not in STRATEGIES:
-        raise UsageError(f"unknown strategy {strategy!r}: use {' or '.join(STRATEGIES)}")
-    if not workers:
-        raise UsageError("no workers to deploy on")
-    n = index.n_layers
-    memo: dict[tuple[str, int, int], int] = {}
-
-    def fmt(w: WorkerView) -> str:
-        return w.weights if weights == "auto" else weights
-
-    def need(w: WorkerView, a: int, b: int) -> int:
-        key = (fmt(w), a, b)
-        if key not in memo:
-            memo[key] = estimate_stage_bytes(index, a, b, weights=key[0], max_ctx=max_ctx, sessions=sessions)
-        return memo[key]
-
-    def build(ws: list[WorkerView], bounds: list[int]) -> list[StagePlan]:
-        return [StagePlan(w, a, b, need(w, a, b)) for w, a, b in zip(ws, bounds, bounds[1:], strict=False)]
-
-    def fits(plan: list[StagePlan]) -> bool:
-        return all(p.needed <= p.worker.free for p in plan)
-
-    usable = [w for w in workers if w.free > 0][:n]
-    if strategy == "proportional":
-        candidates = [usable]
-    else:
-        by_size = sorted(usable, key=lambda w: -w.free)
-        candidates = [by_size[:k] for k in range(1, len(by_size) + 1)]
-    best_attempt: list[StagePlan] = []
-    for ws in candidates:
-        if not ws:
-            continue
-        plan = build(ws, _proportional_bounds(n, [w.free for w in ws]))
-        if fits(plan):
-            return plan, f"{strategy}: layers in proportion to free memory"
-        bounds = _balanced_bounds(n, ws, lambda k, a, b, ws=ws: need(ws[k], a, b))  # type: ignore[misc]
-        if bounds is not None:
-            balanced = build(ws, bounds)
-            if fits(balanced):
-                return balanced, f"{strategy}: adjusted so the head's embedding and the tail's output fit"
-            best_attempt = balanced
-        else:
-            best_attempt = plan
-    whole = need(usable[0], 0, n) if usable else need(workers[0], 0, n)
-    free = sum(w.free for w in workers)
-    lines = [
-        f"{p.worker.name} layers {p.start}-{p.end - 1} need {format_size(p.needed)} of "
-        f"{format_size(p.worker.free)} free"
-        for p in best_attempt
-    ]
-    message = (
-        f"{index.metadata.get('general.name', 'the model')} does not fit: it needs about "
-        f"{format_size(whole)} in one stage (KV for {sessions} sessions x {max_ctx} tokens included), "
-        f"the {len(workers)} workers offer "
-        f"{format_size(free)} free in total" + (f"; best split: {'; '.join(lines)}" if lines else "")
-    )
-    details = {
-        "needed": whole,
-        "free": free,
-        "workers": [
-            {"name": w.name, "peer_id": w.peer_id, "offered": w.offered, "free": w.free} for w in workers
-        ],
-        "best": [
-            {
-                "worker": p.worker.name,
-                "start": p.start,
-                "end": p.end,
-                "needed": p.needed,
-                "free": p.worker.free,
-            }
-            for p in best_attempt
-        ],
-    }
-    raise PlanDoesNotFit(message, details)
+def parse_worker_status_untrusted(url: str, st: Any) -> WorkerView:
+    """The planner's view of the worker at `url` from its status JSON. Raises PeerUnavailable for a malformed
+    status."""
+    try:
+        host, _port = split_url(url)
+        return WorkerView(
+            str(st["name"])[:64],
+            str(st["peer_id"]),
+            url,
+            host,
+            int(st["link_port"]),
+            str(st["device"]),
+            str(st["weights"]),
+            int(st["offered"]),
+            int(st["free"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PeerUnavailable(f"{url}: malformed worker status ({exc})") from exc
 
 
 # --------------------------------------------------------------------------------------------- deployments
@@ -378,7 +196,7 @@ class Coordinator:
         async def one(url: str) -> None:
             try:
                 views.append(
-                    WorkerView.from_status(url, await get_json(client, f"{url}/api/v1/worker/status"))
+                    parse_worker_status_untrusted(url, await get_json(client, f"{url}/api/v1/worker/status"))
                 )
             except PeerUnavailable as exc:
                 log.info("worker %s not available: %s", url, exc)
@@ -617,97 +435,3 @@ class Coordinator:
             }
             for d in self.deployments.values()
         ]
-
-
-# --------------------------------------------------------------------------------------------- HTTP routes
-
-
-async def _body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    if len(raw) > 64 * 1024:
-        raise UsageError("request body over 64 KiB")
-    try:
-        body = json.loads(raw or b"{}")
-    except ValueError as exc:
-        raise UsageError(f"request body is not JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise UsageError("request body must be a JSON object")
-    return body
-
-
-def _error(exc: EldricError) -> Response:
-    if isinstance(exc, PlanDoesNotFit):
-        err = {"message": str(exc), "type": "invalid_request_error", "code": "does_not_fit"}
-        return JSONResponse({"error": err, **exc.details}, status_code=409)
-    if isinstance(exc, DoesNotFit):
-        return error_response(409, str(exc), "invalid_request_error", "does_not_fit")
-    if isinstance(exc, ModelNotFound):
-        return error_response(404, str(exc), "not_found_error", "model_not_found")
-    if isinstance(exc, UsageError):
-        return error_response(422, str(exc), "invalid_request_error", "invalid_request")
-    return error_response(502, str(exc), "peer_error", "peer_unavailable")
-
-
-def coordinator_routes(coord: Coordinator) -> list[Route]:
-    async def deploy(request: Request) -> Response:
-        try:
-            b = await _body(request)
-            model = b.get("model")
-            if not isinstance(model, str) or not model:
-                raise UsageError("model is required")
-            dp = b.get("data_peer") or b.get("data_peers")
-            data_peers = [dp] if isinstance(dp, str) else dp
-            if data_peers is not None and not (
-                isinstance(data_peers, list) and all(isinstance(p, str) for p in data_peers)
-            ):
-                raise UsageError("data_peer must be a URL or a list of URLs")
-            workers = b.get("workers")
-            if isinstance(workers, str):
-                workers = [w for w in workers.split(",") if w]
-            if workers is not None and not (
-                isinstance(workers, list) and all(isinstance(w, str) for w in workers)
-            ):
-                raise UsageError("workers must be a list of names")
-            opts = {k: b[k] for k in ("strategy", "weights", "max_ctx", "sessions") if k in b}
-            for k in ("max_ctx", "sessions"):
-                if k in opts and (not isinstance(opts[k], int) or opts[k] < 1):
-                    raise UsageError(f"{k} must be a positive integer")
-            dep = await coord.deploy(model, data_peers=data_peers, workers=workers or None, **opts)
-        except EldricError as exc:
-            return _error(exc)
-        return JSONResponse(dep.as_json(trio.current_time()))
-
-    async def status(request: Request) -> Response:
-        return JSONResponse(coord.status())
-
-    async def models(request: Request) -> Response:
-        return JSONResponse({"models": coord.models()})
-
-    async def by_key(request: Request, action: Callable[[str], Any]) -> Response:
-        try:
-            b = await _body(request)
-            key = b.get("deployment_id") or b.get("model")
-            if not isinstance(key, str):
-                raise UsageError("deployment_id or model is required")
-            dep = await action(key)
-        except EldricError as exc:
-            return _error(exc)
-        return JSONResponse(dep.as_json(trio.current_time()))
-
-    async def undeploy(request: Request) -> Response:
-        return await by_key(request, coord.undeploy)
-
-    async def rebalance(request: Request) -> Response:
-        return await by_key(request, coord.rebalance)
-
-    async def peers(request: Request) -> Response:
-        return JSONResponse({"peers": coord.peers.listing()})
-
-    return [
-        Route("/api/v1/pipeline/deploy", deploy, methods=["POST"]),
-        Route("/api/v1/pipeline/status", status, methods=["GET"]),
-        Route("/api/v1/pipeline/models", models, methods=["GET"]),
-        Route("/api/v1/pipeline/undeploy", undeploy, methods=["POST"]),
-        Route("/api/v1/pipeline/rebalance", rebalance, methods=["POST"]),
-        Route("/api/v1/peers", peers, methods=["GET"]),
-    ]
