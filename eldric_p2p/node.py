@@ -50,7 +50,8 @@ from eldric_p2p.net.relay.server import Relay, run_relay
 from eldric_p2p.paths import default_data_dir
 from eldric_p2p.pipeline.coordinator import Coordinator
 from eldric_p2p.pipeline.coordinator_routes import coordinator_routes
-from eldric_p2p.pipeline.worker import Worker, worker_routes
+from eldric_p2p.pipeline.worker import Worker
+from eldric_p2p.pipeline.worker_routes import worker_routes
 
 log = logging.getLogger(__name__)
 

@@ -1,194 +1,41 @@
 """Worker role: offer memory, load an assigned layer range, serve it as a pipeline stage over links.
 
-HTTP (docs/pipeline.md has the bodies):
-
-    POST /api/v1/pipeline/load     an Assignment -> 202 {"state": "fetching", "needed", "free"}
-                                   409 {"error", "needed", "offered", "free"} when it does not fit
-    POST /api/v1/pipeline/unload   {"deployment_id"} -> 200; frees the stage's memory
-    GET  /api/v1/worker/status     device, memory offered/reserved/free, link port, shards with progress
+Its HTTP routes are in `worker_routes`, the frames it serves on links in `stage_links` (its base class
+`StageLinks`), a loaded assignment in `shard`.
 
 A load reads the model header from a data peer, checks `estimate_stage_bytes` against the memory still free,
 then (in the background) fetches the layers' bytes with the fetcher and builds the `Stage` in a thread.
-
-Pipeline frames on links (eldric_p2p.net.frames). Stages form a ring: head -> ... -> tail -> head. Each stage
-accepts links from its previous hop and keeps one outgoing link (`Downstream`) to its next hop:
-
-    OPEN_SESSION  ext {deployment, params, history, ctx, wire}   opens a KV cache; passed on (not by the tail)
-    HIDDEN        [T, hidden] at positions [start, start+T)      forward; HIDDEN on, or the tail samples and
-                                                                 sends TOKEN [1] at start+T to the head
-    TRUNCATE / CLOSE_SESSION                                     applied, passed on
-    ERROR         ext {stage, message}                           closes the session; travels on to the head
-                                                                 (forward), or back along the links (backward)
-
-A link that breaks ends every session that used it, with an ERROR naming the stage on the far side, sent both
-ways so it reaches the head whichever side is still connected. Frames are accepted only from the peer id the
-assignment names as the previous hop (TOKEN only from the tail, at the head).
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 import trio
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from eldric_p2p.engine.device import available_memory, default_offer, free_memory, resolve_device
-from eldric_p2p.errors import (
-    DoesNotFit,
-    EldricError,
-    EngineError,
-    FrameError,
-    InvalidInput,
-    LocalProtocolError,
-    PeerUnavailable,
-    StageFailed,
-    UsageError,
-)
-from eldric_p2p.http_server import error_response
-from eldric_p2p.net.frames import (
-    DType,
-    Frame,
-    FrameReader,
-    FrameType,
-    FrameWriter,
-    hidden_frame,
-    payload_to_tensor,
-    token_frame,
-)
+from eldric_p2p.errors import DoesNotFit, EldricError, UsageError
 from eldric_p2p.net.identity import Identity
-from eldric_p2p.net.links import Link, open_tcp_link, serve_tcp_links
+from eldric_p2p.net.links import serve_tcp_links
 from eldric_p2p.net.peers import fetch_model_index
 from eldric_p2p.pipeline.assignment import Assignment
+from eldric_p2p.pipeline.shard import Shard, StageSession
+from eldric_p2p.pipeline.stage_links import StageLinks
 from eldric_p2p.units import format_size
 
 if TYPE_CHECKING:
-    from eldric_p2p.data.gguf_index import GGUFFile, GGUFIndex
-    from eldric_p2p.engine.model import Stage
-    from eldric_p2p.engine.sampling import Sampler
-    from eldric_p2p.engine.tokenizer import Tokenizer
     from eldric_p2p.net.connector import Connector
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-MAX_BODY = 256 * 1024
-LINK_TIMEOUT_S = 5.0
-SESSION_SLACK = 2  # sessions a stage accepts beyond the planned count (CLOSE frames still in flight)
 
-
-# --------------------------------------------------------------------------------------------- shards
-
-
-@dataclass(eq=False)
-class StageSession:
-    """A session at a non-head stage: where its frames come from, and (tail) how it samples."""
-
-    sid: int
-    shard: Shard
-    link: Link  # the inbound link it was opened on
-    back: FrameWriter  # backward frames (ERROR) to the previous hop
-    wire: DType = DType.F32
-    sampler: Sampler | None = None
-    history: list[int] = field(default_factory=list)
-
-
-class Downstream:
-    """The outgoing link from a shard to its next hop: forward frames out, backward ERROR frames in."""
-
-    def __init__(self, link: Link) -> None:
-        self.link = link
-        self.writer = FrameWriter(link)
-        self.broken = False
-
-    async def send(self, frame: Frame) -> None:
-        if self.broken:
-            raise PeerUnavailable("link to the next hop is closed")
-        try:
-            await self.writer.send(frame)
-        except PeerUnavailable:
-            self.broken = True
-            raise
-        except trio.ClosedResourceError as exc:  # closed by the reader task when the peer went away
-            self.broken = True
-            raise PeerUnavailable("link to the next hop is closed") from exc
-
-
-class Shard:
-    """One assignment on this worker: its loading state, its stage, its sessions."""
-
-    def __init__(self, a: Assignment, needed: int, fmt: str) -> None:
-        self.a = a
-        self.needed = needed
-        self.fmt = fmt
-        self.state = "fetching"  # fetching -> loading -> ready | failed
-        self.error: str | None = None
-        self.progress = (0, 0)
-        self.bytes_fetched = 0
-        self.fetch_s = self.load_s = 0.0
-        self.stage: Stage | None = None
-        self.file: GGUFFile | None = None
-        self.index: GGUFIndex | None = None
-        self.tokenizer: Tokenizer | None = None
-        self.downstream: Downstream | None = None
-        self.downstream_lock = trio.Lock()
-        self.next_hop_ok = True  # False once the link to the next hop broke or could not be opened
-        self.scopes: set[trio.CancelScope] = set()
-        self.head_sessions: dict[int, trio.MemorySendChannel[Frame]] = {}
-        self.backend: Any = None  # pipeline.PipelineBackend, made on first use (head only)
-        self.created = time.time()
-
-    @property
-    def label(self) -> str:
-        return self.a.me.label()
-
-    def status(self) -> dict[str, Any]:
-        a = self.a
-        return {
-            "deployment_id": a.deployment_id,
-            "model_id": a.model_id,
-            "role": a.role,
-            "stage_index": a.stage_index,
-            "n_stages": len(a.stages),
-            "start": a.start,
-            "end": a.end,
-            "state": self.state,
-            "error": self.error,
-            "needed": self.needed,
-            "weights": self.fmt,
-            "bytes_fetched": self.bytes_fetched,
-            "progress": {"done": self.progress[0], "total": self.progress[1]},
-            "fetch_s": round(self.fetch_s, 3),
-            "load_s": round(self.load_s, 3),
-            "next_hop_ok": self.next_hop_ok,
-            "link": self.downstream.link.path
-            if self.downstream is not None and not self.downstream.broken
-            else None,
-            "sessions": len(self.head_sessions) if a.stage_index == 0 else None,
-        }
-
-
-def error_frame(sid: int, stage: str, message: str) -> Frame:
-    return Frame(FrameType.ERROR, sid, ext={"stage": stage[:200], "message": message[:1000]})
-
-
-def _error_text(frame: Frame) -> tuple[str, str]:
-    ext = frame.ext or {}
-    return str(ext.get("stage", "a stage"))[:200], str(ext.get("message", "failed"))[:1000]
-
-
-# --------------------------------------------------------------------------------------------- the worker
-
-
-class Worker:
+class Worker(StageLinks):
     """The worker role of a node. `await nursery.start(worker.run)` returns the link port."""
 
     def __init__(
@@ -234,7 +81,7 @@ class Worker:
     def default_weights(self) -> str:
         import torch
 
-        from eldric_p2p.engine.model import resolve_weights
+        from eldric_p2p.engine.weights import resolve_weights
 
         return resolve_weights("auto", torch.device(self.device))
 
@@ -325,7 +172,8 @@ class Worker:
         """(bytes the assignment needs, weight format) from the model header on its data peers."""
         import torch
 
-        from eldric_p2p.engine.model import estimate_stage_bytes, resolve_weights
+        from eldric_p2p.engine.model import estimate_stage_bytes
+        from eldric_p2p.engine.weights import resolve_weights
 
         if a.me.peer_id != self.identity.peer_id:
             raise UsageError(f"assignment is for peer {a.me.peer_id}, this worker is {self.identity.peer_id}")
@@ -428,367 +276,3 @@ class Worker:
         shard.state = "unloaded"
         await trio.to_thread.run_sync(free_memory, self.device)
         return True
-
-    # ---- links: outgoing ----------------------------------------------------------------------------------
-
-    async def send_down(self, shard: Shard, frame: Frame) -> None:
-        """Send a frame to the shard's next hop, opening the link if needed. Raises StageFailed naming it."""
-        nxt = shard.a.next
-        try:
-            ds = await self._downstream(shard)
-            await ds.send(frame)
-        except (PeerUnavailable, FrameError, OSError) as exc:
-            if isinstance(exc, StageFailed):
-                raise
-            raise StageFailed(f"{nxt.label()}: {exc}") from exc
-
-    async def _downstream(self, shard: Shard) -> Downstream:
-        async with shard.downstream_lock:
-            ds = shard.downstream
-            if ds is not None and not ds.broken:
-                return ds
-            nxt = shard.a.next
-            try:
-                if self.connector is not None:
-                    link = await self.connector.open_link(
-                        nxt.peer_id, port=nxt.link_port, hints=[(nxt.host, nxt.link_port)]
-                    )
-                else:
-                    link = await open_tcp_link(
-                        nxt.host, nxt.link_port, self.identity, nxt.peer_id, handshake_timeout=LINK_TIMEOUT_S
-                    )
-            except PeerUnavailable:
-                shard.next_hop_ok = False
-                raise
-            shard.next_hop_ok = True
-            ds = shard.downstream = Downstream(link)
-            self._spawn(shard, self._read_backward, shard, ds)
-            return ds
-
-    async def _read_backward(self, shard: Shard, ds: Downstream) -> None:
-        """Read what the next hop sends back on our outgoing link: ERROR frames, and its closing."""
-        nxt = shard.a.next
-        reason = "closed the link"
-        try:
-            async for frame in FrameReader(ds.link):
-                if frame.type == FrameType.ERROR:
-                    stage, message = _error_text(frame)
-                    await self._fail(shard, frame.session_id, stage, message, forward=False)
-        except (FrameError, PeerUnavailable, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            reason = f"link failed: {exc}"
-        ds.broken = True
-        shard.next_hop_ok = False
-        await trio.aclose_forcefully(ds.link)
-        if shard.state != "ready":
-            return
-        sids = (
-            list(shard.head_sessions)
-            if shard.a.stage_index == 0
-            else [s.sid for s in self._stage_sessions.values() if s.shard is shard]
-        )
-        if sids:
-            log.warning("%s: next hop %s %s; ending %d sessions", shard.label, nxt.label(), reason, len(sids))
-        for sid in sids:
-            await self._fail(shard, sid, nxt.label(), f"peer {nxt.peer_id} {reason}", forward=False)
-
-    # ---- failing a session --------------------------------------------------------------------------------
-
-    async def _fail(self, shard: Shard, sid: int, stage: str, message: str, *, forward: bool) -> None:
-        """End session `sid` at this shard because `stage` failed; tell the head, forward or backward."""
-        frame = error_frame(sid, stage, message)
-        if shard.a.stage_index == 0:
-            chan = shard.head_sessions.get(sid)
-            if chan is not None:
-                try:
-                    chan.send_nowait(frame)
-                except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-            return
-        sess = self._stage_sessions.get(sid)
-        if sess is None or sess.shard is not shard:
-            return
-        self._forget_stage_session(sess)
-        with trio.move_on_after(LINK_TIMEOUT_S):
-            try:
-                if forward:
-                    await self.send_down(shard, frame)
-                else:
-                    await sess.back.send(frame)
-            except (PeerUnavailable, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                log.info("%s: could not pass on the failure of %s: %s", shard.label, stage, exc)
-
-    def _forget_stage_session(self, sess: StageSession) -> None:
-        self._stage_sessions.pop(sess.sid, None)
-        if sess.shard.stage is not None:
-            sess.shard.stage.close_session(str(sess.sid))
-
-    # ---- head sessions (used by pipeline.PipelineBackend) -------------------------------------------------
-
-    def open_head_session(self, shard: Shard, sid: int) -> trio.MemoryReceiveChannel[Frame]:
-        if sid in self._head_sessions or sid in self._stage_sessions:
-            raise LocalProtocolError(f"session id {sid} in use")
-        send, recv = trio.open_memory_channel[Frame](4)
-        shard.head_sessions[sid] = send
-        self._head_sessions[sid] = shard
-        return recv
-
-    def close_head_session(self, shard: Shard, sid: int) -> None:
-        chan = shard.head_sessions.pop(sid, None)
-        self._head_sessions.pop(sid, None)
-        if chan is not None:
-            chan.close()
-
-    # ---- links: incoming ----------------------------------------------------------------------------------
-
-    async def _serve_link(self, link: Link) -> None:
-        """Frames from one authenticated peer (a previous hop, or the tail sending tokens to our head)."""
-        back = FrameWriter(link)
-        reader = FrameReader(link)
-        try:
-            while (frame := await reader.next()) is not None:
-                await self._on_frame(link, back, frame)
-        except FrameError as exc:
-            self.frames_refused += 1
-            log.info("refusing frames from %s: %s", link.peer_id, exc)
-            with trio.move_on_after(1):
-                try:
-                    await back.send(error_frame(0, f"worker {self.name}", f"bad frame: {exc}"))
-                except (PeerUnavailable, trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
-        except (PeerUnavailable, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.info("link from %s broke: %s", link.peer_id, exc)
-        finally:
-            orphans = [s for s in self._stage_sessions.values() if s.link is link]
-            for sess in orphans:
-                prev = sess.shard.a.prev
-                await self._fail(
-                    sess.shard, sess.sid, prev.label(), f"peer {prev.peer_id} closed the link", forward=True
-                )
-            for shard in self.shards.values():
-                if shard.a.stage_index == 0 and not shard.a.single and shard.a.prev.peer_id == link.peer_id:
-                    for sid in list(shard.head_sessions):
-                        await self._fail(
-                            shard,
-                            sid,
-                            shard.a.prev.label(),
-                            "the tail closed its link to the head",
-                            forward=True,
-                        )
-
-    async def _refuse(self, back: FrameWriter, sid: int, message: str) -> None:
-        self.frames_refused += 1
-        log.info("refused a frame: %s", message)
-        await back.send(error_frame(sid, f"worker {self.name}", message))
-
-    async def _on_frame(self, link: Link, back: FrameWriter, frame: Frame) -> None:
-        t, sid = frame.type, frame.session_id
-        if t == FrameType.PING:
-            await back.send(Frame(FrameType.PONG, sid))
-        elif t == FrameType.OPEN_SESSION:
-            await self._open_stage_session(link, back, frame)
-        elif t in (FrameType.HIDDEN, FrameType.TRUNCATE, FrameType.CLOSE_SESSION):
-            sess = self._stage_sessions.get(sid)
-            if sess is None or sess.link is not link:
-                if t == FrameType.HIDDEN:
-                    await self._refuse(back, sid, f"unknown session {sid}")
-                return
-            if t == FrameType.HIDDEN:
-                await self._hidden(sess, frame)
-            elif t == FrameType.TRUNCATE:
-                await self._truncate(sess, frame)
-            else:
-                self._forget_stage_session(sess)
-                if sess.shard.a.role != "tail":
-                    await self._pass_on(sess, frame)
-        elif t == FrameType.TOKEN:
-            shard = self._head_sessions.get(sid)
-            if shard is None or shard.a.prev.peer_id != link.peer_id:
-                return  # a token for a session that already ended (or not from our tail): drop it
-            chan = shard.head_sessions.get(sid)
-            if chan is not None:
-                try:
-                    chan.send_nowait(frame)
-                except trio.WouldBlock:
-                    self.close_head_session(shard, sid)  # the tail sent tokens we did not ask for
-        elif t == FrameType.ERROR:
-            stage, message = _error_text(frame)
-            sess = self._stage_sessions.get(sid)
-            if sess is not None and sess.link is link:
-                await self._fail(sess.shard, sid, stage, message, forward=True)
-            elif (shard := self._head_sessions.get(sid)) is not None and shard.a.prev.peer_id == link.peer_id:
-                await self._fail(shard, sid, stage, message, forward=True)
-            else:
-                log.info("error from %s: %s: %s", link.peer_id, stage, message)
-
-    async def _open_stage_session(self, link: Link, back: FrameWriter, frame: Frame) -> None:
-        from eldric_p2p.engine.sampling import Sampler, SamplingParams
-
-        sid, ext = frame.session_id, frame.ext or {}
-        shard = self.shards.get(str(ext.get("deployment", "")))
-        if shard is None or shard.state != "ready" or shard.stage is None:
-            await self._refuse(
-                back, sid, f"no ready stage for deployment {str(ext.get('deployment'))[:128]!r}"
-            )
-            return
-        if shard.a.stage_index == 0 or shard.a.prev.peer_id != link.peer_id:
-            await self._refuse(back, sid, f"peer {link.peer_id} is not the previous hop of {shard.label}")
-            return
-        if sid in self._stage_sessions or sid in self._head_sessions or sid == 0:
-            await self._refuse(back, sid, f"session id {sid} is in use")
-            return
-        n_open = sum(1 for s in self._stage_sessions.values() if s.shard is shard)
-        if n_open >= shard.a.sessions + SESSION_SLACK:
-            await self._refuse(back, sid, f"{shard.label} already serves {n_open} sessions")
-            return
-        try:
-            ctx = ext.get("ctx", shard.a.max_ctx)
-            if not isinstance(ctx, int) or not 1 <= ctx <= shard.a.max_ctx:
-                raise InvalidInput(f"context {ctx!r} outside [1, {shard.a.max_ctx}]")
-            wire = {"f32": DType.F32, "f16": DType.F16, "bf16": DType.BF16}.get(str(ext.get("wire", "f32")))
-            if wire is None:
-                raise InvalidInput(f"unknown wire dtype {ext.get('wire')!r}")
-            sess = StageSession(sid, shard, link, back, wire)
-            if shard.a.role == "tail":
-                sess.sampler = Sampler(SamplingParams.from_dict(ext.get("params", {})))
-                history = ext.get("history", [])
-                if not isinstance(history, list) or not all(isinstance(i, int) for i in history):
-                    raise InvalidInput("history must be a list of token ids")
-                sess.history = list(history)
-        except EldricError as exc:
-            await self._refuse(back, sid, str(exc))
-            return
-        shard.stage.open_session(str(sid), ctx)
-        self._stage_sessions[sid] = sess
-        if shard.a.role != "tail":
-            await self._pass_on(sess, frame)
-
-    async def _pass_on(self, sess: StageSession, frame: Frame) -> None:
-        try:
-            await self.send_down(sess.shard, frame)
-        except StageFailed as exc:
-            await self._fail(sess.shard, sess.sid, sess.shard.a.next.label(), str(exc), forward=False)
-
-    async def _truncate(self, sess: StageSession, frame: Frame) -> None:
-        stage = sess.shard.stage
-        assert stage is not None
-        try:
-            stage.truncate(str(sess.sid), frame.start)
-            if sess.shard.a.role == "tail":
-                del sess.history[frame.start :]  # history holds sampled ids; the head resends what it keeps
-        except EngineError as exc:
-            await self._fail(sess.shard, sess.sid, sess.shard.label, str(exc), forward=True)
-            return
-        if sess.shard.a.role != "tail":
-            await self._pass_on(sess, frame)
-
-    async def _hidden(self, sess: StageSession, frame: Frame) -> None:
-        import torch
-
-        shard = sess.shard
-        stage = shard.stage
-        assert stage is not None
-        x = payload_to_tensor(frame)  # [T, hidden]
-        if x.dtype != torch.float32:
-            x = x.float()
-        tail = shard.a.role == "tail"
-
-        def step() -> torch.Tensor | int:
-            out = stage.forward(str(sess.sid), x, frame.start, last_only=tail)  # [T, hidden] or [1, vocab]
-            if not tail:
-                return out if sess.wire == DType.F32 else out.to(wire_dtype(sess.wire))
-            assert sess.sampler is not None
-            return sess.sampler.sample(out[-1], sess.history)
-
-        try:
-            out = await self.compute(step)
-        except EngineError as exc:
-            await self._fail(shard, sess.sid, shard.label, str(exc), forward=True)
-            return
-        if sess.sid not in self._stage_sessions:
-            return  # ended while computing
-        if tail:
-            assert isinstance(out, int)
-            sess.history.append(out)
-            reply = token_frame(sess.sid, frame.start + frame.n_tokens, [out])
-        else:
-            assert not isinstance(out, int)
-            reply = hidden_frame(sess.sid, frame.start, out)
-        try:
-            await self.send_down(shard, reply)
-        except StageFailed as exc:
-            await self._fail(shard, sess.sid, shard.a.next.label(), str(exc), forward=False)
-
-
-def wire_dtype(wire: DType) -> Any:
-    """The torch dtype hidden states travel in."""
-    import torch
-
-    return {DType.F16: torch.float16, DType.BF16: torch.bfloat16, DType.F32: torch.float32}[wire]
-
-
-# --------------------------------------------------------------------------------------------- HTTP routes
-
-
-async def _json_body(request: Request) -> Any:
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        raise UsageError(f"request body of {len(body)} bytes over {MAX_BODY}")
-    import json
-
-    try:
-        return json.loads(body)
-    except ValueError as exc:
-        raise UsageError(f"request body is not JSON: {exc}") from exc
-
-
-def worker_routes(worker: Worker) -> list[Route]:
-    """The worker's HTTP routes (load, unload, status)."""
-
-    async def load(request: Request) -> Response:
-        try:
-            a = Assignment.from_json_untrusted(await _json_body(request))
-            async with worker.http_client() as client:
-                needed, fmt = await worker.needs(a, client)
-            if needed > worker.free:
-                message = worker.refusal(a, needed, fmt)
-                log.info("refused an assignment: %s", message)
-                error = {"message": message, "type": "invalid_request_error", "code": "does_not_fit"}
-                return JSONResponse(
-                    {"error": error, "needed": needed, "offered": worker.offered, "free": worker.free},
-                    status_code=409,
-                )
-            shard = worker.start_load(a, needed, fmt)
-        except UsageError as exc:
-            code = "model_not_found" if type(exc).__name__ == "ModelNotFound" else "invalid_assignment"
-            return error_response(
-                404 if code == "model_not_found" else 400, str(exc), "invalid_request_error", code
-            )
-        except (PeerUnavailable, EldricError) as exc:
-            return error_response(502, str(exc), "peer_error", "data_peer_unavailable")
-        return JSONResponse(
-            {"state": shard.state, "needed": shard.needed, "free": worker.free}, status_code=202
-        )
-
-    async def unload(request: Request) -> Response:
-        try:
-            body = await _json_body(request)
-        except UsageError as exc:
-            return error_response(400, str(exc), "invalid_request_error", "bad_request")
-        dep = body.get("deployment_id") if isinstance(body, dict) else None
-        if not isinstance(dep, str):
-            return error_response(400, "deployment_id is required", "invalid_request_error", "bad_request")
-        found = await worker.unload(dep)
-        return JSONResponse({"unloaded": found, "free": worker.free})
-
-    async def status(request: Request) -> Response:
-        return JSONResponse(worker.status())
-
-    return [
-        Route("/api/v1/pipeline/load", load, methods=["POST"]),
-        Route("/api/v1/pipeline/unload", unload, methods=["POST"]),
-        Route("/api/v1/worker/status", status, methods=["GET"]),
-    ]
-
-
-def new_session_id() -> int:
-    return secrets.randbits(63) | 1

@@ -30,7 +30,8 @@ from eldric_p2p.errors import (
     UsageError,
 )
 from eldric_p2p.net.frames import DType, Frame, FrameType, hidden_frame, payload_to_tensor
-from eldric_p2p.pipeline.worker import Shard, Worker, new_session_id, wire_dtype
+from eldric_p2p.pipeline.shard import Shard, new_session_id, wire_dtype
+from eldric_p2p.pipeline.worker import Worker
 
 if TYPE_CHECKING:
     import torch
