@@ -267,6 +267,7 @@ async def run_demo(args: argparse.Namespace, root: Path) -> None:
         print(f"  try:        curl {entry.url}/v1/chat/completions -H 'content-type: application/json' \\")
         example = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "Hi"}]})
         print(f"                -d '{example}'")
+        print(f'  python:     OpenAI(base_url="{entry.url}/v1", api_key="-")   (pip install openai)')
         print(f"  logs:       {root}")
         print(flush=True)
         if args.no_wait:
