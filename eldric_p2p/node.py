@@ -137,7 +137,7 @@ class Node:
                 link_port=config.link_port,
                 connector=self.connector,
             )
-            self.connector.frames_handler = self.worker._serve_link
+            self.connector.frames_handler = self.worker.serve_link
         self.coordinator = Coordinator(
             self.peers,
             own_url=lambda: self.url,

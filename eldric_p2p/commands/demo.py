@@ -166,8 +166,6 @@ async def chat(
     first: float | None = None
     usage: dict[str, Any] = {}
     async with client.stream("POST", url + "/v1/chat/completions", json=body, timeout=600) as r:
-        if r.status_code == 404 and (await r.aread()).find(b"model_not_found") < 0:
-            return await chat_ndjson(client, url, model, prompt, max_tokens)  # a node without /v1 yet
         if r.status_code != 200:
             raise PeerUnavailable(
                 f"chat failed ({r.status_code}): {(await r.aread()).decode(errors='replace')}"
@@ -185,38 +183,6 @@ async def chat(
                     sys.stdout.write(text)
                     sys.stdout.flush()
             usage = chunk.get("usage") or usage
-    sys.stdout.write("\n")
-    return {
-        "usage": usage,
-        "ttft_s": (first or time.perf_counter()) - t0,
-        "total_s": time.perf_counter() - t0,
-    }
-
-
-async def chat_ndjson(
-    client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int
-) -> dict[str, Any]:
-    body = {"model": model, "prompt": [{"role": "user", "content": prompt}],
-            "params": {"temperature": 0.0, "max_tokens": max_tokens}}  # fmt: skip
-    t0 = time.perf_counter()
-    first: float | None = None
-    usage: dict[str, Any] = {}
-    async with client.stream("POST", url + "/api/v1/pipeline/generate", json=body, timeout=600) as r:
-        if r.status_code != 200:
-            raise PeerUnavailable(
-                f"generate failed ({r.status_code}): {(await r.aread()).decode(errors='replace')}"
-            )
-        async for line in r.aiter_lines():
-            if not line.strip():
-                continue
-            event = json.loads(line)
-            if "error" in event:
-                raise PeerUnavailable(f"generation failed: {event['error'].get('message')}")
-            if event.get("text"):
-                first = first or time.perf_counter()
-                sys.stdout.write(event["text"])
-                sys.stdout.flush()
-            usage = event.get("usage") or usage
     sys.stdout.write("\n")
     return {
         "usage": usage,

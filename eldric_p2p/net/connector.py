@@ -278,7 +278,7 @@ class Connector:
         if bytes(head) == HTTP_TAG:
             await self._serve_http(link)
             return
-        link._leftover[:0] = head  # not ours: give the bytes back to the frame reader
+        link.unread(head)  # not ours: give the bytes back to the frame reader
         if self.frames_handler is None:
             log.info("dropping a frames link from %s: this node runs no worker", link.peer_id)
             return

@@ -300,6 +300,10 @@ class Link(trio.abc.Stream):
     path: LinkPath = "direct"
     _leftover: bytearray = field(default_factory=bytearray, repr=False)
 
+    def unread(self, data: bytes | bytearray) -> None:
+        """Put bytes already received back in front of the stream: the next `receive_some` returns them."""
+        self._leftover[:0] = data
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.tls.send_all(data)
 

@@ -187,7 +187,7 @@ class StageLinks:
 
     # ---- links: incoming ----------------------------------------------------------------------------------
 
-    async def _serve_link(self, link: Link) -> None:
+    async def serve_link(self, link: Link) -> None:
         """Frames from one authenticated peer (a previous hop, or the tail sending tokens to our head)."""
         back = FrameWriter(link)
         reader = FrameReader(link)

@@ -54,7 +54,7 @@ class Worker(StageLinks):
         # With a connector, next hops, data peers and peer URLs are reached by peer id (direct or relayed)
         # and incoming links go through its dispatch (HTTP-tagged links to the API, the rest to us).
         self.connector = connector
-        self.link_handler = self._serve_link if connector is None else connector.dispatch
+        self.link_handler = self.serve_link if connector is None else connector.dispatch
         self.name = name
         self.data_dir = Path(data_dir)
         self.device = resolve_device(device)
