@@ -214,6 +214,18 @@ class Node:
             shards=shards,
         )
 
+    @staticmethod
+    def _own_relay(relay: Relay) -> tuple[str, int]:
+        """Where this node reaches its own relay. A relay host that also serves models or runs a worker is a
+        member of its own directory like any other, or the members behind NAT would never learn of it."""
+        assert relay.address is not None
+        host, port = relay.address[:2]
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        return host, port
+
     def relay_announcement(self) -> dict[str, Any]:
         fields = self.announcement().to_fields()
         fields["link_port"] = self.worker.link_port if self.worker is not None else 0
@@ -278,10 +290,13 @@ class Node:
                 nursery.start_soon(self.catalog.hash_all)
             await nursery.start(self.peers.run)
             await nursery.start(self.coordinator.run)
+            relays = list(dict.fromkeys(cfg.relays))  # one membership per relay: its entries' `via`
             if cfg.relay_listen is not None:
                 host, port = cfg.relay_listen
                 self.relay = await nursery.start(run_relay, host, port, self.identity)
-            for host, port in dict.fromkeys(cfg.relays):  # one membership per relay: its entries' `via`
+                if self.catalog is not None or self.worker is not None:
+                    relays.insert(0, self._own_relay(self.relay))
+            for host, port in relays:
                 member = RelayMember(
                     self.identity,
                     host,

@@ -182,3 +182,53 @@ def test_relayed_links_go_first_through_the_relays_that_list_the_peer() -> None:
         assert "relay r3:1: not connected" in str(caught.value)
 
     trio.run(main)
+
+
+def test_a_public_relay_that_is_also_the_data_peer_is_in_its_own_directory_and_deploy_works_behind_nat(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    """The common host layout: central IT runs relay + data peer on one public machine; the workers sit
+    behind two NATs and know only the relay. A deploy asked of a worker behind NAT finds the data peer."""
+    local = LocalModel(model_dir / f"{MODEL}.gguf", max_ctx=256)
+    ids = prompt_token_ids(local.tokenizer, local.metadata, "the cat sat", raw=True)
+    want = local.generate(ids, SamplingParams.greedy(max_tokens=12))
+    fast: dict[str, Any] = {"listen_port": 0, "mdns": False, "peer_interval": 0.2}
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=60) as c:
+            hub = Node(NodeConfig(name="hub", data_dir=tmp_path / "hub", worker=False,
+                                  models=[model_dir], relay_listen=("127.0.0.1", 0), **fast))  # fmt: skip
+            await nursery.start(hub.run)
+            assert hub.relay is not None and hub.relay.address is not None
+            at = [("127.0.0.1", hub.relay.address[1])]
+            w = {
+                name: Node(NodeConfig(name=name, data_dir=tmp_path / name, relays=at,
+                                      relay_options=FAST_RELAY, memory=300 * MiB, **fast))  # fmt: skip
+                for name in ("w0", "w1")
+            }
+            w["w0"].connector.no_direct.add(w["w1"].identity.peer_id)  # two NATs: no way in at either site
+            w["w1"].connector.no_direct.add(w["w0"].identity.peer_id)
+            for node in w.values():
+                hub.connector.no_direct.add(node.identity.peer_id)
+                await nursery.start(node.run)
+            with trio.fail_after(10):
+                while hub.identity.peer_id not in w["w0"].peers.table:  # noqa: ASYNC110 (the relay lists it)
+                    await trio.sleep(0.05)
+            assert w["w0"].peers.table.relays(hub.identity.peer_id) == [f"127.0.0.1:{hub.relay.address[1]}"]
+            url = w["w0"].url
+            body = {"model": MODEL, "workers": ["w0", "w1"], "max_ctx": 256}
+            with trio.fail_after(20):
+                while True:  # w1's announcement reaches w0 through the relay too
+                    r = await c.post(f"{url}/api/v1/pipeline/deploy", json=body)
+                    if r.status_code != 409 or "w1" not in r.text:
+                        break
+                    await trio.sleep(0.1)
+            assert r.status_code == 200, r.text
+            assert [s["worker"] for s in r.json()["stages"]] == ["w0", "w1"]
+            ask = {"model": MODEL, "prompt": "the cat sat", "max_tokens": 12, "temperature": 0}
+            r = await c.post(f"{url}/v1/completions", json=ask)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == want.text
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
