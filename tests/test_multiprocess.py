@@ -109,10 +109,32 @@ def swarm(tmp: Path, model: Path, memories: dict[str, str]) -> Iterator[dict[str
             )
         for name in memories:
             procs[name].wait_url()
+        wait_until_all_know_each_other(procs)
         yield procs
     finally:
         for p in procs.values():
             p.stop()
+
+
+def wait_until_all_know_each_other(procs: dict[str, Proc], timeout: float = 60) -> None:
+    """Workers learn of each other through the data peer's listing, a poll or two after they start: a
+    deploy asked of a worker before then would not know the others yet."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    for name, proc in procs.items():
+        others = set(procs) - {name}
+        while True:
+            try:
+                peers = httpx.get(f"{proc.url}/api/v1/peers", timeout=5).json()["peers"]
+                seen = {p.get("name") for p in peers}
+            except (httpx.HTTPError, ValueError, KeyError):
+                seen = set()
+            if others <= seen:
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} knows {sorted(seen)} after {timeout:.0f} s, not all of {others}")
+            time.sleep(0.2)
 
 
 def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
