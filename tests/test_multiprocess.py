@@ -133,7 +133,7 @@ def wait_until_all_know_each_other(procs: dict[str, Proc], timeout: float = 60) 
             if others <= seen:
                 break
             if time.monotonic() > deadline:
-                raise AssertionError(f"{name} knows {sorted(seen)} after {timeout:.0f} s, not all of {others}")
+                raise AssertionError(f"{name} knows only {sorted(seen)} after {timeout:.0f} s")
             time.sleep(0.2)
 
 
