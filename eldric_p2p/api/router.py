@@ -62,9 +62,6 @@ class Router:
         ] = {}  # id(backend) -> requests acquired through this router, not released
         self._turn = itertools.count()  # breaks ties between equally loaded backends in turn
 
-    def add_source(self, source: BackendSource) -> None:
-        self.sources.append(source)
-
     def add(self, backend: Backend) -> None:
         """Serve a fixed backend (a LocalBackend, an upstream) for as long as the router lives."""
         self.sources.append(lambda: [backend])

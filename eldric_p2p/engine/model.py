@@ -351,17 +351,6 @@ class Stage:
             out[True] = window if bool(window.any()) else None
         return out
 
-    # ---- planning ---------------------------------------------------------------------------------------
-
-    @property
-    def weight_bytes(self) -> int:
-        n = sum(layer.nbytes for layer in self.layers)
-        if self.lm_head is not None:
-            n += self.lm_head.nbytes
-        if self.embed is not None:
-            n += self.embed.rows.nbytes
-        return n
-
 
 def kv_bytes_per_token(cfg: ModelConfig, n_layers: int, kv_dtype_bytes: int = 2) -> int:
     return 2 * n_layers * cfg.n_kv_heads * cfg.head_dim * kv_dtype_bytes

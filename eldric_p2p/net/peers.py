@@ -132,7 +132,7 @@ class PeerDirectory:
     """Polls known node addresses and keeps `table` (a discovery.PeerTable) current.
 
     `await nursery.start(directory.run)`; `await directory.refresh()` polls now (the coordinator does before
-    planning). `url_of(peer_id)` gives a peer's HTTP base URL.
+    planning).
     """
 
     def __init__(
@@ -163,10 +163,6 @@ class PeerDirectory:
             log.warning("peer address table full (%d); not adding %s", MAX_ADDRESSES, url)
             return
         self._addresses[url] = configured
-
-    def url_of(self, peer_id: str) -> str | None:
-        info = self.table.get(peer_id)
-        return self.url_for(info) if info is not None else None
 
     @staticmethod
     def url_for(info: PeerInfo) -> str | None:

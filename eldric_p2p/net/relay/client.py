@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from eldric_p2p.errors import EldricError, PeerUnavailable, RemoteProtocolError, UsageError
+from eldric_p2p.errors import EldricError, PeerUnavailable, RemoteProtocolError
 from eldric_p2p.net.discovery import Announcement, PeerTable, peer_info_from_fields
 from eldric_p2p.net.identity import Identity
 from eldric_p2p.net.relay import protocol as p
@@ -260,26 +260,3 @@ def _first_leaf(group: BaseException) -> BaseException:
     while isinstance(group, BaseExceptionGroup) and group.exceptions:
         group = group.exceptions[0]
     return group
-
-
-async def run_relay_member(
-    identity: Identity,
-    relay: str,
-    table: PeerTable,
-    announcement_fn: Callable[[], Announcement | dict[str, Any]],
-    stream_handler: StreamHandler | None = None,
-    *,
-    task_status: trio.TaskStatus[RelayMember] = trio.TASK_STATUS_IGNORED,
-    **options: Any,
-) -> None:
-    """Be a member of the relay at "HOST:PORT" until cancelled; `nursery.start` returns the `RelayMember`
-    (call its `open_stream`)."""
-    host, _, port = relay.rpartition(":")
-    if not host or not port.isdigit():
-        raise UsageError(f"relay address must be HOST:PORT, got {relay!r}")
-    member = RelayMember(
-        identity, host.strip("[]"), int(port), table, announcement_fn, stream_handler, **options
-    )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(member.run)
-        task_status.started(member)

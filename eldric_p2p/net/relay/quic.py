@@ -399,11 +399,6 @@ class QuicConn:
         await self._connected.wait()
         return self.handshake_done
 
-    async def wait_connected(self) -> None:
-        """Wait for the handshake; raises PeerUnavailable if the connection ended first."""
-        if not await self.wait_handshake():
-            raise PeerUnavailable(f"QUIC handshake failed: {self.close_reason or 'connection closed'}")
-
     async def wait_closed(self) -> None:
         await self._terminated.wait()
 
