@@ -93,11 +93,13 @@ async def deploy_with_progress(
                         continue
                     p = s.get("progress") or {}
                     done, total = int(p.get("done") or 0), int(p.get("total") or 0)
+                    if not total:
+                        continue  # the worker is still reading the header: no size to draw against yet
                     if s["index"] not in tasks:
-                        tasks[s["index"]] = bar.add_task(_stage_label(s), total=total or None)
-                    if s.get("state") in ("loading", "ready") and total:
+                        tasks[s["index"]] = bar.add_task(_stage_label(s), total=total)
+                    if s.get("state") in ("loading", "ready"):
                         done = total
-                    bar.update(tasks[s["index"]], completed=done, total=total or None)
+                    bar.update(tasks[s["index"]], completed=done, total=total)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch)

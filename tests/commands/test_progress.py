@@ -28,6 +28,7 @@ def test_deploy_draws_one_bar_per_stage_from_the_status_and_returns_the_deploy_a
             pending = {"model": "tiny", "stages": [
                 stage(0, "pc", 0, 12, min(n, 3) * 1_000_000, 3_000_000, "fetching"),
                 stage(1, "mac", 12, 24, 2_000_000, 2_000_000, "loading"),
+                stage(2, "pi", 24, 30, 0, 0, "fetching"),  # still reading the header: no size yet
             ]}  # fmt: skip
             other = {"model": "someone-else", "stages": [stage(0, "x", 0, 1, 0, 9, "fetching")]}
             return httpx.Response(200, json={"deployments": [], "deploying": [other, pending]})
@@ -49,6 +50,7 @@ def test_deploy_draws_one_bar_per_stage_from_the_status_and_returns_the_deploy_a
     text = out.getvalue()
     assert "pc layers 0-11" in text and "mac layers 12-23" in text
     assert "x layers" not in text  # another model's deploy is not drawn
+    assert "pi layers" not in text  # nor a stage whose size is not known yet
     assert "3.0/3.0 MB" in text and "2.0/2.0 MB" in text  # finished bars show every byte
 
 
