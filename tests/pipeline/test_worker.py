@@ -145,7 +145,8 @@ def test_status_unload_frees_memory_and_the_head_goes_away(tmp_path: Path, model
             assert m[0].node.backends() == []
             r = await generate(c, m[0].url, "Hello", GREEDY)
             assert r[0]["error"]["code"] == "model_not_found"
-            assert (await c.get(f"{m[0].url}/api/v1/pipeline/status")).json() == {"deployments": [], "deploying": []}
+            status = (await c.get(f"{m[0].url}/api/v1/pipeline/status")).json()
+            assert status == {"deployments": [], "deploying": []}
 
     trio.run(main)
 
