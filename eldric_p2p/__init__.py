@@ -10,7 +10,7 @@ The package is layered; a module imports only from its own layer or the layers b
     net/                    peer identity, stage frames, links, discovery, the peer table, the edge relay
     engine/                 the transformer on GGUF weights: dequant, kernels, sampling, tokenizer, chat
     data/                   GGUF index, data peer, range fetcher, shard cache, reference models
-    errors.py, units.py, paths.py, http_server.py   the base every layer may use
+    errors.py, units.py, paths.py, tasks.py, http_server.py   the base every layer may use
 
 docs/architecture.md has the package map, a line per module, and one request's walk through it.
 """

@@ -12,6 +12,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from eldric_p2p.tasks import open_nursery
+
 log = logging.getLogger(__name__)
 
 
@@ -48,7 +50,7 @@ async def serve_app(
     async def _serve(*, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         await serve(app, config, task_status=task_status, mode="asgi")
 
-    async with trio.open_nursery() as nursery:
+    async with open_nursery() as nursery:
         binds: list[str] = await nursery.start(_serve)
         bound = port_of(binds[0])
         log.info("serving on %s", ", ".join(binds))

@@ -52,6 +52,7 @@ from eldric_p2p.pipeline.coordinator import Coordinator
 from eldric_p2p.pipeline.coordinator_routes import coordinator_routes
 from eldric_p2p.pipeline.worker import Worker
 from eldric_p2p.pipeline.worker_routes import worker_routes
+from eldric_p2p.tasks import open_nursery
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +282,7 @@ class Node:
             if not self.catalog.models:
                 log.warning("--models given but no valid GGUF file found")
         app = Starlette(routes=self.routes(), exception_handlers=EXCEPTION_HANDLERS)
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             if self.worker is not None:
                 await nursery.start(self.worker.run)
             self.port = await nursery.start(serve_app, app, cfg.listen_host, cfg.listen_port)

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "eldric_p2p"
 
 # Lowest first. A module may import from its own layer and any layer below.
 LAYERS = [
-    {"errors", "units", "paths", "http_server", "__init__"},
+    {"errors", "units", "paths", "http_server", "tasks", "__init__"},
     {"data"},
     {"engine"},
     {"net"},

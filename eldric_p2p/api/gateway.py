@@ -41,6 +41,7 @@ from eldric_p2p.api.requests import (
 )
 from eldric_p2p.api.router import Router
 from eldric_p2p.errors import EldricError, ModelNotFound, PeerUnavailable
+from eldric_p2p.tasks import open_nursery
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class _Generation:
         active = metrics.ACTIVE.value(model=model) + 1
         metrics.ACTIVE.set(active, model=model)
         try:
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
                 nursery.start_soon(self._watch_disconnect, receive)
                 await self._serve(send)
@@ -114,7 +115,7 @@ class _Generation:
             async with self.router.acquire(parsed.model) as backend:
                 self.backend_name = getattr(backend, "name", "") or ""
                 events_in, events_out = trio.open_memory_channel[GenerationEvent](EVENT_BUFFER)
-                async with trio.open_nursery() as nursery:
+                async with open_nursery() as nursery:
                     nursery.start_soon(self._run_backend, backend, request, events_in)
                     try:
                         if parsed.stream:

@@ -26,6 +26,7 @@ import httpx
 import trio
 
 from eldric_p2p.errors import EldricError, PeerUnavailable, UsageError
+from eldric_p2p.tasks import open_nursery
 
 URL_LINE = re.compile(r"serving on (http://\S+)")
 START_TIMEOUT = 120.0
@@ -203,7 +204,7 @@ async def run_demo(args: argparse.Namespace, root: Path) -> None:
         nodes.append(entry)
         names = [f"demo-worker-{i + 1}" for i in range(args.workers)]
         extra = ["--device", args.device] + (["--memory", args.memory] if args.memory else [])
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
 
             async def one(name: str) -> None:
                 nodes.append(
@@ -260,7 +261,7 @@ async def run_demo(args: argparse.Namespace, root: Path) -> None:
 
 async def run_until_signalled(args: argparse.Namespace, root: Path) -> None:
     """Run the demo; SIGTERM and SIGHUP (`kill`, a closed terminal) stop it like Ctrl-C: every node too."""
-    async with trio.open_nursery() as nursery:
+    async with open_nursery() as nursery:
 
         async def watch() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:

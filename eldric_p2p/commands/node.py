@@ -9,6 +9,7 @@ import trio
 
 from eldric_p2p.node import DEFAULT_PORT, Node, NodeConfig, parse_host_port
 from eldric_p2p.paths import default_data_dir
+from eldric_p2p.tasks import open_nursery
 from eldric_p2p.units import format_size, parse_size
 
 
@@ -65,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         node = Node(config)
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             port = await nursery.start(node.run)
             host = config.listen_host if config.listen_host not in ("0.0.0.0", "::") else "127.0.0.1"
             shown = f"[{host}]" if ":" in host else host

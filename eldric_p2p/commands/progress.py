@@ -27,6 +27,7 @@ from rich.progress import (
 )
 
 from eldric_p2p.data.refmodels import RefModel, assemble
+from eldric_p2p.tasks import open_nursery
 
 POLL_S = 0.5
 
@@ -101,7 +102,7 @@ async def deploy_with_progress(
                         done = total
                     bar.update(tasks[s["index"]], completed=done, total=total)
 
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             nursery.start_soon(watch)
             result.append(await client.post(f"{base}/api/v1/pipeline/deploy", json=body))
             nursery.cancel_scope.cancel()

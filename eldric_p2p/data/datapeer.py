@@ -40,6 +40,7 @@ from starlette.routing import Route
 from eldric_p2p.data.gguf_index import GGUFIndex, read_index
 from eldric_p2p.errors import GGUFFormatError, ModelNotFound
 from eldric_p2p.http_server import error_response
+from eldric_p2p.tasks import open_nursery
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +325,7 @@ class FileRangeResponse:
         if scope.get("method") == "HEAD" or self.start == self.end:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
 
             async def watch_disconnect() -> None:
                 while (await receive())["type"] != "http.disconnect":

@@ -66,6 +66,7 @@ from eldric_p2p.errors import (
     RemoteProtocolError,
     UsageError,
 )
+from eldric_p2p.tasks import open_nursery
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ async def _first_error_wins() -> AsyncIterator[Callable[..., None]]:
     """A nursery yielding `spawn(fn, *args)`: the first EldricError or OSError of a task cancels the others
     and is raised as itself (not in an exception group) once every task is done."""
     failed: list[BaseException] = []
-    async with trio.open_nursery() as nursery:
+    async with open_nursery() as nursery:
 
         def spawn(fn: Callable[..., Awaitable[None]], *args: Any) -> None:
             async def guarded() -> None:

@@ -44,6 +44,7 @@ from eldric_p2p.net.links import (
     link_client,
     serve_link_stream,
 )
+from eldric_p2p.tasks import open_nursery
 
 if typing.TYPE_CHECKING:
     from eldric_p2p.net.relay.client import RelayMember
@@ -210,7 +211,7 @@ class Connector:
         winner: tuple[Any, tuple[str, int]] | None = None
         failures: list[str] = []
 
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             for i, addr in enumerate(candidates):
                 failed = trio.Event()
 
@@ -310,7 +311,7 @@ async def splice(a: trio.abc.Stream, b: trio.abc.Stream) -> None:
             pass
         scope.cancel()
 
-    async with trio.open_nursery() as nursery:
+    async with open_nursery() as nursery:
         nursery.start_soon(copy, a, b, nursery.cancel_scope)
         nursery.start_soon(copy, b, a, nursery.cancel_scope)
 

@@ -27,6 +27,7 @@ import trio
 from zeroconf import InterfaceChoice, IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 
 from eldric_p2p.net.identity import is_peer_id
+from eldric_p2p.tasks import open_nursery
 
 log = logging.getLogger(__name__)
 
@@ -437,7 +438,7 @@ async def run_discovery(
                     elif trio.current_time() - peer.last_seen > ttl:
                         table.remove(peer.peer_id, "mdns")
 
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             nursery.start_soon(reannounce)
             nursery.start_soon(sweep)
             async for state, name in recv:

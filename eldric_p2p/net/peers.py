@@ -24,6 +24,7 @@ from eldric_p2p.data.gguf_index import MAX_HEADER_BYTES, GGUFIndex, TruncatedHea
 from eldric_p2p.errors import GGUFFormatError, ModelNotFound, PeerUnavailable
 from eldric_p2p.net.discovery import PeerInfo, PeerTable
 from eldric_p2p.net.identity import is_peer_id
+from eldric_p2p.tasks import open_nursery
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ class PeerDirectory:
                 if not todo:
                     break
                 polled.update(todo)
-                async with trio.open_nursery() as nursery:
+                async with open_nursery() as nursery:
                     for url in todo:
                         nursery.start_soon(self._poll, client, url)
         finally:

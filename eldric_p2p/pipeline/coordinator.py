@@ -22,6 +22,7 @@ from eldric_p2p.errors import DoesNotFit, ModelNotFound, PeerUnavailable, UsageE
 from eldric_p2p.net.peers import PeerDirectory, fetch_model_index, get_json, post_json, split_url
 from eldric_p2p.pipeline.assignment import Assignment, StageRef
 from eldric_p2p.pipeline.planner import STRATEGIES, WorkerView, plan_layers
+from eldric_p2p.tasks import open_nursery
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +203,7 @@ class Coordinator:
             except PeerUnavailable as exc:
                 log.info("worker %s not available: %s", url, exc)
 
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             for url in urls:
                 nursery.start_soon(one, url)
         if names is None:
@@ -362,7 +363,7 @@ class Coordinator:
             link = s.get("link")
             shard.link = link if link in ("direct", "relayed") else None
 
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             for shard in dep.shards:
                 nursery.start_soon(one, shard)
 
@@ -375,7 +376,7 @@ class Coordinator:
             except PeerUnavailable as exc:
                 log.info("could not unload %s: %s", shard.stage.label(), exc)
 
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             for shard in shards:
                 nursery.start_soon(one, shard)
 

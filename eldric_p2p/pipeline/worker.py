@@ -26,6 +26,7 @@ from eldric_p2p.net.peers import fetch_model_index
 from eldric_p2p.pipeline.assignment import Assignment
 from eldric_p2p.pipeline.shard import Shard, StageSession
 from eldric_p2p.pipeline.stage_links import StageLinks
+from eldric_p2p.tasks import open_nursery
 from eldric_p2p.units import format_size
 
 if TYPE_CHECKING:
@@ -124,7 +125,7 @@ class Worker(StageLinks):
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept links and run loads until cancelled. Starts with the bound link port."""
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             self._nursery = nursery
             listeners = await nursery.start(
                 serve_tcp_links, self.identity, self.link_host, self.link_port, self.link_handler

@@ -32,6 +32,7 @@ from eldric_p2p.errors import (
     UsageError,
 )
 from eldric_p2p.http_server import error_response
+from eldric_p2p.tasks import open_nursery
 
 MAX_LINE = 1 << 20  # bytes in one NDJSON event line, and in a request body
 
@@ -199,7 +200,7 @@ class NDJSONEvents:
                 {"type": "http.response.start", "status": status, "headers": [(b"content-type", ctype)]}
             )
 
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
 
             async def watch_disconnect() -> None:
                 while (await receive())["type"] != "http.disconnect":

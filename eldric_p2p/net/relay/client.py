@@ -29,6 +29,7 @@ from eldric_p2p.net.relay.framing import read_message, write_message
 from eldric_p2p.net.relay.quic import QuicConn, QuicStream
 from eldric_p2p.net.relay.quic_config import client_configuration
 from eldric_p2p.net.relay.quic_udp import connect_quic
+from eldric_p2p.tasks import open_nursery
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ class RelayMember:
 
             control.hello()
             await send_pending()
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
                 nursery.start_soon(self._watch_connection, conn, nursery.cancel_scope)
                 dead_after = self.handshake_timeout_s
                 last_heard = trio.current_time()

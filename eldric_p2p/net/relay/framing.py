@@ -7,6 +7,7 @@ import trio
 from eldric_p2p.errors import PeerUnavailable, RemoteProtocolError
 from eldric_p2p.net.relay import protocol as p
 from eldric_p2p.net.relay.quic import QuicStream
+from eldric_p2p.tasks import open_nursery
 
 
 async def read_message(stream: QuicStream, *, max_size: int = p.MAX_MESSAGE) -> p.Message:
@@ -45,7 +46,7 @@ async def splice(a: QuicStream, b: QuicStream, chunk: int) -> int:
         await dst.send_eof()
 
     try:
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             nursery.start_soon(copy, a, b)
             nursery.start_soon(copy, b, a)
     except* (trio.BrokenResourceError, trio.ClosedResourceError):

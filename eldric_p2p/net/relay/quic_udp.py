@@ -21,6 +21,7 @@ from aioquic.quic.packet import QuicPacketType, encode_quic_version_negotiation,
 from eldric_p2p.errors import PeerUnavailable
 from eldric_p2p.net.relay.quic import FlowControlledQuicConnection, NetworkAddress, QuicConn
 from eldric_p2p.net.relay.quic_config import DEFAULT_STREAM_WINDOW
+from eldric_p2p.tasks import open_nursery
 
 # ---------------------------------------------------------------------------------------------- server
 
@@ -63,7 +64,7 @@ class QuicServer:
         self._conns: set[QuicConn] = set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             task_status.started()
             while True:
                 try:
@@ -138,7 +139,7 @@ class QuicServer:
 
     async def _serve(self, conn: QuicConn, cids: set[bytes]) -> None:
         try:
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
                 await nursery.start(self._drive, conn, nursery.cancel_scope)
                 with trio.move_on_after(self.handshake_timeout):
                     await conn.wait_handshake()
@@ -217,7 +218,7 @@ async def connect_quic(
                     continue
                 conn.feed_datagram(data, src)
 
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             nursery.start_soon(read)
             await nursery.start(conn.run)
             with trio.move_on_after(handshake_timeout):

@@ -25,6 +25,7 @@ from eldric_p2p.net.relay.framing import read_message, splice, write_message
 from eldric_p2p.net.relay.quic import QuicConn, QuicStream
 from eldric_p2p.net.relay.quic_config import server_configuration
 from eldric_p2p.net.relay.quic_udp import QuicServer, open_udp_socket
+from eldric_p2p.tasks import open_nursery
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class Relay:
                 max_pending_streams=lim.max_streams_per_member,
             )
             log.info("relay %s listening on udp %s:%d", self.identity.peer_id, *self.address)
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
                 await nursery.start(self.server.run)
                 task_status.started(self)
 
@@ -161,7 +162,7 @@ class Relay:
         log.info("member %s registered from %s", member.peer_id, conn.remote_address)
         try:
             with member.kill:
-                async with trio.open_nursery() as nursery:
+                async with open_nursery() as nursery:
                     nursery.start_soon(self._write_control, member, stream, outbox)
                     nursery.start_soon(self._read_control, member, stream)
                     nursery.start_soon(self._keepalive, member)
