@@ -65,8 +65,21 @@ def _pending(status: Any, model: str) -> dict[str, Any] | None:
     return None
 
 
-def _stage_label(s: dict[str, Any]) -> str:
-    return f"{s.get('worker', '?')} layers {s.get('start', '?')}-{int(s.get('end', 0)) - 1}"
+def _stage_progress(s: Any) -> tuple[int, str, int, int] | None:
+    """(index, label, bytes done, bytes total) of one stage of the status, or None where it is not that
+    shape (the status comes from another node: anything it holds may be missing or of the wrong type)."""
+    if not isinstance(s, dict):
+        return None
+    index, start, end, p = s.get("index"), s.get("start"), s.get("end"), s.get("progress")
+    if not all(isinstance(v, int) for v in (index, start, end)) or not isinstance(p, dict):
+        return None
+    done, total = p.get("done"), p.get("total")
+    if not isinstance(done, int) or not isinstance(total, int) or total <= 0:
+        return None  # a stage still reading the header has no size to draw against yet
+    if s.get("state") in ("loading", "ready"):
+        done = total
+    label = f"{str(s.get('worker', '?'))[:40]} layers {start}-{end - 1}"
+    return index, label, min(max(done, 0), total), total
 
 
 async def deploy_with_progress(
@@ -89,18 +102,14 @@ async def deploy_with_progress(
                     dep = _pending(r.json(), body["model"]) if r.status_code == 200 else None
                 except (httpx.HTTPError, ValueError):
                     continue
-                for s in (dep or {}).get("stages") or []:
-                    if not isinstance(s, dict) or not isinstance(s.get("index"), int):
+                stages = (dep or {}).get("stages")
+                for s in stages if isinstance(stages, list) else []:
+                    if (stage := _stage_progress(s)) is None:
                         continue
-                    p = s.get("progress") or {}
-                    done, total = int(p.get("done") or 0), int(p.get("total") or 0)
-                    if not total:
-                        continue  # the worker is still reading the header: no size to draw against yet
-                    if s["index"] not in tasks:
-                        tasks[s["index"]] = bar.add_task(_stage_label(s), total=total)
-                    if s.get("state") in ("loading", "ready"):
-                        done = total
-                    bar.update(tasks[s["index"]], completed=done, total=total)
+                    index, label, done, total = stage
+                    if index not in tasks:
+                        tasks[index] = bar.add_task(label, total=total)
+                    bar.update(tasks[index], completed=done, total=total)
 
         async with open_nursery() as nursery:
             nursery.start_soon(watch)

@@ -68,3 +68,37 @@ def test_an_unreadable_status_costs_the_bars_not_the_deploy() -> None:
 
     resp = trio.run(main)
     assert resp.status_code == 409 and resp.json()["error"]["code"] == "does_not_fit"
+
+
+def test_a_status_of_the_wrong_shape_costs_the_bars_not_the_deploy() -> None:
+    garbage = [
+        {"deploying": [{"model": "tiny", "stages": 5}]},
+        {"deploying": [{"model": "tiny", "stages": [
+            {"index": 0, "start": 0, "end": 4, "progress": []},
+            {"index": 1, "start": "a", "end": 4, "progress": {"done": 1, "total": 2}},
+            {"index": 2, "start": 0, "end": 4, "progress": {"done": "x", "total": 2}},
+            {"index": 3, "start": 0, "end": 4, "progress": {"done": 1, "total": -5}},
+            "not a stage",
+        ]}]},  # fmt: skip
+        {"deploying": "nope"},
+        [],
+    ]
+    polls: list[int] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/api/v1/pipeline/status":
+            polls.append(1)
+            return httpx.Response(200, json=garbage[(len(polls) - 1) % len(garbage)])
+        await trio.sleep(POLL_S * 5.5)
+        return httpx.Response(200, json={"id": "tiny-abc", "stages": []})
+
+    out = io.StringIO()
+
+    async def main() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            console = Console(file=out, force_terminal=True)
+            return await deploy_with_progress(client, "http://node", {"model": "tiny"}, console=console)
+
+    resp = trio.run(main)
+    assert resp.status_code == 200 and resp.json()["id"] == "tiny-abc"
+    assert len(polls) >= 4 and "layers" not in out.getvalue()  # every poll was read; none drew a bar
