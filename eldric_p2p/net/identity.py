@@ -11,14 +11,18 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from eldric_p2p.errors import AuthenticationError, UsageError
+
+if TYPE_CHECKING:
+    from eldric_p2p.net.federation.store import Membership
 
 KEY_FILE = "identity.key"
 PEER_ID_PREFIX = "ep"
@@ -58,7 +62,18 @@ def verify(public_key: bytes, signature: bytes, message: bytes, *, claimed_peer_
 
 @dataclass(frozen=True)
 class Identity:
+    """This node's key, and (once the node is in a federation) its `membership`, which every check of a peer
+    reads: links, relay registration, signed HTTP requests. `membership is None` or not active: no checks."""
+
     private_key: Ed25519PrivateKey
+    membership: Membership | None = field(default=None, compare=False, repr=False)
+
+    def with_membership(self, membership: Membership) -> Identity:
+        return replace(self, membership=membership)
+
+    @property
+    def federated(self) -> bool:
+        return self.membership is not None and self.membership.active
 
     @property
     def public_key(self) -> bytes:

@@ -11,18 +11,26 @@ Authentication, both ends:
 - client -> server, inside TLS, a sans-IO exchange (`ServerHandshake`, `ClientHandshake`):
 
       server: CHALLENGE  nonce[32]
-      client: PROOF      public_key[32] signature[64]
+      client: PROOF      public_key[32] signature[64] [credential kind:u8, credential]
                          signature = Ed25519(CONTEXT || nonce || server_peer_id || client_peer_id)
-      server: ACCEPT     (or REJECT reason, then close)
+      server: ACCEPT     [server's membership chain]   (or REJECT reason, then close)
 
   Every handshake message is `b"EPL1" type:u8 length:u16be body`, body at most `MAX_HANDSHAKE_BODY` bytes.
   The signature names the server's id, so a server cannot replay a client's proof to a third node, and the
   nonce makes each proof single-use.
 
+Federation (`identity.membership` active, see `eldric_p2p.net.federation`): the client's credential is its
+membership chain (kind 1), and the server refuses a client without a valid, unexpired, unrevoked chain of
+its own federation bound to the id the client just proved; the server's ACCEPT carries its own chain, which
+the client checks the same way. One exception: a joiner with no certificate yet presents the join ticket of
+an invite this server handed out (kind 2); such a *guest* link may carry only the join request
+(`Link.guest`). Each refusal is logged once per peer and reason, not per attempt. A node in no federation
+sends and checks no credential, as before.
+
 Errors: a peer that fails to prove its id, sends garbage or breaks a limit raises `AuthenticationError`; one
 that closes or does not finish the handshake in time raises `PeerUnavailable`. `serve_tcp_links` drops such a
 connection and keeps serving. After the handshake a `Link` is an ordinary `trio.abc.Stream` (trio's own
-exceptions: `BrokenResourceError`, `ClosedResourceError`); `eldric_p2p.net.frames` converts them for frame users.
+exceptions: `BrokenResourceError`, `ClosedResourceError`); `eldric_p2p.net.frames` converts them for frames.
 """
 
 from __future__ import annotations
@@ -30,7 +38,6 @@ from __future__ import annotations
 import logging
 import os
 import ssl
-import struct
 import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -44,174 +51,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
-from eldric_p2p.errors import AuthenticationError, EldricError, LocalProtocolError, PeerUnavailable
-from eldric_p2p.net.identity import Identity, peer_id_of, verify
+from eldric_p2p.errors import AuthenticationError, EldricError, PeerUnavailable
+from eldric_p2p.net.federation.certs import MemberCert, MembershipError
+from eldric_p2p.net.handshake import HANDSHAKE_TIMEOUT_S, ClientHandshake, ServerHandshake
+from eldric_p2p.net.identity import Identity, peer_id_of
 
 log = logging.getLogger(__name__)
 
 LinkPath = Literal["direct", "relayed"]
-
-HANDSHAKE_TIMEOUT_S = 10.0
-MAGIC = b"EPL1"
-CONTEXT = b"eldric-p2p link v1 client proof\x00"
-NONCE_LEN = 32
-MAX_HANDSHAKE_BODY = 256
-_HDR = struct.Struct(">4sBH")  # magic, type, body length
-
-MSG_CHALLENGE = 1
-MSG_PROOF = 2
-MSG_ACCEPT = 3
-MSG_REJECT = 4
-
-
-# --------------------------------------------------------------------------- sans-IO handshake
-
-
-def encode_handshake_message(msg_type: int, body: bytes) -> bytes:
-    if len(body) > MAX_HANDSHAKE_BODY:
-        raise LocalProtocolError(f"handshake body of {len(body)} bytes over {MAX_HANDSHAKE_BODY}")
-    return _HDR.pack(MAGIC, msg_type, len(body)) + body
-
-
-class _MessageBuffer:
-    """Accumulates peer bytes and cuts one handshake message at a time, checking magic and length first."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> None:
-        self._buf += data
-        # Refuse an oversized or foreign message as soon as its header is here, not after its body.
-        if len(self._buf) >= _HDR.size:
-            self._check_header()
-
-    def _check_header(self) -> tuple[int, int]:
-        magic, msg_type, length = _HDR.unpack_from(self._buf)
-        if magic != MAGIC:
-            raise AuthenticationError("peer did not speak the eldric-p2p link handshake (bad magic)")
-        if length > MAX_HANDSHAKE_BODY:
-            raise AuthenticationError(
-                f"handshake message of {length} bytes over the {MAX_HANDSHAKE_BODY} limit"
-            )
-        return msg_type, length
-
-    def next_message_untrusted(self) -> tuple[int, bytes] | None:
-        if len(self._buf) < _HDR.size:
-            return None
-        msg_type, length = self._check_header()
-        if len(self._buf) < _HDR.size + length:
-            return None
-        body = bytes(self._buf[_HDR.size : _HDR.size + length])
-        del self._buf[: _HDR.size + length]
-        return msg_type, body
-
-    def take_rest(self) -> bytes:
-        rest = bytes(self._buf)
-        self._buf.clear()
-        return rest
-
-
-def _proof_message(nonce: bytes, server_peer_id: str, client_peer_id: str) -> bytes:
-    return CONTEXT + nonce + server_peer_id.encode("ascii") + client_peer_id.encode("ascii")
-
-
-class ServerHandshake:
-    """Server side of the in-TLS client proof. Feed peer bytes with `receive_data`; send what it returns.
-
-    `initial_bytes()` is the challenge to send first. When `peer_id` is set the client is authenticated and
-    `leftover` holds any bytes the client sent after its proof (application data for the link).
-    """
-
-    def __init__(self, server_peer_id: str, nonce: bytes | None = None) -> None:
-        self.server_peer_id = server_peer_id
-        self.nonce = nonce if nonce is not None else os.urandom(NONCE_LEN)
-        if len(self.nonce) != NONCE_LEN:
-            raise LocalProtocolError("nonce must be 32 bytes")
-        self.peer_id: str | None = None
-        self.leftover = b""
-        self._buf = _MessageBuffer()
-        self._challenged = False
-
-    def initial_bytes(self) -> bytes:
-        if self._challenged:
-            raise LocalProtocolError("challenge already sent")
-        self._challenged = True
-        return encode_handshake_message(MSG_CHALLENGE, self.nonce)
-
-    @property
-    def done(self) -> bool:
-        return self.peer_id is not None
-
-    def receive_data(self, data: bytes) -> bytes:
-        """Feed bytes from the client; return bytes to send. Raises `AuthenticationError` on a bad proof."""
-        if not self._challenged or self.done:
-            raise LocalProtocolError("receive_data before the challenge or after the handshake")
-        if not data:
-            raise PeerUnavailable("client closed the link during the handshake")
-        self._buf.feed(data)
-        msg = self._buf.next_message_untrusted()
-        if msg is None:
-            return b""
-        msg_type, body = msg
-        if msg_type != MSG_PROOF:
-            raise AuthenticationError(f"expected a client proof, got handshake message type {msg_type}")
-        if len(body) != 32 + 64:
-            raise AuthenticationError(f"client proof of {len(body)} bytes, expected 96")
-        public_key, signature = body[:32], body[32:]
-        client_id = peer_id_of(public_key)
-        verify(public_key, signature, _proof_message(self.nonce, self.server_peer_id, client_id))
-        self.peer_id = client_id
-        self.leftover = self._buf.take_rest()
-        return encode_handshake_message(MSG_ACCEPT, b"")
-
-    @staticmethod
-    def reject_bytes(reason: str) -> bytes:
-        return encode_handshake_message(MSG_REJECT, reason.encode("utf-8")[:MAX_HANDSHAKE_BODY])
-
-
-class ClientHandshake:
-    """Client side of the in-TLS proof: answers the server's challenge, then waits for ACCEPT.
-
-    `server_peer_id` is the id already proven by the TLS certificate. When `done`, `leftover` holds any
-    application bytes the server sent right after ACCEPT.
-    """
-
-    def __init__(self, identity: Identity, server_peer_id: str) -> None:
-        self.identity = identity
-        self.server_peer_id = server_peer_id
-        self.done = False
-        self.leftover = b""
-        self._buf = _MessageBuffer()
-        self._proved = False
-
-    def receive_data(self, data: bytes) -> bytes:
-        """Feed bytes from the server; return bytes to send. Raises AuthenticationError, PeerUnavailable."""
-        if self.done:
-            raise LocalProtocolError("receive_data after the handshake")
-        if not data:
-            raise PeerUnavailable("server closed the link during the handshake")
-        self._buf.feed(data)
-        out = b""
-        while (msg := self._buf.next_message_untrusted()) is not None:
-            msg_type, body = msg
-            if msg_type == MSG_REJECT:
-                reason = body.decode("utf-8", "replace")
-                raise AuthenticationError(f"server {self.server_peer_id} rejected us: {reason}")
-            if not self._proved:
-                if msg_type != MSG_CHALLENGE or len(body) != NONCE_LEN:
-                    raise AuthenticationError("expected a 32-byte challenge from the server")
-                signed = _proof_message(body, self.server_peer_id, self.identity.peer_id)
-                out += encode_handshake_message(
-                    MSG_PROOF, self.identity.public_key + self.identity.sign(signed)
-                )
-                self._proved = True
-                continue
-            if msg_type != MSG_ACCEPT or body:
-                raise AuthenticationError(f"expected ACCEPT from the server, got message type {msg_type}")
-            self.done = True
-            self.leftover = self._buf.take_rest()
-            break
-        return out
 
 
 # --------------------------------------------------------------------------- certificates and TLS contexts
@@ -299,6 +146,12 @@ class Link(trio.abc.Stream):
     local_peer_id: str
     path: LinkPath = "direct"
     _leftover: bytearray = field(default_factory=bytearray, repr=False)
+    member: MemberCert | None = None  # the peer's verified membership, when we are in a federation
+    guest: bool = False  # a joiner with a ticket: only its join request may pass
+
+    async def abort(self) -> None:
+        """Close the stream below TLS at once (a revoked peer): any task using the link sees it closed."""
+        await trio.aclose_forcefully(self.tls.transport_stream)
 
     def unread(self, data: bytes | bytearray) -> None:
         """Put bytes already received back in front of the stream: the next `receive_some` returns them."""
@@ -351,8 +204,11 @@ async def link_client(
     *,
     path: LinkPath = "direct",
     handshake_timeout: float = HANDSHAKE_TIMEOUT_S,
+    ticket: str | None = None,
 ) -> Link:
     """Open a link over `stream` to the server that must prove `expected_peer_id` (None: any id, returned).
+
+    `ticket`: the join ticket a node without a membership certificate presents to its inviter.
 
     Takes ownership of `stream` (closed on failure). Raises `AuthenticationError` (wrong id, failed proof,
     garbage) or `PeerUnavailable` (closed, or no handshake within `handshake_timeout` s).
@@ -368,7 +224,7 @@ async def link_client(
             server_id = _peer_id_from_certificate(tls.getpeercert(binary_form=True))
             if expected_peer_id is not None and server_id != expected_peer_id:
                 raise AuthenticationError(f"expected peer {expected_peer_id}, the server is {server_id}")
-            hs = ClientHandshake(identity, server_id)
+            hs = ClientHandshake(identity, server_id, ticket=ticket)
             while not hs.done:
                 out = hs.receive_data(await _receive_handshake_bytes(tls, server_id))
                 if out:
@@ -381,7 +237,15 @@ async def link_client(
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
-    return Link(tls, server_id, identity.peer_id, path, bytearray(hs.leftover))
+    return _registered(
+        identity, Link(tls, server_id, identity.peer_id, path, bytearray(hs.leftover), hs.member)
+    )
+
+
+def _registered(identity: Identity, link: Link) -> Link:
+    if identity.membership is not None:
+        identity.membership.links.add(link)  # closed if its peer is revoked
+    return link
 
 
 async def link_server(
@@ -402,7 +266,7 @@ async def link_server(
                 await tls.do_handshake()
             except trio.BrokenResourceError as exc:
                 raise _tls_failure(exc, "client") from exc
-            hs = ServerHandshake(identity.peer_id)
+            hs = ServerHandshake(identity.peer_id, identity=identity)
             await _send_handshake_bytes(tls, hs.initial_bytes(), "client")
             while not hs.done:
                 data = await _receive_handshake_bytes(tls, "client")
@@ -410,7 +274,11 @@ async def link_server(
                     out = hs.receive_data(data)
                 except AuthenticationError as exc:
                     with trio.move_on_after(1):
-                        await tls.send_all(ServerHandshake.reject_bytes(str(exc)))
+                        await tls.send_all(
+                            ServerHandshake.reject_bytes(
+                                f"{exc.code}: {exc}" if isinstance(exc, MembershipError) else str(exc)
+                            )
+                        )
                     raise
                 if out:
                     await _send_handshake_bytes(tls, out, "client")
@@ -423,7 +291,8 @@ async def link_server(
         await trio.aclose_forcefully(stream)
         raise
     assert hs.peer_id is not None
-    return Link(tls, hs.peer_id, identity.peer_id, path, bytearray(hs.leftover))
+    link = Link(tls, hs.peer_id, identity.peer_id, path, bytearray(hs.leftover), hs.member, hs.guest)
+    return _registered(identity, link)
 
 
 async def open_tcp_link(
@@ -450,6 +319,20 @@ async def open_tcp_link(
 
 LinkHandler = Callable[[Link], Awaitable[Any]]
 
+REFUSAL_LOG_EVERY_S = 60.0
+_refusals_logged: dict[str, float] = {}
+
+
+def _log_refusal(exc: Exception) -> None:
+    """Log a refused link once per reason a minute: a stranger retrying must not flood the log."""
+    reason = str(exc)
+    now = trio.current_time()
+    if now - _refusals_logged.get(reason, -REFUSAL_LOG_EVERY_S) >= REFUSAL_LOG_EVERY_S:
+        if len(_refusals_logged) > 1024:
+            _refusals_logged.clear()
+        _refusals_logged[reason] = now
+        log.info("refused a link: %s", reason)
+
 
 async def serve_link_stream(
     stream: trio.abc.Stream,
@@ -466,11 +349,11 @@ async def serve_link_stream(
     try:
         link = await link_server(stream, identity, path=path, handshake_timeout=handshake_timeout)
     except (AuthenticationError, PeerUnavailable) as exc:
-        log.info("refused a link: %s", exc)
+        _log_refusal(exc)
         return
     try:
         await handler(link)
-    except (EldricError, trio.BrokenResourceError) as exc:
+    except (EldricError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         log.info("link from %s ended: %s", link.peer_id, exc)
     finally:
         await trio.aclose_forcefully(link)

@@ -10,13 +10,10 @@ import trio.testing
 
 from eldric_p2p.errors import AuthenticationError, PeerUnavailable
 from eldric_p2p.net.frames import FrameReader, FrameType, hidden_frame, payload_to_tensor, send_frame
+from eldric_p2p.net.handshake import MAGIC, MAX_HANDSHAKE_BODY, MSG_PROOF, ClientHandshake, ServerHandshake
 from eldric_p2p.net.identity import Identity
 from eldric_p2p.net.links import (
-    MAGIC,
-    MSG_PROOF,
-    ClientHandshake,
     Link,
-    ServerHandshake,
     client_ssl_context,
     link_client,
     link_server,
@@ -79,7 +76,7 @@ def test_proof_cannot_be_replayed_to_another_nonce_or_another_server() -> None:
 def test_handshake_refuses_garbage_and_oversized_messages_at_the_header() -> None:
     for bad, match in [
         (b"GET / HTTP/1.1\r\n", "bad magic"),
-        (MAGIC + struct.pack(">BH", MSG_PROOF, 60_000), "over the 256 limit"),
+        (MAGIC + struct.pack(">BH", MSG_PROOF, 60_000), f"over the {MAX_HANDSHAKE_BODY} limit"),
         (MAGIC + struct.pack(">BH", 9, 0), "expected a client proof"),
         (MAGIC + struct.pack(">BH", MSG_PROOF, 10) + b"x" * 10, "96"),
     ]:
@@ -273,7 +270,7 @@ def test_tcp_server_refuses_bad_clients_and_keeps_serving() -> None:
             await junk.aclose()
             # valid TLS, then an oversized handshake message (refused at its header), then a forged proof
             oversized = await _tls_then(port, MAGIC + struct.pack(">BH", MSG_PROOF, 65_000))
-            assert b"over the 256 limit" in oversized
+            assert f"over the {MAX_HANDSHAKE_BODY} limit".encode() in oversized
             forged = MAGIC + struct.pack(">BH", MSG_PROOF, 96) + ALICE.public_key + b"\x00" * 64
             assert b"bad signature" in await _tls_then(port, forged)
 
