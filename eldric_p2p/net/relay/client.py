@@ -9,6 +9,10 @@ member.
 
 Relayed streams are plain `trio.abc.Stream`s of opaque bytes. `source_peer_id` is only what the relay
 claims; run the link handshake over the stream to authenticate the other end.
+
+In a federation (`identity.federated`) every registration carries our membership chain, read afresh each
+time (it changes on renewal); a joiner with no certificate yet registers with its invite's `ticket` instead.
+A relay that refuses us says why in `last_error`, and we keep retrying: we may become a member later.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import trio
 
 from eldric_p2p.errors import EldricError, PeerUnavailable, RemoteProtocolError
 from eldric_p2p.net.discovery import Announcement, PeerTable, peer_info_from_fields
+from eldric_p2p.net.federation.certs import MembershipError, chain_to_text
 from eldric_p2p.net.identity import Identity
 from eldric_p2p.net.relay import protocol as p
 from eldric_p2p.net.relay.control import MemberControl
@@ -56,7 +61,9 @@ class RelayMember:
         handshake_timeout_s: float = 10.0,
         max_datagram_size: int = 1350,
         stream_window: int = 128 * 1024,
+        ticket: str | None = None,
     ) -> None:
+        """`ticket`: a join ticket's text (`invites.Ticket.to_text`), sent while we hold no certificate."""
         self.identity = identity
         self.host = host
         self.port = port
@@ -71,6 +78,7 @@ class RelayMember:
         self.handshake_timeout_s = handshake_timeout_s
         self.max_datagram_size = max_datagram_size
         self.stream_window = stream_window
+        self.ticket = ticket
         self.relay_id: str | None = None
         self.connects = 0  # successful registrations so far
         self.last_error: str | None = None
@@ -111,8 +119,18 @@ class RelayMember:
                 await self._session()
             except* (EldricError, trio.BrokenResourceError, trio.ClosedResourceError) as group:
                 exc = _first_leaf(group)
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.info("relay %s:%d: %s", self.host, self.port, self.last_error)
+                error = f"{type(exc).__name__}: {exc}"
+                refused = (
+                    isinstance(exc, MembershipError) and error != self.last_error
+                )  # say a new one loudly
+                self.last_error = error
+                log.log(
+                    logging.WARNING if refused else logging.INFO,
+                    "relay %s:%d: %s",
+                    self.host,
+                    self.port,
+                    error,
+                )
             finally:
                 self._set_conn(None)
                 self.table.replace_source("relay", [], via=self.address)  # only this relay's peers go
@@ -132,8 +150,14 @@ class RelayMember:
             handshake_timeout=self.handshake_timeout_s,
             send_window=self.stream_window,
         ) as conn:
+            membership = self.identity.membership if self.identity.federated else None
+            cert = chain_to_text(membership.chain) if membership is not None else None
             control = MemberControl(
-                self.identity, self._announcement(), expected_relay_id=self.expected_relay_id
+                self.identity,
+                self._announcement(),
+                expected_relay_id=self.expected_relay_id,
+                cert=cert,
+                ticket=self.ticket if cert is None else None,
             )
             stream = conn.open_stream()
             lock = trio.Lock()

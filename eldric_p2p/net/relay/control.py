@@ -3,19 +3,27 @@
 
 The messages and their order are drawn in protocol.py's docstring. The relay proves its key by signing
 (CHALLENGE_CONTEXT, nonce_c, nonce_r); the member proves its peer id by signing `register_message`: the
-relay's fresh nonce, its own, and the hash of its canonical announcement, so a recorded REGISTER is useless
-on another connection.
+relay's fresh nonce, its own, and the hash of its canonical announcement (and of its federation credentials,
+so nobody can swap them), so a recorded REGISTER is useless on another connection.
+
+In a federation a relay admits a REGISTER only with a credential (`check_credential_untrusted`): a `cert`
+chain for the peer id it proved (a member), or a join `ticket` and no cert (a guest: out of the directory,
+streams only to its inviter).
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from eldric_p2p.errors import AuthenticationError, LocalProtocolError, RemoteProtocolError
+from eldric_p2p.net.federation.certs import MemberCert, MembershipError, chain_from_text
+from eldric_p2p.net.federation.invites import Ticket
+from eldric_p2p.net.federation.store import Membership
 from eldric_p2p.net.identity import Identity, verify
 from eldric_p2p.net.relay.protocol import (
     MAX_DIRECTORY_MESSAGE,
@@ -43,9 +51,41 @@ REGISTER_CONTEXT = b"eldric-p2p relay register v1\x00"
 CHALLENGE_CONTEXT = b"eldric-p2p relay challenge v1\x00"
 
 
-def register_message(nonce_r: bytes, nonce_c: bytes, ann: Announcement) -> bytes:
+def register_message(
+    nonce_r: bytes, nonce_c: bytes, ann: Announcement, cert: str | None = None, ticket: str | None = None
+) -> bytes:
     """The bytes a REGISTER signature covers. Raises LocalProtocolError if `ann` is too big."""
-    return REGISTER_CONTEXT + nonce_r + nonce_c + hashlib.sha256(canonical_announcement(ann)).digest()
+    msg = REGISTER_CONTEXT + nonce_r + nonce_c + hashlib.sha256(canonical_announcement(ann)).digest()
+    if cert is not None or ticket is not None:  # without credentials: the bytes members always signed
+        msg += hashlib.sha256(json.dumps([cert, ticket]).encode()).digest()
+    return msg
+
+
+Credential = MemberCert | Ticket
+
+
+def check_credential_untrusted(membership: Membership, register: Register) -> Credential:
+    """What a federated relay admits `register` as: a member (its verified `MemberCert`) or a guest (the
+    verified `Ticket`, when it has no cert). Raises MembershipError saying which rule failed."""
+    if membership.federation is not None and register.peer_id in membership.federation.revoked:
+        raise MembershipError("revoked", f"{register.peer_id} was revoked from federation {membership.id}")
+    if register.cert is not None:
+        return membership.verify_peer(chain_from_text(register.cert), register.peer_id)
+    if register.ticket is not None:
+        ticket = Ticket.from_text(register.ticket)
+        ticket.verify(membership)
+        return ticket
+    raise MembershipError("not_member", f"{register.peer_id} presented no membership certificate or ticket")
+
+
+def recheck_credential(membership: Membership, credential: Credential | None, peer_id: str) -> None:
+    """Raise MembershipError once an admitted credential expired or its holder (or inviter) was revoked."""
+    if isinstance(credential, Ticket):
+        credential.verify(membership)
+    elif credential is None:
+        raise MembershipError("not_member", f"{peer_id} registered before this relay joined a federation")
+    else:
+        membership.verify_peer(credential.chain, peer_id)
 
 
 class _State(enum.Enum):
@@ -69,12 +109,15 @@ class MemberControl:
     messages the caller acts on (`Registered`, `Directory`, `DirectoryUpdate`, `Ping` for liveness) and
     answers
     the challenge and pings by itself. Raises AuthenticationError if the relay's proof fails (or it is not
-    `expected_relay_id`), RemoteProtocolError on a protocol violation or an ERROR from the relay.
+    `expected_relay_id`), MembershipError when a federated relay refuses our `cert` or `ticket` (code
+    not_member), RemoteProtocolError on a protocol violation or another ERROR from the relay.
     """
 
     identity: Identity
     announcement: Announcement
     expected_relay_id: str | None = None
+    cert: str | None = None  # our membership chain as text, sent in REGISTER (see protocol.Register)
+    ticket: str | None = None
     nonce_source: Callable[[int], bytes] = os.urandom
     relay_id: str | None = None
     _state: _State = _State.START
@@ -108,7 +151,9 @@ class MemberControl:
         events: list[Message] = []
         for msg in self._reader.feed(data):
             if isinstance(msg, Error):
-                self._state = _State.CLOSED
+                registering, self._state = self._state is _State.HELLO_SENT, _State.CLOSED
+                if registering and msg.code == "not_member":
+                    raise MembershipError("not_member", f"relay refused registration: {msg.message}")
                 raise RemoteProtocolError(f"relay error {msg.code}: {msg.message}")
             if self._state is _State.HELLO_SENT and isinstance(msg, Challenge):
                 self._on_challenge(msg)
@@ -138,9 +183,10 @@ class MemberControl:
         if self.expected_relay_id is not None and msg.relay_id != self.expected_relay_id:
             raise AuthenticationError(f"relay is {msg.relay_id}, expected {self.expected_relay_id}")
         self.relay_id = msg.relay_id
-        sig = self.identity.sign(register_message(msg.nonce, self._nonce_c, self.announcement))
+        ann, cert, ticket = self.announcement, self.cert, self.ticket
+        sig = self.identity.sign(register_message(msg.nonce, self._nonce_c, ann, cert, ticket))
         self._out += encode_message(
-            Register(self.identity.peer_id, self.identity.public_key, sig, self.announcement)
+            Register(self.identity.peer_id, self.identity.public_key, sig, ann, cert, ticket)
         )
 
 
@@ -185,7 +231,7 @@ class RelayControl:
                 verify(
                     msg.public_key,
                     msg.signature,
-                    register_message(self._nonce_r, self._nonce_c, msg.announcement),
+                    register_message(self._nonce_r, self._nonce_c, msg.announcement, msg.cert, msg.ticket),
                     claimed_peer_id=msg.peer_id,
                 )
                 self.peer_id = msg.peer_id

@@ -11,8 +11,9 @@ The first stream a member opens on its QUIC connection is the *control stream*:
     member                                   relay
     HELLO {version, nonce_c}           ->
                                        <-    CHALLENGE {nonce_r, relay_id, relay_key, sig(nonce_c, nonce_r)}
-    REGISTER {peer_id, key, sig, ann}  ->    sig = Ed25519 over (context, nonce_r, nonce_c, sha256(ann))
-                                       <-    REGISTERED {peer_id, keepalive_s}
+    REGISTER {peer_id, key, sig, ann,  ->    sig = Ed25519 over (context, nonce_r, nonce_c, sha256(ann)
+              [cert], [ticket]}                [, sha256(cert, ticket)]); cert/ticket: federation credentials
+                                       <-    REGISTERED {peer_id, keepalive_s}  (or ERROR {code, message})
                                        <-    DIRECTORY {members: [...]}           (full snapshot)
                                        <-    DIRECTORY_UPDATE {added, removed}    (on every change)
     ANNOUNCE {ann}                     ->    (the member's fields changed)
@@ -50,6 +51,8 @@ MAX_ANNOUNCEMENT = 4096  # canonical JSON bytes of one announcement
 MAX_ANNOUNCEMENT_KEYS = 32
 MAX_LIST_ITEMS = 64
 MAX_STRING = 512
+MAX_CREDENTIAL = 6144  # characters of a REGISTER cert (a chain of 2 certificates) or ticket, base64url text
+_CREDENTIAL_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_."
 NONCE_LEN = 32
 
 Announcement = dict[str, Any]
@@ -82,6 +85,7 @@ class RefuseCode(enum.StrEnum):
     NOT_REGISTERED = "not_registered"
     NO_HANDLER = "no_handler"
     TIMEOUT = "timeout"
+    FORBIDDEN = "forbidden"  # a guest (a joiner with a ticket) may open streams only to its inviter
 
 
 # ---------------------------------------------------------------------------------------------- messages
@@ -107,6 +111,8 @@ class Register:
     public_key: bytes
     signature: bytes
     announcement: Announcement
+    cert: str | None = None  # our membership chain (certs.chain_to_text) when we are in a federation
+    ticket: str | None = None  # a join ticket (invites.Ticket.to_text): a joiner without a cert yet
 
 
 @dataclass(frozen=True)
@@ -220,13 +226,10 @@ def _body(msg: Message) -> tuple[MsgType, dict[str, Any]]:
                 "relay_key": relay_key.hex(),
                 "sig": sig.hex(),
             }
-        case Register(peer_id, key, sig, ann):
-            return MsgType.REGISTER, {
-                "peer_id": peer_id,
-                "public_key": key.hex(),
-                "sig": sig.hex(),
-                "announcement": ann,
-            }
+        case Register(peer_id, key, sig, ann, cert, ticket):
+            creds = {k: v for k, v in (("cert", cert), ("ticket", ticket)) if v is not None}
+            return MsgType.REGISTER, {"peer_id": peer_id, "public_key": key.hex(), "sig": sig.hex(),
+                                      "announcement": ann, **creds}  # fmt: skip
         case Registered(peer_id, keepalive_s):
             return MsgType.REGISTERED, {"peer_id": peer_id, "keepalive_s": keepalive_s}
         case Directory(members):
@@ -299,6 +302,16 @@ def _hex(body: dict[str, Any], key: str, length: int) -> bytes:
         raise RemoteProtocolError(f"relay message field {key!r} is not hex") from exc
     if len(value) != length:
         raise RemoteProtocolError(f"relay message field {key!r} must be {length} bytes, got {len(value)}")
+    return value
+
+
+def _credential(body: dict[str, Any], key: str) -> str | None:
+    """An optional REGISTER credential: non-empty base64url (and '.') text within MAX_CREDENTIAL."""
+    if key not in body:
+        return None
+    value = _str(body, key, MAX_CREDENTIAL)
+    if not value or value.strip(_CREDENTIAL_CHARS):
+        raise RemoteProtocolError(f"relay message field {key!r} is not base64url text")
     return value
 
 
@@ -379,6 +392,8 @@ def parse_message_untrusted(mtype: int, data: bytes) -> Message:
                 _hex(body, "public_key", 32),
                 _hex(body, "sig", 64),
                 _announcement(body),
+                _credential(body, "cert"),
+                _credential(body, "ticket"),
             )
         case MsgType.REGISTERED:
             keepalive = _field(body, "keepalive_s", int | float)

@@ -8,6 +8,13 @@ and spliced to a stream the relay opens toward the target. A member that stops a
 Bytes in flight per member are bounded: each spliced direction holds at most `stream_window` unread bytes
 (QUIC flow control) plus `stream_window` unacknowledged ones, so a member holds at most
 `max_streams_per_member * 4 * stream_window` of relay memory (8 MiB with the defaults).
+
+A relay whose own identity is in a federation admits members of it only (control.check_credential_untrusted):
+a REGISTER without a valid certificate is refused with ERROR not_member; one with a join ticket instead is a
+*guest*, kept out of the directory, reachable by nobody, and allowed streams only to its inviter until the
+ticket expires. A member is dropped as soon as `Membership.on_revoked` names it (or its inviter, for a
+guest), and each keepalive re-checks its credential, so an expired certificate or ticket (or a revocation read
+from disk, which calls no callback) drops it too.
 """
 
 from __future__ import annotations
@@ -18,9 +25,16 @@ from dataclasses import dataclass, field
 import trio
 
 from eldric_p2p.errors import AuthenticationError, EldricError, PeerUnavailable, RemoteProtocolError
+from eldric_p2p.net.federation.certs import MembershipError
+from eldric_p2p.net.federation.invites import Ticket
 from eldric_p2p.net.identity import Identity
 from eldric_p2p.net.relay import protocol as p
-from eldric_p2p.net.relay.control import RelayControl
+from eldric_p2p.net.relay.control import (
+    Credential,
+    RelayControl,
+    check_credential_untrusted,
+    recheck_credential,
+)
 from eldric_p2p.net.relay.framing import read_message, splice, write_message
 from eldric_p2p.net.relay.quic import QuicConn, QuicStream
 from eldric_p2p.net.relay.quic_config import server_configuration
@@ -29,10 +43,13 @@ from eldric_p2p.tasks import open_nursery
 
 log = logging.getLogger(__name__)
 
+REFUSAL_LOG_S = 10.0  # log a refused peer at most once per this many seconds
+
 
 @dataclass(frozen=True)
 class RelayLimits:
     max_members: int = 256
+    max_guests: int = 32  # joiners registered with a ticket (federated relays only)
     max_streams_per_member: int = 16
     stream_window: int = 128 * 1024
     keepalive_s: float = 5.0
@@ -47,11 +64,15 @@ class RelayLimits:
 @dataclass
 class RelayStats:
     registered: int = 0
-    rejected: int = 0  # failed REGISTER (bad proof, protocol error, timeout, relay full)
+    rejected: int = 0  # failed REGISTER (bad proof, protocol error, timeout, relay full, not a member)
+    rejected_not_member: int = 0  # federated relay: no valid certificate or ticket
+    guests: int = 0  # joiners admitted with a ticket
+    dropped_not_member: int = 0  # revoked, or its certificate or ticket expired, while registered
     dropped_dead: int = 0  # missed keepalives
     dropped_slow: int = 0  # control outbox overflowed
     streams_spliced: int = 0
     streams_refused: int = 0
+    streams_forbidden: int = 0  # a guest's OPEN to someone other than its inviter (also in streams_refused)
     bytes_spliced: int = 0
 
 
@@ -66,6 +87,8 @@ class _Member:
     last_heard: float
     streams: int = 0
     kill: trio.CancelScope = field(default_factory=trio.CancelScope)
+    credential: Credential | None = None  # what a federated relay admitted it with
+    guest_of: str | None = None  # a guest's inviter: the one peer it may open streams to
 
     def entry(self) -> p.Member:
         return p.Member(self.peer_id, self.public_key, self.announcement)
@@ -78,7 +101,9 @@ class Relay:
         self.identity = identity
         self.limits = limits or RelayLimits()
         self.members: dict[str, _Member] = {}
+        self.guests: dict[str, _Member] = {}
         self.stats = RelayStats()
+        self._refusals_logged: dict[str, float] = {}
         self.address: tuple[str, int] | None = None
         self.server: QuicServer | None = None
 
@@ -104,9 +129,16 @@ class Relay:
                 max_pending_streams=lim.max_streams_per_member,
             )
             log.info("relay %s listening on udp %s:%d", self.identity.peer_id, *self.address)
-            async with open_nursery() as nursery:
-                await nursery.start(self.server.run)
-                task_status.started(self)
+            membership = self.identity.membership
+            if membership is not None:
+                membership.on_revoked.append(self._on_revoked)
+            try:
+                async with open_nursery() as nursery:
+                    await nursery.start(self.server.run)
+                    task_status.started(self)
+            finally:
+                if membership is not None:
+                    membership.on_revoked.remove(self._on_revoked)
 
     # ------------------------------------------------------------------------------------------ members
 
@@ -134,11 +166,21 @@ class Relay:
         if register is None:
             self.stats.rejected += 1
             return
-        if register.peer_id not in self.members and len(self.members) >= lim.max_members:
-            self.stats.rejected += 1
-            control.error("full", f"relay has {lim.max_members} members")
-            await _send_quietly(stream, control.data_to_send())
-            return
+        credential: Credential | None = None
+        if self.identity.federated:
+            assert self.identity.membership is not None
+            try:
+                credential = check_credential_untrusted(self.identity.membership, register)
+            except MembershipError as exc:
+                text = f"not a member of federation {self.identity.membership.id}: {exc.code}: {exc}"
+                self.stats.rejected_not_member += 1
+                self._log_refusal(register.peer_id, conn, text)
+                return await self._reject(conn, stream, control, "not_member", text)
+        guest_of = credential.inviter if isinstance(credential, Ticket) else None
+        book, limit = (self.guests, lim.max_guests) if guest_of else (self.members, lim.max_members)
+        if register.peer_id not in book and len(book) >= limit:
+            what = "guests" if guest_of else "members"
+            return await self._reject(conn, stream, control, "full", f"relay has {limit} {what}")
 
         outbox_send, outbox = trio.open_memory_channel[bytes](lim.outbox)
         member = _Member(
@@ -149,17 +191,27 @@ class Relay:
             control,
             outbox_send,
             trio.current_time(),
+            credential=credential,
+            guest_of=guest_of,
         )
-        previous = self.members.get(member.peer_id)
+        previous = self.members.get(member.peer_id) or self.guests.get(member.peer_id)
         if previous is not None:  # the same node reconnected before we noticed its old connection die
             previous.kill.cancel()
         control.accept(lim.keepalive_s)
-        control.send(p.Directory(tuple(m.entry() for m in self.members.values() if m is not previous)))
-        self.members[member.peer_id] = member
-        self.stats.registered += 1
+        book[member.peer_id] = member
+        if isinstance(credential, Ticket):  # a guest sees nobody (and goes at the keepalive after its ticket)
+            control.send(p.Directory(()))
+            self.stats.guests += 1
+            log.info(
+                "guest %s (invited by %s) registered from %s", member.peer_id, guest_of, conn.remote_address
+            )
+        else:
+            others = (m.entry() for m in self.members.values() if m is not previous and m is not member)
+            control.send(p.Directory(tuple(others)))
+            self.stats.registered += 1
+            self._broadcast(p.DirectoryUpdate(added=(member.entry(),)), exclude=member)
+            log.info("member %s registered from %s", member.peer_id, conn.remote_address)
         self._flush(member)
-        self._broadcast(p.DirectoryUpdate(added=(member.entry(),)), exclude=member)
-        log.info("member %s registered from %s", member.peer_id, conn.remote_address)
         try:
             with member.kill:
                 async with open_nursery() as nursery:
@@ -168,10 +220,49 @@ class Relay:
                     nursery.start_soon(self._keepalive, member)
                     nursery.start_soon(self._accept_streams, member, nursery)
         finally:
-            if self.members.get(member.peer_id) is member:
-                del self.members[member.peer_id]
+            self._forget(member)
+
+    async def _reject(
+        self, conn: QuicConn, stream: QuicStream, control: RelayControl, code: str, text: str
+    ) -> None:
+        """Refuse a REGISTER with ERROR `code`, and give the member a moment to read why before the close."""
+        self.stats.rejected += 1
+        control.error(code, text)
+        await _send_quietly(stream, control.data_to_send())
+        with trio.move_on_after(1):
+            await conn.wait_closed()
+
+    def _log_refusal(self, peer_id: str, conn: QuicConn, text: str) -> None:
+        now = trio.current_time()
+        if now - self._refusals_logged.get(peer_id, -REFUSAL_LOG_S) < REFUSAL_LOG_S:
+            return
+        if len(self._refusals_logged) >= 1024:  # a flood of new peer ids: forget, at worst log a few twice
+            self._refusals_logged.clear()
+        self._refusals_logged[peer_id] = now
+        log.info("refused %s from %s: %s", peer_id, conn.remote_address, text)
+
+    def _forget(self, member: _Member) -> None:
+        """Take `member` out of the relay's books (once) and tell the others when it was in the directory."""
+        book = self.guests if member.guest_of else self.members
+        if book.get(member.peer_id) is member:
+            del book[member.peer_id]
+            if member.guest_of is None:
                 self._broadcast(p.DirectoryUpdate(removed=(member.peer_id,)), exclude=member)
-                log.info("member %s left", member.peer_id)
+            log.info("%s %s left", "guest" if member.guest_of else "member", member.peer_id)
+
+    def _drop(self, member: _Member, reason: str) -> None:
+        """End a registration now: out of the directory, its connection closed, its tasks cancelled."""
+        self._forget(member)
+        member.conn.close(reason=reason)
+        member.kill.cancel()
+
+    def _on_revoked(self, peer_id: str) -> None:
+        """`Membership.on_revoked`: drop the revoked member at once, and the guests it invited."""
+        for member in [*self.members.values(), *self.guests.values()]:
+            if peer_id in (member.peer_id, member.guest_of):
+                self.stats.dropped_not_member += 1
+                log.info("dropping %s: %s was revoked", member.peer_id, peer_id)
+                self._drop(member, f"{peer_id} was revoked")
 
     def _flush(self, member: _Member) -> None:
         data = member.control.data_to_send()
@@ -218,7 +309,8 @@ class Relay:
             for event in events:
                 if isinstance(event, p.Announce):
                     member.announcement = event.announcement
-                    self._broadcast(p.DirectoryUpdate(added=(member.entry(),)), exclude=member)
+                    if member.guest_of is None:  # a guest stays out of the directory
+                        self._broadcast(p.DirectoryUpdate(added=(member.entry(),)), exclude=member)
 
     async def _keepalive(self, member: _Member) -> None:
         while True:
@@ -226,9 +318,17 @@ class Relay:
             if trio.current_time() - member.last_heard > self.limits.dead_after_s:
                 self.stats.dropped_dead += 1
                 log.info("member %s missed its keepalives", member.peer_id)
-                member.conn.close(reason="keepalive timeout")
-                member.kill.cancel()
+                self._drop(member, "keepalive timeout")
                 return
+            if self.identity.federated:
+                assert self.identity.membership is not None
+                try:
+                    recheck_credential(self.identity.membership, member.credential, member.peer_id)
+                except MembershipError as exc:
+                    self.stats.dropped_not_member += 1
+                    log.info("dropping %s: %s", member.peer_id, exc)
+                    self._drop(member, f"{exc.code}: {exc}")
+                    return
             member.control.ping()
             self._flush(member)
 
@@ -262,6 +362,11 @@ class Relay:
         if cs.cancelled_caught or not isinstance(request, p.Open):
             stream.abort()
             return
+        if member.guest_of is not None and request.target != member.guest_of:
+            self.stats.streams_forbidden += 1
+            return await self._refuse(
+                stream, p.RefuseCode.FORBIDDEN, "a guest may open streams only to its inviter"
+            )
         target = self.members.get(request.target)
         if target is None:
             return await self._refuse(stream, p.RefuseCode.UNKNOWN_PEER, f"{request.target} is not connected")
