@@ -23,6 +23,7 @@ COMMANDS = {
     "status": "status",
     "chat": "chat",
     "demo": "demo",
+    "federation": "federation",
 }
 
 
@@ -63,6 +64,7 @@ def _summary(module: str) -> str:
         "status": "show a node's peers and pipelines",
         "chat": "send one chat prompt to a node",
         "demo": "start a local swarm serving a reference model",
+        "federation": "create a federation, invite and revoke members",
     }.get(module, "")
 
 

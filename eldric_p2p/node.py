@@ -43,7 +43,12 @@ from eldric_p2p.errors import UsageError
 from eldric_p2p.http_server import EXCEPTION_HANDLERS, serve_app
 from eldric_p2p.net.connector import Connector, http_client_factory
 from eldric_p2p.net.discovery import Announcement, local_ipv4_addresses, run_discovery
+from eldric_p2p.net.federation.certs import chain_to_text
+from eldric_p2p.net.federation.httpauth import FederationGate
+from eldric_p2p.net.federation.service import FederationService
+from eldric_p2p.net.federation.store import Membership, write_private
 from eldric_p2p.net.identity import Identity
+from eldric_p2p.net.links import serve_tcp_links
 from eldric_p2p.net.peers import PORT_HEADER, PeerDirectory, node_url
 from eldric_p2p.net.relay.client import RelayMember
 from eldric_p2p.net.relay.server import Relay, run_relay
@@ -96,8 +101,12 @@ class NodeConfig:
     link_port: int = 0  # pipeline links (TLS over TCP) on listen_host; 0 picks a free port
     peer_interval: float = 2.0  # seconds between polls of the bootstrap peers
     api_keys: list[str] = field(default_factory=list)  # required as `Authorization: Bearer KEY` on /v1
+    v1_auth: str | None = None  # open | api-key | member; None: api-key if keys given, else open (member if
+    # the node is in a federation)
     upstreams: list[tuple[str, str]] = field(default_factory=list)  # (model name, OpenAI-compatible base URL)
-    relay_options: dict[str, Any] = field(default_factory=dict)  # RelayMember keyword options (tests: backoff)
+    relay_options: dict[str, Any] = field(
+        default_factory=dict
+    )  # RelayMember keyword options (tests: backoff)
 
     @property
     def roles(self) -> list[str]:
@@ -116,11 +125,16 @@ class Node:
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        self.identity = Identity.load_or_create(config.data_dir)
+        identity = Identity.load_or_create(config.data_dir)
+        self.identity = identity.with_membership(Membership(config.data_dir, identity))
+        self.membership: Membership = self.identity.membership  # type: ignore[assignment]
         self.name = config.name or self.identity.peer_id[:10]
         self.catalog: Catalog | None = None
         self.port: int | None = None
-        self.peers = PeerDirectory(self.identity.peer_id, config.peers, interval=config.peer_interval)
+        self.link_port = 0  # a federated node without a worker still accepts links (HTTP over them)
+        self.peers = PeerDirectory(
+            self.identity.peer_id, config.peers, interval=config.peer_interval, identity=self.identity
+        )
         self.connector = Connector(self.identity, self.peers.table)
         self.connector.local_http = self._local_http
         self.client_factory = http_client_factory(self.connector)
@@ -145,6 +159,10 @@ class Node:
             own_models=lambda: sorted(self.catalog.models) if self.catalog else [],
             own_is_worker=self.worker is not None,
             client_factory=self.client_factory,
+            revoked=lambda peer_id: peer_id in self.membership.revocations,
+        )
+        self.federation = FederationService(
+            self.identity, peer_urls=self._peer_urls, client_factory=self.client_factory
         )
         self._remote: dict[tuple[str, str], RemotePipelineBackend] = {}
         self.upstreams = [UpstreamBackend(name, url) for name, url in config.upstreams]
@@ -180,7 +198,29 @@ class Node:
                 for m in self.members
             ],
             "paths": dict(self.connector.paths),
+            "federation": {
+                "id": self.membership.id,
+                "admin": self.membership.is_admin,
+                "chain": chain_to_text(self.membership.chain),
+            }
+            if self.membership.active
+            else None,
         }
+
+    def _peer_urls(self) -> list[str]:
+        """One URL per known peer (revocations are pushed to each)."""
+        urls = {}
+        for info in self.peers.table.peers():
+            url = self.peers.url_for(info)
+            if url is not None:
+                urls.setdefault(info.peer_id, url)
+        return list(urls.values())
+
+    @property
+    def v1_mode(self) -> str:
+        if self.config.v1_auth is not None:
+            return self.config.v1_auth
+        return "api-key" if self.config.api_keys else "member"
 
     def _local_http(self) -> tuple[str, int] | None:
         """Where HTTP-tagged links are spliced to: our own HTTP port."""
@@ -213,6 +253,7 @@ class Node:
             roles=tuple(self.config.roles),
             models=tuple(sorted(self.catalog.models)) if self.catalog else (),
             shards=shards,
+            link_port=w.link_port if w is not None else self.link_port,
         )
 
     @staticmethod
@@ -229,7 +270,7 @@ class Node:
 
     def relay_announcement(self) -> dict[str, Any]:
         fields = self.announcement().to_fields()
-        fields["link_port"] = self.worker.link_port if self.worker is not None else 0
+        fields["link_port"] = self.worker.link_port if self.worker is not None else self.link_port
         return fields
 
     def backends(self) -> list[Backend]:
@@ -266,6 +307,7 @@ class Node:
         if self.worker is not None:
             routes += worker_routes(self.worker)
         routes += coordinator_routes(self.coordinator)
+        routes += self.federation.routes()
         routes += pipeline_routes(self.backends, self.peers.refresh)
         routes += gateway_routes(self.router, api_keys=self.config.api_keys)
         routes += metrics_routes()
@@ -281,10 +323,21 @@ class Node:
             )
             if not self.catalog.models:
                 log.warning("--models given but no valid GGUF file found")
-        app = Starlette(routes=self.routes(), exception_handlers=EXCEPTION_HANDLERS)
+        app = FederationGate(
+            Starlette(routes=self.routes(), exception_handlers=EXCEPTION_HANDLERS),
+            self.identity,
+            v1_mode=self.v1_mode,
+            api_keys=cfg.api_keys,
+        )
         async with open_nursery() as nursery:
             if self.worker is not None:
                 await nursery.start(self.worker.run)
+            elif self.membership.active:
+                listeners = await nursery.start(
+                    serve_tcp_links, self.identity, cfg.listen_host, cfg.link_port, self.connector.dispatch
+                )
+                self.link_port = listeners[0].socket.getsockname()[1]
+            await nursery.start(self.federation.run)
             self.port = await nursery.start(serve_app, app, cfg.listen_host, cfg.listen_port)
             self.peers.own_port = self.port
             if self.catalog is not None:
@@ -317,4 +370,24 @@ class Node:
                         self.peers.table, self.announcement, interfaces=lan, task_status=task_status
                     )
                 )
+            self._write_state()
             task_status.started(self.port)
+
+    def _write_state(self) -> None:
+        """Where this node can be reached, for `eldric-p2p federation invite` to put in its tokens."""
+        import json
+
+        relays = [m.address for m in self.members if not m.host.startswith("127.") and m.host != "::1"]
+        if self.relay is not None and self.relay.address is not None:
+            rhost, rport = self.relay.address[:2]
+            hosts = self.addresses() if rhost in ("0.0.0.0", "::", "") else (rhost,)
+            relays = [f"{h}:{rport}" for h in hosts] + relays
+        state = {
+            "peer_id": self.identity.peer_id,
+            "http": [f"{h}:{self.port}" for h in self.addresses()],
+            "relays": relays,
+        }
+        try:
+            write_private(Path(self.config.data_dir) / "node.json", json.dumps(state).encode(), mode=0o644)
+        except OSError as exc:
+            log.warning("cannot write %s/node.json: %s", self.config.data_dir, exc)

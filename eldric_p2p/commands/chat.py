@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from eldric_p2p.commands.deploy import add_node_arg, node_base, raise_for_error
+from eldric_p2p.commands.deploy import add_node_arg, cli_auth, node_base, raise_for_error
 from eldric_p2p.commands.run import add_sampling_args, sampling_params
 
 
@@ -37,7 +37,8 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         timeout = httpx.Timeout(connect=10.0, read=300.0, write=30.0, pool=10.0)
-        with httpx.stream("POST", f"{base}/api/v1/pipeline/generate", json=body, timeout=timeout) as resp:
+        url = f"{base}/api/v1/pipeline/generate"
+        with httpx.stream("POST", url, json=body, timeout=timeout, auth=cli_auth(args)) as resp:
             if resp.status_code != 200:
                 resp.read()
                 raise_for_error(resp, base)

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from eldric_p2p.node import DEFAULT_PORT
@@ -15,6 +16,26 @@ DEFAULT_NODE = os.environ.get("ELDRIC_P2P_NODE", f"http://127.0.0.1:{DEFAULT_POR
 
 def add_node_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node", default=DEFAULT_NODE, help=f"HTTP address of any node (default {DEFAULT_NODE})")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="sign requests as the node of this data dir when it is in a federation (default: "
+                        "$ELDRIC_P2P_HOME or ~/.local/share/eldric-p2p)")  # fmt: skip
+
+
+def cli_auth(args: argparse.Namespace) -> Any:
+    """The httpx auth that signs as the node of `--data-dir`, or None when that node is in no federation.
+
+    Never creates an identity: a dir without one simply sends unsigned requests."""
+    from eldric_p2p.net.federation.httpauth import SignedAuth
+    from eldric_p2p.net.federation.store import Membership
+    from eldric_p2p.net.identity import KEY_FILE, Identity
+    from eldric_p2p.paths import default_data_dir
+
+    data_dir = getattr(args, "data_dir", None) or default_data_dir()
+    if not (Path(data_dir) / KEY_FILE).exists() or not (Path(data_dir) / "federation").is_dir():
+        return None
+    identity = Identity.load_or_create(data_dir)
+    membership = Membership(data_dir, identity)
+    return SignedAuth(identity.with_membership(membership)) if membership.active else None
 
 
 def node_base(url: str) -> str:
@@ -96,7 +117,7 @@ def main(args: argparse.Namespace) -> int:
     base = node_base(args.node)
 
     async def run() -> httpx.Response:
-        async with httpx.AsyncClient(timeout=args.timeout + 30) as client:
+        async with httpx.AsyncClient(timeout=args.timeout + 30, auth=cli_auth(args)) as client:
             if args.json:
                 return await client.post(f"{base}/api/v1/pipeline/deploy", json=body)
             return await deploy_with_progress(client, base, body)

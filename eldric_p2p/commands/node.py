@@ -16,7 +16,9 @@ from eldric_p2p.units import format_size, parse_size
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("node", help="run a node: gateway, data peer, worker, coordinator, relay")
     p.add_argument("--name", default="", help="name shown to other peers (default: from the peer id)")
-    p.add_argument("--data-dir", type=Path, default=None, help=f"identity, caches, models (default {default_data_dir()})")
+    p.add_argument(
+        "--data-dir", type=Path, default=None, help=f"identity, caches, models (default {default_data_dir()})"
+    )
     p.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}",
                    help=f"HOST:PORT of the HTTP API (default 127.0.0.1:{DEFAULT_PORT}; port 0 picks one)")  # fmt: skip
     p.add_argument("--models", nargs="+", action="extend", default=[], type=Path, metavar="PATH",
@@ -24,12 +26,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--memory", default=None, help="memory the worker offers, e.g. 1.5GiB, 800MiB, 2G")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--no-worker", action="store_true", help="do not offer this machine as a worker")
-    p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT", help="bootstrap peer (repeatable)")
+    p.add_argument(
+        "--peer", action="append", default=[], metavar="HOST:PORT", help="bootstrap peer (repeatable)"
+    )
     p.add_argument("--no-mdns", action="store_true", help="do not announce or browse on the LAN")
-    p.add_argument("--relay", action="append", default=[], metavar="HOST:PORT", help="edge relay to join (repeatable)")
-    p.add_argument("--relay-listen", default=None, metavar="HOST:PORT", help="run an edge relay on this UDP address")
+    p.add_argument(
+        "--relay", action="append", default=[], metavar="HOST:PORT", help="edge relay to join (repeatable)"
+    )
+    p.add_argument(
+        "--relay-listen", default=None, metavar="HOST:PORT", help="run an edge relay on this UDP address"
+    )
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1 (repeatable)")  # fmt: skip
+    p.add_argument("--v1-auth", choices=["open", "api-key", "member"], default=None,
+                   help="who may use /v1 on a federated node: anyone, --api-key holders, or members (signed "
+                        "requests; also --api-key holders if keys are given). Default: api-key if --api-key is "
+                        "given, else member. A node in no federation checks only --api-key")  # fmt: skip
     p.add_argument("--upstream", action="append", default=[], metavar="NAME=URL",
                    help="offer model NAME served by an OpenAI-compatible server (vLLM, llama-server, Ollama)")  # fmt: skip
 
@@ -42,6 +54,8 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     device = args.device
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise UsageError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
+    if args.v1_auth == "api-key" and not args.api_key:
+        raise UsageError("--v1-auth api-key needs at least one --api-key KEY")
     host, port = parse_host_port(args.listen, default_port=DEFAULT_PORT)
     return NodeConfig(
         name=args.name,
@@ -57,6 +71,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         relays=[parse_host_port(r) for r in args.relay],
         relay_listen=parse_host_port(args.relay_listen) if args.relay_listen else None,
         api_keys=list(args.api_key),
+        v1_auth=args.v1_auth,
         upstreams=[parse_upstream_spec(u) for u in args.upstream],
     )
 
@@ -70,7 +85,10 @@ def main(args: argparse.Namespace) -> int:
             port = await nursery.start(node.run)
             host = config.listen_host if config.listen_host not in ("0.0.0.0", "::") else "127.0.0.1"
             shown = f"[{host}]" if ":" in host else host
-            print(f"eldric-p2p node {node.name} ({node.identity.peer_id}) serving on http://{shown}:{port}", flush=True)
+            print(
+                f"eldric-p2p node {node.name} ({node.identity.peer_id}) serving on http://{shown}:{port}",
+                flush=True,
+            )
             print(f"  roles: {', '.join(config.roles)}", flush=True)
             if node.catalog is not None:
                 for m in node.catalog.models.values():
@@ -79,7 +97,9 @@ def main(args: argparse.Namespace) -> int:
             if node.worker is not None:
                 w = node.worker
                 offer = format_size(w.offered)
-                print(f"  worker: {w.device}, offers {offer}, pipeline links on port {w.link_port}", flush=True)
+                print(
+                    f"  worker: {w.device}, offers {offer}, pipeline links on port {w.link_port}", flush=True
+                )
             if config.peers:
                 print(f"  bootstrap peers: {', '.join(f'{h}:{p}' for h, p in config.peers)}", flush=True)
             if node.relay is not None and node.relay.address is not None:
@@ -88,6 +108,16 @@ def main(args: argparse.Namespace) -> int:
             for member in node.members:
                 print(f"  member of relay {member.host}:{member.port} (reconnects by itself)", flush=True)
             print(f"  mdns: {'on' if config.mdns else 'off'}", flush=True)
+            m = node.membership
+            if m.active and m.cert is not None and m.federation is not None:
+                role = "admin" if m.is_admin else "member"
+                print(
+                    f"  federation {m.federation.name!r} ({m.id}): {role}; /v1 access: {node.v1_mode}",
+                    flush=True,
+                )
+            else:
+                print("  federation: none (open to anyone who reaches it; see `eldric-p2p federation init`)",
+                      flush=True)  # fmt: skip
 
     trio.run(run)
     return 0

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from eldric_p2p.commands.deploy import add_node_arg, node_base, print_plan
+from eldric_p2p.commands.deploy import add_node_arg, cli_auth, node_base, print_plan
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def gather(base: str) -> dict[str, Any]:
+def gather(base: str, auth: Any = None) -> dict[str, Any]:
     """{"node", "peers", "worker", "pipelines"} from a node's HTTP API. Raises PeerUnavailable."""
     import httpx
 
@@ -23,7 +23,7 @@ def gather(base: str) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     try:
-        with httpx.Client(base_url=base, timeout=10) as c:
+        with httpx.Client(base_url=base, timeout=10, auth=auth) as c:
             out["node"] = c.get("/api/v1/node").json()
             out["peers"] = c.get("/api/v1/peers").json().get("peers", [])
             w = c.get("/api/v1/worker/status")
@@ -38,7 +38,7 @@ def main(args: argparse.Namespace) -> int:
     from eldric_p2p.units import format_size
 
     base = node_base(args.node)
-    st = gather(base)
+    st = gather(base, cli_auth(args))
     if args.json:
         print(json.dumps(st, indent=2))
         return 0

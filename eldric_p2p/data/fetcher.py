@@ -51,6 +51,7 @@ from eldric_p2p.data.rangeclient import (
     PeerRefused,
     PeerURL,
     Pool,
+    Sign,
     open_stream,
     parse_content_range,
 )
@@ -313,6 +314,7 @@ async def fetch_assignment(
     cache_root: str | os.PathLike[str],
     progress: Progress | None = None,
     connect: Connect | None = None,
+    sign: Sign | None = None,
     max_in_flight: int = 4,
     chunk_size: int = CHUNK,
     retries: int = 4,
@@ -323,7 +325,8 @@ async def fetch_assignment(
 
     Returns a FetchResult whose `path` opens with `GGUFFile`. A covered assignment is served from the cache
     without network (its bytes re-hashed unless `verify_cached=False`). `connect(host, port, tls)` opens the
-    byte stream HTTP runs over (default: TCP, TLS for https). Raises IntegrityError naming a tensor whose
+    byte stream HTTP runs over (default: TCP, TLS for https); `sign(method, target, host)` adds each request's
+    credential headers. Raises IntegrityError naming a tensor whose
     bytes do not match the published hash, PeerUnavailable when no peer delivers, RemoteProtocolError when a
     peer breaks the protocol, ModelNotFound when no peer serves the model, UsageError for a bad model id,
     peer URL or layer range, GGUFFormatError for a header that does not parse.
@@ -343,7 +346,7 @@ async def fetch_assignment(
     for p in peers:
         PeerURL.parse(p)
 
-    pool = Pool(connect or open_stream, TIMEOUT)
+    pool = Pool(connect or open_stream, TIMEOUT, sign)
     try:
         s = _Session(pool, peers, model_id, retries=retries, backoff=backoff)
         _, doc = await s.get_json(f"/api/v1/models/{model_id}/tensors")

@@ -33,6 +33,7 @@ CONNECT_TIMEOUT = 5.0
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$", re.ASCII)
 
 Connect = Callable[[str, int, bool], Awaitable[trio.abc.Stream]]  # (host, port, tls) -> connected byte stream
+Sign = Callable[[str, str, str], list[tuple[str, str]]]  # (method, target, host) -> extra headers (credentials)
 
 
 class PeerRefused(RemoteProtocolError):
@@ -237,9 +238,10 @@ class _Connection:
 class Pool:
     """Keep-alive connections per peer. `async with pool.get(peer, path, headers) as response: ...`."""
 
-    def __init__(self, connect: Connect, timeout: float) -> None:
+    def __init__(self, connect: Connect, timeout: float, sign: Sign | None = None) -> None:
         self.connect = connect
         self.timeout = timeout
+        self.sign = sign  # each request's credential headers (a federation's signed requests)
         self.idle: dict[str, list[_Connection]] = collections.defaultdict(list)
         self.urls: dict[str, PeerURL] = {}
 
@@ -254,6 +256,8 @@ class Pool:
     @asynccontextmanager
     async def get(self, peer: str, path: str, headers: list[tuple[str, str]]) -> AsyncIterator[_Response]:
         url = self.urls.get(peer) or self.urls.setdefault(peer, PeerURL.parse(peer))
+        if self.sign is not None:
+            headers = headers + self.sign("GET", url.prefix + path, url.authority)
         idle = self.idle[peer]
         conn = idle.pop() if idle else None
         resp: _Response | None = None

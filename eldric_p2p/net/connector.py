@@ -17,7 +17,9 @@ So the coordinator, the worker's range fetcher and `RemotePipelineBackend` reach
 HTTP over a link: the client sends the 4-byte tag `EHTP` right after the link handshake; the receiving node's
 `dispatch` sees the tag and splices the link to its own HTTP port on loopback (the node's ASGI app answers as
 for any client). A link without the tag carries pipeline frames (they start with `EF`) and goes to the worker.
-Direct HTTP is plain TCP to the peer's HTTP port, as for `--peer` bootstrap; only links are authenticated.
+Outside a federation direct HTTP is plain TCP to the peer's HTTP port, as for `--peer` bootstrap. In a
+federation every HTTP stream to a peer id is a tagged link (direct to the peer's link port, else relayed), so
+both ends are proven members and the bytes are encrypted; a guest link (a joiner's ticket) carries HTTP only.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ class Connector:
             None
         )  # our HTTP port, for tagged links
         self.stats = {"direct": 0, "relayed": 0, "direct_failed": 0, "http_served": 0}
+        self.ticket: str | None = None  # a joiner's join ticket, presented on relayed links
 
     # ---- where a peer might be ----------------------------------------------------------------------------
 
@@ -159,9 +162,28 @@ class Connector:
             return link
         return await self._relayed_link(peer_id)
 
+    def link_port_of(self, peer_id: str) -> int | None:
+        """The link port any source announced for `peer_id`."""
+        for info in self.table.entries(peer_id):
+            worker = info.fields.get("worker")
+            for port in (
+                info.fields.get("link_port"),
+                worker.get("link_port") if isinstance(worker, dict) else None,
+            ):
+                if isinstance(port, int) and 0 < port < 65536:
+                    return port
+        return None
+
     async def open_http(self, peer_id: str, port: int) -> trio.abc.Stream:
         """A byte stream to `peer_id`'s HTTP API: TCP to `port` on its addresses, else an HTTP-tagged relayed
-        link."""
+        link. In a federation (or with a join ticket): always an HTTP-tagged link."""
+        if self.identity.federated or self.ticket is not None:
+            link_port = self.link_port_of(peer_id)
+            if link_port is not None and self.ticket is None:
+                link = await self.open_link(peer_id, port=link_port)
+            else:
+                link = await self._relayed_link(peer_id)
+            return await self._tag_http(link, peer_id)
 
         async def attempt(host: str, p: int) -> trio.abc.Stream:
             with trio.fail_after(self.direct_timeout):
@@ -170,12 +192,14 @@ class Connector:
         stream = await self._open(peer_id, "http", port, (), attempt)
         if stream is not None:
             return stream
-        link = await self._relayed_link(peer_id)
+        return await self._tag_http(await self._relayed_link(peer_id), peer_id)
+
+    async def _tag_http(self, link: Link, peer_id: str) -> Link:
         try:
             await link.send_all(HTTP_TAG)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             await trio.aclose_forcefully(link)
-            raise PeerUnavailable(f"relayed link to {peer_id} closed: {exc}") from exc
+            raise PeerUnavailable(f"{link.path} link to {peer_id} closed: {exc}") from exc
         return link
 
     async def _open(
@@ -249,7 +273,12 @@ class Connector:
             try:
                 stream = await member.open_stream(peer_id)
                 link = await link_client(
-                    stream, self.identity, peer_id, path="relayed", handshake_timeout=self.handshake_timeout
+                    stream,
+                    self.identity,
+                    peer_id,
+                    path="relayed",
+                    handshake_timeout=self.handshake_timeout,
+                    ticket=self.ticket,
                 )
             except PeerUnavailable as exc:
                 errors.append(str(exc))
@@ -280,6 +309,12 @@ class Connector:
             await self._serve_http(link)
             return
         link.unread(head)  # not ours: give the bytes back to the frame reader
+        if link.guest:
+            log.info(
+                "dropping a non-HTTP link from guest %s: a joiner may only send its join request",
+                link.peer_id,
+            )
+            return
         if self.frames_handler is None:
             log.info("dropping a frames link from %s: this node runs no worker", link.peer_id)
             return
@@ -372,11 +407,15 @@ class PeerTransport(httpx.AsyncHTTPTransport):
 
 
 def http_client_factory(connector: Connector | None) -> Callable[..., httpx.AsyncClient]:
-    """`factory(**httpx_kwargs)` -> an AsyncClient that reaches peer URLs through `connector` (if any)."""
+    """`factory(**httpx_kwargs)` -> an AsyncClient that reaches peer URLs through `connector` (if any) and
+    signs its requests with the connector's identity when that is in a federation."""
 
     def make(**kw: Any) -> httpx.AsyncClient:
         if connector is None:
             return httpx.AsyncClient(**kw)
+        from eldric_p2p.net.federation.httpauth import SignedAuth
+
+        kw.setdefault("auth", SignedAuth(connector.identity))  # signs only once we are in a federation
         return httpx.AsyncClient(transport=PeerTransport(connector), trust_env=False, **kw)
 
     return make

@@ -56,6 +56,7 @@ class Announcement:
     roles: tuple[str, ...] = ()
     models: tuple[str, ...] = ()
     shards: tuple[str, ...] = ()
+    link_port: int = 0  # where this node accepts links (0: none; in a federation HTTP to it goes over one)
 
     def to_fields(self) -> dict[str, Any]:
         """The announcement as a flat JSON object (the relay protocol's announcement)."""
@@ -69,6 +70,7 @@ class Announcement:
             "roles": _fit(self.roles, MAX_TXT_VALUE)[0],
             "models": _fit(self.models, MAX_TXT_VALUE)[0],
             "shards": _fit(self.shards, MAX_TXT_VALUE)[0],
+            "link_port": self.link_port,
         }
 
     def txt_properties(self) -> dict[str, str]:
@@ -82,6 +84,7 @@ class Announcement:
             "dev": _cut(self.device, 64),
             "mt": str(self.memory_total),
             "mf": str(self.memory_free),
+            "lp": str(self.link_port),
         }
         budget = MAX_TXT_TOTAL - sum(len(k) + len(v) + 2 for k, v in props.items())
         for key, items in (("roles", self.roles), ("models", self.models), ("shards", self.shards)):
@@ -293,6 +296,7 @@ def peer_info_from_service_untrusted(info: ServiceInfo, now: float) -> PeerInfo 
         "device": props.get("dev", ""),
         "memory_total": _int(props.get("mt")) or 0,
         "memory_free": _int(props.get("mf")) or 0,
+        "link_port": lp if (lp := _int(props.get("lp"))) and lp < 65536 else 0,
     }
     for list_key in ("roles", "models", "shards"):
         fields[list_key] = [x for x in props.get(list_key, "").split(",") if x]

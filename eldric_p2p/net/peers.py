@@ -21,9 +21,9 @@ import httpx
 import trio
 
 from eldric_p2p.data.gguf_index import MAX_HEADER_BYTES, GGUFIndex, TruncatedHeader, parse_gguf_untrusted
-from eldric_p2p.errors import GGUFFormatError, ModelNotFound, PeerUnavailable
+from eldric_p2p.errors import EldricError, GGUFFormatError, ModelNotFound, PeerUnavailable
 from eldric_p2p.net.discovery import PeerInfo, PeerTable
-from eldric_p2p.net.identity import is_peer_id
+from eldric_p2p.net.identity import Identity, is_peer_id
 from eldric_p2p.tasks import open_nursery
 
 log = logging.getLogger(__name__)
@@ -144,8 +144,12 @@ class PeerDirectory:
         interval: float = 2.0,
         expiry: float = 15.0,
         client: httpx.AsyncClient | None = None,
+        identity: Identity | None = None,
     ) -> None:
+        """`identity`: ours, when it may be in a federation. Polls are then signed, a polled node must show a
+        membership of the same federation, and its URL is its peer URL (reached over a member-checked link)."""
         self.own_peer_id = own_peer_id
+        self.identity = identity
         self.table = PeerTable(own_peer_id)
         self.interval = interval
         self.expiry = expiry
@@ -165,11 +169,22 @@ class PeerDirectory:
             return
         self._addresses[url] = configured
 
-    @staticmethod
-    def url_for(info: PeerInfo) -> str | None:
+    @property
+    def federated(self) -> bool:
+        return self.identity is not None and self.identity.federated
+
+    def _auth(self) -> httpx.Auth | None:
+        if self.identity is None:
+            return None
+        from eldric_p2p.net.federation.httpauth import SignedAuth
+
+        return SignedAuth(self.identity)
+
+    def url_for(self, info: PeerInfo) -> str | None:
         """A peer's HTTP base URL: the polled one for a static peer, else a peer URL naming it by id
-        (`connector.peer_url`, resolved by the Connector: direct to its announced addresses, else relayed)."""
-        url = info.fields.get("url") if info.source == "static" else None
+        (`connector.peer_url`, resolved by the Connector: direct to its announced addresses, else relayed).
+        In a federation always the peer URL: only the member holding that id can answer it."""
+        url = info.fields.get("url") if info.source == "static" and not self.federated else None
         if isinstance(url, str):
             return url
         if info.http_port is None:
@@ -177,6 +192,16 @@ class PeerDirectory:
         from eldric_p2p.net.connector import peer_url
 
         return peer_url(info.peer_id, info.http_port)
+
+    @staticmethod
+    def _plain_url(info: PeerInfo) -> str | None:
+        """An HTTP address to poll the peer at (what a bootstrap poll needs, where `url` is a peer URL)."""
+        url = info.fields.get("url") if info.source == "static" else None
+        if isinstance(url, str):
+            return url
+        if info.http_port is None or not info.addresses:
+            return None
+        return node_url(info.addresses[0], info.http_port)
 
     @staticmethod
     def heads_of(info: PeerInfo) -> list[str]:
@@ -202,6 +227,7 @@ class PeerDirectory:
                     "peer_id": info.peer_id,
                     "name": info.name,
                     "url": self.url_for(info),
+                    "http": self._plain_url(info),
                     "source": info.source,
                     "roles": f.get("roles", []),
                     "models": f.get("models", []),
@@ -217,7 +243,7 @@ class PeerDirectory:
         client = self._client
         own = client is None
         if client is None:
-            client = httpx.AsyncClient()
+            client = httpx.AsyncClient(auth=self._auth())
         try:
             polled: set[str] = set()
             for _round in range(3):  # addresses learned from a peer's list are polled in the same refresh
@@ -252,6 +278,8 @@ class PeerDirectory:
                     self._self_urls.add(url)
                     self._addresses.pop(url, None)
                     return
+                if self.federated and not self._shows_membership(info, peer_id):
+                    return
                 listed = _json_of(await client.get(f"{url}/api/v1/peers", timeout=3.0), url)
         except (PeerUnavailable, httpx.HTTPError, trio.TooSlowError, AttributeError) as exc:
             log.debug("peer %s did not answer: %s", url, exc)
@@ -262,21 +290,38 @@ class PeerDirectory:
         self.table.upsert(
             PeerInfo(peer_id, str(info.get("name", "")), (host,), port, fields, "static", trio.current_time())
         )
+        from eldric_p2p.net.connector import peer_of_host
+
         for p in listed.get("peers", []) if isinstance(listed, dict) else []:
-            other = p.get("url") if isinstance(p, dict) else None
+            other = (p.get("http") or p.get("url")) if isinstance(p, dict) else None
             if not isinstance(other, str) or p.get("peer_id") == self.own_peer_id:
                 continue
             try:
                 ohost, oport = split_url(other)
             except (ValueError, httpx.InvalidURL):
                 continue
+            if peer_of_host(ohost) is not None:
+                continue  # a peer URL: only a Connector reaches it; its addresses come with "http"
             if _is_loopback(ohost) and not _is_loopback(host):
                 ohost = host  # "127.0.0.1" as that peer sees it is the peer's own machine
             self.add_address(ohost, oport)
 
+    def _shows_membership(self, info: dict[str, Any], peer_id: str) -> bool:
+        from eldric_p2p.net.federation.certs import chain_from_text
+
+        assert self.identity is not None and self.identity.membership is not None
+        fed = info.get("federation")
+        try:
+            chain = chain_from_text(fed.get("chain", "") if isinstance(fed, dict) else "")
+            self.identity.membership.verify_peer(chain, peer_id)
+        except EldricError as exc:
+            log.debug("ignoring %s: not a member: %s", peer_id, exc)
+            return False
+        return True
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Poll forever, every `interval` s."""
-        async with httpx.AsyncClient() as client:
+        async with httpx.AsyncClient(auth=self._auth()) as client:
             if self._client is None:
                 self._client = client
             task_status.started()

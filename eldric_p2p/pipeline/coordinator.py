@@ -144,8 +144,10 @@ class Coordinator:
         heartbeat_s: float = HEARTBEAT_S,
         lost_after_s: float = LOST_AFTER_S,
         client_factory: Callable[[], httpx.AsyncClient] = httpx.AsyncClient,
+        revoked: Callable[[str], bool] = lambda peer_id: False,
     ) -> None:
         self.peers = peers
+        self.revoked = revoked  # a peer put out of the federation: its shards are lost at the next heartbeat
         self.client_factory = client_factory  # a Connector's client reaches peers behind NAT by peer URL
         self.own_url = own_url
         self.own_models = own_models
@@ -334,6 +336,9 @@ class Coordinator:
         now = trio.current_time()
 
         async def one(shard: ShardState) -> None:
+            if self.revoked(shard.stage.peer_id):
+                shard.state, shard.error = "lost", f"worker {shard.stage.peer_id} was revoked from the federation"
+                return
             try:
                 st = await get_json(
                     client, f"{shard.url}/api/v1/worker/status", timeout=min(2.0, self.lost_after_s)

@@ -201,6 +201,7 @@ class Worker(StageLinks):
     async def _load(self, shard: Shard) -> None:
         from eldric_p2p.data.fetcher import fetch_assignment
         from eldric_p2p.net.connector import fetch_connect
+        from eldric_p2p.net.federation.httpauth import auth_headers_for
 
         a = shard.a
         try:
@@ -217,6 +218,7 @@ class Worker(StageLinks):
                 cache_root=self.data_dir / "shards",
                 progress=progress,
                 connect=fetch_connect(self.connector) if self.connector is not None else None,
+                sign=lambda method, target, host: auth_headers_for(self.identity, method, target, host, b""),
             )
             shard.bytes_fetched = result.bytes_fetched
             shard.fetch_s = time.perf_counter() - t0
