@@ -171,3 +171,82 @@ async def refuses_a_stranger(n0, stranger: httpx.AsyncClient, member: httpx.Asyn
         nursery.cancel_scope.cancel()
     r = await member.get(f"{url}/api/v1/node")  # and the federation keeps serving its members
     assert r.status_code == 200 and r.json()["federation"]["id"]
+
+
+FAST_RELAY = {"backoff_initial_s": 0.1, "backoff_max_s": 0.5, "announce_interval_s": 0.2}
+
+
+def test_members_behind_two_nats_join_through_the_relay_and_deploy_from_behind_nat(
+    tmp_path: Path,
+    model_dir: Path,  # noqa: F811
+    local: LocalModel,
+) -> None:
+    """Central IT's public host is relay + data peer and the federation's root; two workers behind NATs (no
+    inbound connections, not even from each other) join with relay-only invites, and the one invited as an
+    admin deploys from behind its NAT. A stranger cannot register at the relay."""
+    from eldric_p2p.net.discovery import PeerTable
+    from eldric_p2p.net.relay.client import RelayMember
+    from eldric_p2p.node import Node
+
+    params = SamplingParams.greedy(max_tokens=12)
+    want = local_answer(local, "the cat sat", params)
+    cli("init", "campus", "--data-dir", str(tmp_path / "hub"))
+    fast = {"listen_port": 0, "mdns": False, "peer_interval": 0.2}
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            hub = Node(NodeConfig(name="hub", data_dir=tmp_path / "hub", worker=False, models=[model_dir],
+                                  relay_listen=("127.0.0.1", 0), **fast))  # fmt: skip
+            await nursery.start(hub.run)
+            assert hub.relay is not None and hub.relay.address is not None
+            at = [("127.0.0.1", hub.relay.address[1])]
+            for name, admin in (("w0", True), ("w1", False)):
+                token = cli("invite", "--relay-only", *(["--admin"] if admin else []),
+                            "--data-dir", str(tmp_path / "hub")).strip()  # fmt: skip
+                m = await join_federation(token, Identity.load_or_create(tmp_path / name), tmp_path / name)
+                assert m.is_admin is admin
+            assert hub.relay.stats.guests == 2 and hub.federation.stats["joined"] == 2
+            w = {
+                name: Node(
+                    NodeConfig(
+                        name=name,
+                        data_dir=tmp_path / name,
+                        relays=at,
+                        relay_options=FAST_RELAY,
+                        memory=300 * MiB,
+                        **fast,
+                    )
+                )  # fmt: skip
+                for name in ("w0", "w1")
+            }
+            w["w0"].connector.no_direct.add(w["w1"].identity.peer_id)
+            w["w1"].connector.no_direct.add(w["w0"].identity.peer_id)
+            for node in w.values():
+                hub.connector.no_direct.add(node.identity.peer_id)
+                await nursery.start(node.run)
+
+            # a stranger: its own identity, pointed at the relay; it never registers and sees nobody
+            table = PeerTable()
+            stranger = RelayMember(Identity.generate(), *at[0], table, dict, backoff_initial_s=0.1)
+            nursery.start_soon(stranger.run)
+            with trio.fail_after(10):
+                while hub.identity.peer_id not in w["w0"].peers.table or stranger.last_error is None:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            assert not stranger.registered and len(table) == 0 and "not_member" in stranger.last_error
+            assert hub.relay.stats.rejected_not_member >= 1
+
+            async with httpx.AsyncClient(timeout=60, auth=signer(tmp_path / "w0")) as c:
+                body = {"model": MODEL, "workers": ["w0", "w1"], "max_ctx": 256}
+                with trio.fail_after(20):
+                    while True:  # w1's announcement reaches w0 through the relay too
+                        r = await c.post(f"{w['w0'].url}/api/v1/pipeline/deploy", json=body)
+                        if r.status_code != 409 or "w1" not in r.text:
+                            break
+                        await trio.sleep(0.1)
+                assert r.status_code == 200, r.text
+                assert [s["worker"] for s in r.json()["stages"]] == ["w0", "w1"]
+                assert joined(await generate(c, w["w0"].url, "the cat sat", params)) == want
+                assert w["w0"].connector.paths[w["w1"].identity.peer_id] == "relayed"
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

@@ -41,6 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                           "listens on)")  # fmt: skip
     inv.add_argument("--relay", action="append", default=[], metavar="HOST:PORT",
                      help="relay the joiner may come through (default: the node's relays)")  # fmt: skip
+    inv.add_argument("--relay-only", action="store_true",
+                     help="name no HTTP address: the joiner comes through a relay (the inviter is behind NAT, "
+                          "or its HTTP port is not for the world)")  # fmt: skip
     join = fsub.add_parser("join", help="enrol this node with an invite token (contacts the inviter)")
     join.add_argument("token", help="the token `federation invite` printed")
     data_dir(join)
@@ -107,7 +110,7 @@ def main(args: argparse.Namespace) -> int:
         http, relays = _reachable(data_dir)
         invite = create_invite(
             m,
-            addresses=args.address or http,
+            addresses=[] if args.relay_only else args.address or http,
             relays=args.relay or relays,
             ttl_s=parse_ttl(args.ttl),
             uses=args.uses,
