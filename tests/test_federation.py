@@ -102,7 +102,7 @@ def test_a_federation_made_with_init_invite_join_deploys_chats_and_refuses_stran
                 cli("revoke", n2.node.identity.peer_id, "--data-dir", str(tmp_path / "n0"))
                 n2_id = n2.node.identity.peer_id
                 with trio.fail_after(5):
-                    while n2_id not in n1.node.membership.revocations or any(
+                    while n2_id not in n1.node.membership.revocations or any(  # noqa: ASYNC110 (polled state)
                         link.peer_id == n2_id for link in n1.node.membership.links
                     ):
                         await trio.sleep(0.05)

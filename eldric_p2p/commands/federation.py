@@ -42,8 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     inv.add_argument("--relay", action="append", default=[], metavar="HOST:PORT",
                      help="relay the joiner may come through (default: the node's relays)")  # fmt: skip
     inv.add_argument("--relay-only", action="store_true",
-                     help="name no HTTP address: the joiner comes through a relay (the inviter is behind NAT, "
-                          "or its HTTP port is not for the world)")  # fmt: skip
+                     help="name no HTTP address: the joiner comes through a relay (the inviter is behind "
+                          "NAT, or its HTTP port is not for the world)")  # fmt: skip
     join = fsub.add_parser("join", help="enrol this node with an invite token (contacts the inviter)")
     join.add_argument("token", help="the token `federation invite` printed")
     data_dir(join)
