@@ -250,3 +250,42 @@ def test_members_behind_two_nats_join_through_the_relay_and_deploy_from_behind_n
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_a_member_renews_its_certificate_at_its_issuer_and_a_revoked_one_cannot(tmp_path: Path) -> None:
+    from eldric_p2p.net.federation.certs import Issuer
+
+    cli("init", "campus", "--data-dir", str(tmp_path / "n0"))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            n0 = await _start(nursery, node_config(tmp_path, "n0", memory=None))
+            for name in ("n1", "n2"):
+                token = cli("invite", "--data-dir", str(tmp_path / "n0")).strip()
+                await join_federation(token, Identity.load_or_create(tmp_path / name), tmp_path / name)
+            n1 = await _start(nursery, node_config(tmp_path, "n1", peers=[("127.0.0.1", n0.node.port)]))
+            n2 = await _start(nursery, node_config(tmp_path, "n2", peers=[("127.0.0.1", n0.node.port)]))
+            m1 = n1.node.membership
+            # give n1 a certificate in its last hour, as if it had been running for days
+            issuer = n0.node.membership.issuer()
+            m1.save(m1.federation.root_pem(), Issuer(issuer.key, issuer.cert).issue(
+                n1.node.identity.public_key, now=time.time() - 7 * 86400 + 3600))  # fmt: skip
+            old = m1.cert
+            assert n1.node.federation._needs_renewal(time.time())
+            assert await n1.node.federation.renew()
+            assert m1.cert.not_after - time.time() > 6.9 * 86400 and m1.cert.serial != old.serial
+            assert not n1.node.federation._needs_renewal(time.time())
+            assert n0.node.federation.stats["renewed"] == 1
+            # the root holder renews itself from its own key
+            assert await n0.node.federation.renew()
+            # a revoked member is refused (its signed request fails at the issuer's gate)
+            cli("revoke", n2.node.identity.peer_id, "--data-dir", str(tmp_path / "n0"))
+            with trio.fail_after(3):
+                while n2.node.identity.peer_id not in n0.node.membership.revocations:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            before = n2.node.membership.cert
+            assert not await n2.node.federation.renew()
+            assert n2.node.membership.cert == before
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
