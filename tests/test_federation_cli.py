@@ -1,5 +1,5 @@
-"""A federation made only with the CLI, as a user would: `federation init`, `invite`, `join`, then `deploy` and
-`chat` (signed with `--data-dir` by themselves) equal to `run`, and a stranger's deploy refused.
+"""A federation made only with the CLI, as a user would: `federation init`, `invite`, `join`, then `deploy`
+and `chat` (signed with `--data-dir` by themselves) equal to `run`, and a stranger's deploy refused.
 
 Slow (Qwen in four processes): `pytest -m slow tests/test_federation_cli.py`.
 """
