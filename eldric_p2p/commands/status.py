@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from eldric_p2p.commands.deploy import add_node_arg, cli_auth, node_base, print_plan
+from eldric_p2p.commands.deploy import add_node_arg, cli_auth, node_base, print_plan, raise_for_error
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,11 +24,11 @@ def gather(base: str, auth: Any = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
         with httpx.Client(base_url=base, timeout=10, auth=auth) as c:
-            out["node"] = c.get("/api/v1/node").json()
-            out["peers"] = c.get("/api/v1/peers").json().get("peers", [])
+            out["node"] = raise_for_error(c.get("/api/v1/node"), base)
+            out["peers"] = raise_for_error(c.get("/api/v1/peers"), base).get("peers", [])
             w = c.get("/api/v1/worker/status")
             out["worker"] = w.json() if w.status_code == 200 else None
-            out["pipelines"] = c.get("/api/v1/pipeline/status").json().get("deployments", [])
+            out["pipelines"] = raise_for_error(c.get("/api/v1/pipeline/status"), base).get("deployments", [])
     except (httpx.HTTPError, ValueError) as exc:
         raise PeerUnavailable(f"{base}: {exc}") from exc
     return out

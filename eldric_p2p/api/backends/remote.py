@@ -22,6 +22,7 @@ from eldric_p2p.api.backends.base import Backend, GenerationEvent, GenerationReq
 from eldric_p2p.api.backends.pipeline import PREFILL_TIMEOUT_S
 from eldric_p2p.engine.sampling import SamplingParams
 from eldric_p2p.errors import (
+    AuthenticationError,
     DoesNotFit,
     EldricError,
     InvalidInput,
@@ -74,6 +75,8 @@ def exception_of(body: Any) -> EldricError:
     if not isinstance(err, dict):
         return PeerUnavailable(f"remote node failed: {str(body)[:300]}")
     message, code = str(err.get("message", ""))[:2000], err.get("code")
+    if err.get("type") in ("authentication_error", "permission_error"):
+        return AuthenticationError(message)  # a federation's gate: missing, bad or insufficient credential
     if code == "overloaded":
         retry = err.get("retry_after", 1.0)
         return Overloaded(message, retry if isinstance(retry, int | float) else 1.0)
