@@ -83,8 +83,9 @@ def test_members_behind_each_nat_join_through_the_relay_deploy_and_chat_equal_ru
         _wait_peers(lab, "a1", nodes["a1"].url, d["a1"], {"data", "a2", "b1"})
 
         # a stranger at site B: its own identity, pointed at the relay and at the public node
+        public = f"{lab.addr('data')}:{natlab.HTTP_PORT}"
         argv = [*CLI, "-v", "node", "--name", "stranger", "--data-dir", d["stranger"], "--no-mdns",
-                "--listen", f"{lab.addr('b1')}:8471", "--relay", relay, "--peer", f"{lab.addr('data')}:8470"]  # fmt: skip
+                "--listen", f"{lab.addr('b1')}:8471", "--relay", relay, "--peer", public]  # fmt: skip
         nodes["stranger"] = natlab.Node(lab, "b1", argv, f"{tmp_path}/stranger.log")
         nodes["stranger"].wait_serving()
         r = run_in(lab, "b1", "status", "--node", nodes["data"].url, "--data-dir", d["stranger"])
