@@ -29,6 +29,7 @@ from starlette.types import Receive, Scope, Send
 
 from eldric_p2p.api import metrics
 from eldric_p2p.api.backends.base import GenerationEvent, GenerationRequest, Overloaded
+from eldric_p2p.api.recovery import Resumer
 from eldric_p2p.api.requests import (
     MAX_BODY,
     ApiError,
@@ -143,7 +144,9 @@ class _Generation:
                 events.clone()
             )  # the responder gets EndOfChannel when both are closed, i.e. after `_error` is set
             try:
-                await backend.generate(request, mine)
+                model = request.model
+                resumer = Resumer(lambda: self.router.backends(model), self.router.refresh)
+                await resumer.generate(backend, request, mine)
             except (ApiError, EldricError) as exc:
                 self._error = exc
             except Exception:  # noqa: BLE001 - a backend bug is a 500 for this request, not a dead node

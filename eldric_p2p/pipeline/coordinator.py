@@ -145,6 +145,7 @@ class Coordinator:
         lost_after_s: float = LOST_AFTER_S,
         client_factory: Callable[[], httpx.AsyncClient] = httpx.AsyncClient,
         revoked: Callable[[str], bool] = lambda peer_id: False,
+        auto_recover: bool = True,
     ) -> None:
         self.peers = peers
         self.revoked = revoked  # a peer put out of the federation: its shards are lost at the next heartbeat
@@ -156,6 +157,9 @@ class Coordinator:
         self.lost_after_s = lost_after_s
         self.deployments: dict[str, Deployment] = {}
         self.deploying: dict[str, Deployment] = {}  # pushed, not yet ready: status shows their progress
+        self.auto_recover = auto_recover  # re-plan a pipeline whose stage is lost (pipeline.recovery)
+        self.recovered: list[dict[str, Any]] = []  # what recovery did, newest last
+        self._recovering: set[str] = set()
         self._lock = trio.Lock()  # one deploy/undeploy at a time
 
     # ---- who is out there ---------------------------------------------------------------------------------
@@ -337,14 +341,16 @@ class Coordinator:
 
         async def one(shard: ShardState) -> None:
             if self.revoked(shard.stage.peer_id):
-                shard.state, shard.error = "lost", f"worker {shard.stage.peer_id} was revoked from the federation"
+                shard.state, shard.error = "lost", f"{shard.stage.peer_id} was revoked from the federation"
                 return
             try:
                 st = await get_json(
                     client, f"{shard.url}/api/v1/worker/status", timeout=min(2.0, self.lost_after_s)
                 )
             except PeerUnavailable as exc:
-                if strict or (shard.last_heartbeat and now - shard.last_heartbeat > self.lost_after_s):
+                refused = isinstance(exc.__cause__, httpx.ConnectError)  # nothing listens: the node is gone
+                silent = shard.last_heartbeat and now - shard.last_heartbeat > self.lost_after_s
+                if strict or refused or silent:
                     shard.state, shard.error = "lost", str(exc)
                 elif not shard.last_heartbeat:
                     shard.last_heartbeat = now  # count silence from the first try
@@ -423,18 +429,33 @@ class Coordinator:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Heartbeats: poll every deployment's workers every `heartbeat_s`."""
-        async with self.client_factory() as client:
+        from eldric_p2p.pipeline.recovery import BAD_STATES
+
+        async with self.client_factory() as client, open_nursery() as nursery:
             task_status.started()
             while True:
                 await trio.sleep(self.heartbeat_s)
                 for dep in list(self.deployments.values()):
                     await self._poll(client, dep)
+                    lost = any(s.state in BAD_STATES for s in dep.shards)
+                    if lost and self.auto_recover and dep.id not in self._recovering:
+                        self._recovering.add(dep.id)
+                        nursery.start_soon(self._recover, dep.id)
+
+    async def _recover(self, dep_id: str) -> None:
+        from eldric_p2p.pipeline.recovery import recover
+
+        try:
+            await recover(self, dep_id)
+        finally:
+            self._recovering.discard(dep_id)
 
     def status(self) -> dict[str, Any]:
         now = trio.current_time()
         return {
             "deployments": [d.as_json(now) for d in self.deployments.values()],
             "deploying": [d.as_json(now) for d in self.deploying.values()],
+            "recovered": self.recovered[-20:],
         }
 
     def models(self) -> list[dict[str, Any]]:

@@ -34,6 +34,7 @@ def test_heartbeat_marks_a_lost_worker_and_rebalance_redeploys_on_the_rest(
         ):
             coord = m[0].node.coordinator
             coord.heartbeat_s, coord.lost_after_s = 0.2, 1.0
+            coord.auto_recover = False  # this test is about the manual rebalance (tests/test_recovery.py: auto)
             dep = (await deploy(c, m[0].url)).json()
             assert [s["worker"] for s in dep["stages"]] == ["n0", "n1", "n2"]
             await trio.sleep(0.5)

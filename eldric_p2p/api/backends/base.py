@@ -39,6 +39,10 @@ class GenerationRequest:
     prompt: str | list[dict[str, Any]]  # raw text (raw=True) or chat messages [{"role", "content"}]
     params: SamplingParams
     raw: bool = False
+    # Token ids the client already has (a generation resumed on another pipeline after a stage failed): the
+    # backend runs them through exactly as it would have generated them, sends no events for them, and goes
+    # on from there. Only backends with `supports_resume = True` accept a non-empty list.
+    resume: list[int] = field(default_factory=list)
 
 
 @dataclass

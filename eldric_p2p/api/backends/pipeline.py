@@ -47,6 +47,8 @@ MAX_HISTORY_SENT = 8192
 class PipelineBackend:
     """Generation with the head stage on this node (the `Backend` protocol)."""
 
+    supports_resume = True
+
     def __init__(
         self,
         worker: Worker,
@@ -159,8 +161,19 @@ class PipelineBackend:
             token = await step(ids, 0, self.prefill_timeout)
             t1 = time.perf_counter()
             steps = 0
-            first = True
+            first = not request.resume  # a resumed client already has the prompt ids and `resume`'s text
+            replay = list(request.resume)
             while True:
+                if replay:  # the same steps as the first run, so the KV caches (and any RNG) end up the same
+                    forced = replay.pop(0)
+                    if forced != token:
+                        log.warning("%s: replayed token %d differs from the first run's %d", shard.label,
+                                    token, forced)  # fmt: skip
+                    stream.push(forced)
+                    history.append(forced)
+                    token = await step([forced], len(history) - 1, self.step_timeout)
+                    steps += 1
+                    continue
                 n_before = len(stream.token_ids)
                 text = stream.push(token)
                 event = GenerationEvent(text=text, token_ids=stream.token_ids[n_before:])

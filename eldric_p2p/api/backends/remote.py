@@ -86,6 +86,8 @@ def exception_of(body: Any) -> EldricError:
 class RemotePipelineBackend:
     """A pipeline whose head runs on another node, reached over HTTP (the `Backend` protocol)."""
 
+    supports_resume = True
+
     def __init__(
         self,
         node_url: str,
@@ -126,6 +128,8 @@ class RemotePipelineBackend:
             "params": request.params.to_dict(),
             "local": True,
         }
+        if request.resume:
+            body["resume"] = list(request.resume)
         timeout = httpx.Timeout(connect=5.0, read=self.step_timeout, write=30.0, pool=5.0)
         self._running += 1
         finished = False
@@ -186,9 +190,10 @@ class NDJSONEvents:
     cancels the generation.
     """
 
-    def __init__(self, backend: Backend, request: GenerationRequest) -> None:
+    def __init__(self, backend: Backend, request: GenerationRequest, resumer: Any = None) -> None:
         self.backend = backend
         self.request = request
+        self.resumer = resumer  # an api.recovery.Resumer: a failed pipeline's request goes on on another
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         send_chan, recv_chan = trio.open_memory_channel[GenerationEvent](16)
@@ -212,7 +217,10 @@ class NDJSONEvents:
 
             async def produce() -> None:
                 try:
-                    await self.backend.generate(self.request, send_chan)
+                    if self.resumer is not None:
+                        await self.resumer.generate(self.backend, self.request, send_chan)
+                    else:
+                        await self.backend.generate(self.request, send_chan)
                 except (EldricError, trio.BrokenResourceError) as exc:
                     failure.append(exc)
                 finally:
@@ -251,9 +259,15 @@ def generation_request_of(body: Any) -> tuple[GenerationRequest, bool]:
     if not isinstance(prompt, str | list):
         raise UsageError("prompt must be a string or a list of messages")
     params = SamplingParams.from_dict(body.get("params") or {})
-    return GenerationRequest(model, prompt, params, raw=bool(body.get("raw", False))), bool(
-        body.get("local", False)
-    )
+    resume = body.get("resume") or []
+    if not (
+        isinstance(resume, list)
+        and len(resume) < params.max_tokens
+        and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31 for t in resume)
+    ):
+        raise UsageError("resume must be a list of token ids, fewer than max_tokens")
+    request = GenerationRequest(model, prompt, params, raw=bool(body.get("raw", False)), resume=resume)
+    return request, bool(body.get("local", False))
 
 
 def pipeline_routes(
@@ -291,6 +305,11 @@ def pipeline_routes(
                 404, f"no pipeline serves {req.model!r} here", "not_found_error", "model_not_found"
             )
         candidates.sort(key=lambda b: (b.info().get("kind") != "pipeline", b.queue_depth))
-        return NDJSONEvents(candidates[0], req)  # type: ignore[return-value]
+        resumer = None
+        if not local_only:  # the node the client asked owns the recovery; a head asked by a peer does not
+            from eldric_p2p.api.recovery import Resumer
+
+            resumer = Resumer(lambda: pick(req.model, False), refresh)
+        return NDJSONEvents(candidates[0], req, resumer)  # type: ignore[return-value]
 
     return [Route("/api/v1/pipeline/generate", generate, methods=["POST"])]
