@@ -55,6 +55,7 @@ from eldric_p2p.net.relay.server import Relay, run_relay
 from eldric_p2p.paths import default_data_dir
 from eldric_p2p.pipeline.coordinator import Coordinator
 from eldric_p2p.pipeline.coordinator_routes import coordinator_routes
+from eldric_p2p.pipeline.owner import OwnerPolicy, yield_to_owner
 from eldric_p2p.pipeline.worker import Worker
 from eldric_p2p.pipeline.worker_routes import worker_routes
 from eldric_p2p.tasks import open_nursery
@@ -101,12 +102,12 @@ class NodeConfig:
     link_port: int = 0  # pipeline links (TLS over TCP) on listen_host; 0 picks a free port
     peer_interval: float = 2.0  # seconds between polls of the bootstrap peers
     api_keys: list[str] = field(default_factory=list)  # required as `Authorization: Bearer KEY` on /v1
-    v1_auth: str | None = None  # open | api-key | member; None: api-key if keys given, else open (member if
-    # the node is in a federation)
+    # /v1 in a federation: open | api-key | member (None: api-key if keys are given, else member). A node in
+    # no federation checks only the API keys, if any.
+    v1_auth: str | None = None
     upstreams: list[tuple[str, str]] = field(default_factory=list)  # (model name, OpenAI-compatible base URL)
-    relay_options: dict[str, Any] = field(
-        default_factory=dict
-    )  # RelayMember keyword options (tests: backoff)
+    relay_options: dict[str, Any] = field(default_factory=dict)  # RelayMember options (tests: backoff)
+    owner: OwnerPolicy | None = None  # owner first: when this machine's owner needs it, its stages move away
 
     @property
     def roles(self) -> list[str]:
@@ -332,6 +333,8 @@ class Node:
         async with open_nursery() as nursery:
             if self.worker is not None:
                 await nursery.start(self.worker.run)
+                if cfg.owner is not None and cfg.owner.active:
+                    await nursery.start(yield_to_owner, self.worker, cfg.owner)
             elif self.membership.active:
                 listeners = await nursery.start(
                     serve_tcp_links, self.identity, cfg.listen_host, cfg.link_port, self.connector.dispatch

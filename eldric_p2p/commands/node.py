@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 from pathlib import Path
 
 import trio
@@ -38,10 +39,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1 (repeatable)")  # fmt: skip
-    p.add_argument("--v1-auth", choices=["open", "api-key", "member"], default=None,
-                   help="who may use /v1 on a federated node: anyone, --api-key holders, or members (signed "
-                        "requests; also --api-key holders if keys are given). Default: api-key if --api-key is "
-                        "given, else member. A node in no federation checks only --api-key")  # fmt: skip
+    p.add_argument(
+        "--v1-auth",
+        choices=["open", "api-key", "member"],
+        default=None,
+        help="who may use /v1 on a federated node: anyone, --api-key holders, or members "
+        "(signed requests; also --api-key holders if keys are given). Default: api-key if "
+        "--api-key is given, else member. Outside a federation only --api-key counts",
+    )
+    p.add_argument(
+        "--yield-when",
+        choices=["never", "user-active", "gpu-busy"],
+        default="never",
+        help="owner first: move this worker's stages away while other processes use the "
+        "CPUs (user-active) or a GPU (gpu-busy: NVML, nvidia-ml-py); default never",
+    )
+    p.add_argument(
+        "--share-hours",
+        default=None,
+        metavar="START-END",
+        help="serve the swarm only in these local hours, e.g. 18-08 (evenings and nights)",
+    )
+    p.add_argument("--drain-timeout", type=float, default=60.0, metavar="S",
+                   help="on SIGTERM or Ctrl-C, wait this long for the coordinators to move our stages "
+                        "away before stopping (default 60; a second Ctrl-C stops at once)")  # fmt: skip
     p.add_argument("--upstream", action="append", default=[], metavar="NAME=URL",
                    help="offer model NAME served by an OpenAI-compatible server (vLLM, llama-server, Ollama)")  # fmt: skip
 
@@ -50,6 +71,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     """NodeConfig from parsed flags. Raises UsageError for a bad size, address or device."""
     from eldric_p2p.api.backends.upstream import parse_upstream_spec
     from eldric_p2p.errors import UsageError
+    from eldric_p2p.pipeline.owner import OwnerPolicy, parse_share_hours
 
     device = args.device
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
@@ -72,6 +94,10 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         relay_listen=parse_host_port(args.relay_listen) if args.relay_listen else None,
         api_keys=list(args.api_key),
         v1_auth=args.v1_auth,
+        owner=OwnerPolicy(
+            yield_when=args.yield_when,
+            share_hours=parse_share_hours(args.share_hours) if args.share_hours else None,
+        ),
         upstreams=[parse_upstream_spec(u) for u in args.upstream],
     )
 
@@ -108,6 +134,10 @@ def main(args: argparse.Namespace) -> int:
             for member in node.members:
                 print(f"  member of relay {member.host}:{member.port} (reconnects by itself)", flush=True)
             print(f"  mdns: {'on' if config.mdns else 'off'}", flush=True)
+            if config.owner is not None and config.owner.active and node.worker is not None:
+                hours = config.owner.share_hours
+                during = f", share hours {hours[0]:02d}-{hours[1]:02d}" if hours else ""
+                print(f"  owner first: yield when {config.owner.yield_when}{during}", flush=True)
             m = node.membership
             if m.active and m.cert is not None and m.federation is not None:
                 role = "admin" if m.is_admin else "member"
@@ -119,5 +149,35 @@ def main(args: argparse.Namespace) -> int:
                 print("  federation: none (open to anyone who reaches it; see `eldric-p2p federation init`)",
                       flush=True)  # fmt: skip
 
+            await stop_gracefully(node, args.drain_timeout)
+            nursery.cancel_scope.cancel()
+
     trio.run(run)
     return 0
+
+
+async def stop_gracefully(node: Node, timeout: float) -> None:  # noqa: ASYNC109 (the drain's bound)
+    """Wait for SIGTERM or Ctrl-C; then, if we hold stages, drain (the coordinators move them away, their
+    sessions finishing first) for at most `timeout` s. A second signal stops at once."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            break
+        worker = node.worker
+        if worker is None or not worker.shards:
+            return
+        print(f"stopping: moving {len(worker.shards)} stage(s) to other workers first "
+              f"(at most {timeout:.0f} s; Ctrl-C again to stop now)", flush=True)  # fmt: skip
+        async with trio.open_nursery() as inner:
+
+            async def second_signal() -> None:
+                async for _ in signals:
+                    print("stopping now", flush=True)
+                    inner.cancel_scope.cancel()
+
+            inner.start_soon(second_signal)
+            moved = await worker.drain("stopping", timeout)
+            print(
+                "all stages moved" if moved else f"{len(worker.shards)} stage(s) not moved in time",
+                flush=True,
+            )
+            inner.cancel_scope.cancel()

@@ -66,6 +66,7 @@ class ShardState:
     last_heartbeat: float = 0.0  # trio clock
     next_hop_ok: bool = True
     link: str | None = None  # path of the link to the next hop: "direct" | "relayed" (None: not open yet)
+    draining: str | None = None  # its worker takes no new work and wants this shard moved (and why)
 
 
 @dataclass
@@ -124,6 +125,7 @@ class Deployment:
                     "progress": s.progress,
                     "next_hop_ok": s.next_hop_ok,
                     "link": s.link,
+                    "draining": s.draining,
                     "last_heartbeat_s": round(now - s.last_heartbeat, 1) if s.last_heartbeat else None,
                 }
                 for i, s in enumerate(self.shards)
@@ -160,6 +162,8 @@ class Coordinator:
         self.auto_recover = auto_recover  # re-plan a pipeline whose stage is lost (pipeline.recovery)
         self.recovered: list[dict[str, Any]] = []  # what recovery did, newest last
         self._recovering: set[str] = set()
+        self.pending: dict[str, dict[str, Any]] = {}  # model -> deploy options refused for lack of memory
+        self._pending_version = -1  # the peer table's version when the pending deploys were last tried
         self._lock = trio.Lock()  # one deploy/undeploy at a time
 
     # ---- who is out there ---------------------------------------------------------------------------------
@@ -362,6 +366,8 @@ class Coordinator:
                 s for s in st.get("shards", []) if isinstance(s, dict) and s.get("deployment_id") == dep.id
             ]
             shard.last_heartbeat = trio.current_time()
+            draining = st.get("draining")
+            shard.draining = str(draining)[:200] if draining else None
             if not mine:
                 shard.state, shard.error = "unloaded", "the worker no longer holds this shard"
                 return
@@ -401,6 +407,7 @@ class Coordinator:
         return max(deps, key=lambda d: d.created)
 
     async def undeploy(self, key: str) -> Deployment:
+        self.pending.pop(key, None)
         async with self._lock, self.client_factory() as client:
             dep = self.find(key)
             await self._unload(client, dep.id, dep.shards)
@@ -438,17 +445,27 @@ class Coordinator:
                 for dep in list(self.deployments.values()):
                     await self._poll(client, dep)
                     lost = any(s.state in BAD_STATES for s in dep.shards)
-                    if lost and self.auto_recover and dep.id not in self._recovering:
+                    draining = any(s.draining for s in dep.shards)
+                    if (lost or draining) and self.auto_recover and dep.id not in self._recovering:
                         self._recovering.add(dep.id)
-                        nursery.start_soon(self._recover, dep.id)
+                        nursery.start_soon(self._recover, dep.id, not lost)
+                changed = self.peers.table.version != self._pending_version
+                if self.pending and changed and not self._lock.locked():
+                    self._pending_version = self.peers.table.version  # a worker came, went or changed
+                    nursery.start_soon(self._deploy_pending)
 
-    async def _recover(self, dep_id: str) -> None:
-        from eldric_p2p.pipeline.recovery import recover
+    async def _recover(self, dep_id: str, graceful: bool) -> None:
+        from eldric_p2p.pipeline.recovery import move, recover
 
         try:
-            await recover(self, dep_id)
+            await (move if graceful else recover)(self, dep_id)
         finally:
             self._recovering.discard(dep_id)
+
+    async def _deploy_pending(self) -> None:
+        from eldric_p2p.pipeline.recovery import deploy_pending
+
+        await deploy_pending(self)
 
     def status(self) -> dict[str, Any]:
         now = trio.current_time()
@@ -456,6 +473,7 @@ class Coordinator:
             "deployments": [d.as_json(now) for d in self.deployments.values()],
             "deploying": [d.as_json(now) for d in self.deploying.values()],
             "recovered": self.recovered[-20:],
+            "pending": [{"model": m, **opts} for m, opts in self.pending.items()],
         }
 
     def models(self) -> list[dict[str, Any]]:

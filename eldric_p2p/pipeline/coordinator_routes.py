@@ -80,7 +80,16 @@ def coordinator_routes(coord: Coordinator) -> list[Route]:
             for k in ("max_ctx", "sessions"):
                 if k in opts and (not isinstance(opts[k], int) or opts[k] < 1):
                     raise UsageError(f"{k} must be a positive integer")
-            dep = await coord.deploy(model, data_peers=data_peers, workers=workers or None, **opts)
+            try:
+                dep = await coord.deploy(model, data_peers=data_peers, workers=workers or None, **opts)
+            except PlanDoesNotFit as exc:  # kept: deployed by itself when enough memory joins
+                coord.pending[model] = {"data_peers": data_peers, **opts}
+                exc.details["pending"] = True
+                raise PlanDoesNotFit(
+                    f"{exc}; kept as pending: it is deployed by itself when enough memory joins "
+                    f"(undeploy {model} forgets it)",
+                    exc.details,
+                ) from exc
         except EldricError as exc:
             return _error(exc)
         return JSONResponse(dep.as_json(trio.current_time()))

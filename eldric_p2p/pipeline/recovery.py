@@ -7,6 +7,13 @@ layers come back from their shard caches; with no spare it plans over the surviv
 unloaded first (the survivors need the memory for their new ranges). Requests in flight are resumed on the
 new pipeline by the node that took them (`api.recovery`); the coordinator only makes the pipeline exist.
 
+Two gentler cases share the machinery. `move`: a worker *drains* (its node is stopping, or its owner wants
+the machine back): the new plan is deployed first while the old one keeps serving; then the old head takes
+no new session and unloads once its sessions are done, and the rest of the old stages after it. New sessions
+use the new plan, old ones finish on the old; if the new plan does not fit beside the old, it falls back to
+`recover` (and sessions in flight resume). `deploy_pending`: a deploy refused for lack of memory is kept and
+tried again whenever the peer table changes (a worker joined), over every live worker.
+
 `replacement_workers` is the pure choice of workers, tested on its own.
 """
 
@@ -16,8 +23,11 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from eldric_p2p.errors import EldricError
-from eldric_p2p.pipeline.planner import WorkerView
+import trio
+
+from eldric_p2p.errors import EldricError, PeerUnavailable
+from eldric_p2p.net.peers import get_json, post_json
+from eldric_p2p.pipeline.planner import PlanDoesNotFit, WorkerView
 
 if TYPE_CHECKING:
     from eldric_p2p.pipeline.coordinator import Coordinator, Deployment
@@ -25,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BAD_STATES = ("lost", "failed", "unloaded")
+RETIRE_WAIT_S = 300.0  # the longest an old head may finish its sessions before it is unloaded anyway
 
 
 def replacement_workers(dep: Deployment, live: list[WorkerView]) -> tuple[list[str], list[str]]:
@@ -34,8 +45,9 @@ def replacement_workers(dep: Deployment, live: list[WorkerView]) -> tuple[list[s
     spares = sorted((v for v in live if v.name not in in_use), key=lambda v: (-v.free, v.name))
     names: list[str] = []
     used: list[str] = []
+    spares = [v for v in spares if v.free > 0]  # a draining worker offers nothing
     for shard in dep.shards:
-        if shard.state in BAD_STATES or shard.stage.name not in names_live:
+        if shard.state in BAD_STATES or shard.draining or shard.stage.name not in names_live:
             if spares:
                 spare = spares.pop(0).name
                 names.append(spare)
@@ -77,3 +89,73 @@ async def recover(coord: Coordinator, dep_id: str) -> Deployment | None:
         log.warning("%s", new.note)
         return new
     return None
+
+
+def _options(dep: Deployment) -> dict[str, object]:
+    return dict(data_peers=dep.data_peers, strategy=dep.strategy, weights=dep.weights, max_ctx=dep.max_ctx,
+                sessions=dep.sessions)  # fmt: skip
+
+
+async def move(coord: Coordinator, dep_id: str) -> Deployment | None:
+    """Move `dep_id` off its draining workers without dropping a session (make before break)."""
+    dep = coord.deployments.get(dep_id)
+    if dep is None:
+        return None
+    t0 = time.perf_counter()
+    leaving = [s.stage.label() for s in dep.shards if s.draining]
+    async with coord.client_factory() as client:
+        await coord.peers.refresh()
+        live = await coord.worker_views(client)
+    names, spares = replacement_workers(dep, live)
+    log.warning(
+        "%s: %s draining; deploying a new plan on %s first", dep_id, ", ".join(leaving), ", ".join(names)
+    )
+    try:
+        new = await coord.deploy(dep.model, workers=names or None, **_options(dep))  # type: ignore[arg-type]
+    except EldricError as exc:
+        log.warning("no room for a new plan beside %s (%s): re-planning after unloading it", dep_id, exc)
+        return await recover(coord, dep_id)
+    await retire(coord, dep)
+    new.note = f"moved from {dep_id} ({', '.join(leaving)} draining) in {time.perf_counter() - t0:.1f} s"
+    coord.recovered.append({"from": dep_id, "to": new.id, "draining": leaving, "spares": spares,
+                            "seconds": round(time.perf_counter() - t0, 3)})  # fmt: skip
+    log.warning("%s", new.note)
+    return new
+
+
+async def retire(coord: Coordinator, dep: Deployment) -> None:
+    """The old head finishes its sessions (no new ones), then every old stage unloads."""
+    coord.deployments.pop(dep.id, None)
+    head = dep.shards[0]
+    async with coord.client_factory() as client:
+        try:
+            await post_json(client, f"{head.url}/api/v1/pipeline/unload",
+                            {"deployment_id": dep.id, "when": "idle"}, timeout=10)  # fmt: skip
+            with trio.move_on_after(RETIRE_WAIT_S):
+                while True:
+                    st = await get_json(client, f"{head.url}/api/v1/worker/status", timeout=5)
+                    ids = [x.get("deployment_id") for x in st.get("shards", []) if isinstance(x, dict)]
+                    if dep.id not in ids:
+                        break
+                    await trio.sleep(0.5)
+        except (PeerUnavailable, AttributeError) as exc:
+            log.info("retiring %s's head: %s", dep.id, exc)
+        await coord._unload(client, dep.id, dep.shards)
+
+
+async def deploy_pending(coord: Coordinator) -> None:
+    """Try each deploy that was refused for lack of memory again, over every live worker."""
+    for model, opts in list(coord.pending.items()):
+        if any(d.model == model for d in coord.deployments.values()):
+            coord.pending.pop(model, None)
+            continue
+        try:
+            new = await coord.deploy(model, workers=None, **opts)  # type: ignore[arg-type]
+        except PlanDoesNotFit:
+            continue  # still too little memory: wait for the next change
+        except EldricError as exc:
+            log.info("pending deploy of %s: %s", model, exc)
+            continue
+        coord.pending.pop(model, None)
+        new.note = "deployed by itself: it was refused for lack of memory until more joined"
+        log.warning("pending deploy of %s done: %s", model, ", ".join(s.stage.name for s in new.shards))

@@ -75,6 +75,7 @@ class Shard:
         self.fetch_s = self.load_s = 0.0
         self.stage: Stage | None = None
         self.file: GGUFFile | None = None
+        self.retiring = False  # a head that takes no new session (its pipeline moves to a new plan)
         self.index: GGUFIndex | None = None
         self.tokenizer: Tokenizer | None = None
         self.downstream: Downstream | None = None
@@ -112,6 +113,7 @@ class Shard:
             if self.downstream is not None and not self.downstream.broken
             else None,
             "sessions": len(self.head_sessions) if a.stage_index == 0 else None,
+            "retiring": self.retiring,
         }
 
 

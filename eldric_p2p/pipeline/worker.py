@@ -68,6 +68,8 @@ class Worker(StageLinks):
         self._head_sessions: dict[int, Shard] = {}
         self._nursery: trio.Nursery | None = None
         self.frames_refused = 0
+        self.draining: str | None = None  # why this worker takes no new work (stopping, its owner is back)
+        self._changed = trio.Event()  # set when a shard goes (drain waits on it)
 
     # ---- memory and status --------------------------------------------------------------------------------
 
@@ -77,7 +79,7 @@ class Worker(StageLinks):
 
     @property
     def free(self) -> int:
-        return max(0, self.offered - self.reserved)
+        return 0 if self.draining else max(0, self.offered - self.reserved)
 
     def default_weights(self) -> str:
         import torch
@@ -107,6 +109,7 @@ class Worker(StageLinks):
             "link_port": self.link_port,
             "shards": [s.status() for s in self.shards.values()],
             "frames_refused": self.frames_refused,
+            "draining": self.draining,
         }
 
     def http_client(self) -> httpx.AsyncClient:
@@ -118,8 +121,46 @@ class Worker(StageLinks):
     def heads(self) -> list[Shard]:
         """Head shards that can serve: loaded, and their next hop not known to be gone."""
         return [
-            s for s in self.shards.values() if s.a.stage_index == 0 and s.state == "ready" and s.next_hop_ok
+            s
+            for s in self.shards.values()
+            if s.a.stage_index == 0 and s.state == "ready" and s.next_hop_ok and not s.retiring
         ]
+
+    # ---- draining: moving work away, gracefully ----------------------------------------------------------
+
+    async def drain(self, reason: str, timeout: float) -> bool:  # noqa: ASYNC109 (a bound on the whole drain)
+        """Take no new work and wait (at most `timeout` s) for the coordinators to move our shards away (they
+        see `draining` in our status at their next heartbeat). Returns whether none is left."""
+        self.draining = reason
+        log.warning("worker %s draining (%s): %d shard(s) to move", self.name, reason, len(self.shards))
+        with trio.move_on_after(timeout):
+            while self.shards:
+                await self._changed.wait()
+        return not self.shards
+
+    def undrain(self) -> None:
+        if self.draining:
+            log.warning("worker %s offers %s again", self.name, format_size(self.offered))
+        self.draining = None
+
+    async def retire(self, deployment_id: str) -> bool:
+        """A head that takes no new session and unloads itself once its sessions are done (a pipeline moving
+        to a new plan: the old one finishes what it started). False if not loaded here."""
+        shard = self.shards.get(deployment_id)
+        if shard is None:
+            return False
+        shard.retiring = True
+        if shard.a.stage_index != 0 or not shard.head_sessions:
+            await self.unload(deployment_id)
+            return True
+
+        async def when_idle() -> None:
+            while shard.head_sessions:  # noqa: ASYNC110 (sessions end in other tasks)
+                await trio.sleep(0.1)
+            await self.unload(deployment_id)
+
+        self._spawn(shard, when_idle)
+        return True
 
     # ---- running ------------------------------------------------------------------------------------------
 
@@ -157,6 +198,8 @@ class Worker(StageLinks):
         """Check the assignment fits, then fetch and load it in the background. Raises DoesNotFit, UsageError,
         ModelNotFound, PeerUnavailable. Poll `status()` for readiness."""
         needed, fmt = await self.needs(a, client)
+        if self.draining:
+            raise DoesNotFit(f"worker {self.name} takes no new work: {self.draining}")
         if needed > self.free:
             raise DoesNotFit(self.refusal(a, needed, fmt))
         return self.start_load(a, needed, fmt)
@@ -277,5 +320,7 @@ class Worker(StageLinks):
             shard.file.close()  # the mapping goes once the stage's views are collected
         shard.file = None
         shard.state = "unloaded"
+        self._changed.set()
+        self._changed = trio.Event()
         await trio.to_thread.run_sync(free_memory, self.device)
         return True

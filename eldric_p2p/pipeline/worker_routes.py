@@ -2,7 +2,8 @@
 
     POST /api/v1/pipeline/load     an Assignment -> 202 {"state": "fetching", "needed", "free"}
                                    409 {"error", "needed", "offered", "free"} when it does not fit
-    POST /api/v1/pipeline/unload   {"deployment_id"} -> 200; frees the stage's memory
+    POST /api/v1/pipeline/unload   {"deployment_id", "when"?} -> 200; frees the stage's memory; with
+                                   "when": "idle" a head takes no new session and unloads when its are done
     GET  /api/v1/worker/status     device, memory offered/reserved/free, link port, shards with progress
 """
 
@@ -44,6 +45,11 @@ def worker_routes(worker: Worker) -> list[Route]:
             a = Assignment.from_json_untrusted(await _json_body(request))
             async with worker.http_client() as client:
                 needed, fmt = await worker.needs(a, client)
+            if worker.draining:
+                message = f"worker {worker.name} takes no new work: {worker.draining}"
+                error = {"message": message, "type": "invalid_request_error", "code": "does_not_fit"}
+                return JSONResponse({"error": error, "needed": needed, "offered": worker.offered, "free": 0},
+                                    status_code=409)  # fmt: skip
             if needed > worker.free:
                 message = worker.refusal(a, needed, fmt)
                 log.info("refused an assignment: %s", message)
@@ -72,6 +78,8 @@ def worker_routes(worker: Worker) -> list[Route]:
         dep = body.get("deployment_id") if isinstance(body, dict) else None
         if not isinstance(dep, str):
             return error_response(400, "deployment_id is required", "invalid_request_error", "bad_request")
+        if body.get("when") == "idle":  # a moving pipeline: the old head finishes its sessions first
+            return JSONResponse({"retiring": await worker.retire(dep), "free": worker.free})
         found = await worker.unload(dep)
         return JSONResponse({"unloaded": found, "free": worker.free})
 
