@@ -113,10 +113,11 @@ async def start_node(root: Path, name: str, argv: list[str]) -> NodeProc:
 
 
 async def stop_all(nodes: list[NodeProc]) -> None:
-    """SIGTERM every node, then SIGKILL what is still running after 5 s."""
+    """SIGINT every node (stop now: SIGTERM would drain, moving stages to nodes that stop too), then
+    SIGKILL what is still running after 5 s."""
     for node in nodes:
         if node.process.returncode is None:
-            node.process.send_signal(signal.SIGTERM)
+            node.process.send_signal(signal.SIGINT)
     with trio.move_on_after(5):
         for node in nodes:
             await node.process.wait()

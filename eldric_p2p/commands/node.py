@@ -61,8 +61,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="serve the swarm only in these local hours, e.g. 18-08 (evenings and nights)",
     )
     p.add_argument("--drain-timeout", type=float, default=60.0, metavar="S",
-                   help="on SIGTERM or Ctrl-C, wait this long for the coordinators to move our stages "
-                        "away before stopping (default 60; a second Ctrl-C stops at once)")  # fmt: skip
+                   help="on SIGTERM (systemctl stop), wait this long for the coordinators to move our "
+                        "stages away before stopping (default 60); Ctrl-C stops at once")  # fmt: skip
     p.add_argument("--upstream", action="append", default=[], metavar="NAME=URL",
                    help="offer model NAME served by an OpenAI-compatible server (vLLM, llama-server, Ollama)")  # fmt: skip
 
@@ -157,16 +157,18 @@ def main(args: argparse.Namespace) -> int:
 
 
 async def stop_gracefully(node: Node, timeout: float) -> None:  # noqa: ASYNC109 (the drain's bound)
-    """Wait for SIGTERM or Ctrl-C; then, if we hold stages, drain (the coordinators move them away, their
-    sessions finishing first) for at most `timeout` s. A second signal stops at once."""
+    """Wait for SIGTERM or Ctrl-C. Ctrl-C (SIGINT) stops at once. SIGTERM (`systemctl stop`), if we hold
+    stages, first drains: the coordinators move them away, their sessions finishing first, for at most
+    `timeout` s. Another signal meanwhile stops at once."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for _ in signals:
+        signum = None
+        async for signum in signals:  # noqa: B007 (the first signal decides)
             break
         worker = node.worker
-        if worker is None or not worker.shards:
+        if signum != signal.SIGTERM or worker is None or not worker.shards:
             return
         print(f"stopping: moving {len(worker.shards)} stage(s) to other workers first "
-              f"(at most {timeout:.0f} s; Ctrl-C again to stop now)", flush=True)  # fmt: skip
+              f"(at most {timeout:.0f} s; Ctrl-C to stop now)", flush=True)  # fmt: skip
         async with trio.open_nursery() as inner:
 
             async def second_signal() -> None:
