@@ -1,0 +1,144 @@
+"""Recovery pause: a stage killed (SIGKILL) mid-generation, the stream goes on; how long did the client wait?
+
+    python benchmarks/bench_recovery.py [--model PATH] [--tokens 64] [--victims middle,tail]
+
+Real `eldric-p2p node` processes on loopback with the default heartbeat (2 s): a data peer (the coordinator,
+and the node the client asks), workers w1, w2, w3 in the pipeline and a spare w4. For each victim a fresh
+deployment on w1-w3 is made, a greedy generation is streamed from the data node, and after the third token the
+victim's process is killed. Prints, per victim: the pause the client saw (from the final event's
+`timings.recovery_pause_s`: the failure to the next token), the coordinator's re-plan time, whether the tokens
+equal an uninterrupted run of the same request, and where the stages went.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from eldric_p2p.paths import models_dir
+
+CLI = [sys.executable, "-m", "eldric_p2p"]
+
+
+def start(name: str, tmp: Path, args: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+    log = tmp / f"{name}.log"
+    argv = [*CLI, "node", "--name", name, "--data-dir", str(tmp / name), "--listen", "127.0.0.1:0",
+            "--no-mdns", *args]  # fmt: skip
+    with open(log, "w") as out:
+        p = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if m := re.search(r"serving on (http://\S+)", log.read_text()):
+            return p, m.group(1)
+        if p.poll() is not None:
+            raise SystemExit(f"{name} exited: {log.read_text()[-2000:]}")
+        time.sleep(0.1)
+    raise SystemExit(f"{name} did not start")
+
+
+def stream(url: str, model: str, prompt: str, tokens: int, kill: Any = None) -> list[dict[str, Any]]:
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "raw": True,
+        "params": {"temperature": 0.0, "max_tokens": tokens},
+    }
+    events: list[dict[str, Any]] = []
+    with httpx.stream("POST", f"{url}/api/v1/pipeline/generate", json=body, timeout=600) as resp:
+        for line in resp.iter_lines():
+            if line.strip():
+                events.append(json.loads(line))
+                if kill is not None and len(events) == 3:
+                    kill()
+    if "error" in events[-1]:
+        raise SystemExit(f"the stream failed: {events[-1]['error']}")
+    return events
+
+
+def wait_workers(url: str, names: set[str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        peers = httpx.get(f"{url}/api/v1/peers", timeout=5).json()["peers"]
+        if names <= {p["name"] for p in peers}:
+            return
+        time.sleep(0.3)
+    raise SystemExit(f"workers {sorted(names)} not all seen")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=None, help="GGUF file (default: the Qwen reference model)")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--victims", default="middle,tail")
+    ap.add_argument("--memory", default="600MiB", help="each worker's --memory")
+    args = ap.parse_args()
+    model = args.model or next(iter(sorted(models_dir().glob("qwen*.gguf"))), None)
+    if model is None:
+        raise SystemExit("no --model and no Qwen reference model (eldric-p2p models fetch qwen)")
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?"
+    )
+    print(f"model {model.name}, {args.tokens} tokens, CPU {cpu}, {os.cpu_count()} cores")
+    model_id, prompt = model.stem, "Write a Python function that adds two numbers."
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory(prefix="eldric-bench-recovery-") as td:
+        tmp = Path(td)
+        try:
+            data, url = start("data", tmp, ["--models", str(model), "--no-worker"])
+            procs.append(data)
+            workers: dict[str, subprocess.Popen[bytes]] = {}
+            for name in ("w1", "w2", "w3", "w4"):
+                workers[name], _ = start(name, tmp, ["--memory", args.memory, "--device", "cpu", "--peer",
+                                                     url.removeprefix("http://")])  # fmt: skip
+                procs.append(workers[name])
+            wait_workers(url, set(workers))
+            rows = []
+            for victim in args.victims.split(","):
+                while httpx.post(
+                    f"{url}/api/v1/pipeline/undeploy", json={"model": model_id}, timeout=60
+                ).is_success:
+                    pass  # the previous round's (recovered) pipeline
+                names = [n for n in ("w1", "w2", "w3", "w4") if workers[n].poll() is None][:3]
+                r = httpx.post(f"{url}/api/v1/pipeline/deploy", timeout=600,
+                               json={"model": model_id, "workers": names, "max_ctx": 512})  # fmt: skip
+                if r.status_code != 200:
+                    raise SystemExit(r.text)
+                want = [t for e in stream(url, model_id, prompt, args.tokens) for t in e.get("token_ids", [])]
+                target = names[{"head": 0, "middle": 1, "tail": 2}[victim]]
+                events = stream(url, model_id, prompt, args.tokens, kill=workers[target].kill)
+                got = [t for e in events for t in e.get("token_ids", [])]
+                timings = events[-1]["timings"]
+                st = httpx.get(f"{url}/api/v1/pipeline/status", timeout=10).json()
+                rec = st["recovered"][-1] if st["recovered"] else {}
+                stages = [s["worker"] for s in st["deployments"][0]["stages"]] if st["deployments"] else []
+                rows.append((victim, target, timings.get("recovery_pause_s", float("nan")) * 1000,
+                             rec.get("seconds", float("nan")), got == want, "".join(stages)))  # fmt: skip
+            print(f"{'killed':8} {'worker':6} {'pause ms':>9} {'re-plan s':>10} {'same tokens':>12}  now on")
+            for victim, target, pause, replan, same, stages in rows:
+                print(f"{victim:8} {target:6} {pause:9.0f} {replan:10.2f} {str(same):>12}  {stages}")
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGINT)
+            for p in procs:
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+if __name__ == "__main__":
+    main()
