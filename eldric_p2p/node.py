@@ -136,6 +136,8 @@ class Node:
         self.peers = PeerDirectory(
             self.identity.peer_id, config.peers, interval=config.peer_interval, identity=self.identity
         )
+        self.peers.table.excluded = lambda peer_id: peer_id in self.membership.revocations
+        self.membership.on_revoked.append(self.peers.table.forget)  # a revoked member leaves the table
         self.connector = Connector(self.identity, self.peers.table)
         self.connector.local_http = self._local_http
         self.client_factory = http_client_factory(self.connector)

@@ -107,6 +107,10 @@ def test_a_federation_made_with_init_invite_join_deploys_chats_and_refuses_stran
                     ):
                         await trio.sleep(0.05)
                 closed_s = time.perf_counter() - t0
+                for n in (n0, n1):  # and it leaves the peer tables, and stays out of them
+                    assert n2_id not in n.node.peers.table
+                    await n.node.peers.refresh()
+                    assert n2_id not in n.node.peers.table
                 with trio.fail_after(6):  # the coordinator reports n2's stage as lost
                     while True:
                         dep = (await admin.get(f"{n0.url}/api/v1/pipeline/status")).json()["deployments"][0]

@@ -205,37 +205,33 @@ def test_gemma_two_workers_and_a_deploy_that_does_not_fit(tmp_path: Path, gemma_
 
 
 def test_killing_a_middle_worker_mid_generation(tmp_path: Path, qwen_path: Path) -> None:
+    """w2 is killed (SIGKILL) while `chat` streams: the coordinator finds its stage lost, re-plans onto the
+    survivors w1 and w3, and the data node resumes the request there. The client sees a pause, no error, and
+    the same text as one process."""
+    prompt, tokens = "Count from 1 to 500, one number per line.", 80
+    ref = cli_json("run", str(qwen_path), prompt, "--max-tokens", str(tokens), "--ctx", "1024")
     with swarm(tmp_path, qwen_path, {"w1": "480MiB", "w2": "320MiB", "w3": "480MiB"}) as procs:
         model_id = qwen_path.stem
         cli_json("deploy", model_id, "--workers", "w1,w2,w3", "--node", procs["data"].url, "--ctx", "1024")
         chat = subprocess.Popen(
-            [
-                *CLI,
-                "chat",
-                model_id,
-                "Count from 1 to 500, one number per line.",
-                "--node",
-                procs["data"].url,
-                "--max-tokens",
-                "900",
-            ],
+            [*CLI, "chat", model_id, prompt, "--node", procs["data"].url, "--max-tokens", str(tokens)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         assert chat.stdout is not None
-        chat.stdout.read(20)  # it is generating
+        head = chat.stdout.read(12)  # it is generating
         procs["w2"].p.kill()
-        t_kill = time.monotonic()
-        _out, err = chat.communicate(timeout=30)
-        took = time.monotonic() - t_kill
-        assert chat.returncode == 1 and "stage 1 (layers 9-14) on w2" in err, err
-        assert took < 5, took
+        rest, err = chat.communicate(timeout=240)
+        assert chat.returncode == 0, err
+        assert (head + rest).strip() == ref["text"].strip()
         for name in ("data", "w1", "w3"):
             assert procs[name].p.poll() is None, f"{name} died"
-        # the next deploy, on the workers that are left, serves the same answer as one process
-        dep = cli_json("deploy", model_id, "--workers", "w1,w3", "--node", procs["data"].url, "--ctx", "1024")
-        assert [s["worker"] for s in dep["stages"]] == ["w1", "w3"]
+        st = cli_json("status", "--node", procs["data"].url)
+        (pipe,) = st["pipelines"]
+        assert [s["worker"] for s in pipe["stages"]] == ["w1", "w3"]
+        assert "recovered from" in procs["data"].log.read_text()
+        # the new pipeline serves fresh requests through any node, equal to one process
         ref = cli_json("run", str(qwen_path), "Say hello.", "--max-tokens", "16", "--ctx", "1024")
         out = cli_json("chat", model_id, "Say hello.", "--node", procs["w3"].url, "--max-tokens", "16")
         assert out["token_ids"] == ref["token_ids"]

@@ -142,6 +142,7 @@ class PeerTable:
         self._entries: dict[str, dict[tuple[str, str], PeerInfo]] = {}
         self.version = 0  # bumped on every change
         self._changed = trio.Event()
+        self.excluded: Callable[[str], bool] = lambda peer_id: False  # e.g. revoked federation members
 
     def _bump(self) -> None:
         self.version += 1
@@ -169,7 +170,7 @@ class PeerTable:
 
     def upsert(self, info: PeerInfo) -> None:
         self._check(info.source, info.via)
-        if info.peer_id == self.own_peer_id:
+        if info.peer_id == self.own_peer_id or self.excluded(info.peer_id):
             return
         self._entries.setdefault(info.peer_id, {})[(info.source, info.via)] = info
         self._bump()
@@ -202,7 +203,7 @@ class PeerTable:
         self._check(source, via)
         fresh: dict[tuple[str, str], PeerInfo] = {}
         for info in infos:
-            if info.peer_id != self.own_peer_id:
+            if info.peer_id != self.own_peer_id and not self.excluded(info.peer_id):
                 info = replace(info, source=source, via=info.via if via is None else via)
                 fresh[(info.peer_id, info.via)] = info
         for peer_id, by_source in list(self._entries.items()):
@@ -214,6 +215,13 @@ class PeerTable:
         for (peer_id, entry_via), info in fresh.items():
             self._entries.setdefault(peer_id, {})[(source, entry_via)] = info
         self._bump()
+
+    def forget(self, peer_id: str) -> bool:
+        """Drop every entry for `peer_id`, from every source; True if there was one."""
+        if self._entries.pop(peer_id, None) is None:
+            return False
+        self._bump()
+        return True
 
     def get(self, peer_id: str) -> PeerInfo | None:
         """The most direct source's entry for `peer_id` (mdns, then static, then relay); among several
