@@ -295,6 +295,19 @@ class Node:
                         url, model, info={"peer": info.name}, client_factory=self.client_factory
                     )
                 out.append(self._remote[key])
+        # pipelines this node's coordinator deployed, before any peer poll reported their heads
+        served = {b.model_id for b in out}
+        for dep in self.coordinator.deployments.values():
+            head = dep.shards[0].url if dep.shards else None
+            if dep.state != "ready" or dep.model in served or not head or head == self.url:
+                continue
+            key = (head, dep.model)
+            if key not in self._remote:
+                peer = {"peer": dep.shards[0].stage.name}
+                self._remote[key] = RemotePipelineBackend(
+                    head, dep.model, info=peer, client_factory=self.client_factory
+                )
+            out.append(self._remote[key])
         return out
 
     def routes(self) -> list[Route]:

@@ -138,11 +138,11 @@ def main(args: argparse.Namespace) -> int:
                 hours = config.owner.share_hours
                 during = f", share hours {hours[0]:02d}-{hours[1]:02d}" if hours else ""
                 print(f"  owner first: yield when {config.owner.yield_when}{during}", flush=True)
-            m = node.membership
-            if m.active and m.cert is not None and m.federation is not None:
-                role = "admin" if m.is_admin else "member"
+            fm = node.membership
+            if fm.active and fm.cert is not None and fm.federation is not None:
+                role = "admin" if fm.is_admin else "member"
                 print(
-                    f"  federation {m.federation.name!r} ({m.id}): {role}; /v1 access: {node.v1_mode}",
+                    f"  federation {fm.federation.name!r} ({fm.id}): {role}; /v1 access: {node.v1_mode}",
                     flush=True,
                 )
             else:

@@ -179,6 +179,33 @@ def test_deploy_splits_in_proportion_and_greedy_chat_equals_one_process(
     trio.run(main)
 
 
+def test_the_coordinator_routes_to_a_head_it_deployed_before_any_peer_poll_reports_it(
+    tmp_path: Path, model_dir: Path, local: LocalModel
+) -> None:  # noqa: F811
+    """The data node (no worker) deploys onto n1 and n2 and is asked at once: it knows the head from its own
+    deployment, so neither a slow peer poll nor an empty peer table turns the request into a 404."""
+    params = SamplingParams.greedy(max_tokens=12)
+    want = local_answer(local, "Hello world the cat", params)
+
+    async def main() -> None:
+        async with cluster(tmp_path, model_dir, [None, 300 * MiB, 300 * MiB]) as m, httpx.AsyncClient() as c:
+            r = await deploy(c, m[0].url, workers=["n1", "n2"])
+            assert r.status_code == 200, r.text
+            n0 = m[0].node
+
+            async def no_refresh() -> None:
+                return None
+
+            n0.peers.refresh = no_refresh  # type: ignore[method-assign]
+            n0.peers.table.excluded = lambda peer_id: True  # as if no poll of n1 had come back yet
+            for peer_id in [p.peer_id for p in n0.peers.table.peers()]:
+                n0.peers.table.forget(peer_id)
+            assert not n0.peers.table.peers()
+            assert joined(await generate(c, m[0].url, "Hello world the cat", params)) == want
+
+    trio.run(main)
+
+
 def test_four_concurrent_sessions_each_equal_to_alone(
     tmp_path: Path, model_dir: Path, local: LocalModel
 ) -> None:  # noqa: F811
