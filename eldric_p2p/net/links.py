@@ -173,7 +173,12 @@ class Link(trio.abc.Stream):
         return await self.tls.receive_some(max_bytes)
 
     async def aclose(self) -> None:
-        await self.tls.aclose()
+        """Close TLS, then the stream below. Idempotent, and quiet after `abort` (the stream below is gone, so
+        TLS cannot say goodbye): an HTTP client closing a pooled link of a revoked peer must not fail."""
+        try:
+            await self.tls.aclose()
+        except trio.ClosedResourceError:
+            await trio.aclose_forcefully(self.tls.transport_stream)
 
 
 def _tls_failure(exc: BaseException, who: str) -> EldricError:

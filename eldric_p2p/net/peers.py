@@ -58,7 +58,7 @@ async def get_json(client: httpx.AsyncClient, url: str, *, timeout: float = 5.0)
     """GET a JSON document. Raises PeerUnavailable (no answer, error status, not JSON, too large)."""
     try:
         resp = await client.get(url, timeout=timeout)
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         raise PeerUnavailable(f"{url}: {exc or type(exc).__name__}") from exc
     return _json_of(resp, url)
 
@@ -69,7 +69,7 @@ async def post_json(
     """POST JSON; returns (status, document). Raises PeerUnavailable when there is no JSON answer."""
     try:
         resp = await client.post(url, json=body, timeout=timeout)
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         raise PeerUnavailable(f"{url}: {exc or type(exc).__name__}") from exc
     if len(resp.content) > MAX_JSON_BYTES:
         raise PeerUnavailable(f"{url}: answer of {len(resp.content)} bytes is too large")

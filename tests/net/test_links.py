@@ -130,6 +130,23 @@ def test_memory_stream_link_learns_both_ids_and_carries_bytes() -> None:
     trio.run(main)
 
 
+def test_an_aborted_link_closes_quietly_and_its_peer_sees_it_end() -> None:
+    """`abort` (a revoked peer) cuts the stream below TLS; an HTTP pool that later closes the link calls
+    `aclose`, which must not raise (it once took a coordinator's heartbeat, and the node, down)."""
+
+    async def main() -> None:
+        c, s = trio.testing.memory_stream_pair()
+        client, server = await _pair(c, s, BOB.peer_id)
+        await _exchange(client, server)
+        await client.abort()
+        await client.aclose()
+        await client.aclose()  # and again: idempotent
+        with pytest.raises(trio.BrokenResourceError):  # the far side: cut off, no TLS goodbye
+            await server.receive_some()
+
+    trio.run(main)
+
+
 def test_wrong_expected_id_is_refused() -> None:
     async def main() -> None:
         c, s = trio.testing.memory_stream_pair()
