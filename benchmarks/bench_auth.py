@@ -8,6 +8,8 @@ drift hits both modes alike. Measured:
                 with a federation membership (the handshake then carries and checks both chains)
   signed HTTP   GET /api/v1/node on an in-process Node over one keep-alive httpx client; plain node vs
                 federated node (FederationGate checks a SignedAuth signature + chain on every request)
+  first token   a 2-stage pipeline of a synthetic model over two in-process nodes (stages linked over
+                member-checked links when federated): time to the first streamed token of a generation
   primitives    Identity.sign, identity.verify, Federation.verify (cached and uncached) on a real chain
 """
 
@@ -28,7 +30,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from eldric_p2p.net.federation.certs import Federation, Issuer, create_root
+from eldric_p2p.engine.synthetic import write_synthetic_gguf
+from eldric_p2p.net.federation.certs import ROLE_ADMIN, ROLE_MEMBER, Federation, Issuer, create_root
 from eldric_p2p.net.federation.httpauth import SignedAuth
 from eldric_p2p.net.federation.store import Membership
 from eldric_p2p.net.identity import Identity, verify
@@ -54,8 +57,11 @@ def join(
     ident: Identity, data_dir: Path, key: Ed25519PrivateKey, root: x509.Certificate, roles: list[str]
 ) -> Identity:
     m = Membership(data_dir, ident)
-    m.save(root.public_bytes(serialization.Encoding.PEM), Issuer(key, root).issue(ident.public_key, roles),
-           root_key=key)
+    m.save(
+        root.public_bytes(serialization.Encoding.PEM),
+        Issuer(key, root).issue(ident.public_key, roles),
+        root_key=key,
+    )
     return ident.with_membership(m)
 
 
@@ -118,14 +124,16 @@ async def bench_http(
     async with trio.open_nursery() as nursery:
         ports = {}
         for mode, d in (("plain", plain_dir), ("federated", fed_dir)):
-            node = Node(NodeConfig(name="b", data_dir=d, listen_host=HOST, listen_port=0, mdns=False,
-                                   worker=False))
+            node = Node(
+                NodeConfig(name="b", data_dir=d, listen_host=HOST, listen_port=0, mdns=False, worker=False)
+            )
             ports[mode] = await nursery.start(node.run)
         assert fed_ident.federated
         clients = {
             "plain": httpx.AsyncClient(base_url=f"http://{HOST}:{ports['plain']}", timeout=10),
             "federated": httpx.AsyncClient(
-                base_url=f"http://{HOST}:{ports['federated']}", timeout=10,
+                base_url=f"http://{HOST}:{ports['federated']}",
+                timeout=10,
                 auth=SignedAuth(fed_ident.with_membership(Membership(fed_dir, fed_ident))),
             ),
         }
@@ -146,6 +154,61 @@ async def bench_http(
                     r = await c.get("/api/v1/node")
                     times[mode].append(time.perf_counter() - t0)
                     assert r.status_code == 200, r.text
+        for c in clients.values():
+            await c.aclose()
+        nursery.cancel_scope.cancel()
+    return times
+
+
+# --------------------------------------------------------------------------- first token through a pipeline
+
+
+async def bench_first_token(
+    tmp: Path, key: Ed25519PrivateKey, root: x509.Certificate, n: int
+) -> dict[str, list[float]]:
+    models = tmp / "models"
+    models.mkdir()
+    write_synthetic_gguf(models / "tiny.gguf", arch="qwen2", n_layers=8, hidden=64, ffn=128, seed=3)
+    times: dict[str, list[float]] = {"plain": [], "federated": []}
+    clients: dict[str, httpx.AsyncClient] = {}
+    async with trio.open_nursery() as nursery:
+        for mode in ("plain", "federated"):
+            da, db = tmp / f"ft-{mode}-a", tmp / f"ft-{mode}-b"
+            auth = None
+            if mode == "federated":
+                admin = join(Identity.load_or_create(da), da, key, root, [ROLE_ADMIN])
+                join(Identity.load_or_create(db), db, key, root, [ROLE_MEMBER])
+                auth = SignedAuth(admin.with_membership(Membership(da, admin)))
+            a = Node(NodeConfig(name="a", data_dir=da, listen_host=HOST, listen_port=0, mdns=False,
+                                models=[models], memory=64 << 20, peer_interval=0.2))  # fmt: skip
+            port_a = await nursery.start(a.run)
+            b = Node(NodeConfig(name="b", data_dir=db, listen_host=HOST, listen_port=0, mdns=False,
+                                memory=64 << 20, peers=[(HOST, port_a)], peer_interval=0.2))  # fmt: skip
+            await nursery.start(b.run)
+            c = clients[mode] = httpx.AsyncClient(base_url=f"http://{HOST}:{port_a}", timeout=60, auth=auth)
+            for _ in range(100):
+                if "b" in {p.name for p in a.peers.table.peers()}:
+                    break
+                await trio.sleep(0.1)
+            r = await c.post(
+                "/api/v1/pipeline/deploy", json={"model": "tiny", "workers": ["a", "b"], "max_ctx": 256}
+            )
+            r.raise_for_status()
+        body = {"model": "tiny", "prompt": "Hello world the cat", "raw": True,
+                "params": {"temperature": 0.0, "max_tokens": 4}}  # fmt: skip
+        order = list(clients)
+        for i in range(n + 3):
+            for mode in order if i % 2 == 0 else order[::-1]:
+                t0 = time.perf_counter()
+                first = None
+                async with clients[mode].stream("POST", "/api/v1/pipeline/generate", json=body) as resp:
+                    assert resp.status_code == 200, await resp.aread()
+                    async for line in resp.aiter_lines():
+                        if line.strip() and first is None:
+                            first = time.perf_counter() - t0
+                assert first is not None
+                if i >= 3:  # the first rounds warm both pipelines up
+                    times[mode].append(first)
         for c in clients.values():
             await c.aclose()
         nursery.cancel_scope.cancel()
@@ -203,6 +266,7 @@ async def main_async(args: argparse.Namespace) -> None:
         t_start = time.perf_counter()
         links = await bench_links(tmp, key, root, args.links)
         http = await bench_http(tmp, key, root, args.requests)
+        first = await bench_first_token(tmp, key, root, args.generations)
         prim = bench_primitives(tmp, key, root, args.prims)
         elapsed = time.perf_counter() - t_start
 
@@ -220,6 +284,8 @@ async def main_async(args: argparse.Namespace) -> None:
     print(row("GET /api/v1/node latency", hp, hf, "ms (median)"))
     rp, rf = (len(http[m]) / sum(http[m]) for m in ("plain", "federated"))
     print(f"{'GET /api/v1/node rate':<28} {rp:>12.1f} {rf:>12.1f} {rf / rp:>8.2f}x  req/s (sequential)")
+    fp, ff = (statistics.median(first[m]) * 1e3 for m in ("plain", "federated"))
+    print(row("first token, 2 stages", fp, ff, f"ms (median of {len(first['plain'])})"))
     print()
     print(f"{'primitive':<28} {'us/call':>12}")
     print("-" * 42)
@@ -231,6 +297,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--links", type=int, default=100, help="link set-ups per mode")
     p.add_argument("--requests", type=int, default=300, help="GET /api/v1/node per mode")
+    p.add_argument("--generations", type=int, default=30, help="generations per mode (first-token latency)")
     p.add_argument("--prims", type=int, default=1000, help="calls per primitive")
     trio.run(main_async, p.parse_args())
 
