@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,25 +26,8 @@ import httpx
 
 from eldric_p2p.paths import models_dir
 
-CLI = [sys.executable, "-m", "eldric_p2p"]
-
-
-def start(name: str, tmp: Path, args: list[str]) -> tuple[subprocess.Popen[bytes], str]:
-    log = tmp / f"{name}.log"
-    argv = [*CLI, "node", "--name", name, "--data-dir", str(tmp / name), "--listen", "127.0.0.1:0",
-            "--no-mdns", *args]  # fmt: skip
-    with open(log, "w") as out:
-        p = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-        )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if m := re.search(r"serving on (http://\S+)", log.read_text()):
-            return p, m.group(1)
-        if p.poll() is not None:
-            raise SystemExit(f"{name} exited: {log.read_text()[-2000:]}")
-        time.sleep(0.1)
-    raise SystemExit(f"{name} did not start")
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_pipeline import start, stop  # noqa: E402
 
 
 def stream(url: str, model: str, prompt: str, tokens: int, kill: Any = None) -> list[dict[str, Any]]:
@@ -130,14 +111,7 @@ def main() -> None:
             for victim, target, pause, replan, same, stages in rows:
                 print(f"{victim:8} {target:6} {pause:9.0f} {replan:10.2f} {str(same):>12}  {stages}")
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGINT)
-            for p in procs:
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            stop(procs)
 
 
 if __name__ == "__main__":
