@@ -31,7 +31,7 @@ from starlette.routing import Route
 
 from eldric_p2p import __version__
 from eldric_p2p.api.backends.base import Backend
-from eldric_p2p.api.backends.pipeline import PipelineBackend
+from eldric_p2p.api.backends.pipeline import MAX_QUEUE, PipelineBackend
 from eldric_p2p.api.backends.remote import RemotePipelineBackend, pipeline_routes
 from eldric_p2p.api.backends.upstream import UpstreamBackend
 from eldric_p2p.api.dashboard import dashboard_routes
@@ -53,7 +53,8 @@ from eldric_p2p.net.peers import PORT_HEADER, PeerDirectory, node_url
 from eldric_p2p.net.relay.client import RelayMember
 from eldric_p2p.net.relay.server import Relay, run_relay
 from eldric_p2p.paths import default_data_dir
-from eldric_p2p.pipeline.coordinator import Coordinator
+from eldric_p2p.pipeline.cache import MODEL_TTL_S, cache_routes
+from eldric_p2p.pipeline.coordinator import HEARTBEAT_S, Coordinator
 from eldric_p2p.pipeline.coordinator_routes import coordinator_routes
 from eldric_p2p.pipeline.owner import OwnerPolicy, yield_to_owner
 from eldric_p2p.pipeline.worker import Worker
@@ -108,6 +109,11 @@ class NodeConfig:
     upstreams: list[tuple[str, str]] = field(default_factory=list)  # (model name, OpenAI-compatible base URL)
     relay_options: dict[str, Any] = field(default_factory=dict)  # RelayMember options (tests: backoff)
     owner: OwnerPolicy | None = None  # owner first: when this machine's owner needs it, its stages move away
+    on_demand: bool = False  # a /v1 request for a model no pipeline serves deploys it (pipeline.cache)
+    model_ttl: float = MODEL_TTL_S  # on-demand models unload after this long unused (0: never)
+    on_demand_options: dict[str, Any] = field(default_factory=dict)  # deploy options of on-demand loads
+    heartbeat_s: float = HEARTBEAT_S  # how often the coordinator polls the workers of its deployments
+    max_queue: int = MAX_QUEUE  # requests that may wait for a pipeline headed here beyond its sessions
 
     @property
     def roles(self) -> list[str]:
@@ -163,13 +169,22 @@ class Node:
             own_is_worker=self.worker is not None,
             client_factory=self.client_factory,
             revoked=lambda peer_id: peer_id in self.membership.revocations,
+            heartbeat_s=config.heartbeat_s,
         )
+        self.coordinator.on_demand = config.on_demand
+        self.coordinator.model_ttl = config.model_ttl
+        self.coordinator.on_demand_options = dict(config.on_demand_options)
         self.federation = FederationService(
             self.identity, peer_urls=self._peer_urls, client_factory=self.client_factory
         )
         self._remote: dict[tuple[str, str], RemotePipelineBackend] = {}
         self.upstreams = [UpstreamBackend(name, url) for name, url in config.upstreams]
-        self.router = Router([self.backends, lambda: self.upstreams], refresh=self.peers.refresh)
+        self.router = Router(
+            [self.backends, lambda: self.upstreams],
+            refresh=self.peers.refresh,
+            max_queue=config.max_queue,
+            load=self.coordinator.load_on_demand if config.on_demand else None,
+        )
 
     @property
     def url(self) -> str | None:
@@ -282,7 +297,7 @@ class Node:
         if self.worker is not None:
             for shard in self.worker.heads():
                 if shard.backend is None:
-                    shard.backend = PipelineBackend(self.worker, shard)
+                    shard.backend = PipelineBackend(self.worker, shard, max_queue=self.config.max_queue)
                 out.append(shard.backend)
         for info in self.peers.table.peers():
             url = self.peers.url_for(info)
@@ -323,6 +338,7 @@ class Node:
         if self.worker is not None:
             routes += worker_routes(self.worker)
         routes += coordinator_routes(self.coordinator)
+        routes += cache_routes(self.coordinator, self.worker)
         routes += self.federation.routes()
         routes += pipeline_routes(self.backends, self.peers.refresh)
         routes += gateway_routes(self.router, api_keys=self.config.api_keys)

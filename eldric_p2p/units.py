@@ -1,4 +1,4 @@
-"""Byte sizes for humans: `parse_size("1.5GiB")` and `format_size(n)`."""
+"""Sizes and durations for humans: `parse_size("1.5GiB")`, `format_size(n)`, `parse_duration("30m")`."""
 
 from __future__ import annotations
 
@@ -37,3 +37,23 @@ def format_size(n: int | float) -> str:
             return f"{x:.0f} {unit}" if unit == "B" else f"{x:.2f} {unit}"
         x /= 1024
     raise AssertionError("unreachable")
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str, *, max_s: float, allow_zero: bool = False) -> float:
+    """Seconds in `'90s'`, `'30m'`, `'24h'`, `'7d'`, `'2w'` or a bare number of seconds, at most `max_s`
+    (`allow_zero`: `0` is accepted too). Raises UsageError."""
+    text = text.strip().lower()
+    try:
+        if text and text[-1] in _DURATION_UNITS:
+            value = float(text[:-1]) * _DURATION_UNITS[text[-1]]
+        else:
+            value = float(text)
+    except ValueError as exc:
+        raise UsageError(f"{text!r}: expected a duration like 90s, 30m, 24h or 7d") from exc
+    if not (value == 0 and allow_zero) and not 1 <= value <= max_s:
+        raise UsageError(f"{text!r}: a duration between 1 s and {max_s / 86400:.0f} d" +
+                         (", or 0" if allow_zero else ""))  # fmt: skip
+    return value

@@ -41,7 +41,7 @@ from eldric_p2p.api.requests import (
     read_json_body,
 )
 from eldric_p2p.api.router import Router
-from eldric_p2p.errors import EldricError, ModelNotFound, PeerUnavailable
+from eldric_p2p.errors import DoesNotFit, EldricError, ModelNotFound, PeerUnavailable
 from eldric_p2p.tasks import open_nursery
 
 log = logging.getLogger(__name__)
@@ -359,9 +359,15 @@ def gateway_routes(router: Router, *, api_keys: Iterable[str] = (), max_body: in
             try:
                 _check_key(request, keys)
                 parsed = parse(await read_json_body(request, max_body))
-                await router.ensure(parsed.model)
+                try:
+                    await router.ensure(parsed.model)  # with --on-demand: loads the model
+                except PeerUnavailable as exc:
+                    if not router.backends(parsed.model):
+                        message = f"loading {parsed.model!r} failed: {exc}"
+                        raise ApiError(503, message, type="server_error", code="backend_unavailable",
+                                       headers={"Retry-After": "5"}) from exc  # fmt: skip
                 router.pick(parsed.model)  # unknown model -> 404 before anything streams
-            except (ApiError, ModelNotFound) as exc:
+            except (ApiError, ModelNotFound, DoesNotFit) as exc:
                 err = api_error_from(exc)
                 metrics.REQUESTS.inc(endpoint=kind, model="", status=str(err.status))
                 return err.response()

@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse
 from eldric_p2p.api.backends.base import GenerationRequest, Overloaded
 from eldric_p2p.engine.sampling import MAX_STOP_LEN, MAX_STOP_STRINGS, MAX_TOKENS_LIMIT, SamplingParams
 from eldric_p2p.errors import (
+    DoesNotFit,
     EldricError,
     InvalidInput,
     ModelNotFound,
@@ -77,6 +78,10 @@ def api_error_from(exc: BaseException) -> ApiError:
     if isinstance(exc, PeerUnavailable):
         return ApiError(
             503, msg, type="server_error", code="backend_unavailable", headers={"Retry-After": "5"}
+        )
+    if isinstance(exc, DoesNotFit):  # an on-demand load with too little memory free in the swarm now
+        return ApiError(
+            503, msg, type="server_error", code="insufficient_memory", headers={"Retry-After": "30"}
         )
     if isinstance(exc, InvalidInput):
         code = "context_length_exceeded" if "context" in msg else "invalid_value"

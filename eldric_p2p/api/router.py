@@ -10,7 +10,8 @@ on every request, so backends that come and go need no registration.
 
 A backend is healthy unless it has an attribute `healthy` that is false. Its load is the larger of what it
 reports (`queue_depth`) and the requests this router has sent it and not seen finish. A backend at its queue
-limit (`max_queue` attribute, else the router's) takes no more; when every backend of the model is full the
+limit (`capacity` attribute: the sessions it runs at once plus its queue; else `max_queue`, else the
+router's) takes no more; when every backend of the model is full the
 router raises `Overloaded` (the gateway answers 429 with Retry-After), when none is healthy `PeerUnavailable`
 (503).
 """
@@ -52,9 +53,11 @@ class Router:
         max_queue: int = DEFAULT_MAX_QUEUE,
         retry_after: float = 2.0,
         refresh: Callable[[], Awaitable[None]] | None = None,
+        load: Callable[[str], Awaitable[object]] | None = None,
     ) -> None:
         self.sources: list[BackendSource] = list(sources)
         self.refresh = refresh  # asks the peers again (a pipeline deployed a moment ago may not be known yet)
+        self.on_missing = load  # loads a model nothing serves (`--on-demand`)
         self.max_queue = max_queue
         self.retry_after = retry_after
         self._inflight: dict[
@@ -80,9 +83,12 @@ class Router:
         return [b for b in self.all_backends() if b.model_id == model]
 
     async def ensure(self, model: str) -> None:
-        """Refresh the sources once when nothing serves `model` yet."""
+        """Refresh the sources once when nothing serves `model` yet; then, with an on-demand loader, load it.
+        Raises what the loader raises (ModelNotFound, DoesNotFit, PeerUnavailable)."""
         if self.refresh is not None and not self.backends(model):
             await self.refresh()
+        if self.on_missing is not None and not self.backends(model):
+            await self.on_missing(model)
 
     def model_ids(self) -> list[str]:
         return sorted({b.model_id for b in self.all_backends()})
@@ -115,6 +121,11 @@ class Router:
         return max(reported, self._inflight.get(id(backend), 0))
 
     def _limit(self, backend: Backend) -> int:
+        """Requests a backend may hold: its `capacity` (sessions it runs at once + its queue), else its
+        `max_queue`, else the router's."""
+        capacity = getattr(backend, "capacity", None)
+        if isinstance(capacity, int) and capacity > 0:
+            return capacity
         limit = getattr(backend, "max_queue", None)
         return limit if isinstance(limit, int) and limit > 0 else self.max_queue
 

@@ -63,6 +63,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drain-timeout", type=float, default=60.0, metavar="S",
                    help="on SIGTERM (systemctl stop), wait this long for the coordinators to move our "
                         "stages away before stopping (default 60); Ctrl-C stops at once")  # fmt: skip
+    p.add_argument("--on-demand", action="store_true",
+                   help="a request for a model no pipeline serves, but a data peer holds, deploys it (over the "
+                        "swarm when it does not fit here)")  # fmt: skip
+    p.add_argument("--model-ttl", default="30m", metavar="DURATION",
+                   help="unload a model loaded on demand after this long unused, e.g. 10m, 2h (default 30m; "
+                        "0: never); the least recently used go first when memory is needed")  # fmt: skip
+    p.add_argument("--max-queue", type=int, default=64, metavar="N",
+                   help="requests that may wait for a pipeline headed here once its sessions are busy; "
+                        "more get 429 with Retry-After (default 64)")  # fmt: skip
     p.add_argument("--upstream", action="append", default=[], metavar="NAME=URL",
                    help="offer model NAME served by an OpenAI-compatible server (vLLM, llama-server, Ollama)")  # fmt: skip
 
@@ -72,8 +81,11 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     from eldric_p2p.api.backends.upstream import parse_upstream_spec
     from eldric_p2p.errors import UsageError
     from eldric_p2p.pipeline.owner import OwnerPolicy, parse_share_hours
+    from eldric_p2p.units import parse_duration
 
     device = args.device
+    if args.max_queue < 0:
+        raise UsageError("--max-queue must be 0 or more")
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise UsageError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
     if args.v1_auth == "api-key" and not args.api_key:
@@ -99,6 +111,9 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
             share_hours=parse_share_hours(args.share_hours) if args.share_hours else None,
         ),
         upstreams=[parse_upstream_spec(u) for u in args.upstream],
+        on_demand=args.on_demand,
+        model_ttl=parse_duration(args.model_ttl, max_s=365 * 86400, allow_zero=True),
+        max_queue=args.max_queue,
     )
 
 

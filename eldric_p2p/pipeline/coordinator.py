@@ -12,7 +12,6 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -21,6 +20,8 @@ import trio
 from eldric_p2p.errors import DoesNotFit, ModelNotFound, PeerUnavailable, UsageError
 from eldric_p2p.net.peers import PeerDirectory, fetch_model_index, get_json, post_json, split_url
 from eldric_p2p.pipeline.assignment import Assignment, StageRef
+from eldric_p2p.pipeline.cache import MODEL_TTL_S
+from eldric_p2p.pipeline.deployment import Deployment, ShardState
 from eldric_p2p.pipeline.planner import STRATEGIES, WorkerView, plan_layers
 from eldric_p2p.tasks import open_nursery
 
@@ -49,88 +50,6 @@ def parse_worker_status_untrusted(url: str, st: Any) -> WorkerView:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise PeerUnavailable(f"{url}: malformed worker status ({exc})") from exc
-
-
-# --------------------------------------------------------------------------------------------- deployments
-
-
-@dataclass
-class ShardState:
-    stage: StageRef
-    url: str
-    needed: int
-    state: str = "pushed"
-    error: str | None = None
-    bytes_fetched: int = 0
-    progress: dict[str, int] = field(default_factory=dict)
-    last_heartbeat: float = 0.0  # trio clock
-    next_hop_ok: bool = True
-    link: str | None = None  # path of the link to the next hop: "direct" | "relayed" (None: not open yet)
-    draining: str | None = None  # its worker takes no new work and wants this shard moved (and why)
-
-
-@dataclass
-class Deployment:
-    id: str
-    model: str
-    data_peers: list[str]
-    strategy: str
-    weights: str
-    max_ctx: int
-    sessions: int
-    shards: list[ShardState]
-    note: str = ""
-    created: float = field(default_factory=time.time)
-    workers_asked: list[str] | None = None
-
-    @property
-    def state(self) -> str:
-        states = {s.state for s in self.shards}
-        if any(not s.next_hop_ok for s in self.shards):
-            return "degraded"
-        if states == {"ready"}:
-            return "ready"
-        if states & {"lost", "failed", "unloaded"}:
-            return "degraded"
-        return "loading"
-
-    def as_json(self, now: float) -> dict[str, Any]:
-        n = len(self.shards)
-        return {
-            "id": self.id,
-            "model": self.model,
-            "state": self.state,
-            "strategy": self.strategy,
-            "note": self.note,
-            "data_peers": self.data_peers,
-            "created": self.created,
-            "max_ctx": self.max_ctx,
-            "sessions": self.sessions,
-            "n_layers": self.shards[-1].stage.end if self.shards else 0,
-            "head": self.shards[0].url if n else None,
-            "stages": [
-                {
-                    "index": s.stage.index,
-                    "worker": s.stage.name,
-                    "peer_id": s.stage.peer_id,
-                    "url": s.url,
-                    "role": "single" if n == 1 else "head" if i == 0 else "tail" if i == n - 1 else "middle",
-                    "start": s.stage.start,
-                    "end": s.stage.end,
-                    "layers": s.stage.end - s.stage.start,
-                    "state": s.state,
-                    "error": s.error,
-                    "memory": s.needed,
-                    "bytes_fetched": s.bytes_fetched,
-                    "progress": s.progress,
-                    "next_hop_ok": s.next_hop_ok,
-                    "link": s.link,
-                    "draining": s.draining,
-                    "last_heartbeat_s": round(now - s.last_heartbeat, 1) if s.last_heartbeat else None,
-                }
-                for i, s in enumerate(self.shards)
-            ],
-        }
 
 
 class Coordinator:
@@ -165,6 +84,13 @@ class Coordinator:
         self.pending: dict[str, dict[str, Any]] = {}  # model -> deploy options refused for lack of memory
         self._pending_version = -1  # the peer table's version when the pending deploys were last tried
         self._lock = trio.Lock()  # one deploy/undeploy at a time
+        # the model cache (pipeline.cache): on-demand loads, TTL, LRU eviction
+        self.on_demand = False  # a /v1 request for a model nothing serves deploys it
+        self.on_demand_options: dict[str, Any] = {}  # deploy options of on-demand loads (max_ctx, sessions)
+        self.model_ttl = MODEL_TTL_S  # on-demand deployments unload after this long unused
+        self.loading: dict[str, Any] = {}  # model -> the on-demand load in flight (pipeline.cache._Load)
+        self.evicted: list[dict[str, Any]] = []  # what the cache unloaded and why, newest last
+        self._sweeping = False
 
     # ---- who is out there ---------------------------------------------------------------------------------
 
@@ -245,6 +171,8 @@ class Coordinator:
         max_ctx: int = 4096,
         sessions: int = 4,
         ready_timeout: float = READY_TIMEOUT_S,
+        ttl: float = 0.0,
+        on_demand: bool = False,
     ) -> Deployment:
         """Plan, push (tail first), wait until every shard is ready. Raises PlanDoesNotFit, DoesNotFit (a
         worker refused), ModelNotFound, PeerUnavailable (a worker failed to load; nothing stays loaded),
@@ -287,6 +215,8 @@ class Coordinator:
                 [ShardState(s, p.worker.url, p.needed) for s, p in zip(stages, plan, strict=True)],
                 note,
                 workers_asked=workers,
+                ttl_s=max(0.0, float(ttl)),
+                on_demand=on_demand,
             )
             log.info("deploying %s: %s", dep_id, ", ".join(f"{s.name} {s.start}-{s.end - 1}" for s in stages))
             pushed: list[ShardState] = []
@@ -372,6 +302,11 @@ class Coordinator:
                 shard.state, shard.error = "unloaded", "the worker no longer holds this shard"
                 return
             s = mine[0]
+            if shard.stage.index == 0:  # the head owns the sessions: when the pipeline was last used
+                used, active = s.get("last_used"), s.get("sessions")
+                if isinstance(used, int | float) and used > dep.last_used:
+                    dep.last_used = min(float(used), time.time())
+                dep.active = active if isinstance(active, int) and active >= 0 else 0
             shard.state = str(s.get("state"))
             shard.error = s.get("error")
             shard.bytes_fetched = int(s.get("bytes_fetched") or 0)
@@ -410,8 +345,8 @@ class Coordinator:
         self.pending.pop(key, None)
         async with self._lock, self.client_factory() as client:
             dep = self.find(key)
+            del self.deployments[dep.id]  # first: a heartbeat that sees its shards go must not recover it
             await self._unload(client, dep.id, dep.shards)
-            del self.deployments[dep.id]
             return dep
 
     async def rebalance(self, key: str) -> Deployment:
@@ -432,6 +367,8 @@ class Coordinator:
             weights=old.weights,
             max_ctx=old.max_ctx,
             sessions=old.sessions,
+            ttl=old.ttl_s,
+            on_demand=old.on_demand,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -444,11 +381,16 @@ class Coordinator:
                 await trio.sleep(self.heartbeat_s)
                 for dep in list(self.deployments.values()):
                     await self._poll(client, dep)
+                    if dep.id not in self.deployments:
+                        continue  # undeployed while we polled
                     lost = any(s.state in BAD_STATES for s in dep.shards)
                     draining = any(s.draining for s in dep.shards)
                     if (lost or draining) and self.auto_recover and dep.id not in self._recovering:
                         self._recovering.add(dep.id)
                         nursery.start_soon(self._recover, dep.id, not lost)
+                if not self._sweeping and any(d.ttl_s for d in self.deployments.values()):
+                    self._sweeping = True
+                    nursery.start_soon(self._sweep)
                 changed = self.peers.table.version != self._pending_version
                 if self.pending and changed and not self._lock.locked():
                     self._pending_version = self.peers.table.version  # a worker came, went or changed
@@ -462,6 +404,19 @@ class Coordinator:
         finally:
             self._recovering.discard(dep_id)
 
+    async def _sweep(self) -> None:
+        from eldric_p2p.pipeline.cache import sweep_idle
+
+        try:
+            await sweep_idle(self)
+        finally:
+            self._sweeping = False
+
+    async def load_on_demand(self, model: str) -> Deployment:
+        from eldric_p2p.pipeline.cache import load_on_demand
+
+        return await load_on_demand(self, model)
+
     async def _deploy_pending(self) -> None:
         from eldric_p2p.pipeline.recovery import deploy_pending
 
@@ -474,6 +429,7 @@ class Coordinator:
             "deploying": [d.as_json(now) for d in self.deploying.values()],
             "recovered": self.recovered[-20:],
             "pending": [{"model": m, **opts} for m, opts in self.pending.items()],
+            "evicted": self.evicted[-20:],
         }
 
     def models(self) -> list[dict[str, Any]]:

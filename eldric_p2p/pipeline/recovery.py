@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from eldric_p2p.errors import EldricError, PeerUnavailable
+from eldric_p2p.errors import EldricError, ModelNotFound, PeerUnavailable
 from eldric_p2p.net.peers import get_json, post_json
 from eldric_p2p.pipeline.planner import PlanDoesNotFit, WorkerView
 
@@ -73,10 +73,12 @@ async def recover(coord: Coordinator, dep_id: str) -> Deployment | None:
     log.warning("%s lost %s: re-planning onto %s", dep_id, ", ".join(lost), how)
     try:
         await coord.undeploy(dep_id)
+    except ModelNotFound:
+        log.info("%s was undeployed meanwhile: not re-planned", dep_id)
+        return None
     except EldricError as exc:
         log.info("unloading %s: %s", dep_id, exc)
-    options = dict(data_peers=dep.data_peers, strategy=dep.strategy, weights=dep.weights, max_ctx=dep.max_ctx,
-                   sessions=dep.sessions)  # fmt: skip
+    options = _options(dep)
     for workers in (names, None) if names else (None,):  # the chosen workers, else any live ones
         try:
             new = await coord.deploy(dep.model, workers=workers, **options)  # type: ignore[arg-type]
@@ -92,8 +94,9 @@ async def recover(coord: Coordinator, dep_id: str) -> Deployment | None:
 
 
 def _options(dep: Deployment) -> dict[str, object]:
+    """The deploy options a re-plan of `dep` keeps (its TTL and on-demand mark too)."""
     return dict(data_peers=dep.data_peers, strategy=dep.strategy, weights=dep.weights, max_ctx=dep.max_ctx,
-                sessions=dep.sessions)  # fmt: skip
+                sessions=dep.sessions, ttl=dep.ttl_s, on_demand=dep.on_demand)  # fmt: skip
 
 
 async def move(coord: Coordinator, dep_id: str) -> Deployment | None:

@@ -85,6 +85,10 @@ class Shard:
         self.head_sessions: dict[int, trio.MemorySendChannel[Frame]] = {}
         self.backend: Any = None  # pipeline.PipelineBackend, made on first use (head only)
         self.created = time.time()
+        self.last_used = self.created  # wall clock: a session opened or closed here (the TTL counts from it)
+
+    def touch(self) -> None:
+        self.last_used = time.time()
 
     @property
     def label(self) -> str:
@@ -113,6 +117,7 @@ class Shard:
             if self.downstream is not None and not self.downstream.broken
             else None,
             "sessions": len(self.head_sessions) if a.stage_index == 0 else None,
+            "last_used": round(self.last_used, 3),
             "retiring": self.retiring,
         }
 

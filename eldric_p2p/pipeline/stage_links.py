@@ -166,6 +166,7 @@ class StageLinks:
 
     def _forget_stage_session(self, sess: StageSession) -> None:
         self._stage_sessions.pop(sess.sid, None)
+        sess.shard.touch()
         if sess.shard.stage is not None:
             sess.shard.stage.close_session(str(sess.sid))
 
@@ -177,11 +178,13 @@ class StageLinks:
         send, recv = trio.open_memory_channel[Frame](4)
         shard.head_sessions[sid] = send
         self._head_sessions[sid] = shard
+        shard.touch()
         return recv
 
     def close_head_session(self, shard: Shard, sid: int) -> None:
         chan = shard.head_sessions.pop(sid, None)
         self._head_sessions.pop(sid, None)
+        shard.touch()
         if chan is not None:
             chan.close()
 
@@ -306,6 +309,7 @@ class StageLinks:
             return
         shard.stage.open_session(str(sid), ctx)
         self._stage_sessions[sid] = sess
+        shard.touch()
         if shard.a.role != "tail":
             await self._pass_on(sess, frame)
 

@@ -82,6 +82,8 @@ class PipelineBackend:
             "deployment_id": a.deployment_id,
             "queue": self.queue_depth,
             "sessions": a.sessions,
+            "running": self._running,
+            "max_queue": self.max_queue,
             "stages": [s.to_json() for s in a.stages],
             "state": self.shard.state,
             "decode_tokens_per_s": round(self.last_tokens_per_s, 2),
@@ -92,6 +94,11 @@ class PipelineBackend:
     def queue_depth(self) -> int:
         return self._waiting + self._running
 
+    @property
+    def capacity(self) -> int:
+        """Requests this head takes: its sessions (the KV memory reserved on every stage) plus its queue."""
+        return self.shard.a.sessions + self.max_queue
+
     async def generate(
         self, request: GenerationRequest, events: trio.MemorySendChannel[GenerationEvent]
     ) -> None:
@@ -100,7 +107,7 @@ class PipelineBackend:
         async with events:
             if self.shard.state != "ready":
                 raise PeerUnavailable(f"pipeline {self.shard.a.deployment_id} is {self.shard.state}")
-            if self._waiting >= self.max_queue:
+            if self._slots.value == 0 and self._waiting >= self.max_queue:
                 raise Overloaded(
                     f"{self._waiting} requests already wait for {self.model_id}", retry_after=2.0
                 )

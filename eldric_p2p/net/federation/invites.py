@@ -42,6 +42,7 @@ from eldric_p2p.net.federation.certs import (
 )
 from eldric_p2p.net.federation.store import Membership, read_json, write_private
 from eldric_p2p.net.identity import is_peer_id
+from eldric_p2p.units import parse_duration
 
 PREFIX = "epi1."
 PROOF_CONTEXT = b"eldric-p2p join v1\x00"
@@ -197,16 +198,8 @@ def join_proof(secret: bytes, federation_id: str, joiner_peer_id: str) -> str:
 
 
 def parse_ttl(text: str) -> float:
-    """`'24h'`, `'30m'`, `'7d'`, `'90s'` or seconds. Raises UsageError."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-    text = text.strip().lower()
-    try:
-        value = float(text[:-1]) * units[text[-1]] if text and text[-1] in units else float(text)
-    except ValueError as exc:
-        raise UsageError(f"{text!r}: expected a duration like 30m, 24h or 7d") from exc
-    if not 0 < value <= MAX_TTL_S:
-        raise UsageError(f"{text!r}: a duration between 1 s and 365 d")
-    return value
+    """`'24h'`, `'30m'`, `'7d'`, `'90s'` or seconds, 1 s to 365 d. Raises UsageError."""
+    return parse_duration(text, max_s=MAX_TTL_S)
 
 
 def create_invite(
