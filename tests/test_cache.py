@@ -257,3 +257,39 @@ def test_twenty_concurrent_requests_over_a_budget_for_four_sessions(tmp_path: Pa
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_on_demand_deploys_over_the_swarm_when_the_model_fits_no_single_worker(
+    tmp_path: Path, models: Path
+) -> None:
+    """A data peer with no worker takes the request; each worker has room for about 60% of the model: the
+    load is a 2-stage pipeline. Unloaded and asked again, it comes back (no stale head answers 404)."""
+    one = needed(models / "alpha.gguf", 2)
+    want = local_answer(LocalModel(models / "alpha.gguf", max_ctx=CTX), PROMPT,
+                        SamplingParams.greedy(max_tokens=12))[0]  # fmt: skip
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery, httpx.AsyncClient() as c:
+            cfg = on_demand_node(tmp_path, models, None)
+            cfg.worker = False  # and the default 2 s between peer polls: its table lags behind an unload
+            n0 = (await _start(nursery, cfg)).node
+            for name in ("w1", "w2"):
+                await _start(nursery, NodeConfig(name=name, data_dir=tmp_path / name, listen_port=0,
+                                                 memory=int(0.6 * one), mdns=False, peer_interval=0.2,
+                                                 peers=[("127.0.0.1", n0.port)]))  # fmt: skip
+            with trio.fail_after(10):
+                while len(n0.peers.table.peers()) < 2:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            for _ in range(2):
+                r = await complete(c, n0.url, "alpha")
+                assert r.status_code == 200, r.text
+                assert r.json()["choices"][0]["text"] == want
+                (m,) = (await cache(c, n0.url))["models"]
+                assert sorted(s["worker"] for s in m["stages"]) == ["w1", "w2"] and m["on_demand"]
+                with trio.fail_after(10):  # n0's peer table lists the head on w1 or w2
+                    while not any(n0.peers.heads_of(i) for i in n0.peers.table.peers()):  # noqa: ASYNC110
+                        await trio.sleep(0.1)
+                assert (await c.delete(f"{n0.url}/api/v1/cache/alpha")).status_code == 200
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

@@ -145,7 +145,9 @@ class _Generation:
             )  # the responder gets EndOfChannel when both are closed, i.e. after `_error` is set
             try:
                 model = request.model
-                resumer = Resumer(lambda: self.router.backends(model), self.router.refresh)
+                load = self.router.on_missing
+                resumer = Resumer(lambda: self.router.backends(model), self.router.refresh,
+                                  load=(lambda: load(model)) if load is not None else None)  # fmt: skip
                 await resumer.generate(backend, request, mine)
             except (ApiError, EldricError) as exc:
                 self._error = exc

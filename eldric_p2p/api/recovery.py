@@ -51,9 +51,11 @@ class Resumer:
         refresh: Callable[[], Awaitable[None]] | None = None,
         *,
         within_s: float = RECOVER_WITHIN_S,
+        load: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self.candidates = candidates
         self.refresh = refresh
+        self.load = load  # with --on-demand: deploys the model when no pipeline of it is left
         self.within_s = within_s
         self.produced: list[int] = []
         self.recoveries = 0
@@ -125,9 +127,15 @@ class Resumer:
                 usable.sort(key=lambda b: (b.info().get("kind") != "pipeline", b.queue_depth))
                 self.recoveries += 1
                 return usable[0]
-            if self.refresh is not None and now - last_refresh >= REFRESH_EVERY_S:
+            if now - last_refresh >= REFRESH_EVERY_S:
                 last_refresh = now
-                await self.refresh()
+                if self.refresh is not None:
+                    await self.refresh()
+                if self.load is not None and not self.candidates():
+                    try:
+                        await self.load()
+                    except EldricError as exc:
+                        log.info("loading %s again: %s", error, exc)
             await trio.sleep(RETRY_S)
         raise PeerUnavailable(
             f"{error}; no pipeline took the request over within {self.within_s:.0f} s"

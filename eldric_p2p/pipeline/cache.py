@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from eldric_p2p.errors import DoesNotFit, EldricError, ModelNotFound
+from eldric_p2p.errors import DoesNotFit, EldricError, ModelNotFound, PeerUnavailable
 from eldric_p2p.http_server import error_response
 from eldric_p2p.units import format_size
 
@@ -85,8 +85,10 @@ async def load_on_demand(coord: Coordinator, model: str) -> Deployment:
     """A ready deployment of `model`, deploying it (and evicting idle ones when memory is short) if there is
     none. One load per model at a time: other callers wait for it and share its outcome. Raises ModelNotFound
     (no data peer has it), DoesNotFit (too big even with every idle model unloaded), PeerUnavailable."""
-    for dep in coord.deployments.values():
-        if dep.model == model and dep.state == "ready":
+    for dep in coord.deployments.values():  # one deployment per model: a broken one is the recovery's job
+        if dep.model == model:
+            if dep.state != "ready":
+                raise PeerUnavailable(f"the pipeline of {model} is {dep.state}: it is being re-planned")
             return dep
     flight = coord.loading.get(model)
     if flight is not None:

@@ -347,7 +347,8 @@ class Coordinator:
             dep = self.find(key)
             del self.deployments[dep.id]  # first: a heartbeat that sees its shards go must not recover it
             await self._unload(client, dep.id, dep.shards)
-            return dep
+        await self.peers.refresh()  # the peers' answers no longer list its head: routing stops using it
+        return dep
 
     async def rebalance(self, key: str) -> Deployment:
         """Unload the pipeline, plan again over the workers that answer now, and deploy that plan.
