@@ -91,11 +91,12 @@ def main() -> None:
                         raise SystemExit(r.text)
         finally:
             stop(procs)
-    print(f"{'first request':14} {'median s':>9} {'fetch s':>8} {'load s':>7} {'fetched MiB':>12}   (of {args.rounds})")
+    head = f"{'first request':14} {'median s':>9} {'fetch s':>8} {'load s':>7} {'fetched MiB':>12}"
+    print(f"{head}   (median of {args.rounds})")
+    med = statistics.median
     for case, rs in rows.items():
-        med = statistics.median
-        print(f"{case:14} {med(r[0] for r in rs):9.2f} {med(r[1] for r in rs):8.2f} {med(r[2] for r in rs):7.2f}"
-              f" {med(r[3] for r in rs) / 2**20:12.1f}")  # fmt: skip
+        print(f"{case:14} {med(r[0] for r in rs):9.2f} {med(r[1] for r in rs):8.2f} "
+              f"{med(r[2] for r in rs):7.2f} {med(r[3] for r in rs) / 2**20:12.1f}")  # fmt: skip
     net, cached = (statistics.median(r[0] for r in rows[c]) for c in ("network", "shard cache"))
     print(f"shard cache vs network: {net / cached:.2f}x faster")
 

@@ -138,7 +138,7 @@ class RemotePipelineBackend:
                 url = f"{self.node_url}/api/v1/pipeline/generate"
                 async with client.stream("POST", url, json=body) as resp:
                     if resp.status_code == 404:  # it headed this pipeline when the peer table was read
-                        raise PeerUnavailable(f"{self.node_url} no longer heads a pipeline of {self.model_id}")
+                        raise PeerUnavailable(f"{self.node_url} heads no pipeline of {self.model_id} now")
                     if resp.status_code != 200:
                         raw = await resp.aread()
                         try:
