@@ -311,7 +311,10 @@ class _Generation:
             event = await self._next(events)
         if final is None:
             raise PeerUnavailable("the backend ended without finishing the generation")
-        tail = [_sse(self._chunk(None if self.chat else "", final.finish_reason))]
+        last = self._chunk(None if self.chat else "", final.finish_reason)
+        if final.timings:  # as llama.cpp's server does: prefill/decode time, and any recovery pause
+            last["timings"] = final.timings
+        tail = [_sse(last)]
         if self.parsed.include_usage:
             usage_chunk = self._chunk(None, None)
             usage_chunk["choices"] = []

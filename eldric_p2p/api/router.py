@@ -29,6 +29,7 @@ from eldric_p2p.errors import ModelNotFound, PeerUnavailable
 BackendSource = Callable[[], Iterable[Backend]]
 
 DEFAULT_MAX_QUEUE = 64
+UNKNOWN_HOPS = 64  # a backend that does not say how many stages it has ranks after those that do
 
 
 def backend_key(backend: Backend) -> str:
@@ -130,7 +131,7 @@ class Router:
         return limit if isinstance(limit, int) and limit > 0 else self.max_queue
 
     def pick(self, model: str) -> Backend:
-        """The healthy backend of `model` with room and the smallest load.
+        """The healthy backend of `model` with room and the best `route_rank` (equals in turn).
 
         Raises ModelNotFound (no backend serves `model`; the message lists the models there are),
         PeerUnavailable (none healthy), Overloaded (all at their queue limit).
@@ -150,7 +151,24 @@ class Router:
                 f"every backend of {model!r} is at its queue limit", retry_after=self.retry_after
             )
         turn = next(self._turn)
-        return min(enumerate(open_), key=lambda ib: (self.load(ib[1]), (ib[0] - turn) % len(open_)))[1]
+        return min(enumerate(open_), key=lambda ib: (*self.route_rank(ib[1]), (ib[0] - turn) % len(open_)))[1]
+
+    def route_rank(self, backend: Backend) -> tuple[bool, int, int, float]:
+        """How good a route `backend` is for a new session, smaller first: one with a free session slot
+        (its `sessions` not all busy; one that does not say has one slot) before one where it would queue;
+        then the fewest `hops` (stages a token crosses; unknown counts as many); then the smaller load; then
+        the faster per token (`token_s`, what its last generation measured)."""
+        load = self.load(backend)
+        sessions = getattr(backend, "sessions", None)
+        full = load >= (sessions if isinstance(sessions, int) and sessions > 0 else 1)
+        hops = getattr(backend, "hops", None)
+        token_s = getattr(backend, "token_s", None)
+        return (
+            full,
+            hops if isinstance(hops, int) else UNKNOWN_HOPS,
+            load,
+            token_s if isinstance(token_s, int | float) else 0.0,
+        )
 
     @asynccontextmanager
     async def acquire(self, model: str) -> AsyncIterator[Backend]:

@@ -74,6 +74,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--sessions", type=int, default=4, help="concurrent sessions to reserve KV memory for (default 4)"
     )
+    p.add_argument("--replicas", type=int, default=1,
+                   help="pipelines of the model on disjoint workers, as many as memory allows (default "
+                        "1): a session takes the best free one; one that fails resumes on another")  # fmt: skip
     p.add_argument("--timeout", type=float, default=900, help="seconds to wait for every shard to be ready")
     p.add_argument("--json", action="store_true", help="print the deployment as JSON")
 
@@ -109,6 +112,7 @@ def main(args: argparse.Namespace) -> int:
         "weights": args.weights,
         "max_ctx": args.ctx,
         "sessions": args.sessions,
+        "replicas": args.replicas,
     }
     if args.workers:
         body["workers"] = [w.strip() for w in args.workers.split(",") if w.strip()]
@@ -130,5 +134,6 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(dep, indent=2))
     else:
-        print_plan(dep)
+        for one in dep.get("replicas") or [dep]:
+            print_plan(one)
     return 0

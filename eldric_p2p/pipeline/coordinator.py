@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import httpx
@@ -173,6 +173,7 @@ class Coordinator:
         ready_timeout: float = READY_TIMEOUT_S,
         ttl: float = 0.0,
         on_demand: bool = False,
+        exclude: Collection[str] = (),
     ) -> Deployment:
         """Plan, push (tail first), wait until every shard is ready. Raises PlanDoesNotFit, DoesNotFit (a
         worker refused), ModelNotFound, PeerUnavailable (a worker failed to load; nothing stays loaded),
@@ -193,7 +194,11 @@ class Coordinator:
                     await self._unload(client, old.id, old.shards)
                     del self.deployments[old.id]
             index = await fetch_model_index(client, data_peers, model)
-            views = await self.worker_views(client, workers)
+            views = [
+                v
+                for v in await self.worker_views(client, workers)
+                if v.name not in exclude and v.peer_id not in exclude
+            ]
             plan, note = plan_layers(
                 index, views, strategy=strategy, weights=weights, max_ctx=max_ctx, sessions=sessions
             )
@@ -251,6 +256,12 @@ class Coordinator:
                 del self.deploying[dep_id]
             self.deployments[dep_id] = dep
             return dep
+
+    async def deploy_replicas(self, model: str, replicas: int, **options: Any) -> list[Deployment]:
+        """`replicas` pipelines of `model` on disjoint workers (pipeline.placement)."""
+        from eldric_p2p.pipeline.placement import deploy_replicas
+
+        return await deploy_replicas(self, model, replicas, **options)
 
     async def _wait_ready(self, client: httpx.AsyncClient, dep: Deployment, timeout: float) -> None:
         with trio.move_on_after(timeout) as scope:

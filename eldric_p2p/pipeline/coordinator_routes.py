@@ -1,11 +1,13 @@
 """The coordinator's HTTP routes: JSON bodies in, `Coordinator` calls, JSON (or a mapped error) out.
 
-    POST /api/v1/pipeline/deploy     {model, data_peer?, workers?, strategy?, weights?, max_ctx?, sessions?}
-                                     -> 200 the deployment (plan + shard states) once every shard is ready;
+    POST /api/v1/pipeline/deploy     {model, data_peer?, workers?, strategy?, weights?, max_ctx?, sessions?,
+                                      replicas?}
+                                     -> 200 the deployment (plan + shard states) once every shard is ready
+                                        (with replicas > 1, "replicas": each pipeline, on disjoint workers);
                                         409 {"error", "needed", "free", "workers", "best"}: does not fit
     GET  /api/v1/pipeline/status     every deployment: each shard's state, layers, memory, last heartbeat
     GET  /api/v1/pipeline/models     deployed models and where their heads are
-    POST /api/v1/pipeline/undeploy   {deployment_id | model}
+    POST /api/v1/pipeline/undeploy   {deployment_id | model}: by model, every replica of it
     POST /api/v1/pipeline/rebalance  {deployment_id | model}: plan again over the live workers and redeploy
     GET  /api/v1/peers               the peer table
 
@@ -56,6 +58,9 @@ def _error(exc: EldricError) -> Response:
     return error_response(502, str(exc), "peer_error", "peer_unavailable")
 
 
+MAX_REPLICAS = 16
+
+
 def coordinator_routes(coord: Coordinator) -> list[Route]:
     async def deploy(request: Request) -> Response:
         try:
@@ -80,8 +85,13 @@ def coordinator_routes(coord: Coordinator) -> list[Route]:
             for k in ("max_ctx", "sessions"):
                 if k in opts and (not isinstance(opts[k], int) or opts[k] < 1):
                     raise UsageError(f"{k} must be a positive integer")
+            replicas = b.get("replicas", 1)
+            if not isinstance(replicas, int) or not 1 <= replicas <= MAX_REPLICAS:
+                raise UsageError(f"replicas must be an integer 1-{MAX_REPLICAS}")
             try:
-                dep = await coord.deploy(model, data_peers=data_peers, workers=workers or None, **opts)
+                deps = await coord.deploy_replicas(
+                    model, replicas, data_peers=data_peers, workers=workers or None, **opts
+                )
             except PlanDoesNotFit as exc:  # kept: deployed by itself when enough memory joins
                 coord.pending[model] = {"data_peers": data_peers, **opts}
                 exc.details["pending"] = True
@@ -92,7 +102,11 @@ def coordinator_routes(coord: Coordinator) -> list[Route]:
                 ) from exc
         except EldricError as exc:
             return _error(exc)
-        return JSONResponse(dep.as_json(trio.current_time()))
+        now = trio.current_time()
+        out = deps[0].as_json(now)
+        if replicas > 1:
+            out["replicas"] = [d.as_json(now) for d in deps]
+        return JSONResponse(out)
 
     async def status(request: Request) -> Response:
         return JSONResponse(coord.status())
@@ -112,7 +126,15 @@ def coordinator_routes(coord: Coordinator) -> list[Route]:
         return JSONResponse(dep.as_json(trio.current_time()))
 
     async def undeploy(request: Request) -> Response:
-        return await by_key(request, coord.undeploy)
+        return await by_key(request, undeploy_all)
+
+    async def undeploy_all(key: str) -> Any:
+        """A deployment by id; by model, every deployment (replica) of it. Returns the first."""
+        dep = await coord.undeploy(key)
+        if key == dep.model:
+            while any(d.model == key for d in coord.deployments.values()):
+                await coord.undeploy(key)
+        return dep
 
     async def rebalance(request: Request) -> Response:
         return await by_key(request, coord.rebalance)

@@ -38,10 +38,14 @@ BAD_STATES = ("lost", "failed", "unloaded")
 RETIRE_WAIT_S = 300.0  # the longest an old head may finish its sessions before it is unloaded anyway
 
 
-def replacement_workers(dep: Deployment, live: list[WorkerView]) -> tuple[list[str], list[str]]:
-    """(worker names for the new plan, the spares among them): lost stages' workers replaced by spares."""
+def replacement_workers(
+    dep: Deployment, live: list[WorkerView], avoid: set[str] = frozenset()  # type: ignore[assignment]
+) -> tuple[list[str], list[str]]:
+    """(worker names for the new plan, the spares among them): lost stages' workers replaced by spares.
+    Workers in `avoid` (those of the model's other replicas) are never spares: a replica re-planned onto
+    them would no longer be an independent route."""
     names_live = {v.name for v in live}
-    in_use = {s.stage.name for s in dep.shards}
+    in_use = {s.stage.name for s in dep.shards} | avoid
     spares = sorted((v for v in live if v.name not in in_use), key=lambda v: (-v.free, v.name))
     names: list[str] = []
     used: list[str] = []
@@ -68,7 +72,7 @@ async def recover(coord: Coordinator, dep_id: str) -> Deployment | None:
     async with coord.client_factory() as client:
         await coord.peers.refresh()
         live = await coord.worker_views(client)
-    names, spares = replacement_workers(dep, live)
+    names, spares = replacement_workers(dep, live, other_replicas(coord, dep))
     how = f"spares {', '.join(spares)}" if spares else f"the survivors {', '.join(names) or '(none)'}"
     log.warning("%s lost %s: re-planning onto %s", dep_id, ", ".join(lost), how)
     try:
@@ -93,6 +97,12 @@ async def recover(coord: Coordinator, dep_id: str) -> Deployment | None:
     return None
 
 
+def other_replicas(coord: Coordinator, dep: Deployment) -> set[str]:
+    """The workers of the model's other deployments (replicas)."""
+    return {s.stage.name for d in coord.deployments.values() if d.model == dep.model and d.id != dep.id
+            for s in d.shards}  # fmt: skip
+
+
 def _options(dep: Deployment) -> dict[str, object]:
     """The deploy options a re-plan of `dep` keeps (its TTL and on-demand mark too)."""
     return dict(data_peers=dep.data_peers, strategy=dep.strategy, weights=dep.weights, max_ctx=dep.max_ctx,
@@ -109,7 +119,7 @@ async def move(coord: Coordinator, dep_id: str) -> Deployment | None:
     async with coord.client_factory() as client:
         await coord.peers.refresh()
         live = await coord.worker_views(client)
-    names, spares = replacement_workers(dep, live)
+    names, spares = replacement_workers(dep, live, other_replicas(coord, dep))
     log.warning(
         "%s: %s draining; deploying a new plan on %s first", dep_id, ", ".join(leaving), ", ".join(names)
     )

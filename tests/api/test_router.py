@@ -101,3 +101,25 @@ def test_ensure_refreshes_once_when_a_model_is_unknown() -> None:
 
     trio.run(main)
     assert calls == 1
+
+
+def test_route_choice_free_slot_first_then_fewest_hops_then_load_then_speed() -> None:
+    """Replicas of a pipeline: a new session goes where a session slot is free, on the shortest path."""
+    short, long_, unknown = (FakeBackend("m", name=n) for n in ("short", "long", "unknown"))
+    short.hops, short.sessions = 2, 2  # type: ignore[attr-defined]
+    long_.hops, long_.sessions = 3, 2  # type: ignore[attr-defined]
+    router = Router([lambda: [long_, unknown, short]])
+    assert router.pick("m") is short  # fewest hops; a backend that does not say ranks after
+    short.active = 1
+    assert router.pick("m") is short  # still a free slot there
+    short.active = 2
+    assert router.pick("m") is long_  # short is full: its next session would queue
+    long_.active = 2
+    assert router.pick("m") is unknown  # no slot is free anywhere that says: one that does not say
+    unknown.active = 5
+    assert router.pick("m") is short  # all would queue: fewest hops again
+    fast, slow = FakeBackend("n", name="fast"), FakeBackend("n", name="slow")
+    fast.hops = slow.hops = 2  # type: ignore[attr-defined]
+    fast.token_s, slow.token_s = 0.01, 0.05  # type: ignore[attr-defined]
+    router = Router([lambda: [slow, fast]])
+    assert {router.pick("n").name for _ in range(4)} == {"fast"}  # equal hops and load: the faster

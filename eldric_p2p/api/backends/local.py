@@ -43,6 +43,7 @@ class LocalBackend:
         self.model_id = model_id
         self.name = f"local:{model_id}"
         self.max_queue = max_queue
+        self.sessions = max_active  # generations it runs at once (the router's route choice)
         self._sessions = trio.Semaphore(max_active)
         self._limiter = limiter or trio.CapacityLimiter(1)
         self._ids = itertools.count()

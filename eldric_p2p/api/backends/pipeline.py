@@ -95,6 +95,20 @@ class PipelineBackend:
         return self._waiting + self._running
 
     @property
+    def hops(self) -> int:
+        """Stages a token crosses (the router prefers fewer)."""
+        return len(self.shard.a.stages)
+
+    @property
+    def sessions(self) -> int:
+        return self.shard.a.sessions
+
+    @property
+    def token_s(self) -> float | None:
+        """Seconds per decoded token of the last generation (the router prefers faster among equals)."""
+        return 1.0 / self.last_tokens_per_s if self.last_tokens_per_s > 0 else None
+
+    @property
     def capacity(self) -> int:
         """Requests this head takes: its sessions (the KV memory reserved on every stage) plus its queue."""
         return self.shard.a.sessions + self.max_queue
@@ -237,6 +251,8 @@ class PipelineBackend:
             "decode_s": round(decode_s, 4),
             "decode_steps": steps,
             "decode_tokens_per_s": round(tps, 2),
+            "stages": len(self.shard.a.stages),  # what a remote node routing here learns the path from
+            "sessions": self.shard.a.sessions,
         }
         self.last_tokens_per_s = tps
         self.completed += 1

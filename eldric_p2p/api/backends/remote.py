@@ -103,6 +103,20 @@ class RemotePipelineBackend:
         self._info = info or {}
         self.step_timeout = step_timeout
         self._running = 0
+        # learnt from the head's final events (the router's route choice): None until a generation ends
+        self.hops: int | None = None
+        self.sessions: int | None = None
+        self.token_s: float | None = None
+
+    def _learn(self, timings: dict[str, Any]) -> None:
+        stages, sessions = timings.get("stages"), timings.get("sessions")
+        tps = timings.get("decode_tokens_per_s")
+        if isinstance(stages, int) and 0 < stages <= 64:
+            self.hops = stages
+        if isinstance(sessions, int) and 0 < sessions <= 4096:
+            self.sessions = sessions
+        if isinstance(tps, int | float) and 0 < tps < 1e6:
+            self.token_s = 1.0 / tps
 
     def info(self) -> dict[str, Any]:
         return {
@@ -110,6 +124,7 @@ class RemotePipelineBackend:
             "model": self.model_id,
             "node": self.node_url,
             "queue": self._running,
+            "stages": self.hops,
             **self._info,
         }
 
@@ -155,6 +170,7 @@ class RemotePipelineBackend:
                         await events.send(event)
                         if event.finish_reason is not None:
                             finished = True
+                            self._learn(event.timings or {})
                             break
             if not finished:
                 raise PeerUnavailable(f"{self.node_url} ended the stream before the generation finished")
