@@ -112,6 +112,7 @@ class NodeConfig:
     on_demand: bool = False  # a /v1 request for a model no pipeline serves deploys it (pipeline.cache)
     model_ttl: float = MODEL_TTL_S  # on-demand models unload after this long unused (0: never)
     on_demand_options: dict[str, Any] = field(default_factory=dict)  # deploy options of on-demand loads
+    rebalance: bool = True  # move a running model onto fewer stages when a worker that allows it joins
     heartbeat_s: float = HEARTBEAT_S  # how often the coordinator polls the workers of its deployments
     max_queue: int = MAX_QUEUE  # requests that may wait for a pipeline headed here beyond its sessions
 
@@ -172,6 +173,7 @@ class Node:
             heartbeat_s=config.heartbeat_s,
         )
         self.coordinator.on_demand = config.on_demand
+        self.coordinator.auto_rebalance = config.rebalance
         self.coordinator.model_ttl = config.model_ttl
         self.coordinator.on_demand_options = dict(config.on_demand_options)
         self.federation = FederationService(

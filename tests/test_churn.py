@@ -175,3 +175,50 @@ def test_share_hours_parse_and_wrap_midnight() -> None:
             parse_share_hours(bad)
     with pytest.raises(UsageError):
         OwnerPolicy(yield_when="sometimes")
+
+
+def test_a_bigger_worker_joining_moves_a_running_model_onto_fewer_stages_without_dropping_a_session(
+    tmp_path: Path,
+    model_dir: Path,  # noqa: F811
+    local: LocalModel,
+) -> None:
+    """Three small workers hold the model in 3 stages; a worker that holds it alone joins while a session
+    runs: the model moves to 1 stage on it (make before break), the session finishes on the old plan with
+    the same tokens, and the old stages unload."""
+    from test_cache import needed
+
+    params = SamplingParams.greedy(max_tokens=96)
+    want = local_answer(local, "Hello world the cat", params)
+    whole = needed(model_dir / f"{MODEL}.gguf", 4)
+
+    async def main() -> None:
+        async with cluster(tmp_path, model_dir, [int(0.45 * whole)] * 3) as m, httpx.AsyncClient() as c:
+            coord = m[0].node.coordinator
+            coord.heartbeat_s = 0.2
+            r = await deploy(c, m[0].url, max_ctx=256)
+            assert r.status_code == 200, r.text
+            assert [s["worker"] for s in r.json()["stages"]] == ["n0", "n1", "n2"]
+            slow_down(m[2].node.worker, 0.02)
+
+            async def big_one_joins() -> None:
+                await _start(nursery, NodeConfig(name="big", data_dir=tmp_path / "big", listen_port=0,
+                                                 memory=2 * whole, mdns=False, peer_interval=0.2,
+                                                 peers=[("127.0.0.1", m[0].node.port)]))  # fmt: skip
+
+            async with trio.open_nursery() as nursery:
+                events = await generate_events(c, m[0].url, params, big_one_joins)
+                assert "error" not in events[-1] and "recoveries" not in events[-1]["timings"]
+                ids = [t for e in events for t in e.get("token_ids", [])]
+                assert ("".join(e.get("text", "") for e in events), ids) == want
+                with trio.fail_after(20):
+                    while not coord.recovered or any(w.node.worker.shards for w in m):  # noqa: ASYNC110
+                        await trio.sleep(0.1)
+                (dep,) = coord.deployments.values()
+                assert [s.stage.name for s in dep.shards] == ["big"] and dep.workers_asked is None
+                assert coord.recovered[-1]["better"] == "3 -> 1 stages"
+                assert coord.recovered[-1]["joined"] == ["big"]
+                again = await generate_events(c, m[0].url, params, trio.lowlevel.checkpoint)
+                assert [t for e in again for t in e.get("token_ids", [])] == want[1]
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)

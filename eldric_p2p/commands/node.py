@@ -69,6 +69,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-ttl", default="30m", metavar="DURATION",
                    help="unload a model loaded on demand after this long unused, e.g. 10m, 2h (default 30m; "
                         "0: never); the least recently used go first when memory is needed")  # fmt: skip
+    p.add_argument("--no-rebalance", action="store_true",
+                   help="keep running models where they are when a worker joins (by default a model "
+                        "moves, make before break, onto fewer stages once free memory allows)")  # fmt: skip
     p.add_argument("--max-queue", type=int, default=64, metavar="N",
                    help="requests that may wait for a pipeline headed here once its sessions are busy; "
                         "more get 429 with Retry-After (default 64)")  # fmt: skip
@@ -114,6 +117,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         on_demand=args.on_demand,
         model_ttl=parse_duration(args.model_ttl, max_s=365 * 86400, allow_zero=True),
         max_queue=args.max_queue,
+        rebalance=not args.no_rebalance,
     )
 
 

@@ -91,6 +91,7 @@ class Coordinator:
         self.loading: dict[str, Any] = {}  # model -> the on-demand load in flight (pipeline.cache._Load)
         self.evicted: list[dict[str, Any]] = []  # what the cache unloaded and why, newest last
         self._sweeping = False
+        self.auto_rebalance = True  # a worker joins: move deployments onto fewer stages when they fit
 
     # ---- who is out there ---------------------------------------------------------------------------------
 
@@ -222,6 +223,7 @@ class Coordinator:
                 workers_asked=workers,
                 ttl_s=max(0.0, float(ttl)),
                 on_demand=on_demand,
+                known_workers={v.peer_id for v in views} | set(self._live_workers()),
             )
             log.info("deploying %s: %s", dep_id, ", ".join(f"{s.name} {s.start}-{s.end - 1}" for s in stages))
             pushed: list[ShardState] = []
@@ -403,6 +405,15 @@ class Coordinator:
                 if not self._sweeping and any(d.ttl_s for d in self.deployments.values()):
                     self._sweeping = True
                     nursery.start_soon(self._sweep)
+                if self.auto_rebalance:
+                    workers = self._live_workers()
+                    for dep in list(self.deployments.values()):
+                        joined = sorted(workers[p] for p in workers.keys() - dep.known_workers)
+                        if joined and dep.id not in self._recovering and dep.state == "ready":
+                            dep.known_workers |= workers.keys()  # each newcomer is considered once
+                            if not dep.workers_asked:
+                                self._recovering.add(dep.id)
+                                nursery.start_soon(self._improve, dep.id, joined)
                 changed = self.peers.table.version != self._pending_version
                 if self.pending and changed and not self._lock.locked():
                     self._pending_version = self.peers.table.version  # a worker came, went or changed
@@ -416,6 +427,22 @@ class Coordinator:
         finally:
             self._recovering.discard(dep_id)
 
+    def _live_workers(self) -> dict[str, str]:
+        """peer id -> name of the workers in the peer table."""
+        return {
+            info.peer_id: info.name
+            for info in self.peers.table.peers()
+            if "worker" in (info.fields.get("roles") or [])
+        }
+
+    async def _improve(self, dep_id: str, joined: list[str]) -> None:
+        from eldric_p2p.pipeline.placement import improve
+
+        try:
+            await improve(self, dep_id, joined)
+        finally:
+            self._recovering.discard(dep_id)
+
     async def _sweep(self) -> None:
         from eldric_p2p.pipeline.cache import sweep_idle
 
@@ -423,6 +450,7 @@ class Coordinator:
             await sweep_idle(self)
         finally:
             self._sweeping = False
+        self.auto_rebalance = True  # a worker joins: move deployments onto fewer stages when they fit
 
     async def load_on_demand(self, model: str) -> Deployment:
         from eldric_p2p.pipeline.cache import load_on_demand

@@ -42,6 +42,7 @@ class Deployment:
     on_demand: bool = False  # loaded by a request for a model nothing served (`--on-demand`)
     last_used: float = field(default_factory=time.time)  # wall clock: the head's last session open or close
     active: int = 0  # sessions open at the head, at the last heartbeat
+    known_workers: set[str] = field(default_factory=set)  # peer ids of the workers there were when planned
 
     @property
     def memory(self) -> int:
