@@ -1360,9 +1360,10 @@ static int is_float32_format(const char *fmt) {
 static PyObject *py_qmatmul(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *ox, *ow, *oout;
-    int type, n_threads, repacked = -1;
+    int type, n_threads, repacked = -1, rows_alone = 0;
     Py_ssize_t in, nout;
-    if (!PyArg_ParseTuple(args, "OOOinni|i", &ox, &ow, &oout, &type, &in, &nout, &n_threads, &repacked)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOOinni|ii", &ox, &ow, &oout, &type, &in, &nout, &n_threads, &repacked,
+                          &rows_alone)) return NULL;
 
     const qtype_info *ti = find_type(type);
     if (ti == NULL) {
@@ -1423,10 +1424,13 @@ static PyObject *py_qmatmul(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
-    /* llama.cpp's path for this weight and batch: repacked, tiled (8+ rows, K-quants it does not repack), vec_dot */
-    const plan_t plan = pick(repack ? ti->gemv : (T >= 8 && ti->tiled.portable != NULL) ? ti->tiled : ti->dot);
-    const plan_t plan_grouped = repack ? pick(ti->gemm4) : plan;
-    const Py_ssize_t grouped = repack ? T - T % 4 : 0; /* rows llama.cpp takes four at a time */
+    /* llama.cpp's path for this weight and batch: repacked, tiled (8+ rows, K-quants it does not repack), vec_dot.
+     * rows_alone: every row as llama.cpp computes a batch of one (the decode steps of several sessions batched
+     * into one call give each session the bits of its own single-row step), the weights still read once. */
+    const int tiled = !rows_alone && T >= 8 && ti->tiled.portable != NULL;
+    const plan_t plan = pick(repack ? ti->gemv : tiled ? ti->tiled : ti->dot);
+    const plan_t plan_grouped = repack && !rows_alone ? pick(ti->gemm4) : plan;
+    const Py_ssize_t grouped = repack && !rows_alone ? T - T % 4 : 0; /* rows llama.cpp takes four at a time */
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t t = 0; t < T; t++) {
         quantize_row(ti, (const float *)bx.buf + t * in, (uint8_t *)xq + (size_t)t * xrow, in);

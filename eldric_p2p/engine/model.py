@@ -12,7 +12,9 @@ ggml's arithmetic (`ops`). The KV cache is preallocated per session and indexed 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -24,6 +26,8 @@ from eldric_p2p.engine.dequant import dequantize
 from eldric_p2p.engine.ops import apply_rope, gelu_ggml, rms_norm, rope_tables
 from eldric_p2p.engine.weights import Embedding, Linear, TensorSource, resolve_weights
 from eldric_p2p.errors import InvalidInput, UnsupportedModel, UsageError
+
+T_ = TypeVar("T_")
 
 try:  # rope, attention and SwiGLU with ggml's exact arithmetic (optional C extension)
     from eldric_p2p.engine import _ggmlops
@@ -40,6 +44,17 @@ class KVCache:
     @property
     def max_ctx(self) -> int:
         return self.k.shape[2]
+
+
+@dataclass(eq=False)
+class _Segment:
+    """One session's rows in a forward: its cache, first position, row count, masks and rope tables."""
+
+    cache: KVCache
+    pos0: int
+    T: int
+    masks: dict[bool, torch.Tensor | None]
+    ropes: dict[float, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 class Layer:
@@ -188,8 +203,27 @@ class Stage:
     def forward(self, sid: str, x: torch.Tensor, start_pos: int, *, last_only: bool = False) -> torch.Tensor:
         """Run the stage; the tail returns logits [T, vocab], or [1, vocab] for the last position with
         `last_only` (what generation needs: the LM head is then computed for one row instead of T)."""
+        return self._torch_single_threaded(lambda: self._forward([(sid, x, start_pos)], last_only)[0])
+
+    @torch.inference_mode()
+    def forward_batch(
+        self, steps: list[tuple[str, torch.Tensor, int]], *, last_only: bool = True
+    ) -> list[torch.Tensor]:
+        """One step of each of several sessions in one pass: `steps` is [(sid, x, start_pos)], each x one
+        token id [1] (head) or one hidden row [1, hidden], every sid different. The weights are read once for
+        all of them (continuous batching across sessions); each session's output is `forward`'s for it alone,
+        bit for bit with native weights on the CPU (the kernels' `rows_alone`, and per-session rope and
+        attention), within float noise with dense weights. Raises InvalidInput as `forward` does."""
+        if len({sid for sid, _, _ in steps}) != len(steps):
+            raise InvalidInput("a batch holds each session once")
+        for sid, x, _ in steps:
+            if x.shape[0] != 1:
+                raise InvalidInput(f"session {sid}: a batched step is one position, got {x.shape[0]}")
+        return self._torch_single_threaded(lambda: self._forward(steps, last_only))
+
+    def _torch_single_threaded(self, fn: Callable[[], T_]) -> T_:
         if self.fmt != "native" or self.device.type != "cpu":
-            return self._forward(sid, x, start_pos, last_only)
+            return fn()
         # With native weights the matmuls run on the kernels' own threads; torch only does small element-wise
         # and attention ops here. Its OpenMP workers would keep spinning between those ops and take the core
         # the kernel threads need (measured: 49 ms vs 34 ms per Qwen decode step on 2 cores), so torch runs
@@ -197,39 +231,51 @@ class Stage:
         saved = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return self._forward(sid, x, start_pos, last_only)
+            return fn()
         finally:
             torch.set_num_threads(saved)
 
-    def _forward(self, sid: str, x: torch.Tensor, start_pos: int, last_only: bool) -> torch.Tensor:
-        cache = self._cache(sid)
-        if start_pos != cache.length:
-            raise InvalidInput(
-                f"session {sid}: input starts at position {start_pos} but the cache holds {cache.length} "
-                "(positions may not skip or go backwards; truncate first)"
-            )
-        h = self._input(x)  # [T, hidden]
-        T = h.shape[0]
-        if T == 0:
-            raise InvalidInput("empty input")
-        if start_pos + T > cache.max_ctx:
-            raise InvalidInput(
-                f"context overflow: {start_pos} + {T} tokens exceed the {cache.max_ctx}-token context"
-            )
-        positions = torch.arange(start_pos, start_pos + T, device=self.device)
-        ropes: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
-        masks = {False: None, True: None} if self.exact_ops else self._masks(start_pos, T)
+    def _forward(self, steps: list[tuple[str, torch.Tensor, int]], last_only: bool) -> list[torch.Tensor]:
+        """Every session's rows through every layer at once; [(sid, x [T, ...], start_pos)] -> outputs."""
+        segments: list[_Segment] = []
+        rows: list[torch.Tensor] = []
+        for sid, x, start_pos in steps:
+            cache = self._cache(sid)
+            if start_pos != cache.length:
+                raise InvalidInput(
+                    f"session {sid}: input starts at position {start_pos} but the cache holds {cache.length} "
+                    "(positions may not skip or go backwards; truncate first)"
+                )
+            h = self._input(x)  # [T, hidden]
+            T = h.shape[0]
+            if T == 0:
+                raise InvalidInput("empty input")
+            if start_pos + T > cache.max_ctx:
+                raise InvalidInput(
+                    f"context overflow: {start_pos} + {T} tokens exceed the {cache.max_ctx}-token context"
+                )
+            masks = {False: None, True: None} if self.exact_ops else self._masks(start_pos, T)
+            segments.append(_Segment(cache, start_pos, T, masks))
+            rows.append(h)
+        h = torch.cat(rows) if len(rows) > 1 else rows[0]  # [sum T, hidden]
         for li, layer in enumerate(self.layers):
-            if layer.rope_base not in ropes and not self.exact_ops:
-                ropes[layer.rope_base] = rope_tables(self.cfg, layer.rope_base, positions)
-            h = self._layer(layer, li, h, cache, start_pos, ropes.get(layer.rope_base), masks[layer.sliding])
-        cache.length = start_pos + T
+            if not self.exact_ops:
+                for seg in segments:
+                    if layer.rope_base not in seg.ropes:
+                        positions = torch.arange(seg.pos0, seg.pos0 + seg.T, device=self.device)
+                        seg.ropes[layer.rope_base] = rope_tables(self.cfg, layer.rope_base, positions)
+            h = self._layer(layer, li, h, segments)
+        for seg in segments:
+            seg.cache.length = seg.pos0 + seg.T
+        outs = list(h.split([seg.T for seg in segments]))
         if not self.is_tail:
-            return h
+            return outs
         assert self.out_norm is not None and self.lm_head is not None
         if last_only:
-            h = h[-1:]  # [1, hidden]
-        return self.lm_head(rms_norm(h, self.out_norm, self.cfg.norm_eps))  # [T or 1, vocab]
+            h = torch.cat([o[-1:] for o in outs]) if len(outs) > 1 else outs[0][-1:]  # [B, hidden]
+            logits = self.lm_head(rms_norm(h, self.out_norm, self.cfg.norm_eps), rows_alone=len(outs) > 1)
+            return list(logits.split(1))  # [1, vocab] each
+        return [self.lm_head(rms_norm(o, self.out_norm, self.cfg.norm_eps)) for o in outs]  # [T, vocab] each
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -248,58 +294,37 @@ class Stage:
             raise InvalidInput(f"hidden states must be [T, {cfg.hidden}], got {tuple(x.shape)}")
         return x.to(self.device)
 
-    def _layer(
-        self,
-        layer: Layer,
-        li: int,
-        h: torch.Tensor,
-        cache: KVCache,
-        pos0: int,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,  # cos/sin tables (None with exact_ops)
-        masked: torch.Tensor | None,
-    ) -> torch.Tensor:
+    def _layer(self, layer: Layer, li: int, h: torch.Tensor, segments: list[_Segment]) -> torch.Tensor:
+        """One layer over the rows of every segment (a session's positions): the matmuls and norms over all
+        the rows at once, rope and attention per segment against its own cache."""
         cfg = self.cfg
-        T = h.shape[0]
+        N = h.shape[0]
+        alone = len(segments) > 1  # rows of different sessions: each keeps its own single-step bits
         x = rms_norm(h, layer.attn_norm, cfg.norm_eps)
-        q = layer.wq(x).view(T, cfg.n_heads, cfg.head_dim)  # [T, nh, hd]
-        k = layer.wk(x).view(T, cfg.n_kv_heads, cfg.head_dim)  # [T, nkv, hd]
-        v = layer.wv(x).view(T, cfg.n_kv_heads, cfg.head_dim)  # [T, nkv, hd]
+        q = layer.wq(x, rows_alone=alone).view(N, cfg.n_heads, cfg.head_dim)  # [N, nh, hd]
+        k = layer.wk(x, rows_alone=alone).view(N, cfg.n_kv_heads, cfg.head_dim)  # [N, nkv, hd]
+        v = layer.wv(x, rows_alone=alone).view(N, cfg.n_kv_heads, cfg.head_dim)  # [N, nkv, hd]
         if cfg.qk_norm:
             assert layer.q_norm is not None and layer.k_norm is not None
             q = rms_norm(q, layer.q_norm, cfg.norm_eps)
             k = rms_norm(k, layer.k_norm, cfg.norm_eps)
-        end = pos0 + T
-        if self.exact_ops:
-            q, k = q.contiguous(), k.contiguous()
-            positions = np.arange(pos0, end, dtype=np.int64)
-            for t in (q, k):
-                _ggmlops.rope(t.numpy(), positions, t.shape[1], cfg.head_dim, cfg.rope_dim, layer.rope_base,
-                              1.0 / cfg.rope_scale, cfg.rope_neox)  # fmt: skip
-        else:
-            assert rope is not None
-            q = apply_rope(q, *rope, cfg)
-            k = apply_rope(k, *rope, cfg)
         if cfg.attn_scale:
-            q = q * cfg.attn_scale
             score_scale = 1.0
         else:
             score_scale = 1.0 / math.sqrt(cfg.head_dim)
-        cache.k[li, :, pos0:end] = k.transpose(0, 1).to(cache.k.dtype)
-        cache.v[li, :, pos0:end] = v.transpose(0, 1).to(cache.v.dtype)
-        if self.exact_ops:
-            attn = torch.empty(T, cfg.n_heads * cfg.head_dim)
-            window = cfg.sliding_window if layer.sliding else 0
-            _ggmlops.attention(q.contiguous().numpy(), cache.k[li].numpy(), cache.v[li].numpy(), attn.numpy(),
-                               cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, pos0, cache.max_ctx,
-                               float(np.float32(score_scale)), window or 0, T > 1)  # fmt: skip
-        else:
-            attn = self._attention_torch(q, cache, li, end, score_scale, masked)
-        o = layer.wo(attn)  # [T, hidden]
+        parts: list[torch.Tensor] = []
+        row = 0
+        for seg in segments:
+            parts.append(self._attend(layer, li, seg, q[row : row + seg.T], k[row : row + seg.T],
+                                      v[row : row + seg.T], score_scale))  # fmt: skip
+            row += seg.T
+        attn = torch.cat(parts) if len(parts) > 1 else parts[0]
+        o = layer.wo(attn, rows_alone=alone)  # [N, hidden]
         if layer.post_attn_norm is not None:
             o = rms_norm(o, layer.post_attn_norm, cfg.norm_eps)
         h = h + o
         x = rms_norm(h, layer.ffn_norm, cfg.norm_eps)
-        gate, up = layer.w_gate(x), layer.w_up(x)  # [T, ffn]
+        gate, up = layer.w_gate(x, rows_alone=alone), layer.w_up(x, rows_alone=alone)  # [N, ffn]
         if self.exact_ops:
             act = torch.empty_like(gate)
             fused = _ggmlops.geglu if cfg.act == "gelu_tanh" else _ggmlops.swiglu
@@ -308,10 +333,46 @@ class Stage:
             act = gelu_ggml(gate) * up
         else:
             act = F.silu(gate) * up
-        d = layer.w_down(act)  # [T, hidden]
+        d = layer.w_down(act, rows_alone=alone)  # [N, hidden]
         if layer.post_ffn_norm is not None:
             d = rms_norm(d, layer.post_ffn_norm, cfg.norm_eps)
         return h + d
+
+    def _attend(
+        self,
+        layer: Layer,
+        li: int,
+        seg: _Segment,
+        q: torch.Tensor,  # [T, nh, hd]
+        k: torch.Tensor,  # [T, nkv, hd]
+        v: torch.Tensor,  # [T, nkv, hd]
+        score_scale: float,
+    ) -> torch.Tensor:
+        """Rope, the cache write and attention of one segment; -> [T, nh * hd]."""
+        cfg, cache, pos0, T = self.cfg, seg.cache, seg.pos0, seg.T
+        end = pos0 + T
+        if self.exact_ops:
+            q, k = q.contiguous(), k.contiguous()
+            positions = np.arange(pos0, end, dtype=np.int64)
+            for t in (q, k):
+                _ggmlops.rope(t.numpy(), positions, t.shape[1], cfg.head_dim, cfg.rope_dim, layer.rope_base,
+                              1.0 / cfg.rope_scale, cfg.rope_neox)  # fmt: skip
+        else:
+            rope = seg.ropes[layer.rope_base]
+            q = apply_rope(q, *rope, cfg)
+            k = apply_rope(k, *rope, cfg)
+        if cfg.attn_scale:
+            q = q * cfg.attn_scale
+        cache.k[li, :, pos0:end] = k.transpose(0, 1).to(cache.k.dtype)
+        cache.v[li, :, pos0:end] = v.transpose(0, 1).to(cache.v.dtype)
+        if self.exact_ops:
+            attn = torch.empty(T, cfg.n_heads * cfg.head_dim)
+            window = cfg.sliding_window if layer.sliding else 0
+            _ggmlops.attention(q.contiguous().numpy(), cache.k[li].numpy(), cache.v[li].numpy(), attn.numpy(),
+                               cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, pos0, cache.max_ctx,
+                               float(np.float32(score_scale)), window or 0, T > 1)  # fmt: skip
+            return attn
+        return self._attention_torch(q, cache, li, end, score_scale, seg.masks[layer.sliding])
 
     def _attention_torch(
         self,

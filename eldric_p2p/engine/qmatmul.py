@@ -109,13 +109,17 @@ def _uint8_tensor(arr: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(arr)
 
 
-def qlinear(x: torch.Tensor, w: QuantWeight, n_threads: int | None = None) -> torch.Tensor:
+def qlinear(
+    x: torch.Tensor, w: QuantWeight, n_threads: int | None = None, *, rows_alone: bool = False
+) -> torch.Tensor:
     """x [..., in_features] float32 (CPU) -> [..., out_features] float32 = x @ W.T, llama.cpp's arithmetic.
 
     All the leading dimensions form one batch of activation rows, as they do in llama.cpp: how many rows a
     call gets decides which of its code paths (and float order) applies, so a prefill of n tokens must be one
     call to match llama.cpp's n-token batch. The result does not depend on the thread count. Threads default
-    to `torch.get_num_threads()`. Raises `InvalidInput` for a wrong shape, dtype or device and
+    to `torch.get_num_threads()`. `rows_alone`: each row gets the bits llama.cpp gives a batch of that one row
+    (a batch of decode steps of different sessions, each equal to its own step), the weights still read
+    once for all the rows. Raises `InvalidInput` for a wrong shape, dtype or device and
     `UnsupportedModel` when the kernels are not built.
     """
     if _qkernels is None:
@@ -138,6 +142,7 @@ def qlinear(x: torch.Tensor, w: QuantWeight, n_threads: int | None = None) -> to
         w.out_features,
         threads,
         repacked,
+        int(rows_alone),
     )
     return out.reshape(*lead, w.out_features)
 

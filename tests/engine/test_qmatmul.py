@@ -359,6 +359,22 @@ def test_n_threads_do_not_change_results() -> None:
         np.testing.assert_array_equal(_run(x, raw, qtype, rows, 1), _run(x, raw, qtype, rows, 2))
 
 
+@pytest.mark.parametrize("qtype", ALL, ids=lambda q: q.name)
+def test_rows_alone_gives_each_row_the_bits_of_its_own_single_row_call(
+    qtype: GGMLQuantizationType, simd: str
+) -> None:
+    """Decode steps of 13 sessions batched into one call (the weights read once) equal 13 one-row calls, bit
+    for bit; a batch computed the usual way may not (llama.cpp's 8+ row and repacked paths sum in another
+    order)."""
+    rng = np.random.default_rng(40 + int(qtype))
+    n, rows = _in_features(qtype), 64  # 64 rows: a Q4_K weight llama.cpp repacks
+    x = torch.from_numpy(_activations(13, n, rng))
+    w = qm.QuantWeight.from_raw(_weights(qtype, rows, n, rng, "random"), qtype, n, rows)
+    one_by_one = torch.cat([qm.qlinear(x[i : i + 1], w, n_threads=2) for i in range(13)])
+    batched = qm.qlinear(x, w, n_threads=2, rows_alone=True)
+    assert torch.equal(batched, one_by_one)
+
+
 def test_leading_dimensions_are_kept() -> None:
     rng = np.random.default_rng(6)
     raw = _quantized(T.Q8_0, 9, 64, rng)
