@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from eldric_p2p.engine.model import Stage
     from eldric_p2p.engine.sampling import Sampler
     from eldric_p2p.engine.tokenizer import Tokenizer
+    from eldric_p2p.pipeline.batching import StepBatcher
 
 
 # --------------------------------------------------------------------------------------------- shards
@@ -38,6 +39,7 @@ class StageSession:
     wire: DType = DType.F32
     sampler: Sampler | None = None
     history: list[int] = field(default_factory=list)
+    busy: bool = False  # a step of it is being computed
 
 
 class Downstream:
@@ -84,6 +86,7 @@ class Shard:
         self.scopes: set[trio.CancelScope] = set()
         self.head_sessions: dict[int, trio.MemorySendChannel[Frame]] = {}
         self.backend: Any = None  # pipeline.PipelineBackend, made on first use (head only)
+        self.batcher: StepBatcher | None = None  # runs its sessions' steps, batched (set once loaded)
         self.created = time.time()
         self.last_used = self.created  # wall clock: a session opened or closed here (the TTL counts from it)
 
@@ -118,6 +121,7 @@ class Shard:
             else None,
             "sessions": len(self.head_sessions) if a.stage_index == 0 else None,
             "last_used": round(self.last_used, 3),
+            "batching": self.batcher.status() if self.batcher is not None else None,
             "retiring": self.retiring,
         }
 

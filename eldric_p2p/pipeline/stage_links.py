@@ -243,7 +243,12 @@ class StageLinks:
                     await self._refuse(back, sid, f"unknown session {sid}")
                 return
             if t == FrameType.HIDDEN:
-                await self._hidden(sess, frame)
+                if sess.busy:  # the previous hop waits for our output before it sends the next step
+                    await self._fail(sess.shard, sid, sess.shard.label,
+                                     "a second step before the first was answered", forward=True)  # fmt: skip
+                    return
+                sess.busy = True  # computed in its own task: the next frames on this link (other
+                self._spawn(sess.shard, self._hidden, sess, frame)  # sessions' steps) join its batch
             elif t == FrameType.TRUNCATE:
                 await self._truncate(sess, frame)
             else:
@@ -343,18 +348,21 @@ class StageLinks:
             x = x.float()
         tail = shard.a.role == "tail"
 
-        def step() -> torch.Tensor | int:
-            out = stage.forward(str(sess.sid), x, frame.start, last_only=tail)  # [T, hidden] or [1, vocab]
+        def post(out: torch.Tensor) -> torch.Tensor | int:  # [T, hidden] or [1, vocab]
             if not tail:
                 return out if sess.wire == DType.F32 else out.to(wire_dtype(sess.wire))
             assert sess.sampler is not None
             return sess.sampler.sample(out[-1], sess.history)
 
+        assert shard.batcher is not None
         try:
-            out = await self.compute(step)
-        except EngineError as exc:
-            await self._fail(shard, sess.sid, shard.label, str(exc), forward=True)
+            out = await shard.batcher.step(str(sess.sid), x, frame.start, last_only=tail, post=post)
+        except (EngineError, PeerUnavailable) as exc:
+            if sess.sid in self._stage_sessions:
+                await self._fail(shard, sess.sid, shard.label, str(exc), forward=True)
             return
+        finally:
+            sess.busy = False
         if sess.sid not in self._stage_sessions:
             return  # ended while computing
         if tail:

@@ -24,8 +24,9 @@ from eldric_p2p.net.identity import Identity
 from eldric_p2p.net.links import serve_tcp_links
 from eldric_p2p.net.peers import fetch_model_index
 from eldric_p2p.pipeline.assignment import Assignment
+from eldric_p2p.pipeline.batching import StepBatcher
 from eldric_p2p.pipeline.shard import Shard, StageSession
-from eldric_p2p.pipeline.stage_links import StageLinks
+from eldric_p2p.pipeline.stage_links import SESSION_SLACK, StageLinks
 from eldric_p2p.tasks import open_nursery
 from eldric_p2p.units import format_size
 
@@ -269,6 +270,9 @@ class Worker(StageLinks):
             t1 = time.perf_counter()
             await self.compute(self._build_stage, shard, result.path)
             shard.load_s = time.perf_counter() - t1
+            batch = a.sessions + SESSION_SLACK
+            shard.batcher = StepBatcher(lambda: shard.stage, self.compute, max_batch=batch)
+            self._spawn(shard, shard.batcher.serve)
             shard.state = "ready"
             if not a.single:  # open the next hop now: the first request does not wait for it, and the
                 try:  # coordinator's status shows the link's path (direct | relayed) from the start

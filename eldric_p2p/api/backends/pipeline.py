@@ -276,15 +276,16 @@ class PipelineBackend:
         x = torch.tensor(new, dtype=torch.int64)  # [T]
         wire = {"f32": DType.F32, "f16": DType.F16, "bf16": DType.BF16}[self.wire]
 
-        def run() -> torch.Tensor | int:
+        def post(out: torch.Tensor) -> torch.Tensor | int:
             # [T, hidden], or [1, vocab] for a single stage (only the last position is sampled)
-            out = stage.forward(str(sid), x, pos, last_only=sampler is not None)
             if sampler is not None:
                 return sampler.sample(out[-1], history)
             return out if wire == DType.F32 else out.to(wire_dtype(wire))
 
-        try:
-            out = await worker.compute(run)
+        if shard.batcher is None:
+            raise PeerUnavailable(f"pipeline {shard.a.deployment_id} was unloaded")
+        try:  # with the other sessions' steps waiting at this moment, in one forward
+            out = await shard.batcher.step(str(sid), x, pos, last_only=sampler is not None, post=post)
         except EngineError as exc:
             raise InvalidInput(f"{shard.label}: {exc}") from exc
         if isinstance(out, int):

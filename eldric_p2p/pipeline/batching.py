@@ -1,0 +1,169 @@
+"""Continuous batching at a stage: the decode steps of all the sessions that wait at the same moment run as
+one forward (`Stage.forward_batch`), so the weights are read once per step for all of them.
+
+    batcher = StepBatcher(lambda: shard.stage, worker.compute, max_batch=shard.a.sessions + 2)
+    nursery.start_soon(batcher.serve)
+    out = await batcher.step(sid, x, pos, last_only=True, post=lambda logits: sampler.sample(...))
+
+Every stage of a pipeline has one per loaded shard: the head's sessions call `step` from their own tasks,
+the other stages from a task per HIDDEN frame. `serve` takes whatever steps are waiting, runs the one-position
+steps of different sessions together and the multi-position ones (a prompt) alone, and hands each result
+back; steps that arrive meanwhile form the next batch, so sessions join and leave between steps. `post` runs
+on each session's output in the compute thread (sampling, the wire dtype). An engine error in a batch is
+attributed by running its steps one by one (inputs are checked before any cache changes). With native weights
+on the CPU each session's output is bit for bit what it would be alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from eldric_p2p.errors import EngineError, PeerUnavailable
+
+if TYPE_CHECKING:
+    import torch
+
+    from eldric_p2p.engine.model import Stage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Step:
+    sid: str
+    x: torch.Tensor
+    pos: int
+    last_only: bool
+    post: Callable[[torch.Tensor], Any] | None
+    done: trio.Event = field(default_factory=trio.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+class StepBatcher:
+    """Batches one stage's forward steps across sessions (see the module docstring)."""
+
+    def __init__(
+        self,
+        stage: Callable[[], Stage | None],
+        compute: Callable[..., Awaitable[Any]],
+        *,
+        max_batch: int = 16,
+    ) -> None:
+        self.stage = stage
+        self.compute = compute
+        self.max_batch = max_batch
+        self._pending: list[_Step] = []
+        self._wake = trio.Event()
+        self.batches = 0  # forwards run
+        self.steps = 0  # session steps they carried
+        self.largest = 0  # the most sessions one forward carried
+
+    async def step(
+        self,
+        sid: str,
+        x: torch.Tensor,
+        pos: int,
+        *,
+        last_only: bool,
+        post: Callable[[torch.Tensor], Any] | None = None,
+    ) -> Any:
+        """Run `x` at `pos` for session `sid` (with the next batch) and return `post(output)`. Raises what the
+        stage raised for this session (EngineError), PeerUnavailable when the stage was unloaded."""
+        step = _Step(sid, x, pos, last_only, post)
+        self._pending.append(step)
+        self._wake.set()
+        try:
+            await step.done.wait()
+        except BaseException:
+            if step in self._pending:  # cancelled before its batch started: it never runs
+                self._pending.remove(step)
+            raise
+        if step.error is not None:
+            raise step.error
+        return step.result
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run batches until cancelled; steps still waiting then fail with PeerUnavailable."""
+        task_status.started()
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                while self._pending:
+                    batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+                    await self._run(batch)
+        finally:
+            for step in self._pending:
+                step.error = PeerUnavailable("the stage was unloaded")
+                step.done.set()
+            self._pending = []
+
+    async def _run(self, batch: list[_Step]) -> None:
+        stage = self.stage()
+        if stage is None:
+            for step in batch:
+                step.error = PeerUnavailable("the stage was unloaded")
+        else:
+            try:
+                await self.compute(self._compute, stage, batch)
+            except BaseException:
+                for step in batch:
+                    step.error = step.error or PeerUnavailable("the stage's compute was cancelled")
+                    step.done.set()
+                raise
+            self.batches += 1
+            self.steps += len(batch)
+        for step in batch:
+            step.done.set()
+
+    def _compute(self, stage: Stage, batch: list[_Step]) -> None:
+        """In the compute thread: the one-position steps together (grouped by `last_only`), the rest alone."""
+        singles: dict[bool, list[_Step]] = {}
+        for step in batch:
+            if step.x.shape[0] == 1:
+                singles.setdefault(step.last_only, []).append(step)
+            else:
+                self._alone(stage, step)
+        for last_only, group in singles.items():
+            if len(group) == 1:
+                self._alone(stage, group[0])
+                continue
+            try:
+                outs = stage.forward_batch([(s.sid, s.x, s.pos) for s in group], last_only=last_only)
+            except EngineError:  # inputs are checked before any cache changes: find whose it was
+                for s in group:
+                    self._alone(stage, s)
+                continue
+            self.largest = max(self.largest, len(group))
+            for s, out in zip(group, outs, strict=True):
+                self._finish(s, out)
+
+    def _alone(self, stage: Stage, step: _Step) -> None:
+        try:
+            out = stage.forward(step.sid, step.x, step.pos, last_only=step.last_only)
+        except EngineError as exc:
+            step.error = exc
+            return
+        self.largest = max(self.largest, 1)
+        self._finish(step, out)
+
+    @staticmethod
+    def _finish(step: _Step, out: torch.Tensor) -> None:
+        try:
+            step.result = step.post(out) if step.post is not None else out
+        except EngineError as exc:
+            step.error = exc
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "steps": self.steps,
+            "largest": self.largest,
+            "mean": round(self.steps / self.batches, 2) if self.batches else 0.0,
+        }
