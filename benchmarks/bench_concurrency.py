@@ -138,6 +138,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--streams", default="1,2,4,8")
     ap.add_argument("--llama-server", default=None, help="llama.cpp's llama-server binary (default: on PATH)")
+    ap.add_argument("--no-llama", action="store_true", help="leave llama.cpp out")
     args = ap.parse_args()
     streams = [int(s) for s in args.streams.split(",")]
     model = args.model.stem
@@ -181,7 +182,7 @@ def main() -> None:
                         print(f"{k}, {n} streams: streams {bad} differ from the same prompts run alone")
         finally:
             stop(procs)
-        llama = llama_rows(args, streams, tmp)
+        llama = {} if args.no_llama else llama_rows(args, streams, tmp)
     kind = "llama-server -np N" if (args.llama_server or shutil.which("llama-server")) else "llama_cpp.server"
     head = f"{'streams':>8} {'1 stage tok/s':>14} {'3 stages tok/s':>15}"
     if llama:

@@ -119,6 +119,12 @@ class Worker(StageLinks):
 
         return http_client_factory(self.connector)()
 
+    def open_sessions(self, shard: Shard) -> int:
+        """Sessions open on `shard`: the head's own, or those opened by the previous hop."""
+        if shard.a.stage_index == 0:
+            return len(shard.head_sessions)
+        return sum(1 for s in self._stage_sessions.values() if s.shard is shard)
+
     def heads(self) -> list[Shard]:
         """Head shards that can serve: loaded, and their next hop not known to be gone."""
         return [
@@ -271,7 +277,8 @@ class Worker(StageLinks):
             await self.compute(self._build_stage, shard, result.path)
             shard.load_s = time.perf_counter() - t1
             batch = a.sessions + SESSION_SLACK
-            shard.batcher = StepBatcher(lambda: shard.stage, self.compute, max_batch=batch)
+            shard.batcher = StepBatcher(lambda: shard.stage, self.compute, max_batch=batch,
+                                        active=lambda: self.open_sessions(shard))  # fmt: skip
             self._spawn(shard, shard.batcher.serve)
             shard.state = "ready"
             if not a.single:  # open the next hop now: the first request does not wait for it, and the
