@@ -235,3 +235,42 @@ def test_killing_a_middle_worker_mid_generation(tmp_path: Path, qwen_path: Path)
         ref = cli_json("run", str(qwen_path), "Say hello.", "--max-tokens", "16", "--ctx", "1024")
         out = cli_json("chat", model_id, "Say hello.", "--node", procs["w3"].url, "--max-tokens", "16")
         assert out["token_ids"] == ref["token_ids"]
+
+
+@pytest.mark.parametrize("victim", ["w2", "w3"], ids=["middle", "tail"])
+def test_a_stage_killed_during_a_streamed_chat_is_replaced_by_the_spare(
+    tmp_path: Path, qwen_path: Path, victim: str
+) -> None:
+    """Qwen in 3 stages (w1, w2, w3) plus a spare w4; `kill -9` of the middle (or the tail) while
+    /v1/chat/completions streams 128 tokens: the stream ends with no error event, and its text and token
+    count equal `eldric-p2p run`'s; the spare took the lost stage."""
+    import httpx
+
+    prompt, tokens = "Count from 1 to 500, one number per line.", 128
+    ref = cli_json("run", str(qwen_path), prompt, "--max-tokens", str(tokens), "--ctx", "1024")
+    mem = {"w1": "480MiB", "w2": "480MiB", "w3": "480MiB", "w4": "480MiB"}
+    with swarm(tmp_path, qwen_path, mem) as procs:
+        model_id = qwen_path.stem
+        cli_json("deploy", model_id, "--workers", "w1,w2,w3", "--node", procs["data"].url, "--ctx", "1024")
+        ask = {"model": model_id, "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
+               "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+        chunks: list[dict[str, Any]] = []
+        with httpx.stream("POST", f"{procs['data'].url}/v1/chat/completions", json=ask, timeout=300) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunks.append(json.loads(line[6:]))
+                    if len(chunks) == 4:
+                        procs[victim].p.kill()
+        assert not any("error" in ch for ch in chunks), chunks[-1]
+        text = "".join(ch["choices"][0]["delta"].get("content") or "" for ch in chunks if ch["choices"])
+        assert text == ref["text"]
+        assert chunks[-1]["usage"]["completion_tokens"] == len(ref["token_ids"])
+        timings = next(ch["timings"] for ch in chunks if ch.get("timings"))
+        assert timings["recoveries"] >= 1  # a retry onto the old head before the re-plan lands counts too
+        print(f"{victim} killed: pause {timings['recovery_pause_s'] * 1000:.0f} ms, "
+              f"{timings['recoveries']} resume(s)")  # fmt: skip
+        st = cli_json("status", "--node", procs["data"].url)
+        (pipe,) = st["pipelines"]
+        want = ["w1", "w4", "w3"] if victim == "w2" else ["w1", "w2", "w4"]
+        assert [s["worker"] for s in pipe["stages"]] == want
