@@ -2,6 +2,7 @@
 
     python benchmarks/bench_engine.py                      # both reference models, 2 threads
     python benchmarks/bench_engine.py --models qwen --threads 2 --tokens 64 --weights native
+    python benchmarks/bench_engine.py --llama-native /tmp/llnative   # also a build for this CPU
 
 Each side runs in its own subprocess, one after the other, alternating `--rounds` times; the figure reported
 is the best round of each (the machine is noisy), and the ratio eldric/llama.cpp. llama.cpp runs through
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -50,12 +52,17 @@ LLAMA_CPP = textwrap.dedent(
 )
 
 
-def run_llama_cpp(path: str, threads: int, n_gen: int) -> dict:
+def run_llama_cpp(path: str, threads: int, n_gen: int, pythonpath: str | None = None) -> dict:
+    """llama.cpp through llama-cpp-python: the installed build, or the one under `pythonpath`."""
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run(
         [sys.executable, "-c", LLAMA_CPP, path, str(threads), str(n_gen), PROMPT],
         capture_output=True,
         text=True,
         check=True,
+        env=env,
     )
     r = json.loads(out.stdout.strip().splitlines()[-1])
     r["decode_tps"] = r["decode_steps"] / r["decode_s"]
@@ -97,37 +104,51 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64, help="decode steps per run")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--weights", default="auto")
+    ap.add_argument("--llama-native", default=None, metavar="DIR",
+                    help="a llama-cpp-python built for this CPU (CMAKE_ARGS=-DGGML_NATIVE=ON pip install "
+                         "--target DIR), measured beside the installed (AVX2) build")  # fmt: skip
     args = ap.parse_args()
     rows = []
+    sides = [("llama.cpp", lambda p: run_llama_cpp(p, args.threads, args.tokens))]
+    if args.llama_native:
+        sides.append(("native", lambda p: run_llama_cpp(p, args.threads, args.tokens, args.llama_native)))
+    sides.append(("eldric", lambda p: run_eldric(p, args.threads, args.tokens, args.weights)))
     for name in args.models.split(","):
         path = str(models_dir() / MODELS[name])
         best: dict[str, dict] = {}
         for _ in range(args.rounds):
-            for side, fn in (
-                ("llama.cpp", lambda p: run_llama_cpp(p, args.threads, args.tokens)),
-                ("eldric", lambda p: run_eldric(p, args.threads, args.tokens, args.weights)),
-            ):
-                r = fn(path)
+            for side, fn in sides:
+                try:
+                    r = fn(path)
+                except subprocess.CalledProcessError as exc:  # a llama.cpp build that crashes on this CPU
+                    why = f"signal {-exc.returncode}" if exc.returncode < 0 else f"exit {exc.returncode}"
+                    print(f"{name}: {side} failed ({why}); left out")
+                    continue
                 if side not in best or r["decode_tps"] > best[side]["decode_tps"]:
                     best[side] = r
         e, ll = best["eldric"], best["llama.cpp"]
         a, b = e["token_ids"], ll["token_ids"]
         # the first step where the greedy tokens differ (None: identical)
         same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
-        rows.append((name, e, ll, same))
+        rows.append((name, e, ll, same, best.get("native")))
     print(f"threads={args.threads} decode steps={args.tokens} rounds={args.rounds} (best of each)")
-    print(f"{'model':6} {'side':10} {'prefill tok/s':>14} {'decode tok/s':>13}")
-    for name, e, ll, same in rows:  # noqa: B007
-        print(f"{name:6} {'llama.cpp':10} {ll['prefill_tps']:14.1f} {ll['decode_tps']:13.1f}")
+    print(f"{'model':6} {'side':16} {'prefill tok/s':>14} {'decode tok/s':>13}")
+    for name, e, ll, same, nat in rows:
+        print(f"{name:6} {'llama.cpp (AVX2)':16} {ll['prefill_tps']:14.1f} {ll['decode_tps']:13.1f}")
+        if nat is not None:
+            print(f"{name:6} {'llama.cpp native':16} {nat['prefill_tps']:14.1f} {nat['decode_tps']:13.1f}")
         print(
-            f"{name:6} {'eldric':10} {e['prefill_tps']:14.1f} {e['decode_tps']:13.1f}"
+            f"{name:6} {'eldric':16} {e['prefill_tps']:14.1f} {e['decode_tps']:13.1f}"
             f"   weights={e.get('weights')}"
         )
         print(
-            f"{name:6} {'ratio':10} {e['prefill_tps'] / ll['prefill_tps']:14.2f} "
+            f"{name:6} {'ratio vs AVX2':16} {e['prefill_tps'] / ll['prefill_tps']:14.2f} "
             f"{e['decode_tps'] / ll['decode_tps']:13.2f}   greedy tokens "
             + ("identical" if same is None else f"identical for the first {same}")
         )
+        if nat is not None:
+            print(f"{name:6} {'ratio vs native':16} {e['prefill_tps'] / nat['prefill_tps']:14.2f} "
+                  f"{e['decode_tps'] / nat['decode_tps']:13.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -100,8 +100,8 @@ class StepBatcher:
             while True:
                 await self._wake.wait()
                 self._wake = trio.Event()
-                await self._gather()
                 while self._pending:
+                    await self._gather()
                     batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
                     await self._run(batch)
         finally:
@@ -114,8 +114,8 @@ class StepBatcher:
         """Let the other sessions' next steps join before the batch starts. A batch's sessions get their
         results together, but each does some work (streaming its text, sending its frame) before it asks
         for the next step; without this the first to come back would start a batch of one and the sessions
-        would take turns instead of batching. Only a few scheduler passes (tens of microseconds), and none
-        when every open session is already waiting."""
+        would take turns instead of batching (one computing while the other queues, for ever). Only a few
+        scheduler passes (tens of microseconds), and none when every open session is already waiting."""
         quiet = 0
         for _ in range(GATHER_PASSES):
             if len(self._pending) >= min(self.active(), self.max_batch):
