@@ -1168,9 +1168,17 @@ static void quantize_row(const qtype_info *ti, const float *x, void *y, int64_t 
  * then sleep on a condition variable.
  */
 
+/* Activation rows [t0, t1) computed with one plan. A call is one or more ranges: one batch of rows takes two
+ * (repacked Q4_K: the rows in groups of four, then the rest); several sessions' rows batched together take the
+ * ranges each would take alone. */
 typedef struct {
-    plan_t plan, plan_grouped; /* plan_grouped for the activation rows t < grouped */
-    int64_t grouped;
+    int64_t t0, t1;
+    plan_t plan;
+} range_t;
+
+typedef struct {
+    const range_t *ranges;
+    int n_ranges;
     const uint8_t *w;
     const uint8_t *xq;
     float *out;
@@ -1201,8 +1209,9 @@ static void run_chunk(const job_t *j, int64_t c) {
     const int64_t r1 = (c + 1) * j->chunk < j->nout ? (c + 1) * j->chunk : j->nout;
     for (int64_t r = c * j->chunk; r < r1; r += 2) {
         const int R = r + 1 < r1 ? 2 : 1;
-        run_rows(j, &j->plan_grouped, r, R, 0, j->grouped);
-        run_rows(j, &j->plan, r, R, j->grouped, j->T);
+        for (int k = 0; k < j->n_ranges; k++) {
+            run_rows(j, &j->ranges[k].plan, r, R, j->ranges[k].t0, j->ranges[k].t1);
+        }
     }
 }
 
@@ -1299,12 +1308,11 @@ static void after_fork_child(void) {
     atomic_store(&g_sleepers, 0);
 }
 
-static void compute(const qtype_info *ti, plan_t plan, plan_t plan_grouped, int64_t grouped, const uint8_t *w,
+static void compute(const qtype_info *ti, const range_t *ranges, int n_ranges, const uint8_t *w,
                     const uint8_t *xq, float *out, int64_t T, int64_t in, int64_t nout, int n_threads) {
     job_t j;
-    j.plan = plan;
-    j.plan_grouped = plan_grouped;
-    j.grouped = grouped;
+    j.ranges = ranges;
+    j.n_ranges = n_ranges;
     j.w = w;
     j.xq = xq;
     j.out = out;
@@ -1360,10 +1368,11 @@ static int is_float32_format(const char *fmt) {
 static PyObject *py_qmatmul(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *ox, *ow, *oout;
+    PyObject *osegments = Py_None;
     int type, n_threads, repacked = -1, rows_alone = 0;
     Py_ssize_t in, nout;
-    if (!PyArg_ParseTuple(args, "OOOinni|ii", &ox, &ow, &oout, &type, &in, &nout, &n_threads, &repacked,
-                          &rows_alone)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOOinni|iiO", &ox, &ow, &oout, &type, &in, &nout, &n_threads, &repacked,
+                          &rows_alone, &osegments)) return NULL;
 
     const qtype_info *ti = find_type(type);
     if (ti == NULL) {
@@ -1386,6 +1395,7 @@ static PyObject *py_qmatmul(PyObject *self, PyObject *args) {
     Py_buffer bx = {0}, bw = {0}, bo = {0};
     PyObject *result = NULL;
     void *xq = NULL;
+    range_t *ranges = NULL;
     if (PyObject_GetBuffer(ox, &bx, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) goto done;
     if (PyObject_GetBuffer(ow, &bw, PyBUF_C_CONTIGUOUS) < 0) goto done;
     if (PyObject_GetBuffer(oout, &bo, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) < 0) goto done;
@@ -1424,23 +1434,63 @@ static PyObject *py_qmatmul(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
-    /* llama.cpp's path for this weight and batch: repacked, tiled (8+ rows, K-quants it does not repack), vec_dot.
-     * rows_alone: every row as llama.cpp computes a batch of one (the decode steps of several sessions batched
-     * into one call give each session the bits of its own single-row step), the weights still read once. */
-    const int tiled = !rows_alone && T >= 8 && ti->tiled.portable != NULL;
-    const plan_t plan = pick(repack ? ti->gemv : tiled ? ti->tiled : ti->dot);
-    const plan_t plan_grouped = repack && !rows_alone ? pick(ti->gemm4) : plan;
-    const Py_ssize_t grouped = repack && !rows_alone ? T - T % 4 : 0; /* rows llama.cpp takes four at a time */
+    /* The rows form segments, each computed as llama.cpp computes a batch of that many rows: one segment of T
+     * by default; rows_alone: T segments of one (the decode steps of several sessions in one call, each with
+     * the bits of its own single-row step); `segments`: the given row counts (several sessions' prompts and
+     * steps). The weights are read once for all of them either way. */
+    Py_ssize_t n_seg = 1;
+    if (osegments != Py_None) {
+        if (!PyTuple_Check(osegments) || PyTuple_GET_SIZE(osegments) < 1) {
+            PyErr_SetString(PyExc_ValueError, "segments must be a non-empty tuple of row counts");
+            goto done;
+        }
+        n_seg = PyTuple_GET_SIZE(osegments);
+    } else if (rows_alone) {
+        n_seg = T;
+    }
+    ranges = PyMem_RawMalloc(sizeof(range_t) * (size_t)(2 * n_seg));
+    if (ranges == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int n_ranges = 0;
+    Py_ssize_t t0 = 0;
+    for (Py_ssize_t k = 0; k < n_seg; k++) {
+        Py_ssize_t n = T;
+        if (osegments != Py_None) {
+            n = PyLong_AsSsize_t(PyTuple_GET_ITEM(osegments, k));
+            if (n == -1 && PyErr_Occurred()) goto done;
+        } else if (rows_alone) {
+            n = 1;
+        }
+        if (n < 1 || n > T - t0) {
+            PyErr_Format(PyExc_ValueError, "segments must be positive row counts summing to %zd", T);
+            goto done;
+        }
+        /* llama.cpp's path for this weight and n rows: repacked, tiled (8+ rows, K-quants it does not repack),
+         * vec_dot */
+        const int tiled = n >= 8 && ti->tiled.portable != NULL;
+        const plan_t plan = pick(repack ? ti->gemv : tiled ? ti->tiled : ti->dot);
+        const Py_ssize_t grouped = repack ? n - n % 4 : 0; /* rows llama.cpp takes four at a time */
+        if (grouped > 0) ranges[n_ranges++] = (range_t){t0, t0 + grouped, pick(ti->gemm4)};
+        if (grouped < n) ranges[n_ranges++] = (range_t){t0 + grouped, t0 + n, plan};
+        t0 += n;
+    }
+    if (t0 != T) {
+        PyErr_Format(PyExc_ValueError, "segments sum to %zd rows, x has %zd", t0, T);
+        goto done;
+    }
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t t = 0; t < T; t++) {
         quantize_row(ti, (const float *)bx.buf + t * in, (uint8_t *)xq + (size_t)t * xrow, in);
     }
-    compute(ti, plan, plan_grouped, grouped, bw.buf, xq, bo.buf, T, in, nout, n_threads);
+    compute(ti, ranges, n_ranges, bw.buf, xq, bo.buf, T, in, nout, n_threads);
     Py_END_ALLOW_THREADS
     Py_INCREF(Py_None);
     result = Py_None;
 
 done:
+    PyMem_RawFree(ranges);
     PyMem_RawFree(xq);
     if (bx.obj) PyBuffer_Release(&bx);
     if (bw.obj) PyBuffer_Release(&bw);

@@ -209,16 +209,14 @@ class Stage:
     def forward_batch(
         self, steps: list[tuple[str, torch.Tensor, int]], *, last_only: bool = True
     ) -> list[torch.Tensor]:
-        """One step of each of several sessions in one pass: `steps` is [(sid, x, start_pos)], each x one
-        token id [1] (head) or one hidden row [1, hidden], every sid different. The weights are read once for
-        all of them (continuous batching across sessions); each session's output is `forward`'s for it alone,
-        bit for bit with native weights on the CPU (the kernels' `rows_alone`, and per-session rope and
-        attention), within float noise with dense weights. Raises InvalidInput as `forward` does."""
+        """A step of each of several sessions in one pass: `steps` is [(sid, x, start_pos)], x token ids [T]
+        (head) or hidden rows [T, hidden] (a prompt, or one position of a decode), every sid different. The
+        weights are read once for all of them (continuous batching across sessions); each session's output
+        is `forward`'s for it alone, bit for bit with native weights on the CPU (the kernels compute each
+        session's rows as their own batch, rope and attention run per session), within float noise with
+        dense weights. Raises InvalidInput as `forward` does."""
         if len({sid for sid, _, _ in steps}) != len(steps):
             raise InvalidInput("a batch holds each session once")
-        for sid, x, _ in steps:
-            if x.shape[0] != 1:
-                raise InvalidInput(f"session {sid}: a batched step is one position, got {x.shape[0]}")
         return self._torch_single_threaded(lambda: self._forward(steps, last_only))
 
     def _torch_single_threaded(self, fn: Callable[[], T_]) -> T_:
@@ -299,11 +297,12 @@ class Stage:
         the rows at once, rope and attention per segment against its own cache."""
         cfg = self.cfg
         N = h.shape[0]
-        alone = len(segments) > 1  # rows of different sessions: each keeps its own single-step bits
+        # rows of different sessions: each segment keeps the bits of its own call
+        sizes = tuple(seg.T for seg in segments) if len(segments) > 1 else None
         x = rms_norm(h, layer.attn_norm, cfg.norm_eps)
-        q = layer.wq(x, rows_alone=alone).view(N, cfg.n_heads, cfg.head_dim)  # [N, nh, hd]
-        k = layer.wk(x, rows_alone=alone).view(N, cfg.n_kv_heads, cfg.head_dim)  # [N, nkv, hd]
-        v = layer.wv(x, rows_alone=alone).view(N, cfg.n_kv_heads, cfg.head_dim)  # [N, nkv, hd]
+        q = layer.wq(x, segments=sizes).view(N, cfg.n_heads, cfg.head_dim)  # [N, nh, hd]
+        k = layer.wk(x, segments=sizes).view(N, cfg.n_kv_heads, cfg.head_dim)  # [N, nkv, hd]
+        v = layer.wv(x, segments=sizes).view(N, cfg.n_kv_heads, cfg.head_dim)  # [N, nkv, hd]
         if cfg.qk_norm:
             assert layer.q_norm is not None and layer.k_norm is not None
             q = rms_norm(q, layer.q_norm, cfg.norm_eps)
@@ -319,12 +318,12 @@ class Stage:
                                       v[row : row + seg.T], score_scale))  # fmt: skip
             row += seg.T
         attn = torch.cat(parts) if len(parts) > 1 else parts[0]
-        o = layer.wo(attn, rows_alone=alone)  # [N, hidden]
+        o = layer.wo(attn, segments=sizes)  # [N, hidden]
         if layer.post_attn_norm is not None:
             o = rms_norm(o, layer.post_attn_norm, cfg.norm_eps)
         h = h + o
         x = rms_norm(h, layer.ffn_norm, cfg.norm_eps)
-        gate, up = layer.w_gate(x, rows_alone=alone), layer.w_up(x, rows_alone=alone)  # [N, ffn]
+        gate, up = layer.w_gate(x, segments=sizes), layer.w_up(x, segments=sizes)  # [N, ffn]
         if self.exact_ops:
             act = torch.empty_like(gate)
             fused = _ggmlops.geglu if cfg.act == "gelu_tanh" else _ggmlops.swiglu
@@ -333,7 +332,7 @@ class Stage:
             act = gelu_ggml(gate) * up
         else:
             act = F.silu(gate) * up
-        d = layer.w_down(act, rows_alone=alone)  # [N, hidden]
+        d = layer.w_down(act, segments=sizes)  # [N, hidden]
         if layer.post_ffn_norm is not None:
             d = rms_norm(d, layer.post_ffn_norm, cfg.norm_eps)
         return h + d

@@ -110,7 +110,12 @@ def _uint8_tensor(arr: np.ndarray) -> torch.Tensor:
 
 
 def qlinear(
-    x: torch.Tensor, w: QuantWeight, n_threads: int | None = None, *, rows_alone: bool = False
+    x: torch.Tensor,
+    w: QuantWeight,
+    n_threads: int | None = None,
+    *,
+    rows_alone: bool = False,
+    segments: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """x [..., in_features] float32 (CPU) -> [..., out_features] float32 = x @ W.T, llama.cpp's arithmetic.
 
@@ -119,7 +124,8 @@ def qlinear(
     call to match llama.cpp's n-token batch. The result does not depend on the thread count. Threads default
     to `torch.get_num_threads()`. `rows_alone`: each row gets the bits llama.cpp gives a batch of that one row
     (a batch of decode steps of different sessions, each equal to its own step), the weights still read
-    once for all the rows. Raises `InvalidInput` for a wrong shape, dtype or device and
+    once for all the rows. `segments`: row counts summing to the rows, each segment computed as llama.cpp
+    computes a batch of that many rows (several sessions' prompts and steps in one call). Raises `InvalidInput` for a wrong shape, dtype or device and
     `UnsupportedModel` when the kernels are not built.
     """
     if _qkernels is None:
@@ -143,6 +149,7 @@ def qlinear(
         threads,
         repacked,
         int(rows_alone),
+        segments,
     )
     return out.reshape(*lead, w.out_features)
 

@@ -86,11 +86,13 @@ class Linear:
 
     threads: int | None = None  # kernel threads; set by the Stage (None: torch's thread count)
 
-    def __call__(self, x: torch.Tensor, *, rows_alone: bool = False) -> torch.Tensor:
-        """`rows_alone`: the rows belong to different sessions; each gets the bits of its own one-row call
-        (native weights; dense weights have no such guarantee)."""
+    def __call__(
+        self, x: torch.Tensor, *, rows_alone: bool = False, segments: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
+        """`rows_alone` / `segments`: the rows belong to different sessions (one row each, or the given row
+        counts); each gets the bits of its own call (native weights; dense ones have no such guarantee)."""
         if self.q is not None:
-            y = qmatmul.qlinear(x, self.q, n_threads=self.threads, rows_alone=rows_alone)
+            y = qmatmul.qlinear(x, self.q, n_threads=self.threads, rows_alone=rows_alone, segments=segments)
         else:
             assert self.w is not None
             y = F.linear(x.to(self.w.dtype), self.w).float()

@@ -6,8 +6,8 @@ one forward (`Stage.forward_batch`), so the weights are read once per step for a
     out = await batcher.step(sid, x, pos, last_only=True, post=lambda logits: sampler.sample(...))
 
 Every stage of a pipeline has one per loaded shard: the head's sessions call `step` from their own tasks,
-the other stages from a task per HIDDEN frame. `serve` takes whatever steps are waiting, runs the one-position
-steps of different sessions together and the multi-position ones (a prompt) alone, and hands each result
+the other stages from a task per HIDDEN frame. `serve` takes whatever steps are waiting, runs them together
+(decode steps and prompts alike, each session's rows computed as their own batch), and hands each result
 back; steps that arrive meanwhile form the next batch, so sessions join and leave between steps. `post` runs
 on each session's output in the compute thread (sampling, the wire dtype). An engine error in a batch is
 attributed by running its steps one by one (inputs are checked before any cache changes). With native weights
@@ -145,14 +145,12 @@ class StepBatcher:
             step.done.set()
 
     def _compute(self, stage: Stage, batch: list[_Step]) -> None:
-        """In the compute thread: the one-position steps together (grouped by `last_only`), the rest alone."""
-        singles: dict[bool, list[_Step]] = {}
+        """In the compute thread: every step (prompts and decode steps alike) in one forward per `last_only`
+        (a stage's steps all have the same), each session's rows computed as its own batch."""
+        groups: dict[bool, list[_Step]] = {}
         for step in batch:
-            if step.x.shape[0] == 1:
-                singles.setdefault(step.last_only, []).append(step)
-            else:
-                self._alone(stage, step)
-        for last_only, group in singles.items():
+            groups.setdefault(step.last_only, []).append(step)
+        for last_only, group in groups.items():
             if len(group) == 1:
                 self._alone(stage, group[0])
                 continue
