@@ -125,7 +125,8 @@ def qlinear(
     to `torch.get_num_threads()`. `rows_alone`: each row gets the bits llama.cpp gives a batch of that one row
     (a batch of decode steps of different sessions, each equal to its own step), the weights still read
     once for all the rows. `segments`: row counts summing to the rows, each segment computed as llama.cpp
-    computes a batch of that many rows (several sessions' prompts and steps in one call). Raises `InvalidInput` for a wrong shape, dtype or device and
+    computes a batch of that many rows (several sessions' prompts and steps in one call). Raises
+    `InvalidInput` for a wrong shape, dtype or device, `ValueError` for segments that do not add up, and
     `UnsupportedModel` when the kernels are not built.
     """
     if _qkernels is None:
