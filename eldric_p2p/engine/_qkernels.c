@@ -1365,6 +1365,20 @@ static int is_float32_format(const char *fmt) {
     return strcmp(fmt, "f") == 0;
 }
 
+/* Append rows [t0, t1) with plan p, joined to the previous range when it has the same plan: every output is
+ * computed on its own in the plan's order whichever rows share a tile (and a joined 4-row gemm range stays
+ * aligned: each part is a multiple of four), so single-row segments still go four at a time through a tile. */
+static void add_range(range_t *ranges, int *n, int64_t t0, int64_t t1, plan_t p) {
+    if (*n > 0) {
+        range_t *last = &ranges[*n - 1];
+        if (last->t1 == t0 && last->plan.dot == p.dot && last->plan.t1x4 == p.t1x4 && last->plan.t2x4 == p.t2x4) {
+            last->t1 = t1;
+            return;
+        }
+    }
+    ranges[(*n)++] = (range_t){t0, t1, p};
+}
+
 static PyObject *py_qmatmul(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *ox, *ow, *oout;
@@ -1472,8 +1486,8 @@ static PyObject *py_qmatmul(PyObject *self, PyObject *args) {
         const int tiled = n >= 8 && ti->tiled.portable != NULL;
         const plan_t plan = pick(repack ? ti->gemv : tiled ? ti->tiled : ti->dot);
         const Py_ssize_t grouped = repack ? n - n % 4 : 0; /* rows llama.cpp takes four at a time */
-        if (grouped > 0) ranges[n_ranges++] = (range_t){t0, t0 + grouped, pick(ti->gemm4)};
-        if (grouped < n) ranges[n_ranges++] = (range_t){t0 + grouped, t0 + n, plan};
+        if (grouped > 0) add_range(ranges, &n_ranges, t0, t0 + grouped, pick(ti->gemm4));
+        if (grouped < n) add_range(ranges, &n_ranges, t0 + grouped, t0 + n, plan);
         t0 += n;
     }
     if (t0 != T) {

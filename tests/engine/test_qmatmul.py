@@ -378,10 +378,10 @@ def test_rows_alone_gives_each_row_the_bits_of_its_own_single_row_call(
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K], ids=lambda q: q.name)
 def test_segments_give_each_its_own_batch_bits(qtype: GGMLQuantizationType, simd: str) -> None:
     """Several sessions' prompts and steps in one call (`segments`) equal one call per segment, bit for
-    bit: 13 rows take the tiled path, 6 the 4-row gemm plus the gemv, 1 the gemv."""
+    bit: 13 rows take the tiled path, 6 the 4-row gemm plus the gemv, 1 the gemv (or vec_dot)."""
     rng = np.random.default_rng(70 + int(qtype))
     n, rows = _in_features(qtype), 64
-    sizes = (13, 1, 6, 1, 9, 4)
+    sizes = (13, 9, 1, 1, 1, 6, 8, 1, 9, 4)  # neighbours with the same path share tiles
     x = torch.from_numpy(_activations(sum(sizes), n, rng))
     w = qm.QuantWeight.from_raw(_weights(qtype, rows, n, rng, "random"), qtype, n, rows)
     parts, t = [], 0
