@@ -35,7 +35,7 @@ import trio
 from eldric_p2p.paths import models_dir
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_pipeline import start, stop  # noqa: E402
+from bench_pipeline import cpu_name, start_swarm, stop  # noqa: E402
 
 PROMPTS = [f"Write a Python function number {i} that" for i in range(16)]
 
@@ -142,23 +142,14 @@ def main() -> None:
     args = ap.parse_args()
     streams = [int(s) for s in args.streams.split(",")]
     model = args.model.stem
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?"
-    )
-    print(f"model {model}, {args.tokens} greedy tokens per stream, CPU {cpu}, {os.cpu_count()} cores")
+    print(f"model {model}, {args.tokens} greedy tokens per stream, CPU {cpu_name()}, {os.cpu_count()} cores")
     ours: dict[str, dict[int, float]] = {"1 stage": {}, "3 stages": {}}
     same = True
     procs: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="bench-concurrency-") as d:
         tmp = Path(d)
         try:
-            p, data = start("data", tmp, ["--models", str(args.model), "--no-worker"])
-            procs.append(p)
-            peer = ["--peer", data.removeprefix("http://"), "--device", "cpu"]
-            urls = {}
-            for name in ("solo", "w1", "w2", "w3"):
-                p, urls[name] = start(name, tmp, peer)
-                procs.append(p)
+            data, urls = start_swarm(tmp, args.model, ["solo", "w1", "w2", "w3"], procs)
             for workers in (["solo"], ["w1", "w2", "w3"]):
                 ask = {"model": model, "workers": workers, "max_ctx": 512, "sessions": 8}
                 r = httpx.post(f"{data}/api/v1/pipeline/deploy", timeout=900, json=ask)

@@ -27,10 +27,8 @@ from typing import Any
 
 import httpx
 
-from eldric_p2p.paths import models_dir
-
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_pipeline import start, stop  # noqa: E402
+from bench_pipeline import cpu_name, reference_model, start, stop  # noqa: E402
 
 
 def ask(url: str, model: str) -> float:
@@ -53,12 +51,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--memory", default="1500MiB", help="the worker's --memory")
     args = ap.parse_args()
-    model = args.model or next(iter(sorted(models_dir().glob("qwen*.gguf"))), None)
-    if model is None:
-        raise SystemExit("no --model and no Qwen reference model (eldric-p2p models fetch qwen)")
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?"
-    )
+    model = reference_model(args.model)
+    cpu = cpu_name()
     print(f"model {model.name} ({model.stat().st_size / 2**20:.0f} MiB), CPU {cpu}, {os.cpu_count()} cores")
     model_id = model.stem
     rows: dict[str, list[tuple[float, float, float, int]]] = {"network": [], "shard cache": [], "loaded": []}

@@ -62,6 +62,38 @@ def start(name: str, tmp: Path, args: list[str]) -> tuple[subprocess.Popen[bytes
     raise SystemExit(f"{name} did not start")
 
 
+def start_swarm(
+    tmp: Path, model: Path, workers: list[str], procs: list[subprocess.Popen[bytes]]
+) -> tuple[str, dict[str, str]]:
+    """A data peer serving `model` (no worker) and CPU workers bootstrapped from it; their processes are
+    appended to `procs` as they start. Returns (data peer URL, worker name -> URL)."""
+    p, data = start("data", tmp, ["--models", str(model), "--no-worker"])
+    procs.append(p)
+    peer = ["--peer", data.removeprefix("http://"), "--device", "cpu"]
+    urls = {}
+    for name in workers:
+        p, urls[name] = start(name, tmp, peer)
+        procs.append(p)
+    return data, urls
+
+
+def reference_model(path: Path | None) -> Path:
+    """`path`, or the Qwen reference model when None. Exits with a hint when there is neither."""
+    model = path or next(iter(sorted(models_dir().glob("qwen*.gguf"))), None)
+    if model is None:
+        raise SystemExit("no --model and no Qwen reference model (eldric-p2p models fetch qwen)")
+    return model
+
+
+def cpu_name() -> str:
+    """The CPU model, as /proc/cpuinfo names it (figures say which CPU gave them)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    except OSError:
+        return "?"
+
+
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
     """Ctrl-C every node, then wait (a node that does not exit in 10 s is killed)."""
     for p in procs:
@@ -106,13 +138,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as d:
         tmp = Path(d)
         try:
-            p, data = start("data", tmp, ["--models", str(args.model), "--no-worker"])
-            procs.append(p)
-            peer = ["--peer", data.removeprefix("http://"), "--device", "cpu"]
-            urls = {}
-            for name in ("solo", "w1", "w2", "w3"):
-                p, urls[name] = start(name, tmp, peer)
-                procs.append(p)
+            data, urls = start_swarm(tmp, args.model, ["solo", "w1", "w2", "w3"], procs)
             for workers in (["solo"], ["w1", "w2", "w3"]):
                 r = httpx.post(
                     f"{data}/api/v1/pipeline/deploy",

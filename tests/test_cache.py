@@ -184,7 +184,7 @@ def test_eviction_order_is_least_recently_used_and_skips_pinned_and_busy() -> No
         return d
 
     deps = [dep("a", 30), dep("b", 10), dep("pinned", 0, ttl=0), dep("busy", 5, active=1), dep("c", 20)]
-    assert [d.model for d in evict_order(deps, 100)] == ["b", "c", "a"]
+    assert [d.model for d in evict_order(deps)] == ["b", "c", "a"]
     assert [d.model for d in expired(deps, 85)] == ["b", "c"]  # idle 75 and 65 s > 60 s; a idle 55 s
 
 

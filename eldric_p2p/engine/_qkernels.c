@@ -1383,10 +1383,10 @@ static PyObject *py_qmatmul(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *ox, *ow, *oout;
     PyObject *osegments = Py_None;
-    int type, n_threads, repacked = -1, rows_alone = 0;
+    int type, n_threads, repacked = -1;
     Py_ssize_t in, nout;
-    if (!PyArg_ParseTuple(args, "OOOinni|iiO", &ox, &ow, &oout, &type, &in, &nout, &n_threads, &repacked,
-                          &rows_alone, &osegments)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOOinni|iO", &ox, &ow, &oout, &type, &in, &nout, &n_threads, &repacked,
+                          &osegments)) return NULL;
 
     const qtype_info *ti = find_type(type);
     if (ti == NULL) {
@@ -1449,9 +1449,8 @@ static PyObject *py_qmatmul(PyObject *self, PyObject *args) {
         goto done;
     }
     /* The rows form segments, each computed as llama.cpp computes a batch of that many rows: one segment of T
-     * by default; rows_alone: T segments of one (the decode steps of several sessions in one call, each with
-     * the bits of its own single-row step); `segments`: the given row counts (several sessions' prompts and
-     * steps). The weights are read once for all of them either way. */
+     * by default, or the given row counts (several sessions' prompts and decode steps in one call, each with
+     * the bits of its own call). The weights are read once for all of them either way. */
     Py_ssize_t n_seg = 1;
     if (osegments != Py_None) {
         if (!PyTuple_Check(osegments) || PyTuple_GET_SIZE(osegments) < 1) {
@@ -1459,8 +1458,6 @@ static PyObject *py_qmatmul(PyObject *self, PyObject *args) {
             goto done;
         }
         n_seg = PyTuple_GET_SIZE(osegments);
-    } else if (rows_alone) {
-        n_seg = T;
     }
     ranges = PyMem_RawMalloc(sizeof(range_t) * (size_t)(2 * n_seg));
     if (ranges == NULL) {
@@ -1474,8 +1471,6 @@ static PyObject *py_qmatmul(PyObject *self, PyObject *args) {
         if (osegments != Py_None) {
             n = PyLong_AsSsize_t(PyTuple_GET_ITEM(osegments, k));
             if (n == -1 && PyErr_Occurred()) goto done;
-        } else if (rows_alone) {
-            n = 1;
         }
         if (n < 1 || n > T - t0) {
             PyErr_Format(PyExc_ValueError, "segments must be positive row counts summing to %zd", T);

@@ -271,7 +271,8 @@ class Stage:
         assert self.out_norm is not None and self.lm_head is not None
         if last_only:
             h = torch.cat([o[-1:] for o in outs]) if len(outs) > 1 else outs[0][-1:]  # [B, hidden]
-            logits = self.lm_head(rms_norm(h, self.out_norm, self.cfg.norm_eps), rows_alone=len(outs) > 1)
+            rows = (1,) * len(outs) if len(outs) > 1 else None  # each session's last row alone
+            logits = self.lm_head(rms_norm(h, self.out_norm, self.cfg.norm_eps), segments=rows)
             return list(logits.split(1))  # [1, vocab] each
         return [self.lm_head(rms_norm(o, self.out_norm, self.cfg.norm_eps)) for o in outs]  # [T, vocab] each
 

@@ -149,8 +149,7 @@ def qlinear(
         w.out_features,
         threads,
         repacked,
-        int(rows_alone),
-        segments,
+        (1,) * x2.shape[0] if rows_alone and segments is None else segments,
     )
     return out.reshape(*lead, w.out_features)
 

@@ -86,13 +86,11 @@ class Linear:
 
     threads: int | None = None  # kernel threads; set by the Stage (None: torch's thread count)
 
-    def __call__(
-        self, x: torch.Tensor, *, rows_alone: bool = False, segments: tuple[int, ...] | None = None
-    ) -> torch.Tensor:
-        """`rows_alone` / `segments`: the rows belong to different sessions (one row each, or the given row
-        counts); each gets the bits of its own call (native weights; dense ones have no such guarantee)."""
+    def __call__(self, x: torch.Tensor, *, segments: tuple[int, ...] | None = None) -> torch.Tensor:
+        """`segments`: the rows belong to different sessions, this many each; each gets the bits of its own
+        call (native weights; dense ones have no such guarantee)."""
         if self.q is not None:
-            y = qmatmul.qlinear(x, self.q, n_threads=self.threads, rows_alone=rows_alone, segments=segments)
+            y = qmatmul.qlinear(x, self.q, n_threads=self.threads, segments=segments)
         else:
             assert self.w is not None
             y = F.linear(x.to(self.w.dtype), self.w).float()

@@ -41,7 +41,7 @@ MODEL_TTL_S = 30 * 60.0
 MAX_EVICTED_KEPT = 50
 
 
-def evict_order(deployments: list[Deployment], wall: float) -> list[Deployment]:
+def evict_order(deployments: list[Deployment]) -> list[Deployment]:
     """The deployments that may be unloaded to make room, least recently used first: those with a TTL, no
     session open, and not still loading."""
     idle = [d for d in deployments if d.ttl_s > 0 and d.active == 0 and d.state != "loading"]
@@ -124,7 +124,7 @@ async def _deploy_evicting(coord: Coordinator, model: str) -> Deployment:
             dep = await coord.deploy(model, ttl=coord.model_ttl, on_demand=True, **opts)
         except PlanDoesNotFit as exc:
             victims = [
-                d for d in evict_order(list(coord.deployments.values()), time.time()) if d.model != model
+                d for d in evict_order(list(coord.deployments.values())) if d.model != model
             ]
             if not victims:
                 busy = [d.model for d in coord.deployments.values() if d.active]
