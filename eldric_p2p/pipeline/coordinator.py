@@ -351,7 +351,7 @@ class Coordinator:
             return self.deployments[key]
         deps = [d for d in self.deployments.values() if d.model == key]
         if not deps:
-            raise ModelNotFound(f"no deployment {key!r} on this coordinator")
+            raise ModelNotFound(f"no deployment {key[:200]!r} on this coordinator")
         return max(deps, key=lambda d: d.created)
 
     async def undeploy(self, key: str) -> Deployment:

@@ -193,3 +193,39 @@ def test_assignment_parser_refuses_bad_fields() -> None:
     for case in bad_cases:
         with pytest.raises(UsageError):
             Assignment.from_json_untrusted(case)
+
+
+def test_a_second_step_before_the_first_was_answered_ends_only_that_session(
+    tmp_path: Path, model_dir: Path, local: LocalModel
+) -> None:
+    """The previous hop sends one step of a session and waits for its answer; a peer that floods steps is
+    cut off for that session (the work it can queue stays bounded) and the stage keeps serving."""
+    import torch
+
+    from eldric_p2p.net.frames import hidden_frame
+
+    want = local_answer(local, "Hello world", GREEDY)
+
+    async def main() -> None:
+        async with cluster(tmp_path, model_dir, [100 * MiB, 100 * MiB]) as m, httpx.AsyncClient() as c:
+            r = await deploy(c, m[0].url)
+            assert r.status_code == 200, r.text
+            dep_id = r.json()["id"]
+            tail = m[1].node
+            assert tail.worker is not None
+            # the head's own identity: the tail takes it for the previous hop
+            link = await open_tcp_link("127.0.0.1", tail.worker.link_port, m[0].node.identity,
+                                       tail.identity.peer_id)  # fmt: skip
+            sid = 12345
+            await send_frame(link, Frame(FrameType.OPEN_SESSION, sid, ext={"deployment": dep_id, "params": {},
+                                                                          "ctx": 64}))  # fmt: skip
+            x = torch.zeros(1, 64)
+            for pos in range(8):  # no waiting for answers
+                await send_frame(link, hidden_frame(sid, pos, x))
+            with trio.fail_after(10):
+                while sid in tail.worker._stage_sessions:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            await link.aclose()
+            assert joined(await generate(c, m[0].url, "Hello world", GREEDY)) == want
+
+    trio.run(main)
