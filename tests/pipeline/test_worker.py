@@ -146,7 +146,8 @@ def test_status_unload_frees_memory_and_the_head_goes_away(tmp_path: Path, model
             r = await generate(c, m[0].url, "Hello", GREEDY)
             assert r[0]["error"]["code"] == "model_not_found"
             status = (await c.get(f"{m[0].url}/api/v1/pipeline/status")).json()
-            assert status == {"deployments": [], "deploying": [], "recovered": [], "pending": [], "evicted": []}
+            empty = {"deployments": [], "deploying": [], "recovered": [], "pending": [], "evicted": []}
+            assert status == empty
 
     trio.run(main)
 
