@@ -424,3 +424,14 @@ class QuicConn:
             self.close_reason = self.close_reason or reason
             self.quic.close(error_code=error_code, reason_phrase=reason)
             self._poke()
+
+    @property
+    def stream_count(self) -> int:
+        """Streams open on this connection, ours and the peer's."""
+        return len(self._streams)
+
+    def ping(self) -> None:
+        """Queue a PING: keeps a NAT binding and the peer's idle timer fresh."""
+        if self.alive:
+            self.quic.send_ping(0)
+            self._poke()
