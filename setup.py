@@ -9,18 +9,22 @@ x86-64. Threads are a small pthread pool inside the module (no OpenMP runtime to
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+
+
+# the kernels and ops, included by both extensions' .c files
+HEADERS = sorted(str(p) for p in Path("eldric_p2p/engine/csrc").glob("*.h"))
 
 
 class BuildExt(build_ext):
     def build_extensions(self) -> None:
         if self.compiler.compiler_type == "unix":
             for ext in self.extensions:
-                ext.extra_compile_args = ["-O3", "-std=c11", "-pthread"]
-                if ext.name.endswith("_ggmlops"):
-                    ext.extra_compile_args.append("-ffp-contract=off")  # only the fused operations it spells out
+                # -ffp-contract=off: only the fused multiply-adds the code spells out (llama.cpp's float order)
+                ext.extra_compile_args = ["-O3", "-std=c11", "-pthread", "-ffp-contract=off"]
                 ext.extra_link_args = ["-pthread"]
         super().build_extensions()
 
@@ -30,11 +34,14 @@ setup(
         Extension(
             "eldric_p2p.engine._qkernels",
             sources=["eldric_p2p/engine/_qkernels.c"],
+            depends=HEADERS,
             optional=True,
+            libraries=["m"],
         ),
         Extension(
             "eldric_p2p.engine._ggmlops",
             sources=["eldric_p2p/engine/_ggmlops.c"],
+            depends=HEADERS,
             optional=True,
             libraries=["m"],
         ),

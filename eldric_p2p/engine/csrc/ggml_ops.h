@@ -1,0 +1,447 @@
+/* The small operations of a transformer layer with the exact arithmetic of ggml's x86 CPU backend.
+ *
+ * Included by _ggmlops.c (the Python API of each operation) and by _qkernels.c (the fused layer, qk_layer.h).
+ * The matmuls are in the qk_*.h headers. What is here is everything between them whose last bits ggml computes
+ * in a particular way, so that a stage gives llama.cpp's numbers bit for bit:
+ *
+ *   rope       theta = p * theta_scale^i built by repeated float products, cosf/sinf from libm, and the
+ *              rotation as the compiler contracts ggml's `x0*c - x1*s` on an FMA machine: fma(x0, c, -(x1*s)).
+ *   attention  scores = K . f16(q) (K is the f16 cache), softmax with ggml's vectorised expf polynomial and its
+ *              summation order, out = V^T . f16(p). Dot products follow ggml's summation order: one 8-lane
+ *              accumulator (llamafile's tinyBLAS, used by llama.cpp for several query rows) or four 8-lane
+ *              accumulators (ggml_vec_dot_f16, used for one query row).
+ *   swiglu     silu(g) * u with the same expf polynomial.
+ *   rms_norm   ggml_rms_norm then the weight: squares in float summed in double, mean rounded to float,
+ *              scale = 1/sqrtf(mean + eps), y = (x * scale) * w.
+ *   geglu      gelu(g) * u through ggml's table of GELU (tanh form) at every f16 input, computed as ggml's
+ *              compiler evaluates 0.5x(1 + tanh(sqrt(2/pi) x (1 + 0.044715 x^2))) on an FMA machine.
+ *
+ * Every routine is written once as portable C with explicit fmaf() and compiled twice: with the x86 "fma"
+ * target (fmaf becomes one instruction) and without (fmaf is libm's exact software fma), chosen at run time
+ * (ops_set_simd). Files including this are built with -ffp-contract=off so the compiler adds no fused operations
+ * of its own. Call ops_init() once before anything else.
+ */
+
+#ifndef ELDRIC_GGML_OPS_H
+#define ELDRIC_GGML_OPS_H
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define OPS_X86 1
+#define OPS_TARGET_FMA __attribute__((target("fma")))
+#define OPS_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#include <immintrin.h>
+#else
+#define OPS_X86 0
+#endif
+
+/* ---- fp16 -------------------------------------------------------------------------------------------------- */
+
+static inline float h2f(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            int e = -1;
+            do { man <<= 1; e++; } while (!(man & 0x400u));
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ffu) << 13);
+        }
+    } else {
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* float -> nearest half (ties to even), then back to float: the value an f16 conversion keeps. */
+static inline float round_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = x & 0x80000000u, ax = x & 0x7fffffffu;
+    uint16_t h;
+    if (ax >= 0x7f800000u) {
+        h = (uint16_t)((sign >> 16) | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0));
+    } else if (ax >= 0x477ff000u) {
+        h = (uint16_t)((sign >> 16) | 0x7c00u);
+    } else if (ax < 0x38800000u) { /* result is subnormal or zero: round at 2^-24 */
+        float a;
+        memcpy(&a, &ax, 4);
+        const float m = a * 16777216.0f; /* exact */
+        h = (uint16_t)((sign >> 16) | (uint16_t)nearbyintf(m));
+    } else {
+        const uint32_t lsb = (ax >> 13) & 1u;
+        const uint32_t r = ax + 0xfffu + lsb - 0x38000000u; /* rebias 127 -> 15, round half to even */
+        h = (uint16_t)((sign >> 16) | (r >> 13));
+    }
+    return h2f(h);
+}
+
+static inline float bits_f(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
+static inline uint32_t f_bits(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
+
+/* ---- the routines, written once ---------------------------------------------------------------------------- */
+
+/* ggml_v_expf's arithmetic for one lane (an expf polynomial after Arm's optimized-routines): about 1.5 ulp,
+ * -inf -> 0. Each line is the lane-wise operation ggml performs, so the result is bit-identical. */
+#define DEFINE_EXPF(NAME, ATTR)                                                                                  \
+    ATTR static inline float NAME(float x) {                                                                     \
+        const float r = 0x1.8p23f;                                                                               \
+        const float z = fmaf(x, 0x1.715476p+0f, r);                                                              \
+        const float n = z - r;                                                                                   \
+        const float b = fmaf(-n, 0x1.7f7d1cp-20f, fmaf(-n, 0x1.62e4p-1f, x));                                    \
+        const uint32_t e = f_bits(z) << 23;                                                                      \
+        const float k = bits_f(e + f_bits(1.0f));                                                                \
+        const int c = fabsf(n) > 126.0f;                                                                         \
+        const float u = b * b;                                                                                   \
+        const float j = fmaf(fmaf(fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u, fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)), \
+                             u, 0x1.ffffecp-1f * b);                                                             \
+        if (!c) return fmaf(k, j, k);                                                                            \
+        const uint32_t g = n <= 0.0f ? 0x82000000u : 0u;                                                         \
+        const float s1 = bits_f(g + 0x7f000000u);                                                                \
+        const float s2 = bits_f(e - g);                                                                          \
+        if (fabsf(n) > 192.0f) return s1 * s1;                                                                   \
+        return fmaf(s2, j, s2) * s1;                                                                             \
+    }
+
+/* ggml's horizontal sum of 8 lanes (hsum_float_8): (hi4 + lo4), then lanes 0+2 and 1+3, then those two. */
+static inline float ops_hsum8(const float *a) {
+    const float r0 = a[4] + a[0], r1 = a[5] + a[1], r2 = a[6] + a[2], r3 = a[7] + a[3];
+    return (r0 + r2) + (r1 + r3);
+}
+
+/* GGML_F32x8_REDUCE of four 8-lane accumulators: (a0 + a2) + (a1 + a3), then lo4 + hi4, then two hadds. */
+static inline float reduce4x8(float acc[4][8]) {
+    float x[8], t[4];
+    for (int l = 0; l < 8; l++) x[l] = (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]);
+    for (int l = 0; l < 4; l++) t[l] = x[l] + x[l + 4];
+    return (t[0] + t[1]) + (t[2] + t[3]);
+}
+
+#define DEFINE_ROUTINES(SUFFIX, ATTR)                                                                            \
+    DEFINE_EXPF(expf_ggml_##SUFFIX, ATTR)                                                                        \
+                                                                                                                 \
+    ATTR static void rope_##SUFFIX(float *x, const int64_t *pos, int64_t T, int nh, int hd, int n_dims,          \
+                                   float base, float freq_scale, int neox) {                                     \
+        const float theta_scale = powf(base, -2.0f / (float)n_dims);                                             \
+        float *cs = malloc(sizeof(float) * (size_t)n_dims);                                                      \
+        if (!cs) return;                                                                                         \
+        for (int64_t t = 0; t < T; t++) {                                                                        \
+            float theta = (float)pos[t];                                                                         \
+            for (int i = 0; i < n_dims; i += 2) {                                                                \
+                const float th = freq_scale * theta;                                                             \
+                cs[i] = cosf(th);                                                                                \
+                cs[i + 1] = sinf(th);                                                                            \
+                theta *= theta_scale;                                                                            \
+            }                                                                                                    \
+            for (int h = 0; h < nh; h++) {                                                                       \
+                float *v = x + ((size_t)t * nh + h) * hd;                                                        \
+                const int off = neox ? n_dims / 2 : 1;                                                           \
+                for (int i = 0; i < n_dims; i += 2) {                                                            \
+                    float *p = neox ? v + i / 2 : v + i;                                                         \
+                    const float x0 = p[0], x1 = p[off], c = cs[i], s = cs[i + 1];                                \
+                    p[0] = fmaf(x0, c, -(x1 * s));                                                               \
+                    p[off] = fmaf(x0, s, x1 * c);                                                                \
+                }                                                                                                \
+            }                                                                                                    \
+        }                                                                                                        \
+        free(cs);                                                                                                \
+    }                                                                                                            \
+                                                                                                                 \
+    /* Softmax of one row of scores w (hidden keys set to -inf here) into p, rounded to f16 for V^T . p. */     \
+    ATTR static void probs_##SUFFIX(float *w, float *p, int64_t Sp, int64_t S, int64_t qpos, int64_t window) {   \
+        float max = -INFINITY;                                                                                   \
+        for (int64_t s = 0; s < Sp; s++) {                                                                       \
+            if (s > qpos || s >= S || (window > 0 && qpos - s >= window)) w[s] = -INFINITY;                      \
+            if (w[s] > max) max = w[s];                                                                          \
+        }                                                                                                        \
+        /* ggml_vec_soft_max_f32: exp in blocks of 8, each block summed in float, the blocks in double */        \
+        double sum = 0.0;                                                                                        \
+        for (int64_t s = 0; s < Sp; s += 8) {                                                                    \
+            for (int l = 0; l < 8; l++) p[s + l] = expf_ggml_##SUFFIX(w[s + l] - max);                           \
+            sum += (double)ops_hsum8(p + s);                                                                         \
+        }                                                                                                        \
+        const float inv = (float)(1.0 / sum);                                                                    \
+        for (int64_t s = 0; s < Sp; s++) p[s] = round_f16(p[s] * inv);                                          \
+    }                                                                                                            \
+                                                                                                                 \
+    /* ggml_vec_swiglu_f32: blocks of 8 with the polynomial expf, the tail with libm's expf. */                  \
+    ATTR static void swiglu_##SUFFIX(const float *g, const float *u, float *y, int64_t n) {                     \
+        const int64_t nb = n - n % 8;                                                                            \
+        for (int64_t i = 0; i < nb; i++) y[i] = g[i] / (1.0f + expf_ggml_##SUFFIX(0.0f - g[i])) * u[i];          \
+        for (int64_t i = nb; i < n; i++) y[i] = g[i] / (1.0f + expf(-g[i])) * u[i];                              \
+    }
+
+#if OPS_X86
+DEFINE_ROUTINES(fma, OPS_TARGET_FMA)
+#endif
+DEFINE_ROUTINES(generic, )
+
+/* dot(a, b) over n floats in one of ggml's two orders; n is padded by the caller to 8 (one_acc) or 32. */
+static float dot_generic(const float *a, const float *b, int n, int one_acc) {
+    if (one_acc) {
+        float acc[8] = {0};
+        for (int i = 0; i < n; i += 8)
+            for (int l = 0; l < 8; l++) acc[l] = fmaf(a[i + l], b[i + l], acc[l]);
+        return ops_hsum8(acc);
+    }
+    float acc[4][8] = {{0}};
+    for (int i = 0; i < n; i += 32)
+        for (int j = 0; j < 4; j++)
+            for (int l = 0; l < 8; l++) acc[j][l] = fmaf(a[i + 8 * j + l], b[i + 8 * j + l], acc[j][l]);
+    return reduce4x8(acc);
+}
+
+/* Lane reductions of the weighted value sums (see attend_generic): lane arrays L[nl][hd] -> out[hd]. */
+static void reduce_lanes(float *const *L, int nl, int hd, float *out) {
+    for (int d = 0; d < hd; d++) {
+        float a[8];
+        if (nl == 8) {
+            for (int l = 0; l < 8; l++) a[l] = L[l][d];
+            out[d] = ops_hsum8(a);
+        } else {
+            float acc[4][8];
+            for (int j = 0; j < 4; j++)
+                for (int l = 0; l < 8; l++) acc[j][l] = L[8 * j + l][d];
+            out[d] = reduce4x8(acc);
+        }
+    }
+}
+
+/* Attention over an f16 KV cache for T query rows at positions pos0..pos0+T-1 (keys and values of positions
+ * 0..pos0+T-1 already in the cache):
+ *   q    float32 [T, nh, hd]           k, v  f16 bits [nkv, ctx, hd]     out  float32 [T, nh * hd]
+ *   window 0 = global, else keys with qpos - kpos >= window are hidden; one_acc: the one-accumulator summation
+ *   order (llama.cpp's batched path) instead of ggml_vec_dot_f16's four accumulators (its one-row path).
+ * The work is cut into units, one per (query row, head), u = t * nh + h, each computed on its own (so threads
+ * may share them out); a unit needs ops_attn_work_floats() floats of scratch. */
+typedef struct {
+    const float *q;
+    const uint16_t *k, *v;
+    float *out;
+    int64_t T, pos0, ctx, window;
+    int nh, nkv, hd, one_acc;
+    float scale;
+} attn_args;
+
+static inline int64_t ops_attn_units(const attn_args *a) { return a->T * a->nh; }
+
+static inline size_t ops_attn_work_floats(const attn_args *a) {
+    const int64_t Sp = (a->pos0 + a->T + 31) / 32 * 32;
+    return (size_t)(2 * Sp + 34 * (int64_t)a->hd);
+}
+
+/* ggml computes V^T . p: output element d is a dot product over key positions s, whose 8 (or 4x8) float lanes
+ * take s mod 8 (or s mod 32). Here the same lanes are kept as arrays over d, L[s mod nl][d] += p[s] * V[s][d],
+ * which is the same sequence of fused multiply-adds per lane. Keys with p = 0 (masked, or beyond the sequence)
+ * are skipped: adding 0 * v leaves a lane unchanged. */
+static void attend_generic(const attn_args *a, int64_t t, int h, float *work) {
+    const int hd = a->hd, nl = a->one_acc ? 8 : 32, group = a->nh / a->nkv;
+    const int64_t S = a->pos0 + a->T, Sp = (S + 31) / 32 * 32;
+    float *w = work, *p = w + Sp, *qv = p + Sp, *kr = qv + hd, *lanes = kr + hd;
+    float *L[32];
+    for (int l = 0; l < nl; l++) L[l] = lanes + (size_t)l * hd;
+    const uint16_t *kh = a->k + (size_t)(h / group) * a->ctx * hd, *vh = a->v + (size_t)(h / group) * a->ctx * hd;
+    const float *qr = a->q + ((size_t)t * a->nh + h) * hd;
+    for (int d = 0; d < hd; d++) qv[d] = round_f16(qr[d]);
+    for (int64_t s = 0; s < Sp; s++) {
+        w[s] = 0.0f;
+        if (s >= S) continue;
+        for (int d = 0; d < hd; d++) kr[d] = h2f(kh[(size_t)s * hd + d]);
+        w[s] = dot_generic(kr, qv, hd, a->one_acc) * a->scale;
+    }
+    probs_generic(w, p, Sp, S, a->pos0 + t, a->window);
+    memset(lanes, 0, sizeof(float) * (size_t)nl * hd);
+    for (int64_t s = 0; s < S; s++) {
+        if (p[s] == 0.0f) continue;
+        float *acc = L[s % nl];
+        for (int d = 0; d < hd; d++) acc[d] = fmaf(p[s], h2f(vh[(size_t)s * hd + d]), acc[d]);
+    }
+    reduce_lanes(L, nl, hd, a->out + ((size_t)t * a->nh + h) * hd);
+}
+
+#if OPS_X86
+OPS_TARGET_AVX2 static inline float hsum8_avx2(__m256 x) {
+    __m128 r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+
+/* K row (f16) . q (f32 holding f16 values), hd % 32 == 0, in ggml's order. */
+OPS_TARGET_AVX2 static inline float kdot_avx2(const uint16_t *kr, const float *qv, int hd, int one_acc) {
+    if (one_acc) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int i = 0; i < hd; i += 8)
+            acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kr + i))), _mm256_loadu_ps(qv + i), acc);
+        return hsum8_avx2(acc);
+    }
+    __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int i = 0; i < hd; i += 32)
+        for (int j = 0; j < 4; j++)
+            a[j] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kr + i + 8 * j))),
+                                   _mm256_loadu_ps(qv + i + 8 * j), a[j]);
+    const __m256 x = _mm256_add_ps(_mm256_add_ps(a[0], a[2]), _mm256_add_ps(a[1], a[3]));
+    const __m128 t0 = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    const __m128 t1 = _mm_hadd_ps(t0, t0);
+    return _mm_cvtss_f32(_mm_hadd_ps(t1, t1));
+}
+
+/* The same computation as attend_generic, eight output elements at a time. Needs hd % 32 == 0. */
+OPS_TARGET_AVX2 static void attend_avx2(const attn_args *a, int64_t t, int h, float *work) {
+    const int hd = a->hd, nl = a->one_acc ? 8 : 32, group = a->nh / a->nkv, one_acc = a->one_acc;
+    const int64_t S = a->pos0 + a->T, Sp = (S + 31) / 32 * 32;
+    float *w = work, *p = w + Sp, *qv = p + Sp, *lanes = qv + hd;
+    const int64_t qpos = a->pos0 + t, window = a->window;
+    const int64_t first = window > 0 && qpos - window + 1 > 0 ? qpos - window + 1 : 0;
+    const uint16_t *kh = a->k + (size_t)(h / group) * a->ctx * hd, *vh = a->v + (size_t)(h / group) * a->ctx * hd;
+    const float *qr = a->q + ((size_t)t * a->nh + h) * hd;
+    for (int d = 0; d < hd; d++) qv[d] = round_f16(qr[d]);
+    for (int64_t s = 0; s < Sp; s++)
+        w[s] = s >= first && s <= qpos ? kdot_avx2(kh + (size_t)s * hd, qv, hd, one_acc) * a->scale : 0.0f;
+    probs_fma(w, p, Sp, S, qpos, window);
+    memset(lanes, 0, sizeof(float) * (size_t)nl * hd);
+    for (int64_t s = first; s <= qpos; s++) {
+        if (p[s] == 0.0f) continue;
+        const __m256 ps = _mm256_set1_ps(p[s]);
+        float *acc = lanes + (size_t)(s % nl) * hd;
+        const uint16_t *vr = vh + (size_t)s * hd;
+        for (int d = 0; d < hd; d += 8) {
+            const __m256 vv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vr + d)));
+            _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(ps, vv, _mm256_loadu_ps(acc + d)));
+        }
+    }
+    float *o = a->out + ((size_t)t * a->nh + h) * hd;
+    for (int d = 0; d < hd; d += 8) {
+#define LANE(l) _mm256_loadu_ps(lanes + (size_t)(l) * hd + d)
+        __m256 x[8];
+        if (one_acc) {
+            for (int l = 0; l < 8; l++) x[l] = LANE(l);
+        } else { /* GGML_F32x8_REDUCE of the four accumulators, lane by lane */
+            for (int l = 0; l < 8; l++)
+                x[l] = _mm256_add_ps(_mm256_add_ps(LANE(l), LANE(16 + l)), _mm256_add_ps(LANE(8 + l), LANE(24 + l)));
+        }
+#undef LANE
+        __m256 res;
+        if (one_acc) { /* hsum_float_8: (l4 + l0), ...; then (r0 + r2) + (r1 + r3) */
+            const __m256 r0 = _mm256_add_ps(x[4], x[0]), r1 = _mm256_add_ps(x[5], x[1]);
+            const __m256 r2 = _mm256_add_ps(x[6], x[2]), r3 = _mm256_add_ps(x[7], x[3]);
+            res = _mm256_add_ps(_mm256_add_ps(r0, r2), _mm256_add_ps(r1, r3));
+        } else { /* lo4 + hi4, then two horizontal adds: (t0 + t1) + (t2 + t3) */
+            const __m256 t0 = _mm256_add_ps(x[0], x[4]), t1 = _mm256_add_ps(x[1], x[5]);
+            const __m256 t2 = _mm256_add_ps(x[2], x[6]), t3 = _mm256_add_ps(x[3], x[7]);
+            res = _mm256_add_ps(_mm256_add_ps(t0, t1), _mm256_add_ps(t2, t3));
+        }
+        _mm256_storeu_ps(o + d, res);
+    }
+}
+#endif
+
+/* ---- GELU table --------------------------------------------------------------------------------------------- */
+
+static uint16_t gelu_table[1 << 16]; /* f16 input bits -> f16 bits of gelu */
+
+static uint16_t f2h_bits(float f) {
+    const float r = round_f16(f); /* exact in half: convert by taking the bits apart */
+    uint32_t x = f_bits(r);
+    const uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0));
+    if (ax < 0x38800000u) return (uint16_t)(sign | (uint16_t)(bits_f(ax) * 16777216.0f));
+    return (uint16_t)(sign | ((ax - 0x38000000u) >> 13));
+}
+
+static void build_gelu_table(void) {
+    for (uint32_t i = 0; i < (1u << 16); i++) {
+        const float x = h2f((uint16_t)i);
+        const float inner = fmaf(0.044715f * x, x, 1.0f);
+        const float t = tanhf(0.79788456080286535587989211986876f * x * inner);
+        gelu_table[i] = f2h_bits(0.5f * x * (1.0f + t));
+    }
+}
+
+static void ops_geglu(const float *g, const float *u, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        const float x = g[i];
+        if (x <= -10.0f) y[i] = 0.0f;
+        else if (x >= 10.0f) y[i] = x * u[i];
+        else y[i] = h2f(gelu_table[f2h_bits(x)]) * u[i];
+    }
+}
+
+static void ops_rms_norm(const float *x, const float *w, float *y, int64_t rows, int64_t n, float eps) {
+    for (int64_t r = 0; r < rows; r++, x += n, y += n) {
+        double sum = 0.0;
+        for (int64_t i = 0; i < n; i++) sum += (double)(x[i] * x[i]);
+        const float mean = (float)(sum / (double)n);
+        const float scale = 1.0f / sqrtf(mean + eps);
+        for (int64_t i = 0; i < n; i++) y[i] = (x[i] * scale) * w[i];
+    }
+}
+
+/* ---- dispatch: the FMA/AVX2 versions where the CPU has them, else the portable ones ---------------------- */
+
+static int ops_use_fma = 0, ops_have_avx2 = 0;
+
+/* Use the FMA/AVX2 versions where the CPU has them (on = 1, the default) or the portable ones (0, for tests:
+ * both must give the same bits). Returns whether the vector versions are now in use. */
+static int ops_set_simd(int on) {
+    ops_use_fma = ops_have_avx2 = 0;
+#if OPS_X86
+    __builtin_cpu_init();
+    ops_use_fma = on && __builtin_cpu_supports("fma");
+    ops_have_avx2 = ops_use_fma && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+#else
+    (void)on;
+#endif
+    return ops_use_fma;
+}
+
+static void ops_init(void) {
+    ops_set_simd(1);
+    build_gelu_table();
+}
+
+/* x float32 [T, nh, hd], rotated in place at positions pos[T]. */
+static void ops_rope(float *x, const int64_t *pos, int64_t T, int nh, int hd, int n_dims, float base,
+                     float freq_scale, int neox) {
+#if OPS_X86
+    if (ops_use_fma) {
+        rope_fma(x, pos, T, nh, hd, n_dims, base, freq_scale, neox);
+        return;
+    }
+#endif
+    rope_generic(x, pos, T, nh, hd, n_dims, base, freq_scale, neox);
+}
+
+/* Attention units [u0, u1) of `a` (see attn_args); work: ops_attn_work_floats(a) floats. */
+static void ops_attention(const attn_args *a, int64_t u0, int64_t u1, float *work) {
+    for (int64_t u = u0; u < u1; u++) {
+#if OPS_X86
+        if (ops_have_avx2 && a->hd % 32 == 0) {
+            attend_avx2(a, u / a->nh, (int)(u % a->nh), work);
+            continue;
+        }
+#endif
+        attend_generic(a, u / a->nh, (int)(u % a->nh), work);
+    }
+}
+
+static void ops_swiglu(const float *g, const float *u, float *y, int64_t n) {
+#if OPS_X86
+    if (ops_use_fma) {
+        swiglu_fma(g, u, y, n);
+        return;
+    }
+#endif
+    swiglu_generic(g, u, y, n);
+}
+
+#endif /* ELDRIC_GGML_OPS_H */
