@@ -49,7 +49,7 @@ def rope_tables(cfg: ModelConfig, base: float, positions: torch.Tensor) -> tuple
     theta_scale = torch.tensor(base, dtype=torch.float32) ** torch.tensor(
         -2.0 / cfg.rope_dim, dtype=torch.float32
     )
-    steps = torch.full((half,), float(theta_scale), dtype=torch.float32)
+    steps = torch.full((half,), float(theta_scale), dtype=torch.float32, device=positions.device)
     steps[0] = 1.0
     pos = positions.to(torch.float32)[:, None] / cfg.rope_scale  # [T, 1]
     theta = torch.cumprod(torch.cat([pos, steps[None, 1:].expand(len(pos), -1)], dim=1), dim=1)  # [T, half]
