@@ -26,6 +26,7 @@ from eldric_p2p.net.federation.invites import Ticket
 from eldric_p2p.net.federation.store import Membership
 from eldric_p2p.net.identity import Identity, verify
 from eldric_p2p.net.relay.protocol import (
+    FEATURE_PUNCH,
     MAX_DIRECTORY_MESSAGE,
     NONCE_LEN,
     PROTOCOL_VERSION,
@@ -40,6 +41,9 @@ from eldric_p2p.net.relay.protocol import (
     MessageReader,
     Ping,
     Pong,
+    Punch,
+    PunchFail,
+    PunchGo,
     Register,
     Registered,
     canonical_announcement,
@@ -111,6 +115,9 @@ class MemberControl:
     the challenge and pings by itself. Raises AuthenticationError if the relay's proof fails (or it is not
     `expected_relay_id`), MembershipError when a federated relay refuses our `cert` or `ticket` (code
     not_member), RemoteProtocolError on a protocol violation or another ERROR from the relay.
+
+    Hole punching: with FEATURE_PUNCH in `features` (and our socket's addresses in `local`), `punch(target)`
+    asks a relay that declared it too, and `receive_data` returns its `PunchGo` / `PunchFail` answers.
     """
 
     identity: Identity
@@ -118,8 +125,11 @@ class MemberControl:
     expected_relay_id: str | None = None
     cert: str | None = None  # our membership chain as text, sent in REGISTER (see protocol.Register)
     ticket: str | None = None
+    features: tuple[str, ...] = ()
+    local: tuple[str, ...] = ()  # "ip:port" of our UDP socket, sent in HELLO
     nonce_source: Callable[[int], bytes] = os.urandom
     relay_id: str | None = None
+    relay_features: tuple[str, ...] = ()
     _state: _State = _State.START
     _nonce_c: bytes = b""
     _out: bytearray = field(default_factory=bytearray)
@@ -130,8 +140,19 @@ class MemberControl:
             raise LocalProtocolError("hello() called twice")
         canonical_announcement(self.announcement)
         self._nonce_c = self.nonce_source(NONCE_LEN)
-        self._out += encode_message(Hello(PROTOCOL_VERSION, self._nonce_c))
+        self._out += encode_message(Hello(PROTOCOL_VERSION, self._nonce_c, self.features, self.local))
         self._state = _State.HELLO_SENT
+
+    @property
+    def can_punch(self) -> bool:
+        """Registered with a relay that brokers punches, and we take part ourselves."""
+        return self.registered and FEATURE_PUNCH in self.features and FEATURE_PUNCH in self.relay_features
+
+    def punch(self, target: str) -> None:
+        """Queue a PUNCH for `target`. Raises LocalProtocolError unless `can_punch`."""
+        if not self.can_punch:
+            raise LocalProtocolError("punch() without a relay that brokers punches")
+        self._out += encode_message(Punch(target))
 
     def announce(self, announcement: Announcement) -> None:
         """Queue an ANNOUNCE with new fields (sent right away once registered)."""
@@ -161,8 +182,13 @@ class MemberControl:
                 if msg.peer_id != self.identity.peer_id:
                     raise RemoteProtocolError(f"relay registered us as {msg.peer_id}")
                 self._state = _State.REGISTERED
+                self.relay_features = msg.features
                 events.append(msg)
             elif self._state is _State.REGISTERED and isinstance(msg, Directory | DirectoryUpdate):
+                events.append(msg)
+            elif self.can_punch and isinstance(msg, PunchGo | PunchFail):
+                if isinstance(msg, PunchGo) and msg.peer == self.identity.peer_id:
+                    raise RemoteProtocolError("relay asked us to punch to ourselves")
                 events.append(msg)
             elif self._state is _State.REGISTERED and isinstance(msg, Ping):
                 self._out += encode_message(Pong(msg.seq))
@@ -197,13 +223,17 @@ class RelayControl:
     Feed received bytes to `receive_data`; it answers HELLO with a CHALLENGE by itself and returns the
     messages
     the relay acts on: `Register` once the member proved its peer id (then call `accept(keepalive_s)`),
-    `Announce`, `Pong`. Raises AuthenticationError for a bad proof, RemoteProtocolError for a violation
+    `Announce`, `Pong`, and `Punch` from a member that declared FEATURE_PUNCH (`features`) when `accept` was
+    told we broker them. Raises AuthenticationError for a bad proof, RemoteProtocolError for a violation
     (the caller should then `error(...)`, flush, and close the connection).
     """
 
     identity: Identity
     nonce_source: Callable[[int], bytes] = os.urandom
     peer_id: str | None = None
+    features: tuple[str, ...] = ()  # what the member declared in HELLO
+    local: tuple[str, ...] = ()  # the member's own socket addresses, from HELLO
+    relay_features: tuple[str, ...] = ()  # what accept() declared
     _state: _State = _State.AWAIT_HELLO
     _nonce_r: bytes = b""
     _nonce_c: bytes = b""
@@ -221,6 +251,7 @@ class RelayControl:
                 if msg.version != PROTOCOL_VERSION:
                     raise RemoteProtocolError(f"relay protocol version {msg.version} not supported")
                 self._nonce_c = msg.nonce
+                self.features, self.local = msg.features, msg.local
                 self._nonce_r = self.nonce_source(NONCE_LEN)
                 sig = self.identity.sign(CHALLENGE_CONTEXT + self._nonce_c + self._nonce_r)
                 self._out += encode_message(
@@ -239,18 +270,32 @@ class RelayControl:
                 events.append(msg)
             elif self._state is _State.REGISTERED and isinstance(msg, Announce | Pong):
                 events.append(msg)
+            elif self.punches and isinstance(msg, Punch):
+                if msg.target == self.peer_id:
+                    raise RemoteProtocolError("PUNCH to oneself")
+                events.append(msg)
             else:
                 raise _unexpected(msg, "member", self._state)
         return events
 
-    def accept(self, keepalive_s: float) -> None:
+    def accept(self, keepalive_s: float, features: tuple[str, ...] = ()) -> None:
+        """Admit the member; `features` are what this relay offers it (FEATURE_PUNCH: we broker punches)."""
         if self._state is not _State.REGISTERED or self.peer_id is None:
             raise LocalProtocolError("accept() before a valid REGISTER")
-        self._out += encode_message(Registered(self.peer_id, keepalive_s))
+        self.relay_features = features
+        self._out += encode_message(Registered(self.peer_id, keepalive_s, features))
 
-    def send(self, msg: Directory | DirectoryUpdate) -> None:
+    @property
+    def punches(self) -> bool:
+        """Registered, we broker punches, and the member takes part: PUNCH and PUNCH_GO may pass."""
+        registered = self._state is _State.REGISTERED
+        return registered and FEATURE_PUNCH in self.features and FEATURE_PUNCH in self.relay_features
+
+    def send(self, msg: Directory | DirectoryUpdate | PunchGo | PunchFail) -> None:
         if self._state is not _State.REGISTERED:
             raise LocalProtocolError("directory sent to an unregistered member")
+        if isinstance(msg, PunchGo | PunchFail) and not self.punches:
+            raise LocalProtocolError("punch message to a member that does not take part in punching")
         self._out += encode_message(msg)
 
     def ping(self) -> int:

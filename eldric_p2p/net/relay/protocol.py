@@ -9,16 +9,22 @@ Every message is length-prefixed:
 The first stream a member opens on its QUIC connection is the *control stream*:
 
     member                                   relay
-    HELLO {version, nonce_c}           ->
+    HELLO {version, nonce_c, [features], [local]}  ->
                                        <-    CHALLENGE {nonce_r, relay_id, relay_key, sig(nonce_c, nonce_r)}
     REGISTER {peer_id, key, sig, ann,  ->    sig = Ed25519 over (context, nonce_r, nonce_c, sha256(ann)
               [cert], [ticket]}                [, sha256(cert, ticket)]); cert/ticket: federation credentials
-                                       <-    REGISTERED {peer_id, keepalive_s}  (or ERROR {code, message})
+                                       <-    REGISTERED {peer_id, keepalive_s, [features]}  (or ERROR)
                                        <-    DIRECTORY {members: [...]}           (full snapshot)
                                        <-    DIRECTORY_UPDATE {added, removed}    (on every change)
     ANNOUNCE {ann}                     ->    (the member's fields changed)
                                        <-    PING {seq}
     PONG {seq}                         ->
+    PUNCH {target}                     ->    (only when both sides declared feature "punch")
+                                       <-    PUNCH_GO {peer, token, addrs, delay_ms}  (to both members)
+                                       <-    PUNCH_FAIL {target, code, reason}        (to the asker)
+
+PUNCH_GO's `addrs`: the peer's address as the relay observes it, then its HELLO `local` ones. The probes and
+the direct QUIC connection that follow are punch.py's and punching.py's.
 
 Every later stream carries one request message and then opaque bytes:
 
@@ -42,6 +48,14 @@ from typing import Any
 
 from eldric_p2p.errors import LocalProtocolError, RemoteProtocolError
 from eldric_p2p.net.identity import is_peer_id
+from eldric_p2p.net.relay.fields import MAX_CREDENTIAL as MAX_CREDENTIAL  # re-exported
+from eldric_p2p.net.relay.fields import MAX_STRING, addresses, names
+from eldric_p2p.net.relay.fields import credential as _credential
+from eldric_p2p.net.relay.fields import field as _field
+from eldric_p2p.net.relay.fields import hex_bytes as _hex
+from eldric_p2p.net.relay.fields import peer_id as _peer_id
+from eldric_p2p.net.relay.fields import string as _str
+from eldric_p2p.net.relay.fields import uint as _uint
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct("!IB")  # body length, message type
@@ -50,10 +64,12 @@ MAX_DIRECTORY_MESSAGE = 1024 * 1024  # a snapshot of up to MAX_MEMBERS announcem
 MAX_ANNOUNCEMENT = 4096  # canonical JSON bytes of one announcement
 MAX_ANNOUNCEMENT_KEYS = 32
 MAX_LIST_ITEMS = 64
-MAX_STRING = 512
-MAX_CREDENTIAL = 6144  # characters of a REGISTER cert (a chain of 2 certificates) or ticket, base64url text
-_CREDENTIAL_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_."
 NONCE_LEN = 32
+MAX_FEATURES = 8  # names in HELLO/REGISTERED `features`
+MAX_LOCAL_ADDRESSES = 4  # a member's own socket addresses in HELLO `local`
+MAX_PUNCH_ADDRESSES = 1 + MAX_LOCAL_ADDRESSES  # PUNCH_GO: the observed address, then the local ones
+MAX_PUNCH_DELAY_MS = 2000
+FEATURE_PUNCH = "punch"  # HELLO: we take PUNCH_GO; REGISTERED: this relay brokers PUNCH
 
 Announcement = dict[str, Any]
 
@@ -73,6 +89,9 @@ class MsgType(enum.IntEnum):
     ACCEPT = 12
     REFUSE = 13
     ERROR = 14
+    PUNCH = 15
+    PUNCH_GO = 16
+    PUNCH_FAIL = 17
 
 
 DIRECTORY_TYPES = (MsgType.DIRECTORY, MsgType.DIRECTORY_UPDATE)  # the types allowed MAX_DIRECTORY_MESSAGE
@@ -86,6 +105,9 @@ class RefuseCode(enum.StrEnum):
     NO_HANDLER = "no_handler"
     TIMEOUT = "timeout"
     FORBIDDEN = "forbidden"  # a guest (a joiner with a ticket) may open streams only to its inviter
+    UNSUPPORTED = "unsupported"  # PUNCH_FAIL: the target does not take part in hole punching
+    BUSY = "busy"  # PUNCH_FAIL: too many punches pending for one of the two, or for the relay
+    RATE_LIMITED = "rate_limited"  # PUNCH_FAIL: the member asked too often
 
 
 # ---------------------------------------------------------------------------------------------- messages
@@ -95,6 +117,8 @@ class RefuseCode(enum.StrEnum):
 class Hello:
     version: int
     nonce: bytes
+    features: tuple[str, ...] = ()  # e.g. FEATURE_PUNCH: this member takes PUNCH_GO
+    local: tuple[str, ...] = ()  # "ip:port" of the member's own UDP socket (for peers behind the same NAT)
 
 
 @dataclass(frozen=True)
@@ -119,6 +143,7 @@ class Register:
 class Registered:
     peer_id: str
     keepalive_s: float
+    features: tuple[str, ...] = ()  # e.g. FEATURE_PUNCH: this relay brokers PUNCH
 
 
 @dataclass(frozen=True)
@@ -183,6 +208,33 @@ class Error:
     message: str = ""
 
 
+@dataclass(frozen=True)
+class Punch:
+    """member -> relay: broker a UDP hole punch between us and `target`."""
+
+    target: str
+
+
+@dataclass(frozen=True)
+class PunchGo:
+    """relay -> both members: probe `peer` at `addrs` (the address the relay observed first, then the peer's
+    own) from the socket that reaches the relay, `delay_ms` from now; probes are keyed by `token`."""
+
+    peer: str
+    token: bytes
+    addrs: tuple[str, ...]
+    delay_ms: int
+
+
+@dataclass(frozen=True)
+class PunchFail:
+    """relay -> member: no punch with `target` (a RefuseCode)."""
+
+    target: str
+    code: str
+    reason: str = ""
+
+
 Message = (
     Hello
     | Challenge
@@ -198,6 +250,9 @@ Message = (
     | Accept
     | Refuse
     | Error
+    | Punch
+    | PunchGo
+    | PunchFail
 )
 
 # ---------------------------------------------------------------------------------------------- encoding
@@ -217,8 +272,9 @@ def _member_json(m: Member) -> dict[str, Any]:
 
 def _body(msg: Message) -> tuple[MsgType, dict[str, Any]]:
     match msg:
-        case Hello(version, nonce):
-            return MsgType.HELLO, {"version": version, "nonce": nonce.hex()}
+        case Hello(version, nonce, features, local):
+            extra = {k: list(v) for k, v in (("features", features), ("local", local)) if v}
+            return MsgType.HELLO, {"version": version, "nonce": nonce.hex(), **extra}
         case Challenge(nonce, relay_id, relay_key, sig):
             return MsgType.CHALLENGE, {
                 "nonce": nonce.hex(),
@@ -230,8 +286,9 @@ def _body(msg: Message) -> tuple[MsgType, dict[str, Any]]:
             creds = {k: v for k, v in (("cert", cert), ("ticket", ticket)) if v is not None}
             return MsgType.REGISTER, {"peer_id": peer_id, "public_key": key.hex(), "sig": sig.hex(),
                                       "announcement": ann, **creds}  # fmt: skip
-        case Registered(peer_id, keepalive_s):
-            return MsgType.REGISTERED, {"peer_id": peer_id, "keepalive_s": keepalive_s}
+        case Registered(peer_id, keepalive_s, features):
+            extra = {"features": list(features)} if features else {}
+            return MsgType.REGISTERED, {"peer_id": peer_id, "keepalive_s": keepalive_s, **extra}
         case Directory(members):
             return MsgType.DIRECTORY, {"members": [_member_json(m) for m in members]}
         case DirectoryUpdate(added, removed):
@@ -255,6 +312,13 @@ def _body(msg: Message) -> tuple[MsgType, dict[str, Any]]:
             return MsgType.REFUSE, {"code": code, "reason": reason[:MAX_STRING]}
         case Error(code, message):
             return MsgType.ERROR, {"code": code, "message": message[:MAX_STRING]}
+        case Punch(target):
+            return MsgType.PUNCH, {"target": target}
+        case PunchGo(peer, token, addrs, delay_ms):
+            return MsgType.PUNCH_GO, {"peer": peer, "token": token.hex(), "addrs": list(addrs),
+                                      "delay_ms": delay_ms}  # fmt: skip
+        case PunchFail(target, code, reason):
+            return MsgType.PUNCH_FAIL, {"target": target, "code": code, "reason": reason[:MAX_STRING]}
     raise LocalProtocolError(f"not a relay message: {msg!r}")
 
 
@@ -269,57 +333,6 @@ def encode_message(msg: Message) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------- decoding
-
-
-def _field(body: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
-    if key not in body:
-        raise RemoteProtocolError(f"relay message lacks field {key!r}")
-    value = body[key]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise RemoteProtocolError(f"relay message field {key!r} has the wrong type")
-    return value
-
-
-def _str(body: dict[str, Any], key: str, max_len: int = MAX_STRING) -> str:
-    value: str = _field(body, key, str)
-    if len(value) > max_len:
-        raise RemoteProtocolError(f"relay message field {key!r} is {len(value)} characters, limit {max_len}")
-    return value
-
-
-def _peer_id(body: dict[str, Any], key: str) -> str:
-    value = _str(body, key, 64)
-    if not is_peer_id(value):
-        raise RemoteProtocolError(f"relay message field {key!r} is not a peer id")
-    return value
-
-
-def _hex(body: dict[str, Any], key: str, length: int) -> bytes:
-    text = _str(body, key, 2 * length)
-    try:
-        value = bytes.fromhex(text)
-    except ValueError as exc:
-        raise RemoteProtocolError(f"relay message field {key!r} is not hex") from exc
-    if len(value) != length:
-        raise RemoteProtocolError(f"relay message field {key!r} must be {length} bytes, got {len(value)}")
-    return value
-
-
-def _credential(body: dict[str, Any], key: str) -> str | None:
-    """An optional REGISTER credential: non-empty base64url (and '.') text within MAX_CREDENTIAL."""
-    if key not in body:
-        return None
-    value = _str(body, key, MAX_CREDENTIAL)
-    if not value or value.strip(_CREDENTIAL_CHARS):
-        raise RemoteProtocolError(f"relay message field {key!r} is not base64url text")
-    return value
-
-
-def _uint(body: dict[str, Any], key: str) -> int:
-    value: int = _field(body, key, int)
-    if not 0 <= value < 2**63:
-        raise RemoteProtocolError(f"relay message field {key!r} out of range")
-    return value
 
 
 def check_announcement_untrusted(value: Any) -> Announcement:
@@ -378,7 +391,12 @@ def parse_message_untrusted(mtype: int, data: bytes) -> Message:
         raise RemoteProtocolError(f"{kind.name} body is not an object")
     match kind:
         case MsgType.HELLO:
-            return Hello(_uint(body, "version"), _hex(body, "nonce", NONCE_LEN))
+            return Hello(
+                _uint(body, "version"),
+                _hex(body, "nonce", NONCE_LEN),
+                names(body, "features", MAX_FEATURES),
+                addresses(body, "local", MAX_LOCAL_ADDRESSES),
+            )
         case MsgType.CHALLENGE:
             return Challenge(
                 _hex(body, "nonce", NONCE_LEN),
@@ -399,7 +417,8 @@ def parse_message_untrusted(mtype: int, data: bytes) -> Message:
             keepalive = _field(body, "keepalive_s", int | float)
             if not 0 < keepalive <= 3600:
                 raise RemoteProtocolError("keepalive_s out of range")
-            return Registered(_peer_id(body, "peer_id"), float(keepalive))
+            features = names(body, "features", MAX_FEATURES)
+            return Registered(_peer_id(body, "peer_id"), float(keepalive), features)
         case MsgType.DIRECTORY:
             return Directory(_members(body, "members"))
         case MsgType.DIRECTORY_UPDATE:
@@ -424,6 +443,16 @@ def parse_message_untrusted(mtype: int, data: bytes) -> Message:
             return Refuse(_str(body, "code", 64), _str(body, "reason"))
         case MsgType.ERROR:
             return Error(_str(body, "code", 64), _str(body, "message"))
+        case MsgType.PUNCH:
+            return Punch(_peer_id(body, "target"))
+        case MsgType.PUNCH_GO:
+            addrs = addresses(body, "addrs", MAX_PUNCH_ADDRESSES)
+            delay_ms = _uint(body, "delay_ms")
+            if not addrs or delay_ms > MAX_PUNCH_DELAY_MS:
+                raise RemoteProtocolError("PUNCH_GO without addresses or with a delay over the limit")
+            return PunchGo(_peer_id(body, "peer"), _hex(body, "token", NONCE_LEN), addrs, delay_ms)
+        case MsgType.PUNCH_FAIL:
+            return PunchFail(_peer_id(body, "target"), _str(body, "code", 64), _str(body, "reason"))
     raise AssertionError(kind)  # pragma: no cover - the match is exhaustive
 
 

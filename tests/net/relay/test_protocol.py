@@ -180,3 +180,111 @@ def test_directory_may_be_larger_than_control_messages_only_for_members() -> Non
     assert p.MessageReader(max_directory=p.MAX_DIRECTORY_MESSAGE).feed(frame) == [p.Directory(members)]
     with pytest.raises(RemoteProtocolError, match="limit"):
         p.MessageReader().feed(frame)
+
+
+# ---------------------------------------------------------------------------------------------- hole punching
+
+TOKEN = bytes(range(32))
+
+
+def punching_pair(*, member_punches: bool = True, relay_punches: bool = True) -> tuple[
+    Identity, MemberControl, RelayControl
+]:  # fmt: skip
+    """A registered member and relay that declared (or not) the punch feature."""
+    ident = Identity.generate()
+    features = (p.FEATURE_PUNCH,) if member_punches else ()
+    member = MemberControl(ident, dict(ANN), features=features, local=("192.168.1.11:40000",))
+    relay = RelayControl(Identity.generate())
+    member.hello()
+    pump(member, relay)
+    relay.accept(5.0, (p.FEATURE_PUNCH,) if relay_punches else ())
+    pump(member, relay)
+    return ident, member, relay
+
+
+def test_punch_messages_cross_the_control_stream_when_both_sides_declared_the_feature() -> None:
+    ident, member, relay = punching_pair()
+    assert relay.features == (p.FEATURE_PUNCH,) and relay.local == ("192.168.1.11:40000",)
+    assert member.relay_features == (p.FEATURE_PUNCH,) and member.can_punch and relay.punches
+    target = Identity.generate().peer_id
+    member.punch(target)
+    _, got_r = pump(member, relay)
+    assert got_r == [p.Punch(target)]
+    go = p.PunchGo(target, TOKEN, ("10.99.0.102:5000", "192.168.2.11:5000"), 12)
+    relay.send(go)
+    relay.send(p.PunchFail(target, p.RefuseCode.BUSY, "too many"))
+    got_m, _ = pump(member, relay)
+    assert got_m == [go, p.PunchFail(target, "busy", "too many")]
+
+
+def test_members_and_relays_without_the_feature_keep_the_old_bytes_and_refuse_punch_messages() -> None:
+    old_hello = p.encode_message(p.Hello(1, TOKEN))
+    assert b"features" not in old_hello and b"local" not in old_hello
+    assert b"features" not in p.encode_message(p.Registered(Identity.generate().peer_id, 5.0))
+    target = Identity.generate().peer_id
+    # a relay that does not broker punches: the member may not ask
+    _, member, relay = punching_pair(relay_punches=False)
+    assert not member.can_punch
+    with pytest.raises(LocalProtocolError):
+        member.punch(target)
+    with pytest.raises(RemoteProtocolError, match="unexpected Punch"):
+        relay.receive_data(p.encode_message(p.Punch(target)))
+    # a member that did not declare it: the relay sends it nothing and it takes nothing
+    _, member, relay = punching_pair(member_punches=False)
+    with pytest.raises(LocalProtocolError):
+        relay.send(p.PunchGo(target, TOKEN, ("10.0.0.1:1",), 0))
+    with pytest.raises(RemoteProtocolError, match="unexpected PunchGo"):
+        member.receive_data(p.encode_message(p.PunchGo(target, TOKEN, ("10.0.0.1:1",), 0)))
+
+
+def test_punching_oneself_is_a_protocol_error_on_both_sides() -> None:
+    ident, member, relay = punching_pair()
+    with pytest.raises(RemoteProtocolError, match="oneself"):
+        relay.receive_data(p.encode_message(p.Punch(ident.peer_id)))
+    with pytest.raises(RemoteProtocolError, match="ourselves"):
+        member.receive_data(p.encode_message(p.PunchGo(ident.peer_id, TOKEN, ("10.0.0.1:1",), 0)))
+
+
+def _go(**fields: object) -> bytes:
+    body = {"peer": Identity.generate().peer_id, "token": TOKEN.hex(), "addrs": ["10.0.0.1:4433"]}
+    body.update({"delay_ms": 0, **fields})
+    return _frame(p.MsgType.PUNCH_GO, json.dumps(body).encode())
+
+
+def _hello(**fields: object) -> bytes:
+    return _frame(p.MsgType.HELLO, json.dumps({"version": 1, "nonce": TOKEN.hex(), **fields}).encode())
+
+
+@pytest.mark.parametrize(
+    ("frame", "error"),
+    [
+        (_go(addrs=["relay.example.org:4433"]), "not an IP literal"),
+        (_go(addrs=["10.0.0.1"]), "no valid port"),
+        (_go(addrs=["10.0.0.1:0"]), "no valid port"),
+        (_go(addrs=["10.0.0.1:65536"]), "no valid port"),
+        (_go(addrs=["::1:4433"]), "without brackets"),
+        (_go(addrs=["[::1]:4433"] * 2 + [f"10.0.0.{i}:1" for i in range(5)]), "addresses, limit"),
+        (_go(addrs=["1" * 100 + ":1"]), "characters, limit"),
+        (_go(addrs=[7]), "not text"),
+        (_go(addrs=[]), "without addresses"),
+        (_go(delay_ms=p.MAX_PUNCH_DELAY_MS + 1), "delay over the limit"),
+        (_go(delay_ms=-1), "out of range"),
+        (_go(token="00" * 16), "must be 32 bytes"),
+        (_frame(p.MsgType.PUNCH, b'{"target": "somebody"}'), "not a peer id"),
+        (_hello(local=[f"10.0.0.{i}:1" for i in range(5)]), "addresses, limit"),
+        (_hello(features=["x"] * 9), "at most 8 names"),
+        (_hello(features=["x" * 33]), "at most 8 names"),
+        (_hello(features="punch"), "wrong type"),
+    ],
+)
+def test_hostile_punch_messages_raise_specific_errors(frame: bytes, error: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=error):
+        p.MessageReader().feed(frame)
+
+
+def test_addresses_are_read_in_canonical_form_and_ambiguous_ones_refused() -> None:
+    (go,) = p.MessageReader().feed(_go(addrs=["[0:0::1]:4433", "10.0.0.1:0080", "[::1]:4433"]))
+    assert isinstance(go, p.PunchGo)
+    assert go.addrs == ("[::1]:4433", "10.0.0.1:80")  # two spellings of one address are one candidate
+    with pytest.raises(RemoteProtocolError, match="not an IP literal"):  # octal or decimal? neither
+        p.MessageReader().feed(_go(addrs=["010.0.0.1:1"]))
