@@ -407,6 +407,7 @@ class QuicConn:
         if not self.alive:
             raise PeerUnavailable(f"connection closed: {self.close_reason}")
         stream_id = self.quic.get_next_available_stream_id()
+        self.quic.send_stream_data(stream_id, b"")  # takes the id now: a second open_stream gets the next one
         stream = QuicStream(self, stream_id)
         self._streams[stream_id] = stream
         return stream
