@@ -11,6 +11,7 @@ ggml's arithmetic (`ops`). The KV cache is preallocated per session and indexed 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,12 +23,14 @@ import torch.nn.functional as F
 
 from eldric_p2p.data.gguf_index import GGUFIndex
 from eldric_p2p.engine.config import ModelConfig
+from eldric_p2p.engine.cuda_graph import DecodeGraph, attend_static, graphs_enabled
 from eldric_p2p.engine.dequant import dequantize
 from eldric_p2p.engine.ops import apply_rope, gelu_ggml, rms_norm, rope_tables
 from eldric_p2p.engine.weights import Embedding, Linear, TensorSource, resolve_weights
 from eldric_p2p.errors import InvalidInput, UnsupportedModel, UsageError
 
 T_ = TypeVar("T_")
+log = logging.getLogger(__name__)
 
 try:  # rope, attention and SwiGLU with ggml's exact arithmetic (optional C extension)
     from eldric_p2p.engine import _ggmlops
@@ -55,6 +58,7 @@ class _Segment:
     T: int
     masks: dict[bool, torch.Tensor | None]
     ropes: dict[float, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    pos: torch.Tensor | None = None  # a decode step for a CUDA graph: its position as a device tensor [1]
 
 
 class Layer:
@@ -160,6 +164,8 @@ class Stage:
         for linear in self._linears():
             linear.threads = self.threads
         self.sessions: dict[str, KVCache] = {}
+        # one-token decode steps replayed as CUDA graphs, per session (engine/cuda_graph.py)
+        self.graphs: dict[str, DecodeGraph] | None = {} if graphs_enabled(self.device, self.fmt) else None
 
     def _linears(self) -> list[Linear]:
         out = [
@@ -174,6 +180,8 @@ class Stage:
     def open_session(self, sid: str, max_ctx: int | None = None) -> None:
         n = self.max_ctx if max_ctx is None else min(max_ctx, self.max_ctx)
         shape = (len(self.layers), self.cfg.n_kv_heads, n, self.cfg.head_dim)
+        if self.graphs is not None:
+            self.graphs.pop(sid, None)  # captured with the old cache's tensors
         self.sessions[sid] = KVCache(
             torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
             torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
@@ -187,6 +195,8 @@ class Stage:
 
     def close_session(self, sid: str) -> None:
         self.sessions.pop(sid, None)
+        if self.graphs is not None:
+            self.graphs.pop(sid, None)
 
     def session_length(self, sid: str) -> int:
         return self._cache(sid).length
@@ -203,6 +213,8 @@ class Stage:
     def forward(self, sid: str, x: torch.Tensor, start_pos: int, *, last_only: bool = False) -> torch.Tensor:
         """Run the stage; the tail returns logits [T, vocab], or [1, vocab] for the last position with
         `last_only` (what generation needs: the LM head is then computed for one row instead of T)."""
+        if self.graphs is not None and len(x) == 1:
+            return self._graph_step(sid, x, start_pos)
         return self._torch_single_threaded(lambda: self._forward([(sid, x, start_pos)], last_only)[0])
 
     @torch.inference_mode()
@@ -217,7 +229,28 @@ class Stage:
         dense weights. Raises InvalidInput as `forward` does."""
         if len({sid for sid, _, _ in steps}) != len(steps):
             raise InvalidInput("a batch holds each session once")
+        if self.graphs is not None and len(steps) == 1 and len(steps[0][1]) == 1:
+            return [self._graph_step(*steps[0])]
         return self._torch_single_threaded(lambda: self._forward(steps, last_only))
+
+    def _graph_step(self, sid: str, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """One position of one session through its CUDA graph (captured at the session's first step)."""
+        assert self.graphs is not None
+        cache = self._cache(sid)
+        h = self._input(x)  # [1, hidden]
+        self._check_positions(sid, cache, start_pos, 1)
+        graph = self.graphs.get(sid)
+        if graph is None:
+            graph = self.graphs[sid] = DecodeGraph(self, cache)
+        try:
+            out = graph.step(h, start_pos)
+        except RuntimeError as exc:  # a capture this build or driver refuses: decode eagerly from now on
+            log.warning("CUDA graph capture failed, decoding without graphs: %s", exc)
+            self.graphs = None
+            cache.length = start_pos
+            return self._torch_single_threaded(lambda: self._forward([(sid, x, start_pos)], True)[0])
+        cache.length = start_pos + 1
+        return out
 
     def _torch_single_threaded(self, fn: Callable[[], T_]) -> T_:
         if self.fmt != "native" or self.device.type != "cpu":
@@ -239,19 +272,9 @@ class Stage:
         rows: list[torch.Tensor] = []
         for sid, x, start_pos in steps:
             cache = self._cache(sid)
-            if start_pos != cache.length:
-                raise InvalidInput(
-                    f"session {sid}: input starts at position {start_pos} but the cache holds {cache.length} "
-                    "(positions may not skip or go backwards; truncate first)"
-                )
             h = self._input(x)  # [T, hidden]
             T = h.shape[0]
-            if T == 0:
-                raise InvalidInput("empty input")
-            if start_pos + T > cache.max_ctx:
-                raise InvalidInput(
-                    f"context overflow: {start_pos} + {T} tokens exceed the {cache.max_ctx}-token context"
-                )
+            self._check_positions(sid, cache, start_pos, T)
             masks = {False: None, True: None} if self.exact_ops else self._masks(start_pos, T)
             segments.append(_Segment(cache, start_pos, T, masks))
             rows.append(h)
@@ -275,6 +298,20 @@ class Stage:
             logits = self.lm_head(rms_norm(h, self.out_norm, self.cfg.norm_eps), segments=rows)
             return list(logits.split(1))  # [1, vocab] each
         return [self.lm_head(rms_norm(o, self.out_norm, self.cfg.norm_eps)) for o in outs]  # [T, vocab] each
+
+    @staticmethod
+    def _check_positions(sid: str, cache: KVCache, start_pos: int, T: int) -> None:
+        if start_pos != cache.length:
+            raise InvalidInput(
+                f"session {sid}: input starts at position {start_pos} but the cache holds {cache.length} "
+                "(positions may not skip or go backwards; truncate first)"
+            )
+        if T == 0:
+            raise InvalidInput("empty input")
+        if start_pos + T > cache.max_ctx:
+            raise InvalidInput(
+                f"context overflow: {start_pos} + {T} tokens exceed the {cache.max_ctx}-token context"
+            )
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -349,6 +386,8 @@ class Stage:
         score_scale: float,
     ) -> torch.Tensor:
         """Rope, the cache write and attention of one segment; -> [T, nh * hd]."""
+        if seg.pos is not None:
+            return attend_static(self, layer, li, seg, q, k, v, score_scale)
         cfg, cache, pos0, T = self.cfg, seg.cache, seg.pos0, seg.T
         end = pos0 + T
         if self.exact_ops:

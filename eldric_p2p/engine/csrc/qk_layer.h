@@ -1,0 +1,237 @@
+/* A transformer layer in one C call: what engine/model.py's Stage._layer does with torch glue around the kernels,
+ * done here in the same order with the same roundings, so the result is bit for bit the same (and llama.cpp's):
+ *
+ *   x = rms_norm(h, attn_norm)
+ *   q, k, v = x @ wq, wk, wv (+ biases)                 one activation quantization shared by matmuls of a kind
+ *   q, k = rms_norm per head (q_norm, k_norm)           where the model has them
+ *   per session: rope(q, k); q *= q_scale; the f16 cache gets k and v; attention over the cache
+ *   o = attn @ wo; o = rms_norm(o, post_attn_norm)      the post norm where the model has it
+ *   h = h + o
+ *   x = rms_norm(h, ffn_norm); a = act(x @ gate) * (x @ up); d = a @ down; d = rms_norm(d, post_ffn_norm)
+ *   h = h + d
+ *
+ * The rows of a call are the segments of several sessions (a prompt, or one decode step each): the matmuls take
+ * each segment's rows as llama.cpp takes a batch of that many (qk_ranges), rope and attention run per session
+ * against its own cache. The attention's (row, head) units are shared out over the thread pool when there is
+ * enough of them to pay for it.
+ */
+
+#ifndef ELDRIC_QK_LAYER_H
+#define ELDRIC_QK_LAYER_H
+
+#include "ggml_ops.h"
+#include "qk_matmul.h"
+
+typedef struct {
+    qk_weight wt;
+    const uint8_t *w;  /* raw GGUF blocks [out, wrow] */
+    const float *bias; /* [out] or NULL */
+} lin_t;
+
+typedef struct {
+    int64_t hidden, nh, nkv, hd, ffn;
+    int rope_dims, neox, gelu; /* gelu: GEGLU (tanh GELU through ggml's table), else SwiGLU */
+    float rope_base, freq_scale, eps;
+    float q_scale;     /* q *= q_scale after rope (Gemma's 1/sqrt(head_dim)); 0: none */
+    float score_scale; /* on the scores K.q */
+    int64_t window;    /* sliding window of this layer; 0: global */
+    lin_t wq, wk, wv, wo, gate, up, down;
+    const float *attn_norm, *ffn_norm;                              /* [hidden] */
+    const float *q_norm, *k_norm, *post_attn_norm, *post_ffn_norm; /* NULL where the model has none */
+} layer_t;
+
+/* One session's rows in a forward: its KV cache (of the whole stage) and where its rows go. */
+typedef struct {
+    uint16_t *k, *v; /* f16 [n_layers, nkv, ctx, hd] */
+    int64_t ctx, pos0, T;
+} seg_t;
+
+/* Scratch for a forward of N rows through layers of the same shapes. */
+typedef struct {
+    float *x, *q, *k, *v, *attn, *o, *gate, *up;
+    void *xq;
+    int64_t *sizes, *pos, *first; /* [n_seg], [max T], [n_seg + 1] */
+    range_t *ranges;               /* [2 n_seg] */
+    attn_args *args;               /* [n_seg] */
+} layer_scratch;
+
+static size_t xq_bytes(const lin_t *l) { return l->wt.xrow; }
+
+/* Largest quantized activation row of the layer's matmuls. */
+static size_t layer_xrow(const layer_t *L) {
+    const lin_t *ls[] = {&L->wq, &L->wk, &L->wv, &L->wo, &L->gate, &L->up, &L->down};
+    size_t m = 0;
+    for (int i = 0; i < 7; i++) m = xq_bytes(ls[i]) > m ? xq_bytes(ls[i]) : m;
+    return m;
+}
+
+static void scratch_free(layer_scratch *s) {
+    free(s->x);
+    free(s->xq);
+    free(s->sizes);
+    free(s->pos);
+    free(s->ranges);
+    free(s->first);
+    free(s->args);
+    memset(s, 0, sizeof(*s));
+}
+
+/* Allocate for N rows and n_seg segments; returns -1 when out of memory. */
+static int scratch_alloc(layer_scratch *s, const layer_t *L, int64_t N, int64_t n_seg, int64_t max_T) {
+    const int64_t qd = L->nh * L->hd, kvd = L->nkv * L->hd;
+    const int64_t floats = N * (L->hidden + qd + 2 * kvd + qd + L->hidden + 2 * L->ffn);
+    memset(s, 0, sizeof(*s));
+    s->x = malloc(sizeof(float) * (size_t)floats);
+    s->xq = malloc(layer_xrow(L) * (size_t)N + 64);
+    s->sizes = malloc(sizeof(int64_t) * (size_t)n_seg);
+    s->pos = malloc(sizeof(int64_t) * (size_t)max_T);
+    s->ranges = malloc(sizeof(range_t) * (size_t)(2 * n_seg));
+    s->first = malloc(sizeof(int64_t) * (size_t)(n_seg + 1));
+    s->args = malloc(sizeof(attn_args) * (size_t)n_seg);
+    if (!s->x || !s->xq || !s->sizes || !s->pos || !s->ranges || !s->first || !s->args) {
+        scratch_free(s);
+        return -1;
+    }
+    s->q = s->x + N * L->hidden;
+    s->k = s->q + N * qd;
+    s->v = s->k + N * kvd;
+    s->attn = s->v + N * kvd;
+    s->o = s->attn + N * qd;
+    s->gate = s->o + N * L->hidden;
+    s->up = s->gate + N * L->ffn;
+    return 0;
+}
+
+/* out [N, l.out] = x [N, l.in] @ W.T (+ bias). `xq_kind` tracks what s->xq holds: the quantized rows of x for an
+ * activation kind (-1: nothing), so matmuls of one input and one kind quantize once. */
+static void lin_apply(const lin_t *l, const float *x, int64_t N, float *out, layer_scratch *s, int64_t n_seg,
+                      const float **xq_src, int *xq_kind, int n_threads) {
+    if (*xq_src != x || *xq_kind != l->wt.ti->act) {
+        qk_quantize(&l->wt, x, N, s->xq);
+        *xq_src = x;
+        *xq_kind = l->wt.ti->act;
+    }
+    const int n_ranges = qk_ranges(&l->wt, s->sizes, n_seg, s->ranges);
+    qk_compute(&l->wt, l->w, s->ranges, n_ranges, s->xq, out, N, n_threads);
+    if (l->bias != NULL) {
+        for (int64_t t = 0; t < N; t++) {
+            for (int64_t i = 0; i < l->wt.out; i++) out[t * l->wt.out + i] = out[t * l->wt.out + i] + l->bias[i];
+        }
+    }
+}
+
+/* ---- attention over all the segments as one pool job: unit u of segment g is (row, head) of that segment */
+
+static _Thread_local float *tl_work = NULL;
+static _Thread_local size_t tl_work_floats = 0;
+
+/* This thread's attention scratch of at least n floats (kept for the next call); NULL when out of memory. */
+static float *thread_work(size_t n) {
+    if (n > tl_work_floats) {
+        float *p = realloc(tl_work, sizeof(float) * n);
+        if (p == NULL) return NULL;
+        tl_work = p;
+        tl_work_floats = n;
+    }
+    return tl_work;
+}
+
+#define ATTN_CHUNK 4 /* units per chunk */
+
+typedef struct {
+    const attn_args *args; /* one per segment */
+    const int64_t *first;  /* first unit of each segment, n_seg + 1 entries */
+    int64_t n_seg;
+    _Atomic int failed;
+} attn_job;
+
+static void attn_chunk(const void *ctx, int64_t c) {
+    attn_job *j = (attn_job *)ctx;
+    const int64_t u0 = c * ATTN_CHUNK, u1 = u0 + ATTN_CHUNK < j->first[j->n_seg] ? u0 + ATTN_CHUNK : j->first[j->n_seg];
+    int64_t g = 0;
+    for (int64_t u = u0; u < u1; u++) {
+        while (u >= j->first[g + 1]) g++;
+        float *work = thread_work(ops_attn_work_floats(&j->args[g]));
+        if (work == NULL) {
+            atomic_store(&j->failed, 1);
+            return;
+        }
+        ops_attention(&j->args[g], u - j->first[g], u - j->first[g] + 1, work);
+    }
+}
+
+/* One layer (index li within the stage's caches) over h [N, hidden], in place. Returns -1 when out of memory. */
+static int layer_forward(const layer_t *L, int64_t li, float *h, int64_t N, const seg_t *segs, int64_t n_seg,
+                         layer_scratch *s, int n_threads) {
+    const int64_t hid = L->hidden, nh = L->nh, nkv = L->nkv, hd = L->hd, qd = nh * hd, kvd = nkv * hd;
+    const float *xq_src = NULL;
+    int xq_kind = -1;
+    for (int64_t g = 0; g < n_seg; g++) s->sizes[g] = segs[g].T;
+
+    ops_rms_norm(h, L->attn_norm, s->x, N, hid, L->eps);
+    lin_apply(&L->wq, s->x, N, s->q, s, n_seg, &xq_src, &xq_kind, n_threads); /* [N, nh, hd] */
+    lin_apply(&L->wk, s->x, N, s->k, s, n_seg, &xq_src, &xq_kind, n_threads); /* [N, nkv, hd] */
+    lin_apply(&L->wv, s->x, N, s->v, s, n_seg, &xq_src, &xq_kind, n_threads); /* [N, nkv, hd] */
+    if (L->q_norm != NULL) {
+        ops_rms_norm(s->q, L->q_norm, s->q, N * nh, hd, L->eps);
+        ops_rms_norm(s->k, L->k_norm, s->k, N * nkv, hd, L->eps);
+    }
+
+    /* rope, q scale and the cache writes of every segment, then their attention as one job */
+    attn_args *args = s->args;
+    int64_t *first = s->first, row = 0;
+    first[0] = 0;
+    for (int64_t g = 0; g < n_seg; g++) {
+        const seg_t *sg = &segs[g];
+        float *q = s->q + row * qd, *k = s->k + row * kvd, *v = s->v + row * kvd;
+        for (int64_t t = 0; t < sg->T; t++) s->pos[t] = sg->pos0 + t;
+        ops_rope(q, s->pos, sg->T, (int)nh, (int)hd, L->rope_dims, L->rope_base, L->freq_scale, L->neox);
+        ops_rope(k, s->pos, sg->T, (int)nkv, (int)hd, L->rope_dims, L->rope_base, L->freq_scale, L->neox);
+        if (L->q_scale != 0.0f) {
+            for (int64_t i = 0; i < sg->T * qd; i++) q[i] = q[i] * L->q_scale;
+        }
+        const size_t layer_off = (size_t)li * (size_t)(nkv * sg->ctx * hd);
+        uint16_t *kc = sg->k + layer_off, *vc = sg->v + layer_off; /* [nkv, ctx, hd] */
+        for (int64_t t = 0; t < sg->T; t++) {
+            for (int64_t j = 0; j < nkv; j++) {
+                uint16_t *kd = kc + ((size_t)j * sg->ctx + sg->pos0 + t) * hd;
+                uint16_t *vd = vc + ((size_t)j * sg->ctx + sg->pos0 + t) * hd;
+                const float *ks = k + (t * nkv + j) * hd, *vs = v + (t * nkv + j) * hd;
+                for (int64_t d = 0; d < hd; d++) {
+                    kd[d] = f32_to_f16(ks[d]);
+                    vd[d] = f32_to_f16(vs[d]);
+                }
+            }
+        }
+        args[g] = (attn_args){q, kc, vc, s->attn + row * qd, sg->T, sg->pos0, sg->ctx, L->window,
+                              (int)nh, (int)nkv, (int)hd, sg->T > 1, L->score_scale};
+        first[g + 1] = first[g] + sg->T * nh;
+        row += sg->T;
+    }
+    /* the (row, head) units cost about S * hd each: share them out when the whole is worth ~100 us */
+    double cost = 0.0;
+    for (int64_t g = 0; g < n_seg; g++) cost += (double)(segs[g].T * nh) * (double)(segs[g].pos0 + segs[g].T) * hd;
+    attn_job aj = {args, first, n_seg, 0};
+    const int64_t n_chunks = (first[n_seg] + ATTN_CHUNK - 1) / ATTN_CHUNK;
+    pool_run(attn_chunk, &aj, n_chunks, cost > 2e5 ? n_threads : 1);
+    if (atomic_load(&aj.failed)) return -1;
+
+    lin_apply(&L->wo, s->attn, N, s->o, s, n_seg, &xq_src, &xq_kind, n_threads); /* [N, hidden] */
+    if (L->post_attn_norm != NULL) ops_rms_norm(s->o, L->post_attn_norm, s->o, N, hid, L->eps);
+    for (int64_t i = 0; i < N * hid; i++) h[i] = h[i] + s->o[i];
+
+    ops_rms_norm(h, L->ffn_norm, s->x, N, hid, L->eps);
+    lin_apply(&L->gate, s->x, N, s->gate, s, n_seg, &xq_src, &xq_kind, n_threads); /* [N, ffn] */
+    lin_apply(&L->up, s->x, N, s->up, s, n_seg, &xq_src, &xq_kind, n_threads);     /* [N, ffn] */
+    if (L->gelu) {
+        ops_geglu(s->gate, s->up, s->gate, N * L->ffn);
+    } else {
+        ops_swiglu(s->gate, s->up, s->gate, N * L->ffn);
+    }
+    lin_apply(&L->down, s->gate, N, s->o, s, n_seg, &xq_src, &xq_kind, n_threads); /* [N, hidden] */
+    if (L->post_ffn_norm != NULL) ops_rms_norm(s->o, L->post_ffn_norm, s->o, N, hid, L->eps);
+    for (int64_t i = 0; i < N * hid; i++) h[i] = h[i] + s->o[i];
+    return 0;
+}
+
+#endif /* ELDRIC_QK_LAYER_H */
