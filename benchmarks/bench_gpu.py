@@ -132,10 +132,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def decode_speed(model: LocalModel, ids: list[int], tokens: int, batch: int, device: torch.device) -> float:
-    """Aggregate greedy decode tokens/s of `batch` sessions stepped together (after their prompts)."""
+def decode_speed(
+    model: LocalModel, ids: list[int], tokens: int, batch: int, device: torch.device, *, graphs: bool = True
+) -> float:
+    """Aggregate greedy decode tokens/s of `batch` sessions stepped together (after their prompts); a lone
+    session steps through its CUDA graph unless `graphs` is off (a batch always runs eagerly)."""
     stage = model.stages[0]
     assert len(model.stages) == 1
+    saved = stage.graphs
+    if not graphs:
+        stage.graphs = None
     sids = [f"b{i}" for i in range(batch)]
     for sid in sids:
         stage.open_session(sid, max_ctx=len(ids) + tokens + 8)
@@ -159,13 +165,15 @@ def decode_speed(model: LocalModel, ids: list[int], tokens: int, batch: int, dev
     finally:
         for sid in sids:
             stage.close_session(sid)
+        stage.graphs = saved
 
 
 def profile_steps(model: LocalModel, ids: list[int], device: torch.device, steps: int = 8) -> dict:
-    """GPU busy time and kernel launches per decode step, from torch's profiler."""
+    """GPU busy time and kernel launches per eager decode step, from torch's profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     stage = model.stages[0]
+    saved, stage.graphs = stage.graphs, None
     stage.open_session("prof")
     try:
         logits = stage.forward("prof", torch.tensor(ids), 0, last_only=True)[-1]
@@ -180,6 +188,7 @@ def profile_steps(model: LocalModel, ids: list[int], device: torch.device, steps
             wall = time.perf_counter() - t0
     finally:
         stage.close_session("prof")
+        stage.graphs = saved
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy_us = sum(e.device_time for e in kernels)  # µs
     return {"kernels_per_step": round(len(kernels) / steps),
@@ -189,7 +198,7 @@ def profile_steps(model: LocalModel, ids: list[int], device: torch.device, steps
 
 
 def run_device(ref_path: Path, names: list[str], device_name: str, formats: list[str], tokens: int,
-               batches: list[int]) -> dict:  # fmt: skip
+               batches: list[int], speed_formats: list[str]) -> dict:  # fmt: skip
     ref = json.loads(ref_path.read_text())
     device = torch.device(device_name)
     report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -203,7 +212,8 @@ def run_device(ref_path: Path, names: list[str], device_name: str, formats: list
         report["models"][name] = out = {}
         for fmt in formats:
             try:
-                out[fmt] = measure(file, r, fmt, device, tokens, batches, report.get("hbm_copy_GBps"))
+                out[fmt] = measure(file, r, fmt, device, tokens, batches, report.get("hbm_copy_GBps"),
+                                   fmt in speed_formats)  # fmt: skip
             except Exception as exc:  # a report with the other formats beats none
                 out[fmt] = {"error": f"{type(exc).__name__}: {exc}"}
                 traceback.print_exc()
@@ -214,7 +224,7 @@ def run_device(ref_path: Path, names: list[str], device_name: str, formats: list
 
 
 def measure(file: Path, r: dict, fmt: str, device: torch.device, tokens: int, batches: list[int],
-            copy_GBps: float | None) -> dict:  # fmt: skip
+            copy_GBps: float | None, speed: bool) -> dict:  # fmt: skip
     """One model in one weight format: agreement, decode speed per batch size, and on CUDA the bound."""
     t0 = time.perf_counter()
     model = LocalModel(file, device=str(device), weights=fmt, max_ctx=1024)
@@ -223,13 +233,21 @@ def measure(file: Path, r: dict, fmt: str, device: torch.device, tokens: int, ba
     row.update(compare(model, r))
     nbytes = step_bytes(model)
     row["weight_MB_per_step"] = round(nbytes / 1e6, 1)
-    for b in batches:
-        decode_speed(model, r["prompt_ids"], 8, b, device)  # warm-up (allocator, library autotuning)
-        row[f"decode_tok_s_B{b}"] = round(decode_speed(model, r["prompt_ids"], tokens, b, device), 1)
+    if not speed:
+        return row
+    runs = [(1, True), (1, False), *((b, False) for b in batches if b > 1)]
+    for b, graphs in runs:
+        if b == 1 and graphs and model.stages[0].graphs is None:
+            continue  # no graphs here (CPU, or ELDRIC_CUDA_GRAPHS=0)
+        key = f"decode_tok_s_B{b}" + ("_graph" if graphs else "_eager")
+        decode_speed(model, r["prompt_ids"], 8, b, device, graphs=graphs)  # warm-up (allocator, cuBLAS)
+        row[key] = round(decode_speed(model, r["prompt_ids"], tokens, b, device, graphs=graphs), 1)
     if device.type == "cuda" and copy_GBps:
         bound = copy_GBps * 1e9 / nbytes
         row["bound_tok_s"] = round(bound)
-        row["decode_vs_bound_B1"] = round(row["decode_tok_s_B1"] / bound, 4)
+        for key in ("decode_tok_s_B1_graph", "decode_tok_s_B1_eager"):
+            if key in row:
+                row[key.replace("decode_tok_s", "vs_bound")] = round(row[key] / bound, 4)
         row.update(profile_steps(model, r["prompt_ids"], device))
     return row
 
@@ -240,10 +258,11 @@ def main() -> None:
     ap.add_argument("--reference", type=Path, help="the CPU side to compare against")
     ap.add_argument("--models", default="qwen,gemma")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--formats", default="bf16,f16,f32")
+    ap.add_argument("--formats", default="bf16,f32", help="dense formats compared with the CPU")
+    ap.add_argument("--speed-formats", default="bf16", help="of those, the ones timed")
     ap.add_argument("--tokens", type=int, default=64, help="reference continuation length")
-    ap.add_argument("--decode-tokens", type=int, default=128, help="tokens timed per decode measurement")
-    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--decode-tokens", type=int, default=64, help="tokens timed per decode measurement")
+    ap.add_argument("--batches", default="1,8", help="sessions decoding together (beyond 1: eager)")
     ap.add_argument("--json", type=Path, help="also write the report here")
     args = ap.parse_args()
     names = [n.strip() for n in args.models.split(",") if n.strip()]
@@ -255,7 +274,7 @@ def main() -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("no CUDA device: this benchmark compares the CUDA path with the CPU reference")
     report = run_device(args.reference, names, args.device, args.formats.split(","), args.decode_tokens,
-                        [int(b) for b in args.batches.split(",")])  # fmt: skip
+                        [int(b) for b in args.batches.split(",")], args.speed_formats.split(","))  # fmt: skip
     print(json.dumps(report, indent=1))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))

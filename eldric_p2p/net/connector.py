@@ -6,9 +6,12 @@
 
 Direct: every address the `PeerTable` holds for the peer (plus hints, e.g. the host a stage was given) is
 tried with a short connect timeout, staggered like happy eyeballs, in one nursery; the first that connects
-(and, for links, proves the peer id) wins and cancels the rest. Relayed: a stream from a `RelayMember`, with
-the link handshake run over it end to end (`path="relayed"`), so the relay only ever forwards TLS records.
-What worked is remembered per peer (for `REMEMBER_S`) and tried first next time; `paths` reports it.
+(and, for links, proves the peer id) wins and cancels the rest. Punched: a stream of a direct QUIC
+connection that a relay helped open through both NATs (UDP hole punching, `RelayMember.punch`; an existing
+one, made by either side, is reused), with the link handshake run over it (`path="punched"`). Relayed: a
+stream from a `RelayMember`, with the link handshake run over it end to end (`path="relayed"`), so the relay
+only ever forwards TLS records. What worked is remembered per peer (for `REMEMBER_S`) and tried first next
+time (a peer that had to be relayed is not punched again until then); `paths` reports it.
 
 Peer URLs: `http://<peer id>.peer.eldric:<http port>` names a node by its id. `http_client()` and
 `fetch_connect` (the fetcher's `connect=`) send such a URL over `open_http`; other URLs go over TCP as usual.
@@ -53,6 +56,7 @@ if typing.TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_Worked = tuple[float, tuple[str, int] | None, LinkPath]  # when, the direct address (or None), the path
 PEER_HOST_SUFFIX = ".peer.eldric"
 HTTP_TAG = b"EHTP"
 DIRECT_TIMEOUT_S = 1.5  # per direct connect attempt
@@ -93,12 +97,13 @@ class Connector:
         self.members: list[RelayMember] = []
         self.no_direct: set[str] = set()  # peer ids never tried directly (a firewall we know of; tests)
         self.paths: dict[str, LinkPath] = {}  # peer id -> the path the last link or HTTP stream took
-        self._good: dict[tuple[str, str], tuple[float, tuple[str, int] | None]] = {}  # (peer, kind) -> addr
+        self._good: dict[tuple[str, str], _Worked] = {}  # (peer, kind) -> when, direct address, path
         self.frames_handler: LinkHandler | None = None  # pipeline frames (the worker)
         self.local_http: Callable[[], tuple[str, int] | None] = lambda: (
             None
         )  # our HTTP port, for tagged links
-        self.stats = {"direct": 0, "relayed": 0, "direct_failed": 0, "http_served": 0}
+        self.stats = {"direct": 0, "punched": 0, "relayed": 0, "direct_failed": 0, "punch_failed": 0,
+                      "http_served": 0}  # fmt: skip
         self.ticket: str | None = None  # a joiner's join ticket, presented on relayed links
 
     # ---- where a peer might be ----------------------------------------------------------------------------
@@ -128,7 +133,7 @@ class Connector:
                 out.append((host, port))
         return out[:MAX_CANDIDATES]
 
-    def _remembered(self, peer_id: str, kind: str) -> tuple[float, tuple[str, int] | None] | None:
+    def _remembered(self, peer_id: str, kind: str) -> _Worked | None:
         got = self._good.get((peer_id, kind))
         if got is not None and trio.current_time() - got[0] > REMEMBER_S:
             del self._good[(peer_id, kind)]
@@ -136,7 +141,7 @@ class Connector:
         return got
 
     def _worked(self, peer_id: str, kind: str, path: LinkPath, addr: tuple[str, int] | None) -> None:
-        self._good[(peer_id, kind)] = (trio.current_time(), addr)
+        self._good[(peer_id, kind)] = (trio.current_time(), addr, path)
         self.paths[peer_id] = path
         self.stats[path] += 1
 
@@ -160,7 +165,7 @@ class Connector:
         link = await self._open(peer_id, "link", port, hints, attempt)
         if isinstance(link, Link):
             return link
-        return await self._relayed_link(peer_id)
+        return await self._indirect_link(peer_id)
 
     def link_port_of(self, peer_id: str) -> int | None:
         """The link port any source announced for `peer_id`."""
@@ -182,7 +187,7 @@ class Connector:
             if link_port is not None and self.ticket is None:
                 link = await self.open_link(peer_id, port=link_port)
             else:
-                link = await self._relayed_link(peer_id)
+                link = await self._indirect_link(peer_id)
             return await self._tag_http(link, peer_id)
 
         async def attempt(host: str, p: int) -> trio.abc.Stream:
@@ -192,7 +197,7 @@ class Connector:
         stream = await self._open(peer_id, "http", port, (), attempt)
         if stream is not None:
             return stream
-        return await self._tag_http(await self._relayed_link(peer_id), peer_id)
+        return await self._tag_http(await self._indirect_link(peer_id), peer_id)
 
     async def _tag_http(self, link: Link, peer_id: str) -> Link:
         try:
@@ -214,8 +219,8 @@ class Connector:
         if peer_id in self.no_direct:
             return None
         remembered = self._remembered(peer_id, kind)
-        if remembered is not None and remembered[1] is None and self.members:
-            return None  # relayed worked lately: skip the direct timeouts
+        if remembered is not None and remembered[2] != "direct" and self.members:
+            return None  # punched or relayed worked lately: skip the direct timeouts
         candidates = self._candidates(peer_id, port or 0, hints, kind) if port or hints else []
         candidates = [(h, p) for h, p in candidates if p]
         if not candidates:
@@ -261,12 +266,51 @@ class Connector:
             log.debug("no direct path: %s", "; ".join(failures))
         return winner
 
-    async def _relayed_link(self, peer_id: str) -> Link:
-        """Through the relays whose directories list `peer_id` first (any of them will do), then the others
-        (a directory can lag behind a peer that just joined)."""
-        errors: list[str] = []
+    def _by_listing(self, peer_id: str) -> list[RelayMember]:
+        """Our relays, those whose directories list `peer_id` first (a directory can lag behind a peer that
+        just joined, so the others follow)."""
         listing = self.table.relays(peer_id)
-        for member in sorted(self.members, key=lambda m: m.address not in listing):  # stable: keeps order
+        return sorted(self.members, key=lambda m: m.address not in listing)  # stable: keeps order
+
+    async def _indirect_link(self, peer_id: str) -> Link:
+        """A punched link where a punch works (or a punched connection exists), else a relayed one."""
+        link = await self._punched_link(peer_id)
+        return link if link is not None else await self._relayed_link(peer_id)
+
+    async def _punched_link(self, peer_id: str) -> Link | None:
+        """A link over a punched QUIC connection: a live one (either side made it) or a new punch through a
+        relay that brokers them. None when none works, or a punch failed within REMEMBER_S."""
+        if peer_id in self.no_direct or self.ticket is not None:  # a guest's relay brokers it nothing
+            return None
+        members = [m for m in self._by_listing(peer_id) if m.punched(peer_id) is not None or m.can_punch]
+        members.sort(key=lambda m: m.punched(peer_id) is None)
+        remembered = self._remembered(peer_id, "link")
+        if not members or (remembered and remembered[2] == "relayed" and members[0].punched(peer_id) is None):
+            return None
+        for member in members:
+            try:
+                conn = member.punched(peer_id) or await member.punch(peer_id)
+                link = await link_client(
+                    conn.open_stream(),
+                    self.identity,
+                    peer_id,
+                    path="punched",
+                    handshake_timeout=self.handshake_timeout,
+                    ticket=self.ticket,
+                )
+            except (PeerUnavailable, AuthenticationError) as exc:
+                log.info("no punched path to %s through %s: %s", peer_id, member.address, exc)
+                continue
+            self._worked(peer_id, "link", "punched", None)
+            self._good[(peer_id, "http")] = self._good[(peer_id, "link")]
+            return link
+        self.stats["punch_failed"] += 1
+        return None
+
+    async def _relayed_link(self, peer_id: str) -> Link:
+        """Through the relays that list `peer_id` first (any of them will do), then the others."""
+        errors: list[str] = []
+        for member in self._by_listing(peer_id):
             if not member.registered:
                 errors.append(f"relay {member.host}:{member.port}: not connected")
                 continue
@@ -295,6 +339,13 @@ class Connector:
         """The RelayMember's stream handler: authenticate the stream as a link, then `dispatch` it."""
         await serve_link_stream(
             stream, self.identity, self.dispatch, path="relayed", handshake_timeout=self.handshake_timeout
+        )
+
+    async def handle_punched(self, stream: trio.abc.Stream, source: str) -> None:
+        """The stream handler of punched connections: authenticate the stream as a link, then `dispatch` it.
+        `source` is whom the relay brokered the punch with; the handshake proves who it really is."""
+        await serve_link_stream(
+            stream, self.identity, self.dispatch, path="punched", handshake_timeout=self.handshake_timeout
         )
 
     async def dispatch(self, link: Link) -> None:

@@ -58,7 +58,7 @@ from eldric_p2p.net.identity import Identity, peer_id_of
 
 log = logging.getLogger(__name__)
 
-LinkPath = Literal["direct", "relayed"]
+LinkPath = Literal["direct", "punched", "relayed"]  # punched: a hole-punched QUIC connection
 
 
 # --------------------------------------------------------------------------- certificates and TLS contexts

@@ -70,3 +70,23 @@ def test_cuda_bf16_batch_follows_each_session_alone(tmp_path: Path) -> None:
         steps = [(sid, torch.tensor([t]), p) for sid, t, p in zip(sids, toks, pos, strict=True)]
         outs = stage.forward_batch(steps)
         pos = [p + 1 for p in pos]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_cuda_graph_steps_follow_the_eager_ones(
+    tmp_path: Path, arch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_synthetic_gguf(tmp_path / "m.gguf", arch=arch, n_layers=4, hidden=256, ffn=512, n_heads=4,
+                                n_kv_heads=2, tensor_types="Q4_K", seed=7)  # fmt: skip
+    prompt = [(5 * i + 1) % 40 + 1 for i in range(60)]  # decode crosses gemma3's 64-position window
+    graphs = LocalModel(path, device="cuda", weights="f32", max_ctx=96, splits=(2,))
+    assert all(st.graphs is not None for st in graphs.stages)
+    g_toks, g_logits = greedy(graphs, prompt, 16)
+    assert all("s" not in st.graphs for st in graphs.stages)  # dropped with the session
+    monkeypatch.setenv("ELDRIC_CUDA_GRAPHS", "0")
+    eager = LocalModel(path, device="cuda", weights="f32", max_ctx=96, splits=(2,))
+    assert all(st.graphs is None for st in eager.stages)
+    e_toks, e_logits = greedy(eager, prompt, 16)
+    assert g_toks == e_toks
+    for a, b in zip(g_logits, e_logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

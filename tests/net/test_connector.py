@@ -159,6 +159,10 @@ class RefusingRelay:
         self.address = address
         self.registered = registered
         self.tried = tried
+        self.can_punch = False  # a relay that brokers no hole punches
+
+    def punched(self, peer_id: str) -> None:
+        return None
 
     async def open_stream(self, peer_id: str) -> Any:
         self.tried.append(self.address)

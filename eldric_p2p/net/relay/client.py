@@ -10,6 +10,11 @@ member.
 Relayed streams are plain `trio.abc.Stream`s of opaque bytes. `source_peer_id` is only what the relay
 claims; run the link handshake over the stream to authenticate the other end.
 
+Hole punching (with a `punch_handler`): the member keeps one UDP socket (endpoint.py) for as long as it runs,
+so the relay connection, punch probes and punched QUIC connections share one NAT mapping; `punch(peer_id)`
+asks the relay to broker a punch and returns a direct QUIC connection (punching.py), whose streams the peer
+opens reach `punch_handler(stream, peer_id)`. A relay that does not broker punches makes `can_punch` False.
+
 In a federation (`identity.federated`) every registration carries our membership chain, read afresh each
 time (it changes on renewal); a joiner with no certificate yet registers with its invite's `ticket` instead.
 A relay that refuses us says why in `last_error`, and we keep retrying: we may become a member later.
@@ -30,10 +35,12 @@ from eldric_p2p.net.federation.certs import MembershipError, chain_to_text
 from eldric_p2p.net.identity import Identity
 from eldric_p2p.net.relay import protocol as p
 from eldric_p2p.net.relay.control import MemberControl
+from eldric_p2p.net.relay.endpoint import UdpEndpoint, local_address, resolve_udp
+from eldric_p2p.net.relay.fields import format_address
 from eldric_p2p.net.relay.framing import read_message, write_message
+from eldric_p2p.net.relay.punching import Puncher
 from eldric_p2p.net.relay.quic import QuicConn, QuicStream
 from eldric_p2p.net.relay.quic_config import client_configuration
-from eldric_p2p.net.relay.quic_udp import connect_quic
 from eldric_p2p.tasks import open_nursery
 
 log = logging.getLogger(__name__)
@@ -62,8 +69,10 @@ class RelayMember:
         max_datagram_size: int = 1350,
         stream_window: int = 128 * 1024,
         ticket: str | None = None,
+        punch_handler: StreamHandler | None = None,
     ) -> None:
-        """`ticket`: a join ticket's text (`invites.Ticket.to_text`), sent while we hold no certificate."""
+        """`ticket`: a join ticket's text (`invites.Ticket.to_text`), sent while we hold no certificate.
+        `punch_handler`: take part in hole punching, and hand it the streams peers open on punched paths."""
         self.identity = identity
         self.host = host
         self.port = port
@@ -79,6 +88,12 @@ class RelayMember:
         self.max_datagram_size = max_datagram_size
         self.stream_window = stream_window
         self.ticket = ticket
+        self.punch_handler = punch_handler
+        self.endpoint: UdpEndpoint | None = None  # our UDP socket, kept across reconnects
+        self.puncher: Puncher | None = None
+        self._endpoint_scope: trio.CancelScope | None = None
+        self._control: MemberControl | None = None
+        self._send_control: Callable[[], Awaitable[None]] | None = None
         self.relay_id: str | None = None
         self.connects = 0  # successful registrations so far
         self.last_error: str | None = None
@@ -113,42 +128,72 @@ class RelayMember:
         """Stay a member until cancelled: connect, serve, and on any failure retry with jittered backoff."""
         task_status.started()
         backoff = self.backoff_initial_s
-        while True:
-            connects = self.connects
-            try:
-                await self._session()
-            except* (EldricError, trio.BrokenResourceError, trio.ClosedResourceError) as group:
-                exc = _first_leaf(group)
-                error = f"{type(exc).__name__}: {exc}"
-                refused = (
-                    isinstance(exc, MembershipError) and error != self.last_error
-                )  # say a new one loudly
-                self.last_error = error
-                log.log(
-                    logging.WARNING if refused else logging.INFO,
-                    "relay %s:%d: %s",
-                    self.host,
-                    self.port,
-                    error,
-                )
-            finally:
-                self._set_conn(None)
-                self.table.replace_source("relay", [], via=self.address)  # only this relay's peers go
-            if self.connects > connects:
-                backoff = self.backoff_initial_s
-            await trio.sleep(backoff * random.uniform(0.75, 1.25))
-            backoff = min(backoff * 2, self.backoff_max_s)
+        async with open_nursery() as nursery:  # our UDP socket (and punched connections) outlive sessions
+            while True:
+                connects = self.connects
+                try:
+                    await self._session(nursery)
+                except* (EldricError, trio.BrokenResourceError, trio.ClosedResourceError) as group:
+                    exc = _first_leaf(group)
+                    error = f"{type(exc).__name__}: {exc}"
+                    refused = (
+                        isinstance(exc, MembershipError) and error != self.last_error
+                    )  # say a new one loudly
+                    self.last_error = error
+                    log.log(
+                        logging.WARNING if refused else logging.INFO,
+                        "relay %s:%d: %s",
+                        self.host,
+                        self.port,
+                        error,
+                    )
+                finally:
+                    self._set_conn(None)
+                    self._control = self._send_control = None
+                    self.table.replace_source("relay", [], via=self.address)  # only this relay's peers go
+                if self.connects > connects:
+                    backoff = self.backoff_initial_s
+                await trio.sleep(backoff * random.uniform(0.75, 1.25))
+                backoff = min(backoff * 2, self.backoff_max_s)
 
-    async def _session(self) -> None:
+    async def _endpoint(self, family: int, nursery: trio.Nursery) -> UdpEndpoint:
+        """Our UDP socket for `family`: the one we have, or a new one (with its Puncher) in `nursery`."""
+        if self.endpoint is not None and self.endpoint.sock.family == family:
+            return self.endpoint
+        if self._endpoint_scope is not None:  # the relay's name now resolves to the other family
+            self._endpoint_scope.cancel()
+        endpoint = await UdpEndpoint.open(family)
+        self._endpoint_scope = await nursery.start(self._serve_endpoint, endpoint)
+        self.endpoint = endpoint
+        return endpoint
+
+    async def _serve_endpoint(
+        self, endpoint: UdpEndpoint, *, task_status: trio.TaskStatus[trio.CancelScope]
+    ) -> None:
+        with trio.CancelScope() as scope:
+            async with open_nursery() as nursery:
+                await nursery.start(endpoint.run)
+                if self.punch_handler is not None:
+                    self.puncher = Puncher(
+                        self.identity,
+                        endpoint,
+                        self.punch_handler,
+                        stream_window=self.stream_window,
+                        max_datagram_size=self.max_datagram_size,
+                    )
+                    await nursery.start(self.puncher.run)
+                task_status.started(scope)
+
+    async def _session(self, nursery: trio.Nursery) -> None:
         config = client_configuration(
             idle_timeout=60.0, max_datagram_size=self.max_datagram_size, stream_window=self.stream_window
         )
-        async with connect_quic(
-            self.host,
-            self.port,
-            config,
-            handshake_timeout=self.handshake_timeout_s,
-            send_window=self.stream_window,
+        family, addr = await resolve_udp(self.host, self.port)
+        endpoint = await self._endpoint(family, nursery)
+        punching = self.punch_handler is not None
+        local = local_address(family, addr, endpoint.port) if punching else None
+        async with endpoint.connect(
+            addr, config, handshake_timeout=self.handshake_timeout_s, send_window=self.stream_window
         ) as conn:
             membership = self.identity.membership if self.identity.federated else None
             cert = chain_to_text(membership.chain) if membership is not None else None
@@ -158,6 +203,8 @@ class RelayMember:
                 expected_relay_id=self.expected_relay_id,
                 cert=cert,
                 ticket=self.ticket if cert is None else None,
+                features=(p.FEATURE_PUNCH,) if punching else (),
+                local=(format_address(local),) if local is not None else (),
             )
             stream = conn.open_stream()
             lock = trio.Lock()
@@ -170,6 +217,7 @@ class RelayMember:
 
             control.hello()
             await send_pending()
+            self._control, self._send_control = control, send_pending
             async with open_nursery() as nursery:
                 nursery.start_soon(self._watch_connection, conn, nursery.cancel_scope)
                 dead_after = self.handshake_timeout_s
@@ -194,6 +242,10 @@ class RelayMember:
                             nursery.start_soon(self._reannounce, control, send_pending)
                         elif isinstance(event, (p.Directory, p.DirectoryUpdate)):
                             self._apply_directory(event, now)
+                        elif isinstance(event, p.PunchGo) and self.puncher is not None:
+                            self.puncher.on_go(event)
+                        elif isinstance(event, p.PunchFail) and self.puncher is not None:
+                            self.puncher.on_fail(event)
                     await send_pending()
                     deadline = trio.CancelScope(deadline=now + dead_after)
 
@@ -252,6 +304,29 @@ class RelayMember:
             stream.abort()
         finally:
             await stream.aclose()
+
+    @property
+    def can_punch(self) -> bool:
+        """Registered with a relay that brokers punches, and we take part."""
+        return self._control is not None and self._control.can_punch and self.puncher is not None
+
+    def punched(self, peer_id: str) -> QuicConn | None:
+        """The live punched connection to `peer_id`, if any (made by either side)."""
+        return self.puncher.live(peer_id) if self.puncher is not None else None
+
+    async def punch(self, peer_id: str) -> QuicConn:
+        """A direct QUIC connection to `peer_id` by hole punching through this relay (opaque streams:
+        authenticate them with the link handshake). Raises PeerUnavailable when the relay does not broker
+        punches or refuses, or no direct path works within the punch timeout (a few seconds)."""
+        control, send, puncher = self._control, self._send_control, self.puncher
+        if control is None or send is None or puncher is None or not control.can_punch:
+            raise PeerUnavailable(f"relay {self.address} brokers no hole punch for us")
+
+        async def request() -> None:
+            control.punch(peer_id)
+            await send()
+
+        return await puncher.punch(peer_id, request)
 
     async def open_stream(self, peer_id: str) -> QuicStream:
         """A relayed stream to `peer_id` (opaque bytes; authenticate it with the link handshake).

@@ -208,7 +208,8 @@ class _Pending:
 class PunchBroker:
     """The relay's punch policy: limits, then a PUNCH_GO for both members (or a PUNCH_FAIL for the asker).
 
-    `request(source, target, now)` returns the messages to send as (recipient peer id, message); call
+    `request(source, target_id, target, now)` (`target` None: not connected) returns the messages to send
+    as (recipient peer id, message); call
     `forget(peer_id)` when a member leaves. Bounded: `max_pending` punches, `max_per_member` per member, a
     token bucket per member; a repeated request for a pair already pending gets the same PUNCH_GO again.
     """
@@ -221,12 +222,11 @@ class PunchBroker:
     _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)  # peer -> (tokens, at)
 
     def request(
-        self, source: Party, target: Party | None, now: float
+        self, source: Party, target_id: str, target: Party | None, now: float
     ) -> list[tuple[str, PunchGo | PunchFail]]:
         lim = self.limits
         for key in [k for k, p in self._pending.items() if p.expires <= now]:
             del self._pending[key]
-        target_id = target.peer_id if target is not None else "?"
 
         def fail(code: str, reason: str) -> list[tuple[str, PunchGo | PunchFail]]:
             self.refused += 1
@@ -234,7 +234,7 @@ class PunchBroker:
 
         if target is None:
             return fail(RefuseCode.UNKNOWN_PEER, "not connected to this relay")
-        if target.peer_id == source.peer_id:
+        if target_id == source.peer_id:
             return fail(RefuseCode.SELF, "cannot punch to yourself")
         if source.guest or target.guest:
             return fail(RefuseCode.FORBIDDEN, "guests do not punch")

@@ -9,6 +9,10 @@ Bytes in flight per member are bounded: each spliced direction holds at most `st
 (QUIC flow control) plus `stream_window` unacknowledged ones, so a member holds at most
 `max_streams_per_member * 4 * stream_window` of relay memory (8 MiB with the defaults).
 
+Hole punching: REGISTERED offers FEATURE_PUNCH (unless `RelayLimits.punch` is None); a member that declared
+it too may send PUNCH, and `PunchBroker` (punch.py) answers with PUNCH_GO to both members, carrying what the
+relay's socket observes as each one's address, or with PUNCH_FAIL. Guests do not punch.
+
 A relay whose own identity is in a federation admits members of it only (control.check_credential_untrusted):
 a REGISTER without a valid certificate is refused with ERROR not_member; one with a join ticket instead is a
 *guest*, kept out of the directory, reachable by nobody, and allowed streams only to its inviter until the
@@ -36,6 +40,7 @@ from eldric_p2p.net.relay.control import (
     recheck_credential,
 )
 from eldric_p2p.net.relay.framing import read_message, splice, write_message
+from eldric_p2p.net.relay.punch import Party, PunchBroker, PunchLimits
 from eldric_p2p.net.relay.quic import QuicConn, QuicStream
 from eldric_p2p.net.relay.quic_config import server_configuration
 from eldric_p2p.net.relay.quic_udp import QuicServer, open_udp_socket
@@ -59,6 +64,7 @@ class RelayLimits:
     open_timeout_s: float = 10.0
     max_datagram_size: int = 1350
     outbox: int = 64  # control messages queued for one member before it counts as too slow
+    punch: PunchLimits | None = field(default_factory=PunchLimits)  # None: broker no hole punches
 
 
 @dataclass
@@ -89,9 +95,16 @@ class _Member:
     kill: trio.CancelScope = field(default_factory=trio.CancelScope)
     credential: Credential | None = None  # what a federated relay admitted it with
     guest_of: str | None = None  # a guest's inviter: the one peer it may open streams to
+    rtt: float | None = None  # from the last answered keepalive
+    ping: tuple[int, float] = (-1, 0.0)  # the last PING's seq and when it went
 
     def entry(self) -> p.Member:
         return p.Member(self.peer_id, self.public_key, self.announcement)
+
+    def party(self) -> Party:
+        addr = self.conn.remote_address
+        return Party(self.peer_id, (str(addr[0]), int(addr[1])) if addr else None, self.control.local,
+                     self.rtt, self.control.punches, self.guest_of is not None)  # fmt: skip
 
 
 class Relay:
@@ -103,6 +116,7 @@ class Relay:
         self.members: dict[str, _Member] = {}
         self.guests: dict[str, _Member] = {}
         self.stats = RelayStats()
+        self.punches = PunchBroker(self.limits.punch) if self.limits.punch is not None else None
         self._refusals_logged: dict[str, float] = {}
         self.address: tuple[str, int] | None = None
         self.server: QuicServer | None = None
@@ -197,7 +211,7 @@ class Relay:
         previous = self.members.get(member.peer_id) or self.guests.get(member.peer_id)
         if previous is not None:  # the same node reconnected before we noticed its old connection die
             previous.kill.cancel()
-        control.accept(lim.keepalive_s)
+        control.accept(lim.keepalive_s, (p.FEATURE_PUNCH,) if self.punches is not None else ())
         book[member.peer_id] = member
         if isinstance(credential, Ticket):  # a guest sees nobody (and goes at the keepalive after its ticket)
             control.send(p.Directory(()))
@@ -246,6 +260,8 @@ class Relay:
         book = self.guests if member.guest_of else self.members
         if book.get(member.peer_id) is member:
             del book[member.peer_id]
+            if self.punches is not None:
+                self.punches.forget(member.peer_id)
             if member.guest_of is None:
                 self._broadcast(p.DirectoryUpdate(removed=(member.peer_id,)), exclude=member)
             log.info("%s %s left", "guest" if member.guest_of else "member", member.peer_id)
@@ -311,6 +327,22 @@ class Relay:
                     member.announcement = event.announcement
                     if member.guest_of is None:  # a guest stays out of the directory
                         self._broadcast(p.DirectoryUpdate(added=(member.entry(),)), exclude=member)
+                elif isinstance(event, p.Pong) and event.seq == member.ping[0]:
+                    member.rtt = member.last_heard - member.ping[1]
+                elif isinstance(event, p.Punch):
+                    self._punch(member, event.target)
+
+    def _punch(self, member: _Member, target_id: str) -> None:
+        """Broker a PUNCH: PUNCH_GO to both members, or PUNCH_FAIL to the asker (punch.PunchBroker)."""
+        assert self.punches is not None  # a member sends PUNCH only when REGISTERED offered it
+        target = self.members.get(target_id) or self.guests.get(target_id)
+        now = trio.current_time()
+        replies = self.punches.request(member.party(), target_id, target.party() if target else None, now)
+        for peer_id, msg in replies:
+            to = member if peer_id == member.peer_id else target
+            if to is not None:
+                to.control.send(msg)
+                self._flush(to)
 
     async def _keepalive(self, member: _Member) -> None:
         while True:
@@ -329,7 +361,7 @@ class Relay:
                     log.info("dropping %s: %s", member.peer_id, exc)
                     self._drop(member, f"{exc.code}: {exc}")
                     return
-            member.control.ping()
+            member.ping = (member.control.ping(), trio.current_time())
             self._flush(member)
 
     # ------------------------------------------------------------------------------------------ streams

@@ -161,6 +161,11 @@ def party(peer_id: str, observed: tuple[str, int] = A_PUBLIC, **kw: object) -> P
     return Party(peer_id, observed, **kw)  # type: ignore[arg-type]
 
 
+def ask(broker: PunchBroker, source: Party, target: Party | None, now: float) -> list[tuple[str, object]]:
+    """`source` asks for a punch with `target` (None: HIGH, which the relay does not know)."""
+    return broker.request(source, target.peer_id if target else HIGH, target, now)  # type: ignore[return-value]
+
+
 def tokens() -> Callable[[int], bytes]:
     n = iter(range(1, 1000))
     return lambda size: bytes([next(n)]) * size
@@ -170,7 +175,7 @@ def test_the_broker_sends_both_members_each_others_addresses_and_a_common_start(
     broker = PunchBroker(token_source=tokens())
     a = party(LOW, A_PUBLIC, local=("192.168.1.11:40000",), rtt=0.010)
     b = party(HIGH, B_PUBLIC, local=("192.168.2.11:50000", "10.99.0.102:50000"), rtt=0.050)
-    out = broker.request(a, b, now=0.0)
+    out = ask(broker, a, b, 0.0)
     token = bytes([1]) * 32
     assert out == [
         (LOW, p.PunchGo(HIGH, token, ("10.99.0.102:50000", "192.168.2.11:50000"), 20)),  # waits for B
@@ -178,10 +183,10 @@ def test_the_broker_sends_both_members_each_others_addresses_and_a_common_start(
     ]
     assert broker.pending == 1 and broker.brokered == 1
     # the peer asks too while it is pending: the same GO again, to it only
-    assert broker.request(b, a, now=0.1) == [out[1]]
+    assert ask(broker, b, a, 0.1) == [out[1]]
     assert broker.pending == 1
     # expired: a new punch, a new token
-    again = broker.request(a, b, now=10.0)
+    again = ask(broker, a, b, 10.0)
     assert len(again) == 2 and again[0][1].token != token  # type: ignore[union-attr]
 
 
@@ -197,9 +202,10 @@ def test_the_broker_sends_both_members_each_others_addresses_and_a_common_start(
 )
 def test_the_broker_refuses_impossible_punches(target: Party | None, code: str) -> None:
     broker = PunchBroker()
-    out = broker.request(party(LOW), target, now=0.0)
+    out = ask(broker, party(LOW), target, 0.0)
     assert len(out) == 1 and out[0][0] == LOW
     assert isinstance(out[0][1], p.PunchFail) and out[0][1].code == code
+    assert out[0][1].target == (target.peer_id if target else HIGH)  # always a peer id the member can read
     assert broker.pending == 0 and broker.refused == 1
 
 
@@ -208,18 +214,18 @@ def test_the_broker_bounds_pending_punches_and_request_rates() -> None:
     others = [Identity.generate().peer_id for _ in range(6)]
     asker = party(LOW)
     codes = [
-        broker.request(asker, party(o, B_PUBLIC), now=0.0)[0][1] for o in others[:4]
+        ask(broker, asker, party(o, B_PUBLIC), 0.0)[0][1] for o in others[:4]
     ]  # 2 brokered, then busy
     assert [type(c).__name__ for c in codes] == ["PunchGo", "PunchGo", "PunchFail", "PunchFail"]
     assert codes[2].code == p.RefuseCode.BUSY  # type: ignore[union-attr]
     # the bucket is empty now: rate limited even where a punch would fit
-    out = broker.request(asker, party(others[4], B_PUBLIC), now=0.0)
+    out = ask(broker, asker, party(others[4], B_PUBLIC), 0.0)
     assert out[0][1] == p.PunchFail(others[4], p.RefuseCode.RATE_LIMITED, "at most 1 punches per second")
     # the relay-wide bound
-    broker.request(party(others[4]), party(others[5], B_PUBLIC), now=0.0)
-    out = broker.request(party(HIGH), party(Identity.generate().peer_id, B_PUBLIC), now=0.0)
+    ask(broker, party(others[4]), party(others[5], B_PUBLIC), 0.0)
+    out = ask(broker, party(HIGH), party(Identity.generate().peer_id, B_PUBLIC), 0.0)
     assert out[0][1].code == p.RefuseCode.BUSY  # type: ignore[union-attr]
     # a member that leaves takes its pending punches and bucket with it
     broker.forget(LOW)
     assert broker.pending == 1
-    assert isinstance(broker.request(asker, party(others[0], B_PUBLIC), now=0.0)[0][1], p.PunchGo)
+    assert isinstance(ask(broker, asker, party(others[0], B_PUBLIC), 0.0)[0][1], p.PunchGo)
