@@ -84,6 +84,23 @@ def parse_host_port(text: str, *, default_port: int | None = None) -> tuple[str,
     return host, int(port)
 
 
+def _punch_summary(member: RelayMember) -> dict[str, Any] | None:
+    """Hole punching through one relay, for /api/v1/node: counts and times to punch (seconds)."""
+    puncher = member.puncher
+    if puncher is None:
+        return None
+    s = puncher.stats
+    return {
+        "brokered": member.can_punch,  # this relay brokers punches for us
+        "attempts": s.attempts,
+        "punched": s.punched,
+        "failed": s.failed,
+        "connections": sorted(pid for pid in puncher.conns if puncher.live(pid)),
+        "last_s": round(s.last_punch_s, 4) if s.last_punch_s is not None else None,
+        "times_s": [round(t, 4) for t in s.times_s],
+    }
+
+
 @dataclass
 class NodeConfig:
     """Everything `eldric-p2p node` was asked for; roles not built yet keep their settings here."""
@@ -100,6 +117,7 @@ class NodeConfig:
     mdns: bool = True
     relays: list[tuple[str, int]] = field(default_factory=list)
     relay_listen: tuple[str, int] | None = None
+    punch: bool = True  # take part in UDP hole punching through our relays (direct paths across NATs)
     link_port: int = 0  # pipeline links (TLS over TCP) on listen_host; 0 picks a free port
     peer_interval: float = 2.0  # seconds between polls of the bootstrap peers
     api_keys: list[str] = field(default_factory=list)  # required as `Authorization: Bearer KEY` on /v1
@@ -214,6 +232,7 @@ class Node:
                     "relay_id": m.relay_id,
                     "connects": m.connects,
                     "peers": len(self.peers.table.peers("relay", via=m.address)),  # listed by this relay
+                    "punch": _punch_summary(m),
                 }
                 for m in self.members
             ],
@@ -394,6 +413,7 @@ class Node:
                     self.peers.table,
                     self.relay_announcement,
                     self.connector.handle_relayed,
+                    punch_handler=self.connector.handle_punched if cfg.punch else None,
                     **cfg.relay_options,
                 )
                 self.members.append(member)

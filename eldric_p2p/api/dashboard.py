@@ -2,7 +2,7 @@
 polls the node's JSON and redraws every two seconds.
 
 It reads `/api/v1/node`, `/api/v1/peers`, `/api/v1/pipeline/status` (deployments with their stages: worker,
-layers [start, end), role head/middle/tail, state, and `link` direct/relayed when known) and
+layers [start, end), role head/middle/tail, state, and `link` direct/punched/relayed when known) and
 `/api/v1/dashboard`, added here: the models the router reaches with their backends and queues, live
 tokens/s, active sessions, request count and mean time to first token from the metrics registry. An endpoint a
 node does not have (404) shows as "not available" in its panel; the rest keeps working.

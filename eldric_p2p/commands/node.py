@@ -37,6 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--relay-listen", default=None, metavar="HOST:PORT", help="run an edge relay on this UDP address"
     )
+    p.add_argument("--no-punch", action="store_true",
+                   help="no UDP hole punching: peers behind NAT are reached only through relays")  # fmt: skip
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1 (repeatable)")  # fmt: skip
     p.add_argument(
@@ -107,6 +109,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         mdns=not args.no_mdns,
         relays=[parse_host_port(r) for r in args.relay],
         relay_listen=parse_host_port(args.relay_listen) if args.relay_listen else None,
+        punch=not args.no_punch,
         api_keys=list(args.api_key),
         v1_auth=args.v1_auth,
         owner=OwnerPolicy(

@@ -326,7 +326,7 @@ class Coordinator:
             shard.progress = s.get("progress") or {}
             shard.next_hop_ok = s.get("next_hop_ok") is not False
             link = s.get("link")
-            shard.link = link if link in ("direct", "relayed") else None
+            shard.link = link if link in ("direct", "punched", "relayed") else None
 
         async with open_nursery() as nursery:
             for shard in dep.shards:

@@ -94,7 +94,7 @@ function renderPeers(res) {
 }
 
 function stageLink(stage) {
-  // How the previous stage reaches this one: "direct" or "relayed" when the node reports it.
+  // How the previous stage reaches this one: "direct", "punched" or "relayed" when the node reports it.
   return stage.link || stage.path || (stage.relayed === true ? "relayed" : stage.relayed === false ? "direct" : null);
 }
 
