@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 ALPN = "eldric-punch/1"
 MAX_ATTEMPTS = 8
+FAILED_S = 60.0  # after a failed attempt (ours or the peer's) we do not ask to punch to that peer again
+MAX_FAILED = 256
 KEEPALIVE_S = 10.0
 IDLE_S = 120.0
 
@@ -105,6 +107,7 @@ class Puncher:
         self.conns: dict[str, QuicConn] = {}  # peer id -> live punched connection
         self._attempts: dict[bytes, _Attempt] = {}  # attempt id -> attempt
         self._waiters: dict[str, _Waiter] = {}
+        self._failed: dict[str, float] = {}  # peer id -> when an attempt with it last failed
         self._go_send, self._go_recv = trio.open_memory_channel[PunchGo](MAX_ATTEMPTS)
         self._server_config: QuicConfiguration | None = None
         endpoint.on_probe = self._on_probe
@@ -147,6 +150,10 @@ class Puncher:
         conn = self.live(peer_id)
         if conn is not None:
             return conn
+        failed = self._failed.get(peer_id)
+        if failed is not None and trio.current_time() - failed < FAILED_S:
+            ago = trio.current_time() - failed
+            raise PeerUnavailable(f"no punched path to {peer_id}: an attempt failed {ago:.0f} s ago")
         waiter = self._waiters.get(peer_id)
         if waiter is None:
             waiter = self._waiters[peer_id] = _Waiter()
@@ -194,6 +201,10 @@ class Puncher:
                         ctl.conn.close()
                         self.endpoint.detach(ctl.conn)
                     self.stats.failed += 1
+                    if len(self._failed) >= MAX_FAILED:
+                        del self._failed[next(iter(self._failed))]  # the oldest
+                    self._failed.pop(go.peer, None)
+                    self._failed[go.peer] = trio.current_time()
                     why = "no probe got through" if attempt.confirmed is None and not attempt.heard else (
                         "no QUIC handshake over the punched path"
                     )
@@ -204,6 +215,7 @@ class Puncher:
                     return
                 took = trio.current_time() - received
                 self.stats.punched += 1
+                self._failed.pop(go.peer, None)
                 self.stats.last_punch_s = took
                 self.stats.times_s = [*self.stats.times_s[-31:], took]
                 old = self.conns.get(go.peer)

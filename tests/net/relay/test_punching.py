@@ -124,6 +124,13 @@ def test_a_peer_that_never_answers_probes_falls_back_to_relayed_in_bounded_time(
                 again = await a.open_link(b.identity.peer_id)
             assert again.path == "relayed" and trio.current_time() - start < 1.0
             assert puncher.stats.attempts == 1
+            # b took part in the failed attempt: its own link to a skips punching too
+            start = trio.current_time()
+            with trio.fail_after(3):
+                back = await b.open_link(a.identity.peer_id)
+            assert back.path == "relayed" and trio.current_time() - start < 1.0
+            b_puncher = b.members[0].puncher
+            assert b_puncher is not None and b_puncher.stats.attempts == 1 and b_puncher.stats.failed == 1
 
     trio.run(main)
 
