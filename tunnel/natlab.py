@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """The NAT lab: two NATed sites and a public segment in network namespaces, with user-space WAN delay.
 
-    sudo python tunnel/natlab.py up [--delay-ms 20] [--prefix elp]    # build it (and start the forwarder)
-    sudo python tunnel/natlab.py down [--prefix elp]                  # remove everything
-    sudo ip netns exec elp-a1 ping 10.99.0.10                          # use it
+    sudo python tunnel/natlab.py up [--delay-ms 20] [--prefix elp] [--nat eim]   # build it (+ the forwarder)
+    sudo python tunnel/natlab.py down [--prefix elp]                              # remove everything
+    sudo ip netns exec elp-a1 ping 10.99.0.10                                      # use it
 
 Topology (every address lives only inside the lab's namespaces; nothing is routed to the host or beyond):
 
@@ -16,6 +16,20 @@ Topology (every address lives only inside the lab's namespaces; nothing is route
 The NAT routers masquerade outbound traffic (nftables) and forward nothing inbound except replies
 (conntrack established/related). The public hosts do have routes to the sites via the routers, so an inbound
 attempt is dropped by the NAT's policy, not merely unroutable.
+
+How the routers map UDP (`--nat`, `Lab(nat=...)`), checked with probes on this machine's kernel (6.18,
+nftables 1.0.6): sockets at a1 and b1 learn their public address from a public echo, then probe each other,
+one side starting 0 or 100 ms after the other.
+
+- `masquerade` (the default; `masquerade`): port-preserving and endpoint-independent (one public port
+  toward every destination). Hole punching works only when both first probes leave their NAT before the
+  other's arrive (0 ms: yes, 100 ms: no): an early probe leaves a conntrack entry for the router itself, the
+  later outbound mapping clashes with it and gets another port.
+- `eim` (`masquerade`, and the router drops unsolicited packets to itself on its WAN before conntrack
+  confirms them, as a home router's firewall does): endpoint-independent, port-preserving mapping with
+  address- and port-dependent filtering (a port-restricted cone). Punching works at either start.
+- `symmetric` (`masquerade fully-random`, and the same drop): a random public port per destination, so the
+  port the relay sees is useless to the peer. Punching never works; links fall back to the relay.
 
 WAN delay: this kernel has no netem, so `forward` (run in elp-inet) moves Ethernet frames between the four
 public-side veths over AF_PACKET sockets as a learning bridge, holding each frame in a delay queue for
@@ -59,6 +73,45 @@ NATS = {  # router -> (wan address, lan address, lan prefix, hosts)
 }
 
 
+NAT_KINDS = ("masquerade", "eim", "symmetric")
+
+
+def nat_ruleset(kind: str, lan: str) -> str:
+    """The nftables ruleset of a site's NAT router: `lan` is its LAN device, "wan" its public one.
+
+    Every kind forwards LAN -> WAN and only replies (conntrack established/related) WAN -> LAN. They differ in
+    how outbound UDP is mapped and in what unsolicited inbound packets leave behind (see NAT_DOC).
+    """
+    if kind not in NAT_KINDS:
+        raise LabError(f"unknown NAT kind {kind!r} (one of {', '.join(NAT_KINDS)})")
+    masquerade = "masquerade fully-random" if kind == "symmetric" else "masquerade"
+    # eim/symmetric: the router drops unsolicited packets addressed to itself on its WAN side before conntrack
+    # confirms them, as a home router's firewall does, so an early probe from a peer leaves no entry behind
+    input_chain = (
+        """
+    chain input {
+        type filter hook input priority 0; policy accept;
+        iifname "wan" ct state new drop
+    }"""
+        if kind != "masquerade"
+        else ""
+    )
+    return f"""
+table ip natlab {{
+    chain forward {{
+        type filter hook forward priority 0; policy drop;
+        ct state established,related accept
+        iifname "{lan}" oifname "{lan}" accept
+        iifname "{lan}" oifname "wan" accept
+    }}{input_chain}
+    chain postrouting {{
+        type nat hook postrouting priority 100;
+        oifname "wan" {masquerade}
+    }}
+}}
+"""
+
+
 class LabError(RuntimeError):
     """The lab could not be built (missing tool, not root, a command failed)."""
 
@@ -84,6 +137,7 @@ def _run(*argv: str, check: bool = True, input: str | None = None) -> subprocess
 class Lab:
     prefix: str = "elp"
     delay_ms: float = 0.0
+    nat: str = "masquerade"
     forwarder: subprocess.Popen[bytes] | None = None
     namespaces: list[str] = field(default_factory=list)
 
@@ -189,21 +243,7 @@ class Lab:
                 del i
             self.exec(nat, "ip", "addr", "add", f"{lan_addr}/24", "dev", lan)
             self.exec(nat, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-            ruleset = f"""
-table ip natlab {{
-    chain forward {{
-        type filter hook forward priority 0; policy drop;
-        ct state established,related accept
-        iifname "{lan}" oifname "{lan}" accept
-        iifname "{lan}" oifname "wan" accept
-    }}
-    chain postrouting {{
-        type nat hook postrouting priority 100;
-        oifname "wan" masquerade
-    }}
-}}
-"""
-            _run(*self.argv(nat, ["nft", "-f", "-"]), input=ruleset)
+            _run(*self.argv(nat, ["nft", "-f", "-"]), input=nat_ruleset(self.nat, lan))
             # public hosts know where the site is: an inbound attempt reaches the NAT and is dropped there
             for public in ("relay", "data"):
                 self.exec(public, "ip", "route", "add", lan_net, "via", self.addr(nat))
@@ -283,9 +323,9 @@ def _kill_namespace_processes(name: str) -> None:
 
 
 @contextlib.contextmanager
-def natlab(prefix: str = "elp", delay_ms: float = 0.0) -> Iterator[Lab]:
+def natlab(prefix: str = "elp", delay_ms: float = 0.0, nat: str = "masquerade") -> Iterator[Lab]:
     """Build the lab for the duration of a `with` block; always torn down, even on errors."""
-    lab = Lab(prefix=prefix, delay_ms=delay_ms)
+    lab = Lab(prefix=prefix, delay_ms=delay_ms, nat=nat)
     lab.down()  # leftovers of an earlier run with the same prefix
     lab.up()
     try:
@@ -347,6 +387,7 @@ class Federation:
     tmp: str
     models: str
     memory: str = "1GiB"
+    workers: tuple[str, ...] = WORKERS
     nodes: dict[str, Node] = field(default_factory=dict)
 
     def start_relay(self) -> Node:
@@ -362,11 +403,11 @@ class Federation:
         argv = node_argv(self.lab, "data", f"{self.tmp}/data", "--no-worker", "--models", self.models,
                          "--relay", relay)  # fmt: skip
         self.nodes["data"] = Node(self.lab, "data", argv, f"{self.tmp}/data.log")
-        for role in WORKERS:
+        for role in self.workers:
             argv = node_argv(self.lab, role, f"{self.tmp}/{role}", "--device", "cpu", "--memory", self.memory,
                              "--relay", relay)  # fmt: skip
             self.nodes[role] = Node(self.lab, role, argv, f"{self.tmp}/{role}.log")
-        for role in ("data", *WORKERS):
+        for role in ("data", *self.workers):
             self.nodes[role].wait_serving()
 
     def stop(self) -> None:
@@ -390,13 +431,13 @@ class Federation:
         return json.loads(out.stdout)
 
     def wait_directory(self, timeout: float = 60.0) -> None:
-        """Until the data peer's table lists the three workers (learned from the relay)."""
+        """Until the data peer's table lists the workers (learned from the relay)."""
         deadline = time.monotonic() + timeout
         names: set[str] = set()
         while time.monotonic() < deadline:
             doc = self.get("data", f"{self.nodes['data'].url}/api/v1/peers")
             names = {p["name"] for p in doc["peers"]}  # type: ignore[index]
-            if names >= set(WORKERS):
+            if names >= set(self.workers):
                 return
             time.sleep(0.5)
         raise LabError(f"the data peer sees only {sorted(names)} after {timeout} s")
@@ -469,6 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     up = sub.add_parser("up", help="build the lab and start the delay forwarder (stays up until `down`)")
     up.add_argument("--prefix", default="elp")
     up.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay per WAN link")
+    up.add_argument("--nat", choices=NAT_KINDS, default="masquerade", help="how the site routers map UDP")
     down = sub.add_parser("down", help="remove the lab")
     down.add_argument("--prefix", default="elp")
     fwd = sub.add_parser("forward", help="(internal) the delay bridge, run inside the inet namespace")
@@ -482,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "down":
         Lab(prefix=args.prefix).down()
         return 0
-    lab = Lab(prefix=args.prefix, delay_ms=args.delay_ms)
+    lab = Lab(prefix=args.prefix, delay_ms=args.delay_ms, nat=args.nat)
     lab.down()
     lab.up()
     print(
