@@ -13,13 +13,14 @@ from eldric_p2p.engine.model import Stage
 
 
 @contextmanager
-def simd_set(ext: ModuleType, fast: bool, missing: str) -> Iterator[None]:
-    """Run the body on C extension `ext`'s SIMD code (`fast`) or on its portable code; SIMD is on again after.
+def simd_set(ext: ModuleType, level: bool | str, missing: str) -> Iterator[None]:
+    """Run the body on C extension `ext`'s SIMD code (`level` True, or a kernel set's name such as
+    "avx512") or on its portable code (False); the widest SIMD code is on again after.
 
-    Skips the test with `missing` when the SIMD code was asked for and this CPU cannot run it."""
-    got = ext.set_simd(fast)
+    Skips the test with `missing` when SIMD code was asked for and this CPU cannot run it."""
+    got = ext.set_simd(level)
     try:
-        if fast and not got:
+        if level and (not got or got == "portable" or (isinstance(level, str) and got != level)):
             pytest.skip(missing)
         yield
     finally:

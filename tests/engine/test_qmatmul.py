@@ -40,15 +40,17 @@ pytestmark = pytest.mark.skipif(
 SIMPLE = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]
 KQUANTS = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 ALL = [T.F32, T.F16, *SIMPLE, *KQUANTS]
-SIMD_MODES = ["portable", "avx2"]
+SIMD_MODES = ["portable", "avx2", "avx512"]
 
 
 @pytest.fixture(params=SIMD_MODES)
 def simd(request: pytest.FixtureRequest):
-    """Run a test with the portable kernels, then with the AVX2 ones (skipped on CPUs without AVX2)."""
+    """Run a test with the portable kernels, then the AVX2 ones, then the AVX-512 ones (each skipped on CPUs
+    without those instructions)."""
     from eldric_p2p.engine import _qkernels
 
-    with simd_set(_qkernels, request.param == "avx2", "this CPU has no AVX2+FMA+F16C"):
+    level = request.param if request.param != "portable" else False
+    with simd_set(_qkernels, level, f"this CPU cannot run the {request.param} kernels"):
         yield request.param
 
 
@@ -451,29 +453,27 @@ def test_quant_weight_checks_shape_and_wraps_without_copy() -> None:
         qm.qlinear(x[:, :32], w)
 
 
-def test_portable_and_avx2_kernels_are_bit_identical() -> None:
-    """The two kernel sets implement the same float order independently: every output, every path (one to 13
-    activation rows, repacked Q4_K or not), equal to the bit."""
+@pytest.mark.parametrize("level", ["avx2", "avx512"])
+def test_simd_kernels_are_bit_identical_to_the_portable_ones(level: str) -> None:
+    """The kernel sets implement the same float order independently: every output, every path (one to 13
+    activation rows, repacked Q4_K or not, row counts that leave a chunk's last rows to the one-row kernels),
+    equal to the bit."""
     from eldric_p2p.engine import _qkernels
 
-    if not _qkernels.set_simd(True):
-        pytest.skip("this CPU has no AVX2+FMA+F16C")
     rng = np.random.default_rng(11)
-    try:
+    with simd_set(_qkernels, level, f"this CPU cannot run the {level} kernels"):
         for qtype in EXACT:
             n = _in_features(qtype)
-            for rows in (16, 21):
+            for rows in (16, 21, 66):
                 raw = _weights(qtype, rows, n, rng, "random")
                 x = _activations(13, n, rng)
                 for t in (1, 2, 5, 8, 13):
-                    _qkernels.set_simd(True)
+                    _qkernels.set_simd(level)
                     fast = _run(x[:t], raw, qtype, rows, threads=2)
                     _qkernels.set_simd(False)
                     np.testing.assert_array_equal(
                         fast, _run(x[:t], raw, qtype, rows), err_msg=f"{qtype.name} {t}"
                     )
-    finally:
-        _qkernels.set_simd(True)
 
 
 def test_repacked_q4_k_follows_llama_cpp_rule() -> None:
