@@ -72,12 +72,12 @@ INLINE_AVX512 void tile_q0_avx512(const int type, const int P, const int C, cons
                                   const uint8_t *y, size_t yrow, int64_t nb, float *out, size_t ostride) {
     const int bsize = type == T_Q4_0 ? 18 : type == T_Q5_0 ? 22 : 34, shift = q0_shift(type);
     const __m512i ones = _mm512_set1_epi8(1), zero = _mm512_setzero_si512();
-    __m512 acc[2][4];
+    __m512 acc[2][8];
     for (int p = 0; p < P; p++) {
         for (int c = 0; c < C; c++) acc[p][c] = _mm512_setzero_ps();
     }
     for (int64_t i = 0; i < nb; i++) {
-        __m512i yv[4], off[4];
+        __m512i yv[8], off[8];
         for (int c = 0; c < C; c++) {
             const act_q8_0 *yb = (const act_q8_0 *)(y + c * yrow) + i;
             yv[c] = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)yb->qs));
@@ -114,10 +114,46 @@ INLINE_AVX512 void tile_q0_avx512(const int type, const int P, const int C, cons
 
 TILE512(tile512_q4_0, tile_q0_avx512, T_Q4_0, 2, 1)
 TILE512(tile512_q4_0, tile_q0_avx512, T_Q4_0, 2, 4)
+TILE512(tile512_q4_0, tile_q0_avx512, T_Q4_0, 2, 8)
 TILE512(tile512_q5_0, tile_q0_avx512, T_Q5_0, 2, 1)
 TILE512(tile512_q5_0, tile_q0_avx512, T_Q5_0, 2, 4)
+TILE512(tile512_q5_0, tile_q0_avx512, T_Q5_0, 2, 8)
 TILE512(tile512_q8_0, tile_q0_avx512, T_Q8_0, 2, 1)
 TILE512(tile512_q8_0, tile_q0_avx512, T_Q8_0, 2, 4)
+TILE512(tile512_q8_0, tile_q0_avx512, T_Q8_0, 2, 8)
+
+/* Four fp16 fields at p, p + stride, ... widened: [row 0, 1, 2, 3]. */
+INLINE_AVX512 __m128 four_f16(const uint8_t *p, size_t stride) {
+    return _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, (short)rd_u16(p + 3 * stride), (short)rd_u16(p + 2 * stride),
+                                      (short)rd_u16(p + stride), (short)rd_u16(p)));
+}
+
+/* The integer sums of 4 weight rows (2 pairs) x 4 activation rows, z[c][p] = [row 2p lanes | row 2p+1 lanes],
+ * gathered into one register: lane LANE16(r, c) holds the sum of output (row r, activation c). */
+#define LANE16(r, c) (4 * (2 * ((c) >> 1) + ((r) & 1)) + 2 * ((c) & 1) + ((r) >> 1))
+INLINE_AVX512 __m512i sum16_epi32(__m512i z[4][2]) {
+    __m512i t[4], u[2];
+    for (int m = 0; m < 4; m++) { /* z[m][0], z[m][1]: per 128-bit lane [a0+a2, b0+b2, a1+a3, b1+b3] */
+        t[m] = _mm512_add_epi32(_mm512_unpacklo_epi32(z[m][0], z[m][1]), _mm512_unpackhi_epi32(z[m][0], z[m][1]));
+    }
+    for (int q = 0; q < 2; q++) { /* per 128-bit lane: the lane's sum of each of the 4 registers behind t[2q..] */
+        u[q] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * q], t[2 * q + 1]),
+                                _mm512_unpackhi_epi64(t[2 * q], t[2 * q + 1]));
+    }
+    /* the two 128-bit lanes of each half */
+    return _mm512_add_epi32(_mm512_shuffle_i64x2(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_i64x2(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* Lane indexes of LANE16: which weight row (rid) and activation row (cid) each lane holds. */
+INLINE_AVX512 void lane16_tables(__m512i *ridx, __m512i *cidx) {
+    int rid[16], cid[16];
+    for (int r = 0; r < 4; r++) {
+        for (int c = 0; c < 4; c++) rid[LANE16(r, c)] = r, cid[LANE16(r, c)] = c;
+    }
+    *ridx = _mm512_loadu_si512(rid);
+    *cidx = _mm512_loadu_si512(cid);
+}
 
 /* ---- Q6_K (ggml_vec_dot_q6_K_q8_K: lanes as in dot_q6_K, acc = fma(d_x d_w, lanes, acc), hsum_float_8; and
  * the tiled path for 8+ rows: acc = fma(d_w * isum, d_x, acc)) */
@@ -157,7 +193,10 @@ INLINE_AVX512 void tile_q6_K_avx512(const int tiled, const int P, const int C, c
     /* word index of the scale of each 16 activations of group 0, per 128-bit lane: a's 0 and 1, b's 0 and 1 */
     const __m512i sc_idx0 = _mm512_set_epi16(17, 17, 17, 17, 17, 17, 17, 17, 16, 16, 16, 16, 16, 16, 16, 16,
                                              1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    __m512 acc[2][4];
+    const int wide = tiled && P == 2 && C == 4; /* the tiled order of 16 outputs side by side (LANE16) */
+    __m512i ridx, cidx;
+    lane16_tables(&ridx, &cidx);
+    __m512 acc[2][4], acc16 = _mm512_setzero_ps();
     float accs[2][4][2];
     for (int p = 0; p < P; p++) {
         for (int c = 0; c < C; c++) {
@@ -166,6 +205,8 @@ INLINE_AVX512 void tile_q6_K_avx512(const int tiled, const int P, const int C, c
         }
     }
     for (int64_t i = 0; i < nb; i++) {
+        __m512i isums[4][2];
+        float dy[4];
         for (int p = 0; p < P; p++) {
             const uint8_t *a = w + (size_t)(2 * p) * wrow + i * 210, *b = a + wrow;
             if (C == 1) {
@@ -194,7 +235,10 @@ INLINE_AVX512 void tile_q6_K_avx512(const int tiled, const int P, const int C, c
                     const __m512i a8 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(yb->qs + 32 * gi)));
                     lanes = _mm512_dpwssd_epi32(lanes, _mm512_maddubs_epi16(g[gi], a8), scv[gi]);
                 }
-                if (tiled) {
+                if (wide) {
+                    isums[c][p] = lanes;
+                    dy[c] = yb->d;
+                } else if (tiled) {
                     int ia, ib;
                     pair_hsum_epi32(lanes, &ia, &ib);
                     const float dwa = _mm512_cvtss_f32(dw), dwb = _mm512_cvtss_f32(_mm512_shuffle_f32x4(dw, dw, 2));
@@ -206,6 +250,20 @@ INLINE_AVX512 void tile_q6_K_avx512(const int tiled, const int P, const int C, c
                 }
             }
         }
+        if (wide) { /* r = d_w * isum, acc = fma(r, d_x, acc), 16 outputs at once */
+            const __m512 dw16 = _mm512_permutexvar_ps(ridx, _mm512_castps128_ps512(four_f16(w + i * 210 + 208, wrow)));
+            const __m512 dy16 = _mm512_permutexvar_ps(cidx, _mm512_castps128_ps512(_mm_loadu_ps(dy)));
+            const __m512 r16 = _mm512_mul_ps(dw16, _mm512_cvtepi32_ps(sum16_epi32(isums)));
+            acc16 = _mm512_fmadd_ps(r16, dy16, acc16);
+        }
+    }
+    if (wide) {
+        float a16[16];
+        _mm512_storeu_ps(a16, acc16);
+        for (int r = 0; r < 4; r++) {
+            for (int c = 0; c < 4; c++) out[c * ostride + r] = a16[LANE16(r, c)];
+        }
+        return;
     }
     for (int p = 0; p < P; p++) {
         for (int c = 0; c < C; c++) {
@@ -242,29 +300,6 @@ static inline void k4_scales_mins(const uint8_t *b, uint8_t out[16]) {
     memcpy(out, u, 16);
 }
 
-/* Four fp16 fields at p, p + stride, ... widened: [row 0, 1, 2, 3]. */
-INLINE_AVX512 __m128 four_f16(const uint8_t *p, size_t stride) {
-    return _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, (short)rd_u16(p + 3 * stride), (short)rd_u16(p + 2 * stride),
-                                      (short)rd_u16(p + stride), (short)rd_u16(p)));
-}
-
-/* The integer sums of 4 weight rows (2 pairs) x 4 activation rows, z[c][p] = [row 2p lanes | row 2p+1 lanes],
- * gathered into one register: lane Q4K_LANE(r, c) holds the sum of output (row r, activation c). */
-#define Q4K_LANE(r, c) (4 * (2 * ((c) >> 1) + ((r) & 1)) + 2 * ((c) & 1) + ((r) >> 1))
-INLINE_AVX512 __m512i sum16_epi32(__m512i z[4][2]) {
-    __m512i t[4], u[2];
-    for (int m = 0; m < 4; m++) { /* z[m][0], z[m][1]: per 128-bit lane [a0+a2, b0+b2, a1+a3, b1+b3] */
-        t[m] = _mm512_add_epi32(_mm512_unpacklo_epi32(z[m][0], z[m][1]), _mm512_unpackhi_epi32(z[m][0], z[m][1]));
-    }
-    for (int q = 0; q < 2; q++) { /* per 128-bit lane: the lane's sum of each of the 4 registers behind t[2q..] */
-        u[q] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * q], t[2 * q + 1]),
-                                _mm512_unpackhi_epi64(t[2 * q], t[2 * q + 1]));
-    }
-    /* the two 128-bit lanes of each half */
-    return _mm512_add_epi32(_mm512_shuffle_i64x2(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                            _mm512_shuffle_i64x2(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
 /* [sum of z0's half a, of z0's half b (rows 0, 1), of z1's half a, half b (rows 2, 3)]. */
 INLINE_AVX512 __m128i sum4_epi32(__m512i z0, __m512i z1) {
     const __m512i t = _mm512_add_epi32(_mm512_unpacklo_epi32(z0, z1), _mm512_unpackhi_epi32(z0, z1));
@@ -289,16 +324,17 @@ INLINE_AVX512 void tile_q4_K_repacked_avx512(const int per64, const int C, const
     const __m512i sc_idx0 = _mm512_set_epi16(8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8,
                                              0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
     /* the lane order of sum16_epi32 for the float steps of 16 outputs (C = 4) */
-    int rid[16], cid[16], msrc[16], kidx[16];
+    int msrc[16], kidx[16];
     __mmask16 hi_c = 0;
     for (int r = 0; r < 4; r++) {
         for (int c = 0; c < 4; c++) {
-            const int l = Q4K_LANE(r, c);
-            rid[l] = r, cid[l] = c, msrc[l] = 4 * c + r, kidx[l] = 16 * (c & 1) + 4 * r;
+            const int l = LANE16(r, c);
+            msrc[l] = 4 * c + r, kidx[l] = 16 * (c & 1) + 4 * r;
             if (c >= 2) hi_c |= (__mmask16)(1u << l);
         }
     }
-    const __m512i ridx = _mm512_loadu_si512(rid), cidx = _mm512_loadu_si512(cid);
+    __m512i ridx, cidx;
+    lane16_tables(&ridx, &cidx);
     const __m512i midx = _mm512_loadu_si512(msrc), kidx0 = _mm512_loadu_si512(kidx);
     __m512 acc16 = _mm512_setzero_ps(), accm16 = _mm512_setzero_ps();
     __m128 acc4 = _mm_setzero_ps(), accm4 = _mm_setzero_ps();
@@ -395,7 +431,7 @@ INLINE_AVX512 void tile_q4_K_repacked_avx512(const int per64, const int C, const
     _mm512_storeu_ps(a16, acc16);
     _mm512_storeu_ps(m16, accm16);
     for (int r = 0; r < 4; r++) {
-        for (int c = 0; c < 4; c++) out[c * ostride + r] = a16[Q4K_LANE(r, c)] - m16[Q4K_LANE(r, c)];
+        for (int c = 0; c < 4; c++) out[c * ostride + r] = a16[LANE16(r, c)] - m16[LANE16(r, c)];
     }
 }
 
@@ -412,17 +448,19 @@ TARGET_AVX512 static void tile512_q4_K_gemm4_2x4(const uint8_t *w, size_t wrow, 
     tile_q4_K_repacked_avx512(1, 4, w, wrow, y, yrow, nb, out, ostride);
 }
 
-/* kset entries (qk_matmul.h): {dot, rows (4 x 1), tile (4 x 4), tile1 (1 x 4), rw, tc}; one weight row alone
- * (a chunk's last) takes the AVX2 kernels, which compute the same bits. */
-#define X512_KSET(name) {dot_##name##_avx2, tile512_##name##_2x1, tile512_##name##_2x4, tile_##name##_1x4, 4, 4}
-#define X512_Q4_0 X512_KSET(q4_0)
-#define X512_Q5_0 X512_KSET(q5_0)
-#define X512_Q8_0 X512_KSET(q8_0)
+/* kset entries (qk_matmul.h): {dot, rows (4 x 1), tile (4 x tc), half (4 x tc/2), tile1 (1 x tc), rw, tc}; a
+ * weight row alone (a chunk's last) takes the AVX2 kernels, which compute the same bits. The Q4_0/Q5_0/Q8_0
+ * tiles take 8 activation rows (their per-block work is mostly per weight pair), the K-quants' 4. */
+#define X512_KSET(name) {dot_##name##_avx2, tile512_##name##_2x1, tile512_##name##_2x4, NULL, tile_##name##_1x4, 4, 4}
+#define X512_Q0(name) {dot_##name##_avx2, tile512_##name##_2x1, tile512_##name##_2x8, tile512_##name##_2x4, NULL, 4, 8}
+#define X512_Q4_0 X512_Q0(q4_0)
+#define X512_Q5_0 X512_Q0(q5_0)
+#define X512_Q8_0 X512_Q0(q8_0)
 #define X512_Q6_K X512_KSET(q6_K)
 #define X512_Q6_K_TILED X512_KSET(q6_K_tiled)
 #define X512_Q4_K_GEMV X512_KSET(q4_K_gemv)
 /* the gemm takes rows in fours: a range of them never leaves rows for a 4 x 1 kernel */
-#define X512_Q4_K_GEMM4 {dot_q4_K_gemm4_avx2, NULL, tile512_q4_K_gemm4_2x4, tile_q4_K_gemm4_1x4, 4, 4}
+#define X512_Q4_K_GEMM4 {dot_q4_K_gemm4_avx2, NULL, tile512_q4_K_gemm4_2x4, NULL, tile_q4_K_gemm4_1x4, 4, 4}
 
 #else
 #define X512_Q4_0 X512_NONE
@@ -434,6 +472,6 @@ TARGET_AVX512 static void tile512_q4_K_gemm4_2x4(const uint8_t *w, size_t wrow, 
 #define X512_Q4_K_GEMM4 X512_NONE
 #endif /* QK_X86 */
 
-#define X512_NONE {NULL, NULL, NULL, NULL, 1, 1}
+#define X512_NONE {NULL, NULL, NULL, NULL, NULL, 1, 1}
 
 #endif /* ELDRIC_QK_AVX512_H */
