@@ -29,6 +29,7 @@ from eldric_p2p.errors import PeerUnavailable
 from eldric_p2p.net.relay.punch import is_probe
 from eldric_p2p.net.relay.quic import FlowControlledQuicConnection, NetworkAddress, QuicConn
 from eldric_p2p.net.relay.quic_config import DEFAULT_STREAM_WINDOW
+from eldric_p2p.net.relay.udp import DatagramSocket
 from eldric_p2p.tasks import open_nursery
 
 CID_LENGTH = 8  # aioquic's default connection_id_length, which every configuration here keeps
@@ -44,7 +45,7 @@ class EndpointStats:
 class UdpEndpoint:
     """One UDP socket and the QUIC connections on it. Start `run`; set `on_probe` / `on_initial` to punch."""
 
-    def __init__(self, sock: trio.socket.SocketType) -> None:
+    def __init__(self, sock: DatagramSocket) -> None:
         self.sock = sock
         self.stats = EndpointStats()
         self.on_probe: Callable[[bytes, NetworkAddress], None] | None = None
@@ -55,24 +56,20 @@ class UdpEndpoint:
     @classmethod
     async def open(cls, family: int) -> UdpEndpoint:
         """A new endpoint on an ephemeral port of every address of `family` (AF_INET or AF_INET6)."""
-        sock = trio.socket.socket(family, socket.SOCK_DGRAM)
-        await sock.bind(("0.0.0.0", 0) if family == socket.AF_INET else ("::", 0))
-        return cls(sock)
+        await trio.lowlevel.checkpoint()
+        return cls(DatagramSocket.open(family))
 
     @property
     def port(self) -> int:
-        return int(self.sock.getsockname()[1])
+        return self.sock.port
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Read the socket until cancelled, routing every datagram; the socket is closed on the way out."""
         with self.sock:
             task_status.started()
             while True:
-                try:
-                    data, addr = await self.sock.recvfrom(65536)
-                except ConnectionError:  # ICMP unreachable from an earlier send; not fatal for UDP
-                    continue
-                self._route(data, addr)
+                for data, addr in await self.sock.receive_batch():
+                    self._route(data, addr)
 
     def _route(self, data: bytes, addr: NetworkAddress) -> None:
         if is_probe(data):
@@ -94,10 +91,7 @@ class UdpEndpoint:
 
     async def send(self, data: bytes, addr: NetworkAddress) -> None:
         """Send one datagram; an unreachable address is not an error for UDP (it shows up as silence)."""
-        try:
-            await self.sock.sendto(data, addr)
-        except OSError:
-            pass
+        await self.sock.send(data, addr)
 
     # ------------------------------------------------------------------------------------------ connections
 
@@ -123,7 +117,12 @@ class UdpEndpoint:
                     del self._routes[cid]
 
         conn = QuicConn(
-            quic, self.send, send_window=send_window, max_pending_streams=max_pending_streams, on_cid=on_cid
+            quic,
+            self.send,
+            send_window=send_window,
+            max_pending_streams=max_pending_streams,
+            on_cid=on_cid,
+            send_batch=self.sock.send_batch,
         )
         self._cids[conn] = cids
         for cid in (*extra_cids, quic.host_cid):

@@ -215,11 +215,13 @@ class QuicConn:
         send_window: int = DEFAULT_STREAM_WINDOW,
         max_pending_streams: int = 16,
         on_cid: Callable[[bytes, bool], None] | None = None,
+        send_batch: Callable[[list[tuple[bytes, NetworkAddress]]], Awaitable[Any]] | None = None,
     ) -> None:
         self.quic = quic
         self.send_window = send_window
         self.stats = QuicStats()
         self._send_datagram = send_datagram
+        self._send_batch = send_batch  # all of a wake-up's datagrams at once (udp.DatagramSocket.send_batch)
         self._on_cid = on_cid
         self._inbox_send, self._inbox = trio.open_memory_channel[tuple[bytes, NetworkAddress] | None](
             INBOX_SIZE
@@ -297,7 +299,11 @@ class QuicConn:
             self._wake_senders()
 
     async def _transmit(self) -> None:
-        for data, addr in self.quic.datagrams_to_send(now=trio.current_time()):
+        datagrams = self.quic.datagrams_to_send(now=trio.current_time())
+        if self._send_batch is not None and datagrams:
+            await self._send_batch(datagrams)  # drops what the network refuses, like a lost datagram
+            return
+        for data, addr in datagrams:
             try:
                 await self._send_datagram(data, addr)
             except OSError:

@@ -1,5 +1,6 @@
 """QUIC over UDP sockets: `QuicServer` demultiplexes one socket's datagrams to its connections, `connect_quic`
-gives a client connection its own socket.
+gives a client connection its own socket. Sockets are udp.py's `DatagramSocket`: a burst of datagrams per
+wake-up in, a connection's queued datagrams in one batch out.
 
 The server routes datagrams by destination connection id (every id a connection issued), feeds a new
 connection its first datagram before its task starts, answers unknown versions with version negotiation,
@@ -21,6 +22,7 @@ from aioquic.quic.packet import QuicPacketType, encode_quic_version_negotiation,
 from eldric_p2p.errors import PeerUnavailable
 from eldric_p2p.net.relay.quic import FlowControlledQuicConnection, NetworkAddress, QuicConn
 from eldric_p2p.net.relay.quic_config import DEFAULT_STREAM_WINDOW
+from eldric_p2p.net.relay.udp import DatagramSocket
 from eldric_p2p.tasks import open_nursery
 
 # ---------------------------------------------------------------------------------------------- server
@@ -41,7 +43,7 @@ class QuicServer:
 
     def __init__(
         self,
-        sock: trio.socket.SocketType,
+        sock: DatagramSocket,
         configuration: QuicConfiguration,
         handler: Callable[[QuicConn], Awaitable[None]],
         *,
@@ -67,11 +69,8 @@ class QuicServer:
         async with open_nursery() as nursery:
             task_status.started()
             while True:
-                try:
-                    data, addr = await self.sock.recvfrom(65536)
-                except ConnectionError:  # ICMP unreachable from an earlier send; not fatal for UDP
-                    continue
-                self._route(data, addr, nursery)
+                for data, addr in await self.sock.receive_batch():
+                    self._route(data, addr, nursery)
 
     def _route(self, data: bytes, addr: NetworkAddress, nursery: trio.Nursery) -> None:
         try:
@@ -123,6 +122,7 @@ class QuicServer:
             send_window=self.send_window,
             max_pending_streams=self.max_pending_streams,
             on_cid=on_cid,
+            send_batch=self.sock.send_batch,
         )
         quic.receive_datagram(data, addr, now=trio.current_time())  # first datagram before the task starts
         on_cid(header.destination_cid, True)
@@ -132,10 +132,7 @@ class QuicServer:
         nursery.start_soon(self._serve, conn, cids)
 
     async def _send_quietly(self, data: bytes, addr: NetworkAddress) -> None:
-        try:
-            await self.sock.sendto(data, addr)
-        except OSError:
-            pass
+        await self.sock.send(data, addr)  # what the network refuses is dropped, like a lost datagram
 
     async def _serve(self, conn: QuicConn, cids: set[bytes]) -> None:
         try:
@@ -168,15 +165,13 @@ class QuicServer:
             scope.cancel()
 
 
-async def open_udp_socket(host: str, port: int) -> trio.socket.SocketType:
+async def open_udp_socket(host: str, port: int) -> DatagramSocket:
     """A bound UDP socket (IPv4 or IPv6 by `host`)."""
     infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     if not infos:
         raise PeerUnavailable(f"cannot resolve {host}")
     family, _, _, _, addr = infos[0]
-    sock = trio.socket.socket(family, socket.SOCK_DGRAM)
-    await sock.bind(addr)
-    return sock
+    return DatagramSocket.bind(family, addr)
 
 
 # ---------------------------------------------------------------------------------------------- client
@@ -200,23 +195,15 @@ async def connect_quic(
     except OSError as exc:
         raise PeerUnavailable(f"cannot resolve {host}: {exc}") from exc
     family, _, _, _, addr = infos[0]
-    with trio.socket.socket(family, socket.SOCK_DGRAM) as sock:
-        await sock.bind(("0.0.0.0", 0) if family == socket.AF_INET else ("::", 0))
+    with DatagramSocket.open(family) as sock:
         quic = FlowControlledQuicConnection(configuration=configuration)
         quic.connect(addr, now=trio.current_time())
-
-        async def send(data: bytes, to: NetworkAddress) -> None:
-            await sock.sendto(data, to)
-
-        conn = QuicConn(quic, send, send_window=send_window)
+        conn = QuicConn(quic, sock.send, send_window=send_window, send_batch=sock.send_batch)
 
         async def read() -> None:
             while True:
-                try:
-                    data, src = await sock.recvfrom(65536)
-                except ConnectionError:
-                    continue
-                conn.feed_datagram(data, src)
+                for data, src in await sock.receive_batch():
+                    conn.feed_datagram(data, src)
 
         async with open_nursery() as nursery:
             nursery.start_soon(read)
