@@ -3,11 +3,15 @@
     python benchmarks/bench_engine.py                      # both reference models, 2 threads
     python benchmarks/bench_engine.py --models qwen --threads 2 --tokens 64 --weights native
     python benchmarks/bench_engine.py --llama-native /tmp/llnative   # also a build for this CPU
+    python benchmarks/bench_engine.py --variant avx2=ELDRIC_KERNELS=avx2 \
+        --variant glue=ELDRIC_KERNELS=avx2,ELDRIC_FUSED=0          # the engine as it was, in the same run
 
 Each side runs in its own subprocess, one after the other, alternating `--rounds` times; the figure reported
 is the best round of each (the machine is noisy), and the ratio eldric/llama.cpp. llama.cpp runs through
 `llama-cpp-python` (pip install 'eldric-p2p[reference]'): greedy, flash attention off, f16 KV cache, the
-defaults of `llama-cli`.
+defaults of `llama-cli`. A `--variant NAME=VAR=VALUE[,VAR=VALUE]` runs the engine once more per round with
+those environment variables (ELDRIC_KERNELS=avx2|portable: a narrower kernel set; ELDRIC_FUSED=0: the layers
+in torch glue instead of one C call), so an older configuration is measured beside the current one.
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ def run_llama_cpp(path: str, threads: int, n_gen: int, pythonpath: str | None = 
     return r
 
 
-def run_eldric(path: str, threads: int, n_gen: int, weights: str) -> dict:
+def run_eldric(path: str, threads: int, n_gen: int, weights: str, env: dict[str, str] | None = None) -> dict:
     cmd = [
         sys.executable,
         "-m",
@@ -90,7 +94,7 @@ def run_eldric(path: str, threads: int, n_gen: int, weights: str) -> dict:
         "--ctx",
         "1024",
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, **(env or {})})
     r = json.loads(out.stdout.strip().splitlines()[-1])
     r["decode_tps"] = r["decode_tokens_per_s"]
     r["prefill_tps"] = len(r["prompt_token_ids"]) / r["prefill_s"]
@@ -107,12 +111,20 @@ def main() -> None:
     ap.add_argument("--llama-native", default=None, metavar="DIR",
                     help="a llama-cpp-python built for this CPU (CMAKE_ARGS=-DGGML_NATIVE=ON pip install "
                          "--target DIR), measured beside the installed (AVX2) build")  # fmt: skip
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=VAR=VALUE[,VAR=VALUE]",
+                    help="the engine again with these environment variables (repeatable)")  # fmt: skip
     args = ap.parse_args()
+    variants: dict[str, dict[str, str]] = {}
+    for spec in args.variant:
+        vname, _, assigns = spec.partition("=")
+        variants[vname] = dict(a.split("=", 1) for a in assigns.split(",") if a)
     rows = []
     sides = [("llama.cpp", lambda p: run_llama_cpp(p, args.threads, args.tokens))]
     if args.llama_native:
         sides.append(("native", lambda p: run_llama_cpp(p, args.threads, args.tokens, args.llama_native)))
     sides.append(("eldric", lambda p: run_eldric(p, args.threads, args.tokens, args.weights)))
+    for vname, venv in variants.items():
+        sides.append((vname, lambda p, e=venv: run_eldric(p, args.threads, args.tokens, args.weights, e)))
     for name in args.models.split(","):
         path = str(models_dir() / MODELS[name])
         best: dict[str, dict] = {}
@@ -130,10 +142,10 @@ def main() -> None:
         a, b = e["token_ids"], ll["token_ids"]
         # the first step where the greedy tokens differ (None: identical)
         same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
-        rows.append((name, e, ll, same, best.get("native")))
+        rows.append((name, e, ll, same, best.get("native"), {v: best[v] for v in variants if v in best}))
     print(f"threads={args.threads} decode steps={args.tokens} rounds={args.rounds} (best of each)")
     print(f"{'model':6} {'side':16} {'prefill tok/s':>14} {'decode tok/s':>13}")
-    for name, e, ll, same, nat in rows:
+    for name, e, ll, same, nat, var in rows:
         print(f"{name:6} {'llama.cpp (AVX2)':16} {ll['prefill_tps']:14.1f} {ll['decode_tps']:13.1f}")
         if nat is not None:
             print(f"{name:6} {'llama.cpp native':16} {nat['prefill_tps']:14.1f} {nat['decode_tps']:13.1f}")
@@ -149,6 +161,12 @@ def main() -> None:
         if nat is not None:
             print(f"{name:6} {'ratio vs native':16} {e['prefill_tps'] / nat['prefill_tps']:14.2f} "
                   f"{e['decode_tps'] / nat['decode_tps']:13.2f}")  # fmt: skip
+        for vname, v in var.items():
+            same_v = v["token_ids"] == e["token_ids"]
+            print(f"{name:6} {vname:16} {v['prefill_tps']:14.1f} {v['decode_tps']:13.1f}   "
+                  f"{'same' if same_v else 'OTHER'} tokens as eldric")  # fmt: skip
+            print(f"{name:6} {'eldric / ' + vname:16} {e['prefill_tps'] / v['prefill_tps']:14.2f} "
+                  f"{e['decode_tps'] / v['decode_tps']:13.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ static PyObject *py_qmatmul(PyObject *self, PyObject *args) {
     }
     const int n_ranges = qk_ranges(&wt, sizes, n_seg, ranges);
     Py_BEGIN_ALLOW_THREADS
-    qk_quantize(&wt, bx.buf, T, xq);
+    qk_quantize(&wt, bx.buf, T, xq, n_threads);
     qk_compute(&wt, bw.buf, ranges, n_ranges, xq, bo.buf, T, n_threads);
     Py_END_ALLOW_THREADS
     Py_INCREF(Py_None);

@@ -11,6 +11,8 @@ the dequantized torch path when it is False. docs/kernels.md describes the arith
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +25,17 @@ try:
     from eldric_p2p.engine import _qkernels
 except ImportError:  # built without a C compiler: the engine uses dequantized weights instead
     _qkernels = None
+
+log = logging.getLogger(__name__)
+KERNEL_SETS = ("avx512", "avx2", "portable")  # widest first; every one computes the same bits
+
+if _qkernels is not None and os.environ.get("ELDRIC_KERNELS"):
+    # ELDRIC_KERNELS=avx2 (or portable): run a narrower kernel set than this CPU allows, e.g. to time one
+    # against another; the results are the same bits either way
+    if os.environ["ELDRIC_KERNELS"] in KERNEL_SETS:
+        _qkernels.set_simd(os.environ["ELDRIC_KERNELS"])
+    else:
+        log.warning("ELDRIC_KERNELS=%s is none of %s; ignored", os.environ["ELDRIC_KERNELS"], KERNEL_SETS)
 
 RawBytes = bytes | bytearray | memoryview | np.ndarray | torch.Tensor
 
@@ -38,7 +51,7 @@ def supports(ggml_type: int) -> bool:
 
 
 def simd() -> str:
-    """Which kernel set runs: 'avx2', 'portable', or 'none' when the extension is not built."""
+    """Which kernel set runs: 'avx512', 'avx2', 'portable', or 'none' when the extension is not built."""
     return _qkernels.simd() if _qkernels is not None else "none"
 
 

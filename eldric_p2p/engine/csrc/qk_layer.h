@@ -107,7 +107,7 @@ static int scratch_alloc(layer_scratch *s, const layer_t *L, int64_t N, int64_t 
 static void lin_apply(const lin_t *l, const float *x, int64_t N, float *out, layer_scratch *s, int64_t n_seg,
                       const float **xq_src, int *xq_kind, int n_threads) {
     if (*xq_src != x || *xq_kind != l->wt.ti->act) {
-        qk_quantize(&l->wt, x, N, s->xq);
+        qk_quantize(&l->wt, x, N, s->xq, n_threads);
         *xq_src = x;
         *xq_kind = l->wt.ti->act;
     }

@@ -3,7 +3,7 @@
  *
  *   qk_weight_init(&wt, type, in, out, repacked)       a weight's type, sizes and llama.cpp path (checks them)
  *   qk_ranges(&wt, sizes, n_seg, ranges)               the code path of each segment of activation rows
- *   qk_quantize(&wt, x, T, xq)                         activation rows -> the weight's vec_dot type
+ *   qk_quantize(&wt, x, T, xq, threads)                activation rows -> the weight's vec_dot type
  *   qk_compute(&wt, w, ranges, n, xq, out, T, threads) out[T, out] from the quantized rows
  */
 
@@ -174,20 +174,44 @@ static int qk_weight_init(qk_weight *wt, int type, int64_t in, int64_t out, int 
     return 0;
 }
 
-/* Activation rows x [T, in] -> xq [T, xrow bytes]. */
-static void qk_quantize(const qk_weight *wt, const float *x, int64_t T, void *xq) {
-    for (int64_t t = 0; t < T; t++, x += wt->in) {
+static void quantize_rows(const qk_weight *wt, const float *x, int64_t t0, int64_t t1, void *xq) {
+    for (int64_t t = t0; t < t1; t++) {
+        const float *xt = x + t * wt->in;
         void *y = (uint8_t *)xq + (size_t)t * wt->xrow;
         switch (wt->ti->act) {
-            case ACT_F32: memcpy(y, x, (size_t)wt->in * 4); break;
+            case ACT_F32: memcpy(y, xt, (size_t)wt->in * 4); break;
             case ACT_F16:
-                for (int64_t i = 0; i < wt->in; i++) ((uint16_t *)y)[i] = f32_to_f16(x[i]);
+                for (int64_t i = 0; i < wt->in; i++) ((uint16_t *)y)[i] = f32_to_f16(xt[i]);
                 break;
-            case ACT_Q8_0: quantize_q8_0(x, y, wt->nb); break;
-            case ACT_Q8_1: quantize_q8_1(x, y, wt->nb); break;
-            default: quantize_q8_K(x, y, wt->nb); break;
+            case ACT_Q8_0: quantize_q8_0(xt, y, wt->nb); break;
+            case ACT_Q8_1: quantize_q8_1(xt, y, wt->nb); break;
+            default: quantize_q8_K(xt, y, wt->nb); break;
         }
     }
+}
+
+typedef struct {
+    const qk_weight *wt;
+    const float *x;
+    void *xq;
+    int64_t T, rows; /* rows per chunk */
+} quant_job;
+
+static void quant_chunk(const void *ctx, int64_t c) {
+    const quant_job *j = ctx;
+    const int64_t t1 = (c + 1) * j->rows < j->T ? (c + 1) * j->rows : j->T;
+    quantize_rows(j->wt, j->x, c * j->rows, t1, j->xq);
+}
+
+/* Activation rows x [T, in] -> xq [T, xrow bytes], on up to n_threads threads for a prompt's many rows. */
+static void qk_quantize(const qk_weight *wt, const float *x, int64_t T, void *xq, int n_threads) {
+    const int64_t rows = (16384 + wt->in - 1) / wt->in; /* ~16K elements a chunk */
+    if (n_threads <= 1 || T <= rows) {
+        quantize_rows(wt, x, 0, T, xq);
+        return;
+    }
+    const quant_job j = {wt, x, xq, T, rows};
+    pool_run(quant_chunk, &j, (T + rows - 1) / rows, n_threads);
 }
 
 /* Activation rows [t0, t1) computed with one kernel set. A call is one or more ranges: one batch of rows takes
