@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
+from aioquic import tls
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
@@ -58,6 +59,13 @@ class FlowControlledQuicConnection(QuicConnection):
 
     def forget(self, stream_id: int) -> None:
         self._consumed.pop(stream_id, None)
+
+    def ack_now(self, now: float) -> None:
+        """Let the next packet carry the pending ACK instead of waiting out the ACK delay: called when data is
+        about to go out anyway, so the ACK rides on it rather than costing a packet of its own later."""
+        space = self._spaces.get(tls.Epoch.ONE_RTT)
+        if space is not None and space.ack_at is not None and space.ack_at > now:
+            space.ack_at = now
 
     def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
         target = self._consumed.get(stream.stream_id, 0) + self.stream_window
@@ -270,8 +278,8 @@ class QuicConn:
         try:
             while True:
                 self._process_events()
-                self._poked = False
-                await self._transmit()
+                poked, self._poked = self._poked, False
+                await self._transmit(piggyback=poked)
                 if self._terminated.is_set():
                     break
                 timer = self.quic.get_timer()
@@ -298,8 +306,11 @@ class QuicConn:
             self.quic.receive_datagram(item[0], item[1], now)
             self._wake_senders()
 
-    async def _transmit(self) -> None:
-        datagrams = self.quic.datagrams_to_send(now=trio.current_time())
+    async def _transmit(self, *, piggyback: bool = False) -> None:
+        now = trio.current_time()
+        if piggyback:  # a stream queued data (or credit): its packet carries our pending ACK
+            self.quic.ack_now(now)
+        datagrams = self.quic.datagrams_to_send(now=now)
         if self._send_batch is not None and datagrams:
             await self._send_batch(datagrams)  # drops what the network refuses, like a lost datagram
             return
