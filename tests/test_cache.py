@@ -164,7 +164,10 @@ def test_a_model_too_large_even_after_evicting_gets_a_503_and_busy_models_are_ke
             n = (await _start(nursery, on_demand_node(tmp_path, models, int(1.5 * one)))).node
             assert (await complete(c, n.url, "alpha")).status_code == 200
             (dep,) = n.coordinator.deployments.values()
-            dep.active = 1  # a session is open on it: it may not be evicted
+            (shard,) = n.worker.shards.values()
+            held, _ = trio.open_memory_channel[object](1)
+            shard.head_sessions[10**9] = held  # a session open at its head, as the status polls report it:
+            dep.active = 1  # alpha may not be evicted
             r = await complete(c, n.url, "beta")
             assert r.status_code == 503 and r.json()["error"]["code"] == "insufficient_memory"
             assert "in use, not unloaded: alpha" in r.json()["error"]["message"]
