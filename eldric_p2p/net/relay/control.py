@@ -38,7 +38,6 @@ from eldric_p2p.net.relay.protocol import (
     Error,
     Hello,
     Message,
-    MessageReader,
     Ping,
     Pong,
     Punch,
@@ -47,9 +46,9 @@ from eldric_p2p.net.relay.protocol import (
     Register,
     Registered,
     canonical_announcement,
-    drain,
     encode_message,
 )
+from eldric_p2p.net.relay.reader import MessageReader, drain
 
 REGISTER_CONTEXT = b"eldric-p2p relay register v1\x00"
 CHALLENGE_CONTEXT = b"eldric-p2p relay challenge v1\x00"

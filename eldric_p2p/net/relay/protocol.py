@@ -1,6 +1,6 @@
-"""The edge-relay protocol's messages and their encoding, sans-IO: types, limits, `encode_message`,
-`parse_message_untrusted` and `MessageReader`; no sockets, no clock. The control stream's state machines and
-what its signatures cover are control.py's.
+"""The edge-relay protocol's messages and their encoding, sans-IO: types, limits, `encode_message` and
+`parse_message_untrusted`; no sockets, no clock. Reassembling messages from a stream is reader.py's
+`MessageReader`; the control stream's state machines and what its signatures cover are control.py's.
 
 Every message is length-prefixed:
 
@@ -454,47 +454,3 @@ def parse_message_untrusted(mtype: int, data: bytes) -> Message:
         case MsgType.PUNCH_FAIL:
             return PunchFail(_peer_id(body, "target"), _str(body, "code", 64), _str(body, "reason"))
     raise AssertionError(kind)  # pragma: no cover - the match is exhaustive
-
-
-def drain(buf: bytearray) -> bytes:
-    """What `buf` held; `buf` is left empty."""
-    data = bytes(buf)
-    buf.clear()
-    return data
-
-
-class MessageReader:
-    """Reassembles length-prefixed messages from a byte stream.
-
-    `feed(data)` returns the complete messages so far; `rest()` hands back bytes after the last message (the
-    start of a spliced stream). Raises RemoteProtocolError on an oversized or malformed message.
-    """
-
-    def __init__(self, max_message: int = MAX_MESSAGE, max_directory: int | None = None) -> None:
-        self._buf = bytearray()
-        self._max = max_message
-        self._max_directory = max_directory or max_message
-
-    def feed(self, data: bytes, *, limit: int | None = None) -> list[Message]:
-        self._buf += data
-        out: list[Message] = []
-        while limit is None or len(out) < limit:
-            if len(self._buf) < HEADER.size:
-                break
-            length, mtype = HEADER.unpack_from(self._buf)
-            max_len = self._max_directory if mtype in DIRECTORY_TYPES else self._max
-            if length > max_len:
-                raise RemoteProtocolError(f"relay message of {length} bytes (type {mtype}), limit {max_len}")
-            if len(self._buf) < HEADER.size + length:
-                break
-            body = bytes(self._buf[HEADER.size : HEADER.size + length])
-            del self._buf[: HEADER.size + length]
-            out.append(parse_message_untrusted(mtype, body))
-        return out
-
-    def rest(self) -> bytes:
-        return drain(self._buf)
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)

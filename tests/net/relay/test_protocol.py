@@ -11,6 +11,7 @@ from eldric_p2p.errors import AuthenticationError, LocalProtocolError, RemotePro
 from eldric_p2p.net.identity import Identity
 from eldric_p2p.net.relay import protocol as p
 from eldric_p2p.net.relay.control import MemberControl, RelayControl
+from eldric_p2p.net.relay.reader import MessageReader
 
 ANN = {"name": "laptop", "http_port": 8080, "roles": ["worker"], "memory_free": 123}
 
@@ -126,7 +127,7 @@ def test_messages_out_of_order_are_protocol_errors() -> None:
 
 def test_reader_reassembles_split_messages_and_keeps_the_rest() -> None:
     data = p.encode_message(p.Open(Identity.generate().peer_id)) + b"opaque link bytes"
-    reader = p.MessageReader()
+    reader = MessageReader()
     out: list[p.Message] = []
     for i in range(len(data)):
         out += reader.feed(data[i : i + 1], limit=1 - len(out))
@@ -153,13 +154,13 @@ def _frame(mtype: int, body: bytes) -> bytes:
 )
 def test_hostile_frames_raise_specific_errors(frame: bytes, error: str) -> None:
     with pytest.raises(RemoteProtocolError, match=error):
-        p.MessageReader().feed(frame)
+        MessageReader().feed(frame)
 
 
 def test_deep_nesting_and_oversized_announcements_are_refused() -> None:
     deep = b"[" * 10000 + b"]" * 10000
     with pytest.raises(RemoteProtocolError):
-        p.MessageReader().feed(p.HEADER.pack(len(deep), p.MsgType.ANNOUNCE) + deep)
+        MessageReader().feed(p.HEADER.pack(len(deep), p.MsgType.ANNOUNCE) + deep)
     big = {"announcement": {f"k{i}": "v" * 500 for i in range(20)}}
     body = json.dumps(big).encode()
     with pytest.raises(RemoteProtocolError, match="limit"):
@@ -177,9 +178,9 @@ def test_directory_may_be_larger_than_control_messages_only_for_members() -> Non
     )
     frame = p.encode_message(p.Directory(members))
     assert len(frame) > p.MAX_MESSAGE
-    assert p.MessageReader(max_directory=p.MAX_DIRECTORY_MESSAGE).feed(frame) == [p.Directory(members)]
+    assert MessageReader(max_directory=p.MAX_DIRECTORY_MESSAGE).feed(frame) == [p.Directory(members)]
     with pytest.raises(RemoteProtocolError, match="limit"):
-        p.MessageReader().feed(frame)
+        MessageReader().feed(frame)
 
 
 # ---------------------------------------------------------------------------------------------- hole punching
@@ -279,12 +280,12 @@ def _hello(**fields: object) -> bytes:
 )
 def test_hostile_punch_messages_raise_specific_errors(frame: bytes, error: str) -> None:
     with pytest.raises(RemoteProtocolError, match=error):
-        p.MessageReader().feed(frame)
+        MessageReader().feed(frame)
 
 
 def test_addresses_are_read_in_canonical_form_and_ambiguous_ones_refused() -> None:
-    (go,) = p.MessageReader().feed(_go(addrs=["[0:0::1]:4433", "10.0.0.1:0080", "[::1]:4433"]))
+    (go,) = MessageReader().feed(_go(addrs=["[0:0::1]:4433", "10.0.0.1:0080", "[::1]:4433"]))
     assert isinstance(go, p.PunchGo)
     assert go.addrs == ("[::1]:4433", "10.0.0.1:80")  # two spellings of one address are one candidate
     with pytest.raises(RemoteProtocolError, match="not an IP literal"):  # octal or decimal? neither
-        p.MessageReader().feed(_go(addrs=["010.0.0.1:1"]))
+        MessageReader().feed(_go(addrs=["010.0.0.1:1"]))
