@@ -3,8 +3,11 @@
     python benchmarks/bench_relay.py [--rounds 300] [--bulk-mb 8] [--datagram 1350]
 
 Measures a 1.8 KB frame round trip (one decode step's hidden state for a 896-dim model in fp16) and one-way
-bulk MB/s over: plain TCP, one QUIC hop (member -> relay-sized server), and the relayed path (member A ->
-relay -> member B: two QUIC hops and a splice). Prints a table with ratios against TCP.
+bulk MB/s over: plain TCP, one QUIC hop (member -> relay-sized server), and two relayed paths from member A
+to member B: spliced streams (A -> relay -> B, two QUIC hops, the relay decrypting and re-encrypting), and a
+forwarding channel (one QUIC connection A <-> B whose datagrams the relay passes on unopened; what members
+get when a hole punch fails), with a punched connection (direct, one QUIC hop between the members' own
+sockets) beside them. Prints a table with ratios against TCP.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import trio
 from eldric_p2p.net.discovery import PeerTable
 from eldric_p2p.net.identity import Identity
 from eldric_p2p.net.relay.client import RelayMember
+from eldric_p2p.net.relay.punch import PunchLimits
 from eldric_p2p.net.relay.quic import QuicConn
 from eldric_p2p.net.relay.quic_config import client_configuration, server_configuration
 from eldric_p2p.net.relay.quic_udp import QuicServer, connect_quic, open_udp_socket
@@ -123,14 +127,33 @@ async def main(args: argparse.Namespace) -> None:
                 lambda: {"name": "bench"},
                 handler,
                 max_datagram_size=args.datagram,
+                punch_handler=lambda stream, source: serve(stream),
             )
             await nursery.start(m.run)
             await m.wait_registered()
             members.append(m)
         a, b = members
-        results["relayed (2 QUIC hops + splice)"] = await measure(
+        results["relayed, spliced (2 QUIC hops)"] = await measure(
             lambda: a.open_stream(b.identity.peer_id), args.rounds, bulk
         )
+        punched = await a.punch(b.identity.peer_id)  # loopback has no NAT: probes get through
+
+        async def open_punched_stream() -> trio.abc.Stream:
+            return punched.open_stream()
+
+        results["punched (1 QUIC hop, direct)"] = await measure(open_punched_stream, args.rounds, bulk)
+        punched.close()
+        await punched.wait_closed()
+        await trio.sleep(PunchLimits().window_s)  # the relay repeats a pending punch's GO to the asker alone
+        assert b.endpoint is not None
+        b.endpoint.on_probe = lambda data, addr: None  # no punch gets through: the channel takes over
+        channel = await a.punch(b.identity.peer_id)
+        assert channel.forwarded, "the relay forwarded no channel"
+
+        async def open_channel_stream() -> trio.abc.Stream:
+            return channel.open_stream()
+
+        results["relayed, channel (1 QUIC hop)"] = await measure(open_channel_stream, args.rounds, bulk)
         nursery.cancel_scope.cancel()
 
     base_rt, base_bw = results["TCP (direct)"]
@@ -142,8 +165,9 @@ async def main(args: argparse.Namespace) -> None:
     for name, (rt, bw) in results.items():
         print(f"{name:34} {rt:16.3f} {rt / base_rt:7.1f} {bw:10.1f} {bw / base_bw:7.3f}")
     q_rt, q_bw = results["QUIC, one hop"]
-    r_rt, r_bw = results["relayed (2 QUIC hops + splice)"]
-    print(f"relayed vs one QUIC hop: RTT x{r_rt / q_rt:.2f}, bulk x{r_bw / q_bw:.2f}")
+    for name in ("relayed, spliced (2 QUIC hops)", "relayed, channel (1 QUIC hop)"):
+        r_rt, r_bw = results[name]
+        print(f"{name} vs one QUIC hop: RTT x{r_rt / q_rt:.2f}, bulk x{r_bw / q_bw:.2f}")
 
 
 if __name__ == "__main__":

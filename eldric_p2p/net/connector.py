@@ -102,8 +102,9 @@ class Connector:
         self.local_http: Callable[[], tuple[str, int] | None] = lambda: (
             None
         )  # our HTTP port, for tagged links
-        self.stats = {"direct": 0, "punched": 0, "relayed": 0, "direct_failed": 0, "punch_failed": 0,
-                      "http_served": 0}  # fmt: skip
+        # "forwarded": relayed links on a QUIC connection through a relay's channel (also in "relayed")
+        self.stats = {"direct": 0, "punched": 0, "relayed": 0, "forwarded": 0, "direct_failed": 0,
+                      "punch_failed": 0, "http_served": 0}  # fmt: skip
         self.ticket: str | None = None  # a joiner's join ticket, presented on relayed links
 
     # ---- where a peer might be ----------------------------------------------------------------------------
@@ -290,18 +291,21 @@ class Connector:
         for member in members:
             try:
                 conn = member.punched(peer_id) or await member.punch(peer_id)
+                path = "relayed" if conn.forwarded else "punched"  # forwarded: through the relay's channel
                 link = await link_client(
                     conn.open_stream(),
                     self.identity,
                     peer_id,
-                    path="punched",
+                    path=path,
                     handshake_timeout=self.handshake_timeout,
                     ticket=self.ticket,
                 )
             except (PeerUnavailable, AuthenticationError) as exc:
                 log.info("no punched path to %s through %s: %s", peer_id, member.address, exc)
                 continue
-            self._worked(peer_id, "link", "punched", None)
+            self._worked(peer_id, "link", path, None)
+            if conn.forwarded:
+                self.stats["forwarded"] += 1
             self._good[(peer_id, "http")] = self._good[(peer_id, "link")]
             return link
         self.stats["punch_failed"] += 1
@@ -344,8 +348,9 @@ class Connector:
     async def handle_punched(self, stream: trio.abc.Stream, source: str) -> None:
         """The stream handler of punched connections: authenticate the stream as a link, then `dispatch` it.
         `source` is whom the relay brokered the punch with; the handshake proves who it really is."""
+        path = "relayed" if getattr(stream, "forwarded", False) else "punched"  # through a relay's channel
         await serve_link_stream(
-            stream, self.identity, self.dispatch, path="punched", handshake_timeout=self.handshake_timeout
+            stream, self.identity, self.dispatch, path=path, handshake_timeout=self.handshake_timeout
         )
 
     async def dispatch(self, link: Link) -> None:

@@ -192,6 +192,8 @@ class RelayMember:
         endpoint = await self._endpoint(family, nursery)
         punching = self.punch_handler is not None
         local = local_address(family, addr, endpoint.port) if punching else None
+        if self.puncher is not None:
+            self.puncher.relay_address = addr  # the relay that forwards our channels (PUNCH_GO `channel`)
         async with endpoint.connect(
             addr, config, handshake_timeout=self.handshake_timeout_s, send_window=self.stream_window
         ) as conn:
@@ -203,7 +205,7 @@ class RelayMember:
                 expected_relay_id=self.expected_relay_id,
                 cert=cert,
                 ticket=self.ticket if cert is None else None,
-                features=(p.FEATURE_PUNCH,) if punching else (),
+                features=(p.FEATURE_PUNCH, p.FEATURE_FORWARD) if punching else (),
                 local=(format_address(local),) if local is not None else (),
             )
             stream = conn.open_stream()

@@ -26,6 +26,7 @@ from eldric_p2p.net.federation.invites import Ticket
 from eldric_p2p.net.federation.store import Membership
 from eldric_p2p.net.identity import Identity, verify
 from eldric_p2p.net.relay.protocol import (
+    FEATURE_FORWARD,
     FEATURE_PUNCH,
     MAX_DIRECTORY_MESSAGE,
     NONCE_LEN,
@@ -283,6 +284,11 @@ class RelayControl:
             raise LocalProtocolError("accept() before a valid REGISTER")
         self.relay_features = features
         self._out += encode_message(Registered(self.peer_id, keepalive_s, features))
+
+    @property
+    def forwards(self) -> bool:
+        """We forward channels and the member takes them: its PUNCH_GOs may carry one (channels.py)."""
+        return FEATURE_FORWARD in self.features and FEATURE_FORWARD in self.relay_features
 
     @property
     def punches(self) -> bool:

@@ -8,7 +8,10 @@ it runs and demultiplexes what arrives:
 - a QUIC packet goes to the connection that issued its destination connection id (the relay connection,
   punched connections, client or server alike);
 - a QUIC Initial for no known connection goes to `on_initial`, which creates a server connection only for
-  an address a punch in progress has heard a valid probe from; anything else is counted and dropped.
+  an address a punch in progress has heard a valid probe from; anything else is counted and dropped;
+- a channel datagram (channels.py: a QUIC packet the relay forwards between two members) is taken only from
+  the relay for one of our open channels; its QUIC packet is then routed like any other, a new Initial to
+  `on_channel_initial`. `channel_sender` gives a connection on a channel its send functions.
 
 Connections are quic.py's `QuicConn`; `connect` is quic_udp.connect_quic on this shared socket.
 """
@@ -16,7 +19,7 @@ Connections are quic.py's `QuicConn`; `connect` is quic_udp.connect_quic on this
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -26,6 +29,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.packet import QuicHeader, QuicPacketType, pull_quic_header
 
 from eldric_p2p.errors import PeerUnavailable
+from eldric_p2p.net.relay.channels import CHANNEL_HEADER, channel_header, is_channel_datagram
 from eldric_p2p.net.relay.punch import is_probe
 from eldric_p2p.net.relay.quic import FlowControlledQuicConnection, NetworkAddress, QuicConn
 from eldric_p2p.net.relay.quic_config import DEFAULT_STREAM_WINDOW
@@ -38,6 +42,7 @@ CID_LENGTH = 8  # aioquic's default connection_id_length, which every configurat
 @dataclass
 class EndpointStats:
     garbage: int = 0  # neither a probe nor QUIC
+    channel_dropped: int = 0  # channel datagrams for no channel of ours, or not from its relay
     unroutable: int = 0  # QUIC for no connection of ours
     initials_refused: int = 0  # a QUIC Initial that no punch in progress expects
 
@@ -50,6 +55,8 @@ class UdpEndpoint:
         self.stats = EndpointStats()
         self.on_probe: Callable[[bytes, NetworkAddress], None] | None = None
         self.on_initial: Callable[[bytes, NetworkAddress, QuicHeader], None] | None = None
+        self.on_channel_initial: Callable[[bytes, bytes, NetworkAddress, QuicHeader], None] | None = None
+        self._channels: dict[bytes, NetworkAddress] = {}  # our channel ids -> the relay that forwards them
         self._routes: dict[bytes, QuicConn] = {}
         self._cids: dict[QuicConn, set[bytes]] = {}
 
@@ -76,6 +83,9 @@ class UdpEndpoint:
             if self.on_probe is not None:
                 self.on_probe(data, addr)
             return
+        if is_channel_datagram(data):
+            self._route_channel(data, addr)
+            return
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
         except ValueError:
@@ -88,6 +98,48 @@ class UdpEndpoint:
             self.on_initial(data, addr, header)
         else:
             self.stats.unroutable += 1
+
+    def _route_channel(self, data: bytes, addr: NetworkAddress) -> None:
+        channel = bytes(data[1:CHANNEL_HEADER])
+        relay = self._channels.get(channel)
+        if relay is None or tuple(relay[:2]) != tuple(addr[:2]):
+            self.stats.channel_dropped += 1
+            return
+        packet = data[CHANNEL_HEADER:]
+        try:
+            header = pull_quic_header(Buffer(data=packet), host_cid_length=CID_LENGTH)
+        except ValueError:
+            self.stats.garbage += 1
+            return
+        conn = self._routes.get(header.destination_cid)
+        if conn is not None:
+            conn.feed_datagram(packet, addr)
+        elif header.packet_type == QuicPacketType.INITIAL and len(packet) >= 1200 and self.on_channel_initial:
+            self.on_channel_initial(channel, packet, addr, header)
+        else:
+            self.stats.unroutable += 1
+
+    def open_channel(self, channel: bytes, relay: NetworkAddress) -> None:
+        """Take channel datagrams with our id `channel` from `relay` (until `close_channel`)."""
+        self._channels[channel] = relay
+
+    def close_channel(self, channel: bytes) -> None:
+        self._channels.pop(channel, None)
+
+    def channel_sender(self, channel: bytes, relay: NetworkAddress) -> tuple[
+        Callable[[bytes, NetworkAddress], Awaitable[None]],
+        Callable[[list[tuple[bytes, NetworkAddress]]], Awaitable[None]],
+    ]:  # fmt: skip
+        """(send, send_batch) for a connection on `channel`: each datagram goes to the relay behind our id."""
+        head = channel_header(channel)
+
+        async def send(data: bytes, _addr: NetworkAddress) -> None:
+            await self.sock.send(head + data, relay)
+
+        async def send_batch(datagrams: list[tuple[bytes, NetworkAddress]]) -> None:
+            await self.sock.send_batch([(head + data, relay) for data, _ in datagrams])
+
+        return send, send_batch
 
     async def send(self, data: bytes, addr: NetworkAddress) -> None:
         """Send one datagram; an unreachable address is not an error for UDP (it shows up as silence)."""
@@ -102,9 +154,11 @@ class UdpEndpoint:
         extra_cids: tuple[bytes, ...] = (),
         send_window: int = DEFAULT_STREAM_WINDOW,
         max_pending_streams: int = 16,
+        channel: tuple[bytes, NetworkAddress] | None = None,
     ) -> QuicConn:
         """A `QuicConn` for `quic` on this socket, routed by every connection id it issues (and `extra_cids`:
-        a server's original destination id). Run it, then `detach` it when it has ended."""
+        a server's original destination id). Run it, then `detach` it when it has ended. `channel` (our
+        channel id, the relay): its datagrams go through that relay's forwarding channel."""
         cids: set[bytes] = set()
 
         def on_cid(cid: bytes, issued: bool) -> None:
@@ -116,14 +170,16 @@ class UdpEndpoint:
                 if self._routes.get(cid) is conn:
                     del self._routes[cid]
 
+        send, send_batch = self.channel_sender(*channel) if channel else (self.send, self.sock.send_batch)
         conn = QuicConn(
             quic,
-            self.send,
+            send,
             send_window=send_window,
             max_pending_streams=max_pending_streams,
             on_cid=on_cid,
-            send_batch=self.sock.send_batch,
+            send_batch=send_batch,
         )
+        conn.forwarded = channel is not None
         self._cids[conn] = cids
         for cid in (*extra_cids, quic.host_cid):
             on_cid(cid, True)

@@ -20,11 +20,13 @@ The first stream a member opens on its QUIC connection is the *control stream*:
                                        <-    PING {seq}
     PONG {seq}                         ->
     PUNCH {target}                     ->    (only when both sides declared feature "punch")
-                                       <-    PUNCH_GO {peer, token, addrs, delay_ms}  (to both members)
+                                       <-    PUNCH_GO {peer, token, addrs, delay_ms, [channel]}  (to both)
                                        <-    PUNCH_FAIL {target, code, reason}        (to the asker)
 
 PUNCH_GO's `addrs`: the peer's address as the relay observes it, then its HELLO `local` ones. The probes and
-the direct QUIC connection that follow are punch.py's and punching.py's.
+the direct QUIC connection that follow are punch.py's and punching.py's. `channel` (when both members and the
+relay declared "forward"): the member's id of a forwarding channel to the peer through the relay, the path
+their QUIC connection takes when no probe gets through (channels.py).
 
 Every later stream carries one request message and then opaque bytes:
 
@@ -70,6 +72,8 @@ MAX_LOCAL_ADDRESSES = 4  # a member's own socket addresses in HELLO `local`
 MAX_PUNCH_ADDRESSES = 1 + MAX_LOCAL_ADDRESSES  # PUNCH_GO: the observed address, then the local ones
 MAX_PUNCH_DELAY_MS = 2000
 FEATURE_PUNCH = "punch"  # HELLO: we take PUNCH_GO; REGISTERED: this relay brokers PUNCH
+FEATURE_FORWARD = "forward"  # HELLO: we take channels in PUNCH_GO; REGISTERED: the relay forwards them
+CHANNEL_ID_LEN = 8
 
 Announcement = dict[str, Any]
 
@@ -224,6 +228,7 @@ class PunchGo:
     token: bytes
     addrs: tuple[str, ...]
     delay_ms: int
+    channel: bytes = b""  # our id of a forwarding channel to `peer`: the fallback path (channels.py)
 
 
 @dataclass(frozen=True)
@@ -314,9 +319,9 @@ def _body(msg: Message) -> tuple[MsgType, dict[str, Any]]:
             return MsgType.ERROR, {"code": code, "message": message[:MAX_STRING]}
         case Punch(target):
             return MsgType.PUNCH, {"target": target}
-        case PunchGo(peer, token, addrs, delay_ms):
-            return MsgType.PUNCH_GO, {"peer": peer, "token": token.hex(), "addrs": list(addrs),
-                                      "delay_ms": delay_ms}  # fmt: skip
+        case PunchGo(peer, token, addrs, delay_ms, channel):
+            body = {"peer": peer, "token": token.hex(), "addrs": list(addrs), "delay_ms": delay_ms}
+            return MsgType.PUNCH_GO, {**body, "channel": channel.hex()} if channel else body
         case PunchFail(target, code, reason):
             return MsgType.PUNCH_FAIL, {"target": target, "code": code, "reason": reason[:MAX_STRING]}
     raise LocalProtocolError(f"not a relay message: {msg!r}")
@@ -450,7 +455,8 @@ def parse_message_untrusted(mtype: int, data: bytes) -> Message:
             delay_ms = _uint(body, "delay_ms")
             if not addrs or delay_ms > MAX_PUNCH_DELAY_MS:
                 raise RemoteProtocolError("PUNCH_GO without addresses or with a delay over the limit")
-            return PunchGo(_peer_id(body, "peer"), _hex(body, "token", NONCE_LEN), addrs, delay_ms)
+            channel = _hex(body, "channel", CHANNEL_ID_LEN) if "channel" in body else b""
+            return PunchGo(_peer_id(body, "peer"), _hex(body, "token", NONCE_LEN), addrs, delay_ms, channel)
         case MsgType.PUNCH_FAIL:
             return PunchFail(_peer_id(body, "target"), _str(body, "code", 64), _str(body, "reason"))
     raise AssertionError(kind)  # pragma: no cover - the match is exhaustive

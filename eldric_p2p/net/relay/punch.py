@@ -16,6 +16,8 @@ How a punch goes (like libp2p's DCUtR, with the relay as the coordinator):
    address: the attempt is `confirmed`.
 3. The member whose peer id sorts first is the QUIC client: it connects to the confirmed address; the other
    accepts a QUIC Initial only from an address it heard a valid probe from, during the attempt.
+4. When no probe gets through and the PUNCH_GO carried a `channel`, the same two roles run the QUIC
+   connection through the relay's forwarding channel instead (channels.py): still one QUIC hop end to end.
 
 Probe (29 bytes, nothing else is a probe):
 
@@ -37,6 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from eldric_p2p.errors import RemoteProtocolError
+from eldric_p2p.net.relay.channels import ChannelTable
 from eldric_p2p.net.relay.fields import SocketAddress, format_address
 from eldric_p2p.net.relay.protocol import (
     MAX_PUNCH_ADDRESSES,
@@ -194,6 +197,7 @@ class Party:
     rtt: float | None = None  # seconds, from keepalive PING/PONG
     punches: bool = True  # declared the punch feature
     guest: bool = False
+    forwards: bool = False  # declared the forward feature: takes a channel in its PUNCH_GO
 
 
 @dataclass
@@ -216,6 +220,7 @@ class PunchBroker:
 
     limits: PunchLimits = field(default_factory=PunchLimits)
     token_source: Callable[[int], bytes] = os.urandom
+    channels: ChannelTable | None = None  # where both forward: a channel for the pair in their PUNCH_GOs
     brokered: int = 0
     refused: int = 0
     _pending: dict[frozenset[str], _Pending] = field(default_factory=dict)
@@ -257,8 +262,14 @@ class PunchBroker:
             return fail(RefuseCode.BUSY, "too many punches pending")
         token = self.token_source(NONCE_LEN)
         slowest = max(source.rtt or 0.0, target.rtt or 0.0)
+        ids = {source.peer_id: b"", target.peer_id: b""}
+        if self.channels is not None and source.forwards and target.forwards:
+            pair = self.channels.open(source.peer_id, target.peer_id, now)  # None: over a limit, no fallback
+            if pair is not None:
+                ids = {source.peer_id: pair[0], target.peer_id: pair[1]}
         go = {
-            me.peer_id: PunchGo(other.peer_id, token, _candidates(other), self._delay_ms(slowest, me.rtt))
+            me.peer_id: PunchGo(other.peer_id, token, _candidates(other), self._delay_ms(slowest, me.rtt),
+                                ids[me.peer_id])  # fmt: skip
             for me, other in ((source, target), (target, source))
         }
         self._pending[key] = _Pending(source.peer_id, target.peer_id, now + lim.window_s, go)

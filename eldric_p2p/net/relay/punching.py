@@ -15,6 +15,11 @@ each attempt `timeout` seconds from its PUNCH_GO, probes as punch.py bounds them
 A punched connection lives while it carries streams; it sends a QUIC PING every `keepalive_s` (NAT
 bindings for UDP expire after 30-120 s of silence) and closes after `idle_s` without a stream. Streams on
 it are opaque bytes like relayed ones: the connector runs the link handshake over them (`path="punched"`).
+
+When no probe gets through and the PUNCH_GO carried a channel (channels.py), the same two roles run the QUIC
+connection through the relay's forwarding channel instead, within `channel_timeout`: relayed, but one QUIC
+hop end to end with the relay passing datagrams unopened (`QuicConn.forwarded`; links on it report
+`path="relayed"`). It is kept and reused like a punched one.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from aioquic.quic.packet import QuicHeader
 
 from eldric_p2p.errors import EldricError, PeerUnavailable, RemoteProtocolError
 from eldric_p2p.net.identity import Identity
+from eldric_p2p.net.relay.channels import CHANNEL_HEADER
 from eldric_p2p.net.relay.endpoint import UdpEndpoint
 from eldric_p2p.net.relay.fields import parse_address_untrusted
 from eldric_p2p.net.relay.protocol import PunchFail, PunchGo
@@ -45,6 +51,7 @@ FAILED_S = 60.0  # after a failed attempt (ours or the peer's) we do not ask to 
 MAX_FAILED = 256
 KEEPALIVE_S = 10.0
 IDLE_S = 120.0
+CHANNEL_TIMEOUT_S = 3.0  # after a failed punch: the QUIC handshake through the relay's channel
 
 StreamHandler = Callable[[QuicStream, str], Awaitable[None]]
 
@@ -53,6 +60,7 @@ StreamHandler = Callable[[QuicStream, str], Awaitable[None]]
 class PunchStats:
     attempts: int = 0
     punched: int = 0  # attempts that ended in a QUIC connection
+    forwarded: int = 0  # attempts whose punch failed and whose connection runs through a relay channel
     failed: int = 0
     dropped_go: int = 0  # PUNCH_GO beyond MAX_ATTEMPTS
     bad_probes: int = 0  # malformed, bad MAC, reflected
@@ -65,10 +73,13 @@ class PunchStats:
 class _Attempt:
     attempt: PunchAttempt
     received: float  # when its PUNCH_GO arrived
+    go_channel: bytes = b""  # our channel id from the PUNCH_GO (b"": no channel)
     wake: trio.Event = field(default_factory=trio.Event)
     confirmed: trio.Event = field(default_factory=trio.Event)
     accepted: trio.Event = field(default_factory=trio.Event)
     conn: QuicConn | None = None  # the connection being set up (a server's is made by `_on_initial`)
+    channel_conn: QuicConn | None = None  # a server's connection through the channel (`_on_channel_initial`)
+    channel_accepted: trio.Event = field(default_factory=trio.Event)
 
 
 @dataclass(eq=False)
@@ -93,6 +104,7 @@ class Puncher:
         max_conns: int = 64,
         stream_window: int = 128 * 1024,
         max_datagram_size: int = 1350,
+        channel_timeout: float = CHANNEL_TIMEOUT_S,
     ) -> None:
         self.identity = identity
         self.endpoint = endpoint
@@ -103,15 +115,18 @@ class Puncher:
         self.max_conns = max_conns
         self.stream_window = stream_window
         self.max_datagram_size = max_datagram_size
+        self.channel_timeout = channel_timeout
+        self.relay_address: NetworkAddress | None = None  # where our relay connection goes: channels' relay
         self.stats = PunchStats()
         self.conns: dict[str, QuicConn] = {}  # peer id -> live punched connection
         self._attempts: dict[bytes, _Attempt] = {}  # attempt id -> attempt
         self._waiters: dict[str, _Waiter] = {}
         self._failed: dict[str, float] = {}  # peer id -> when an attempt with it last failed
         self._go_send, self._go_recv = trio.open_memory_channel[PunchGo](MAX_ATTEMPTS)
-        self._server_config: QuicConfiguration | None = None
+        self._server_configs: dict[int, QuicConfiguration] = {}  # by datagram size: one certificate each
         endpoint.on_probe = self._on_probe
         endpoint.on_initial = self._on_initial
+        endpoint.on_channel_initial = self._on_channel_initial
 
     # ------------------------------------------------------------------------------------------ interface
 
@@ -163,7 +178,9 @@ class Puncher:
                 except BaseException:
                     self._waiters.pop(peer_id, None)
                     raise
-        with trio.move_on_after(self.timeout + 0.5):  # + the relay's round trip for PUNCH_GO
+        # + the relay's round trip for PUNCH_GO, + the channel's handshake where a punch may fall back to one
+        fallback = self.channel_timeout if self.relay_address is not None else 0.0
+        with trio.move_on_after(self.timeout + 0.5 + fallback):
             await waiter.done.wait()
         if self._waiters.get(peer_id) is waiter and not waiter.done.is_set():
             del self._waiters[peer_id]
@@ -185,21 +202,26 @@ class Puncher:
             self.identity.peer_id, go.peer, go.token, candidates,
             now=received, delay=go.delay_ms / 1000, timeout=self.timeout,
         )  # fmt: skip
-        ctl = _Attempt(attempt, received)
+        ctl = _Attempt(attempt, received, go.channel)
         self._attempts[attempt.attempt_id] = ctl
         self.stats.attempts += 1
         conn: QuicConn | None = None
+        relay = self.relay_address if go.channel else None
+        if relay is not None:  # a peer that gives up on probes first may send its channel Initial early
+            self.endpoint.open_channel(go.channel, relay)
         try:
             async with open_nursery() as nursery:  # holds the connection's driver for its whole life
                 try:
                     with trio.move_on_at(attempt.deadline):
                         conn = await self._establish(ctl, nursery)
+                    if conn is None and ctl.conn is not None:  # a handshake that did not finish in time
+                        ctl.conn.close()
+                        self.endpoint.detach(ctl.conn)
+                    if conn is None and relay is not None:
+                        conn = await self._over_channel(ctl, go.channel, relay, nursery)
                 finally:
                     del self._attempts[attempt.attempt_id]
                 if conn is None:
-                    if ctl.conn is not None:  # a handshake that did not finish in time
-                        ctl.conn.close()
-                        self.endpoint.detach(ctl.conn)
                     self.stats.failed += 1
                     if len(self._failed) >= MAX_FAILED:
                         del self._failed[next(iter(self._failed))]  # the oldest
@@ -214,20 +236,33 @@ class Puncher:
                     nursery.cancel_scope.cancel()
                     return
                 took = trio.current_time() - received
-                self.stats.punched += 1
-                self._failed.pop(go.peer, None)
-                self.stats.last_punch_s = took
-                self.stats.times_s = [*self.stats.times_s[-31:], took]
+                role = "client" if attempt.is_client else "server"
+                if conn.forwarded:  # the punch failed: no new attempt with this peer for a while
+                    self.stats.forwarded += 1
+                    self._failed.pop(go.peer, None)
+                    self._failed[go.peer] = trio.current_time()
+                    log.info("no punched path to %s; QUIC through the relay's channel in %.0f ms (%s)",
+                             go.peer, took * 1000, role)  # fmt: skip
+                else:
+                    self.stats.punched += 1
+                    self._failed.pop(go.peer, None)
+                    self.stats.last_punch_s = took
+                    self.stats.times_s = [*self.stats.times_s[-31:], took]
+                    log.info("punched a direct path to %s at %s in %.0f ms (%s)", go.peer,
+                             conn.remote_address, took * 1000, role)  # fmt: skip
                 old = self.conns.get(go.peer)
                 self.conns[go.peer] = conn
-                log.info("punched a direct path to %s at %s in %.0f ms (%s)", go.peer, conn.remote_address,
-                         took * 1000, "client" if attempt.is_client else "server")  # fmt: skip
                 if old is not None and old is not conn:
                     old.close(reason="replaced by a new punch")
                 self._resolve(go.peer, conn)
                 await self._serve(conn, go.peer)
                 nursery.cancel_scope.cancel()
         finally:
+            if ctl.channel_conn is not None and ctl.channel_conn is not conn:  # accepted, never used
+                ctl.channel_conn.close()
+                self.endpoint.detach(ctl.channel_conn)
+            if relay is not None:
+                self.endpoint.close_channel(go.channel)
             if conn is not None:
                 conn.close()
                 self.endpoint.detach(conn)
@@ -253,6 +288,29 @@ class Puncher:
             ok = await conn.wait_handshake()  # keeps probing meanwhile: the peer may not be confirmed yet
             probing.cancel_scope.cancel()
         return conn if ok else None
+
+    async def _over_channel(
+        self, ctl: _Attempt, channel: bytes, relay: NetworkAddress, nursery: trio.Nursery
+    ) -> QuicConn | None:
+        """The punch failed: the same roles' QUIC handshake through the relay's channel; None if it fails."""
+        conn: QuicConn | None = None
+        with trio.move_on_after(self.channel_timeout):
+            if ctl.attempt.is_client:
+                config = self._configuration(client=True, channel=True)
+                quic = FlowControlledQuicConnection(configuration=config)
+                quic.connect(relay, now=trio.current_time())
+                conn = self.endpoint.attach(quic, send_window=self.stream_window, channel=(channel, relay))
+            else:
+                await ctl.channel_accepted.wait()
+                conn = ctl.channel_conn
+            assert conn is not None
+            await nursery.start(conn.run)
+            if await conn.wait_handshake():
+                return conn
+        if conn is not None:
+            conn.close()
+            self.endpoint.detach(conn)
+        return None
 
     async def _probe(self, ctl: _Attempt) -> None:
         attempt = ctl.attempt
@@ -299,16 +357,37 @@ class Puncher:
                 return
         self.endpoint.stats.initials_refused += 1
 
-    def _configuration(self, *, client: bool) -> QuicConfiguration:
-        idle, size, window = 3 * self.keepalive_s, self.max_datagram_size, self.stream_window
+    def _on_channel_initial(
+        self, channel: bytes, data: bytes, addr: NetworkAddress, header: QuicHeader
+    ) -> None:
+        """A QUIC Initial through the relay's channel: the server side of an attempt whose GO gave it."""
+        for ctl in self._attempts.values():
+            if not ctl.attempt.is_client and ctl.channel_conn is None and ctl.go_channel == channel:
+                quic = FlowControlledQuicConnection(
+                    configuration=self._configuration(client=False, channel=True),
+                    original_destination_connection_id=header.destination_cid,
+                )
+                quic.receive_datagram(data, addr, now=trio.current_time())  # before the driver starts
+                ctl.channel_conn = self.endpoint.attach(
+                    quic, extra_cids=(header.destination_cid,), send_window=self.stream_window,
+                    channel=(channel, addr),
+                )  # fmt: skip
+                ctl.channel_accepted.set()
+                return
+        self.endpoint.stats.initials_refused += 1
+
+    def _configuration(self, *, client: bool, channel: bool = False) -> QuicConfiguration:
+        """QUIC settings of a punched connection (through a channel: room for the channel header)."""
+        idle, window = 3 * self.keepalive_s, self.stream_window
+        size = self.max_datagram_size - (CHANNEL_HEADER if channel else 0)
         if client:
             config = client_configuration(idle_timeout=idle, max_datagram_size=size, stream_window=window)
         else:
-            if self._server_config is None:  # one throwaway certificate per member
-                self._server_config = server_configuration(
+            if size not in self._server_configs:  # one throwaway certificate per member and size
+                self._server_configs[size] = server_configuration(
                     idle_timeout=idle, max_datagram_size=size, stream_window=window
                 )
-            config = self._server_config
+            config = self._server_configs[size]
         config.alpn_protocols = [ALPN]
         return config
 

@@ -108,6 +108,11 @@ class QuicStream(trio.abc.HalfCloseableStream):
         self._send_eof = False
         self._closed = False
 
+    @property
+    def forwarded(self) -> bool:
+        """The stream's connection runs through a relay's forwarding channel (channels.py)."""
+        return self._conn.forwarded
+
     # -- called by the driver
     def _feed(self, data: bytes, end_stream: bool) -> None:
         self._recv += data
@@ -243,6 +248,7 @@ class QuicConn:
         self._terminated = trio.Event()
         self.close_reason = ""
         self.handshake_done = False
+        self.forwarded = False  # its datagrams go through a relay's forwarding channel (channels.py)
         self._is_client = quic.configuration.is_client
 
     @property

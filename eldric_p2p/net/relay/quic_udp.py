@@ -20,6 +20,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.packet import QuicPacketType, encode_quic_version_negotiation, pull_quic_header
 
 from eldric_p2p.errors import PeerUnavailable
+from eldric_p2p.net.relay.channels import is_channel_datagram
 from eldric_p2p.net.relay.quic import FlowControlledQuicConnection, NetworkAddress, QuicConn
 from eldric_p2p.net.relay.quic_config import DEFAULT_STREAM_WINDOW
 from eldric_p2p.net.relay.udp import DatagramSocket
@@ -62,6 +63,8 @@ class QuicServer:
         self.send_window = send_window
         self.max_pending_streams = max_pending_streams
         self.stats = ServerStats()
+        # a relay's channels (channels.py): a channel datagram in -> the datagram to send on, or None
+        self.forward: Callable[[bytes, NetworkAddress], tuple[bytes, NetworkAddress] | None] | None = None
         self._routes: dict[bytes, QuicConn] = {}
         self._conns: set[QuicConn] = set()
 
@@ -69,8 +72,15 @@ class QuicServer:
         async with open_nursery() as nursery:
             task_status.started()
             while True:
+                onward: list[tuple[bytes, NetworkAddress]] = []
                 for data, addr in await self.sock.receive_batch():
-                    self._route(data, addr, nursery)
+                    if self.forward is not None and is_channel_datagram(data):
+                        if (out := self.forward(data, addr)) is not None:
+                            onward.append(out)
+                    else:
+                        self._route(data, addr, nursery)
+                if onward:  # a burst through one channel leaves as one GSO send
+                    await self.sock.send_batch(onward)
 
     def _route(self, data: bytes, addr: NetworkAddress, nursery: trio.Nursery) -> None:
         try:

@@ -33,6 +33,7 @@ from eldric_p2p.net.federation.certs import MembershipError
 from eldric_p2p.net.federation.invites import Ticket
 from eldric_p2p.net.identity import Identity
 from eldric_p2p.net.relay import protocol as p
+from eldric_p2p.net.relay.channels import ChannelLimits, ChannelTable
 from eldric_p2p.net.relay.control import (
     Credential,
     RelayControl,
@@ -41,7 +42,7 @@ from eldric_p2p.net.relay.control import (
 )
 from eldric_p2p.net.relay.framing import read_message, splice, write_message
 from eldric_p2p.net.relay.punch import Party, PunchBroker, PunchLimits
-from eldric_p2p.net.relay.quic import QuicConn, QuicStream
+from eldric_p2p.net.relay.quic import NetworkAddress, QuicConn, QuicStream
 from eldric_p2p.net.relay.quic_config import server_configuration
 from eldric_p2p.net.relay.quic_udp import QuicServer, open_udp_socket
 from eldric_p2p.tasks import open_nursery
@@ -65,6 +66,7 @@ class RelayLimits:
     max_datagram_size: int = 1350
     outbox: int = 64  # control messages queued for one member before it counts as too slow
     punch: PunchLimits | None = field(default_factory=PunchLimits)  # None: broker no hole punches
+    channels: ChannelLimits | None = field(default_factory=ChannelLimits)  # None: forward no channels
 
 
 @dataclass
@@ -104,7 +106,8 @@ class _Member:
     def party(self) -> Party:
         addr = self.conn.remote_address
         return Party(self.peer_id, (str(addr[0]), int(addr[1])) if addr else None, self.control.local,
-                     self.rtt, self.control.punches, self.guest_of is not None)  # fmt: skip
+                     self.rtt, self.control.punches, self.guest_of is not None,
+                     self.control.forwards)  # fmt: skip
 
 
 class Relay:
@@ -116,7 +119,12 @@ class Relay:
         self.members: dict[str, _Member] = {}
         self.guests: dict[str, _Member] = {}
         self.stats = RelayStats()
-        self.punches = PunchBroker(self.limits.punch) if self.limits.punch is not None else None
+        self.channels: ChannelTable | None = None
+        if self.limits.channels is not None and self.limits.punch is not None:  # channels ride on PUNCH_GO
+            self.channels = ChannelTable(self._address_of, self.limits.channels)
+        self.punches = (
+            PunchBroker(self.limits.punch, channels=self.channels) if self.limits.punch is not None else None
+        )
         self._refusals_logged: dict[str, float] = {}
         self.address: tuple[str, int] | None = None
         self.server: QuicServer | None = None
@@ -148,6 +156,9 @@ class Relay:
                 membership.on_revoked.append(self._on_revoked)
             try:
                 async with open_nursery() as nursery:
+                    if self.channels is not None:
+                        self.server.forward = self._forward
+                        nursery.start_soon(self._expire_channels)
                     await nursery.start(self.server.run)
                     task_status.started(self)
             finally:
@@ -211,7 +222,10 @@ class Relay:
         previous = self.members.get(member.peer_id) or self.guests.get(member.peer_id)
         if previous is not None:  # the same node reconnected before we noticed its old connection die
             previous.kill.cancel()
-        control.accept(lim.keepalive_s, (p.FEATURE_PUNCH,) if self.punches is not None else ())
+        features = (p.FEATURE_PUNCH,) if self.punches is not None else ()
+        if self.channels is not None:
+            features += (p.FEATURE_FORWARD,)
+        control.accept(lim.keepalive_s, features)
         book[member.peer_id] = member
         if isinstance(credential, Ticket):  # a guest sees nobody (and goes at the keepalive after its ticket)
             control.send(p.Directory(()))
@@ -262,9 +276,26 @@ class Relay:
             del book[member.peer_id]
             if self.punches is not None:
                 self.punches.forget(member.peer_id)
+            if self.channels is not None:
+                self.channels.forget(member.peer_id)
             if member.guest_of is None:
                 self._broadcast(p.DirectoryUpdate(removed=(member.peer_id,)), exclude=member)
             log.info("%s %s left", "guest" if member.guest_of else "member", member.peer_id)
+
+    def _address_of(self, peer_id: str) -> NetworkAddress | None:
+        """Where a member's relay connection is now: a channel's datagrams come from and go to it."""
+        member = self.members.get(peer_id) or self.guests.get(peer_id)
+        return member.conn.remote_address if member is not None else None
+
+    def _forward(self, data: bytes, addr: NetworkAddress) -> tuple[bytes, NetworkAddress] | None:
+        assert self.channels is not None
+        return self.channels.forward_untrusted(data, addr, trio.current_time())
+
+    async def _expire_channels(self) -> None:
+        assert self.channels is not None
+        while True:
+            await trio.sleep(self.channels.limits.idle_s / 4)
+            self.channels.expire(trio.current_time())
 
     def _drop(self, member: _Member, reason: str) -> None:
         """End a registration now: out of the directory, its connection closed, its tasks cancelled."""

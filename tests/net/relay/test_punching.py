@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 import pytest
 import trio
@@ -34,12 +35,12 @@ async def echo_link(link: Link) -> None:
 
 
 @asynccontextmanager
-async def swarm(n: int) -> AsyncIterator[tuple[Relay, list[Connector]]]:
+async def swarm(n: int, limits: RelayLimits = FAST) -> AsyncIterator[tuple[Relay, list[Connector]]]:
     """A relay and `n` nodes' connectors, each a member with a punch handler, echoing pipeline links."""
     async with trio.open_nursery() as nursery:
         relay: Relay = await nursery.start(
             lambda task_status: run_relay(
-                "127.0.0.1", 0, Identity.generate(), limits=FAST, task_status=task_status
+                "127.0.0.1", 0, Identity.generate(), limits=limits, task_status=task_status
             )
         )
         assert relay.address is not None
@@ -103,8 +104,10 @@ def test_two_members_punch_on_loopback_and_links_go_both_ways_over_one_connectio
 
 
 def test_a_peer_that_never_answers_probes_falls_back_to_relayed_in_bounded_time() -> None:
+    """With a relay that forwards no channels: the spliced stream (the fallback of older relays)."""
+
     async def main() -> None:
-        async with swarm(2) as (relay, (a, b)):
+        async with swarm(2, replace(FAST, channels=None)) as (relay, (a, b)):
             b_member = b.members[0]
             assert b_member.endpoint is not None
             b_member.endpoint.on_probe = lambda data, addr: None  # b's "NAT" eats every probe
@@ -131,6 +134,46 @@ def test_a_peer_that_never_answers_probes_falls_back_to_relayed_in_bounded_time(
             assert back.path == "relayed" and trio.current_time() - start < 1.0
             b_puncher = b.members[0].puncher
             assert b_puncher is not None and b_puncher.stats.attempts == 1 and b_puncher.stats.failed == 1
+
+    trio.run(main)
+
+
+def test_a_peer_that_never_answers_probes_gets_one_quic_hop_through_the_relays_channel() -> None:
+    async def main() -> None:
+        async with swarm(2) as (relay, (a, b)):
+            assert relay.channels is not None
+            b_member = b.members[0]
+            assert b_member.endpoint is not None
+            b_member.endpoint.on_probe = lambda data, addr: None  # b's "NAT" eats every probe
+            start = trio.current_time()
+            with trio.fail_after(10):
+                link = await a.open_link(b.identity.peer_id)
+            took = trio.current_time() - start
+            assert link.path == "relayed" and link.peer_id == b.identity.peer_id
+            assert took < PUNCH_TIMEOUT_S + 1.5, took  # the punch timeout, then the channel's handshake
+            assert await roundtrip(link, b"x" * 50_000) == b"x" * 50_000
+            # one QUIC connection end to end: the relay spliced nothing and forwarded datagrams unopened
+            assert relay.stats.streams_spliced == 0 and relay.channels.stats.forwarded > 40
+            assert a.stats["forwarded"] == 1 and a.stats["relayed"] == 1
+            puncher = a.members[0].puncher
+            assert puncher is not None and puncher.stats.forwarded == 1 and puncher.stats.punched == 0
+            conn = puncher.live(b.identity.peer_id)
+            assert conn is not None and conn.forwarded
+            # the channel connection is kept: the next links, both ways, use it at once
+            start = trio.current_time()
+            with trio.fail_after(3):
+                again = await a.open_link(b.identity.peer_id)
+                back = await b.open_link(a.identity.peer_id)
+            assert again.path == back.path == "relayed" and trio.current_time() - start < 1.0
+            assert await roundtrip(back, b"y" * 3000) == b"y" * 3000
+            assert puncher.stats.attempts == 1 and relay.stats.streams_spliced == 0
+            # b leaves the relay: its channels close there, and datagrams for them are dropped
+            (chan_a,) = [end.own for end in relay.channels._ends.values() if end.member == a.identity.peer_id]
+            relay._drop(relay.members[b.identity.peer_id], "test")
+            assert len(relay.channels) == 0
+            a_addr = ("127.0.0.1", a.members[0].endpoint.port)  # type: ignore[union-attr]
+            assert relay.channels.forward_untrusted(b"\x01" + chan_a + b"q" * 40, a_addr,
+                                                    trio.current_time()) is None  # fmt: skip
 
     trio.run(main)
 
