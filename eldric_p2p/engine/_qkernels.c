@@ -1,5 +1,5 @@
 /* Matrix-vector and matrix-matrix products computed directly on GGUF weight blocks, bit for bit as llama.cpp
- * computes them on x86 with AVX2.
+ * computes them on x86 with AVX2, and whole transformer layers around them.
  *
  * out[t, r] = dot(weight row r, activation row t): each activation row is first quantized to the weight's ggml
  * "vec_dot type" (Q8_0 for Q4_0/Q5_0/Q8_0, Q8_1 for Q4_1/Q5_1, Q8_K for the K-quants, F16 for F16, none for F32)
@@ -9,17 +9,25 @@
  * matmul for 8+ rows; the gemv/gemm of the Q4_K weights it repacks). Q2_K, Q3_K, F16 and F32 follow ggml's
  * formulas in a simpler float order (equal to llama.cpp's up to float32 rounding).
  *
- * Every kernel has a portable C version computing the same bits; on x86-64 with AVX2+FMA+F16C (checked at run
- * time) the hot types use AVX2 versions, compiled with function target attributes so the module needs no -march
- * flag. The result does not depend on the machine, the kernel set or the thread count.
+ * Every kernel has a portable C version computing the same bits (csrc/qk_portable.h); on x86-64 the hot types
+ * have AVX2 versions (csrc/qk_avx2.h, with FMA and F16C) and AVX-512 versions (csrc/qk_avx512.h, with BW, VL,
+ * DQ and VNNI), compiled with function target attributes so the module needs no -march flag, and chosen at run
+ * time by what the CPU has. The result does not depend on the machine, the kernel set or the thread count.
+ * csrc/qk_matmul.h drives a product, csrc/qk_pool.h is the thread pool, csrc/qk_layer.h the fused layer.
  *
- * Python API: qmatmul(x, w, out, ggml_type, in_features, out_features, n_threads, repacked=-1) -> None
- *   x        buffer of float32 [T, in_features] (C-contiguous): one batch, as llama.cpp would get it
- *   w        buffer of the raw GGUF bytes [out_features, in_features / block * type_size]
- *   out      writable buffer of float32 [T, out_features]
- *   repacked -1: as llama.cpp decides (it repacks Q4_K weights with out_features % 8 == 0), 0: no, 1: yes
- * Raises ValueError for sizes that do not match (or a weight llama.cpp cannot repack), TypeError for a
- * non-float32 x/out, NotImplementedError for an unsupported type. The GIL is released during the computation.
+ * Python API:
+ *   qmatmul(x, w, out, ggml_type, in_features, out_features, n_threads, repacked=-1, segments=None) -> None
+ *     x        buffer of float32 [T, in_features] (C-contiguous): one batch, as llama.cpp would get it
+ *     w        buffer of the raw GGUF bytes [out_features, in_features / block * type_size]
+ *     out      writable buffer of float32 [T, out_features]
+ *     repacked -1: as llama.cpp decides (it repacks Q4_K weights with out_features % 8 == 0), 0: no, 1: yes
+ *     segments row counts summing to T, each computed as llama.cpp computes a batch of that many rows
+ *   Raises ValueError for sizes that do not match (or a weight llama.cpp cannot repack), TypeError for a
+ *   non-float32 x/out, NotImplementedError for an unsupported type. The GIL is released during the computation.
+ *   layer_plan(dict) -> capsule; layers(plans, h, segments, n_threads) -> None: see their docstrings and
+ *   csrc/qk_layer.h.
+ *   simd() / set_simd(level): the kernel set in use ('avx512', 'avx2', 'portable'), and choosing a narrower one.
+ *   set_spin_us(us): how long idle workers spin for the next job.
  */
 
 #define PY_SSIZE_T_CLEAN

@@ -149,3 +149,50 @@ def test_bad_sizes_are_errors():
         _ggmlops.rms_norm(x5, np.ones(4, np.float32), x5.copy(), 1e-6)  # rows are not a multiple of len(w)
     with pytest.raises(ValueError):
         _ggmlops.rope(np.zeros((2, 4, 64), np.float32), np.arange(3), 4, 64, 64, 1e4, 1.0, True)
+
+
+def test_simd_and_portable_ops_are_bit_identical(simd):
+    """The vector code computes each element with the portable code's operations: the same bits for inputs
+    that reach every branch (the table's +-10 cut-offs, f16 subnormals, exponentials that overflow and
+    underflow), odd lengths and the attention's masks."""
+    if simd != "simd":
+        pytest.skip("compares the vector code with the portable code once")
+    rng = np.random.default_rng(3)
+    edges = [-10.0, 10.0, 9.999, -9.999, 0.0, -0.0, 88.0, -88.0, 104.0, -104.0]
+    g = np.concatenate([rng.standard_normal(997) * 4, rng.standard_normal(100) * 100, edges,
+                        rng.standard_normal(50) * 1e-6])  # fmt: skip
+    g = g.astype(np.float32)
+    u = rng.standard_normal(len(g)).astype(np.float32)
+
+    def both(fn):  # type: ignore[no-untyped-def]
+        outs = []
+        for on in (True, False):
+            _ggmlops.set_simd(on)
+            outs.append(fn())
+        _ggmlops.set_simd(True)
+        return outs
+
+    for name in ("swiglu", "geglu"):
+        for n in (len(g), 13, 8, 3):
+            a, b = both(lambda name=name, n=n: _run_gated(name, g[:n], u[:n]))
+            assert a.view(np.uint32).tolist() == b.view(np.uint32).tolist(), f"{name} {n}"
+    nh, nkv, hd, ctx = 4, 2, 64, 80
+    for pos0, T, window in [(0, 9, 0), (30, 1, 0), (40, 13, 7), (0, 1, 0), (70, 3, 0)]:
+        q = rng.standard_normal((T, nh, hd)).astype(np.float32) * 3
+        k = (rng.standard_normal((nkv, ctx, hd)) * 2).astype(np.float16)
+        v = rng.standard_normal((nkv, ctx, hd)).astype(np.float16)
+
+        def attend(q=q, k=k, v=v, T=T, pos0=pos0, window=window):  # type: ignore[no-untyped-def]
+            out = np.zeros((T, nh * hd), np.float32)
+            kb, vb = k.view(np.uint16), v.view(np.uint16)
+            _ggmlops.attention(q, kb, vb, out, nh, nkv, hd, pos0, ctx, 0.125, window, T > 1)
+            return out
+
+        a, b = both(attend)
+        assert a.view(np.uint32).tolist() == b.view(np.uint32).tolist(), (pos0, T, window)
+
+
+def _run_gated(name: str, g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    out = np.zeros_like(g)
+    getattr(_ggmlops, name)(g, u, out)
+    return out

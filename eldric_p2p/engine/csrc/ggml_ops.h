@@ -157,7 +157,8 @@ static inline float reduce4x8(float acc[4][8]) {
     }                                                                                                            \
                                                                                                                  \
     /* Softmax of one row of scores w (hidden keys set to -inf here) into p, rounded to f16 for V^T . p. */     \
-    ATTR static void probs_##SUFFIX(float *w, float *p, int64_t Sp, int64_t S, int64_t qpos, int64_t window) {   \
+    ATTR __attribute__((unused)) static void probs_##SUFFIX(float *w, float *p, int64_t Sp, int64_t S, int64_t qpos,  \
+                                                            int64_t window) {                                    \
         float max = -INFINITY;                                                                                   \
         for (int64_t s = 0; s < Sp; s++) {                                                                       \
             if (s > qpos || s >= S || (window > 0 && qpos - s >= window)) w[s] = -INFINITY;                      \
@@ -276,6 +277,58 @@ OPS_TARGET_AVX2 static inline float hsum8_avx2(__m256 x) {
     return _mm_cvtss_f32(r);
 }
 
+/* ggml_v_expf (ggml-cpu/vec.h, its AVX2 version) on 8 lanes: the lane operations expf_ggml_* spells out. */
+OPS_TARGET_AVX2 static inline __m256 expf_avx2(__m256 x) {
+    const __m256 r = _mm256_set1_ps(0x1.8p23f);
+    const __m256 z = _mm256_fmadd_ps(x, _mm256_set1_ps(0x1.715476p+0f), r);
+    const __m256 n = _mm256_sub_ps(z, r);
+    const __m256 b = _mm256_fnmadd_ps(n, _mm256_set1_ps(0x1.7f7d1cp-20f),
+                                      _mm256_fnmadd_ps(n, _mm256_set1_ps(0x1.62e4p-1f), x));
+    const __m256i e = _mm256_slli_epi32(_mm256_castps_si256(z), 23);
+    const __m256 k = _mm256_castsi256_ps(_mm256_add_epi32(e, _mm256_castps_si256(_mm256_set1_ps(1))));
+    const __m256 an = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), n);
+    const __m256 c = _mm256_cmp_ps(an, _mm256_set1_ps(126), _CMP_GT_OQ);
+    const __m256 u = _mm256_mul_ps(b, b);
+    const __m256 j = _mm256_fmadd_ps(
+        _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_set1_ps(0x1.0e4020p-7f), b, _mm256_set1_ps(0x1.573e2ep-5f)), u,
+                        _mm256_fmadd_ps(_mm256_set1_ps(0x1.555e66p-3f), b, _mm256_set1_ps(0x1.fffdb6p-2f))),
+        u, _mm256_mul_ps(_mm256_set1_ps(0x1.ffffecp-1f), b));
+    if (!_mm256_movemask_ps(c)) return _mm256_fmadd_ps(j, k, k);
+    const __m256i g = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(n, _mm256_setzero_ps(), _CMP_LE_OQ)),
+                                       _mm256_set1_epi32((int)0x82000000u));
+    const __m256 s1 = _mm256_castsi256_ps(_mm256_add_epi32(g, _mm256_set1_epi32(0x7f000000)));
+    const __m256 s2 = _mm256_castsi256_ps(_mm256_sub_epi32(e, g));
+    const __m256 d = _mm256_cmp_ps(an, _mm256_set1_ps(192), _CMP_GT_OQ);
+    return _mm256_or_ps(_mm256_and_ps(d, _mm256_mul_ps(s1, s1)),
+                        _mm256_andnot_ps(d, _mm256_or_ps(_mm256_and_ps(c, _mm256_mul_ps(_mm256_fmadd_ps(s2, j, s2), s1)),
+                                                         _mm256_andnot_ps(c, _mm256_fmadd_ps(k, j, k)))));
+}
+
+/* round_f16 on 8 lanes: to the nearest half (ties to even), back to float. */
+OPS_TARGET_AVX2 static inline __m256 round_f16_avx2(__m256 x) {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+}
+
+/* probs_fma with the exponentials and the final rounding 8 lanes at a time (Sp % 8 == 0). */
+OPS_TARGET_AVX2 static void probs_avx2(float *w, float *p, int64_t Sp, int64_t S, int64_t qpos, int64_t window) {
+    float max = -INFINITY;
+    for (int64_t s = 0; s < Sp; s++) {
+        if (s > qpos || s >= S || (window > 0 && qpos - s >= window)) w[s] = -INFINITY;
+        if (w[s] > max) max = w[s];
+    }
+    const __m256 vmax = _mm256_set1_ps(max);
+    double sum = 0.0;
+    for (int64_t s = 0; s < Sp; s += 8) {
+        const __m256 e = expf_avx2(_mm256_sub_ps(_mm256_loadu_ps(w + s), vmax));
+        _mm256_storeu_ps(p + s, e);
+        sum += (double)hsum8_avx2(e);
+    }
+    const __m256 inv = _mm256_set1_ps((float)(1.0 / sum));
+    for (int64_t s = 0; s < Sp; s += 8) {
+        _mm256_storeu_ps(p + s, round_f16_avx2(_mm256_mul_ps(_mm256_loadu_ps(p + s), inv)));
+    }
+}
+
 /* K row (f16) . q (f32 holding f16 values), hd % 32 == 0, in ggml's order. */
 OPS_TARGET_AVX2 static inline float kdot_avx2(const uint16_t *kr, const float *qv, int hd, int one_acc) {
     if (one_acc) {
@@ -304,10 +357,10 @@ OPS_TARGET_AVX2 static void attend_avx2(const attn_args *a, int64_t t, int h, fl
     const int64_t first = window > 0 && qpos - window + 1 > 0 ? qpos - window + 1 : 0;
     const uint16_t *kh = a->k + (size_t)(h / group) * a->ctx * hd, *vh = a->v + (size_t)(h / group) * a->ctx * hd;
     const float *qr = a->q + ((size_t)t * a->nh + h) * hd;
-    for (int d = 0; d < hd; d++) qv[d] = round_f16(qr[d]);
+    for (int d = 0; d < hd; d += 8) _mm256_storeu_ps(qv + d, round_f16_avx2(_mm256_loadu_ps(qr + d)));
     for (int64_t s = 0; s < Sp; s++)
         w[s] = s >= first && s <= qpos ? kdot_avx2(kh + (size_t)s * hd, qv, hd, one_acc) * a->scale : 0.0f;
-    probs_fma(w, p, Sp, S, qpos, window);
+    probs_avx2(w, p, Sp, S, qpos, window);
     memset(lanes, 0, sizeof(float) * (size_t)nl * hd);
     for (int64_t s = first; s <= qpos; s++) {
         if (p[s] == 0.0f) continue;
@@ -358,16 +411,20 @@ static uint16_t f2h_bits(float f) {
     return (uint16_t)(sign | ((ax - 0x38000000u) >> 13));
 }
 
+/* gelu_table widened to float: what the AVX2 GEGLU gathers. */
+static float gelu_table_f32[1 << 16];
+
 static void build_gelu_table(void) {
     for (uint32_t i = 0; i < (1u << 16); i++) {
         const float x = h2f((uint16_t)i);
         const float inner = fmaf(0.044715f * x, x, 1.0f);
         const float t = tanhf(0.79788456080286535587989211986876f * x * inner);
         gelu_table[i] = f2h_bits(0.5f * x * (1.0f + t));
+        gelu_table_f32[i] = h2f(gelu_table[i]);
     }
 }
 
-static void ops_geglu(const float *g, const float *u, float *y, int64_t n) {
+static void geglu_generic(const float *g, const float *u, float *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
         const float x = g[i];
         if (x <= -10.0f) y[i] = 0.0f;
@@ -375,6 +432,36 @@ static void ops_geglu(const float *g, const float *u, float *y, int64_t n) {
         else y[i] = h2f(gelu_table[f2h_bits(x)]) * u[i];
     }
 }
+
+#if OPS_X86
+/* geglu_generic 8 lanes at a time: the f16 rounding of the input by F16C (ties to even, as f2h_bits), the table
+ * entry gathered already widened. */
+OPS_TARGET_AVX2 static void geglu_avx2(const float *g, const float *u, float *y, int64_t n) {
+    const int64_t nb = n - n % 8;
+    for (int64_t i = 0; i < nb; i += 8) {
+        const __m256 x = _mm256_loadu_ps(g + i), uv = _mm256_loadu_ps(u + i);
+        const __m256i idx = _mm256_cvtepu16_epi32(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+        __m256 out = _mm256_mul_ps(_mm256_i32gather_ps(gelu_table_f32, idx, 4), uv);
+        out = _mm256_blendv_ps(out, _mm256_mul_ps(x, uv), _mm256_cmp_ps(x, _mm256_set1_ps(10.0f), _CMP_GE_OQ));
+        out = _mm256_blendv_ps(out, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(-10.0f), _CMP_LE_OQ));
+        _mm256_storeu_ps(y + i, out);
+    }
+    geglu_generic(g + nb, u + nb, y + nb, n - nb);
+}
+
+/* swiglu_fma 8 lanes at a time (ggml_vec_swiglu_f32's AVX2 loop: x / (1 + v_expf(0 - x)) * u), the tail by
+ * swiglu_fma (libm's expf, as ggml's tail). */
+OPS_TARGET_AVX2 static void swiglu_avx2(const float *g, const float *u, float *y, int64_t n) {
+    const int64_t nb = n - n % 8;
+    for (int64_t i = 0; i < nb; i += 8) {
+        const __m256 x = _mm256_loadu_ps(g + i);
+        const __m256 e = expf_avx2(_mm256_sub_ps(_mm256_setzero_ps(), x));
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e)),
+                                              _mm256_loadu_ps(u + i)));
+    }
+    swiglu_fma(g + nb, u + nb, y + nb, n - nb);
+}
+#endif
 
 static void ops_rms_norm(const float *x, const float *w, float *y, int64_t rows, int64_t n, float eps) {
     for (int64_t r = 0; r < rows; r++, x += n, y += n) {
@@ -436,12 +523,26 @@ static void ops_attention(const attn_args *a, int64_t u0, int64_t u1, float *wor
 
 static void ops_swiglu(const float *g, const float *u, float *y, int64_t n) {
 #if OPS_X86
+    if (ops_have_avx2) {
+        swiglu_avx2(g, u, y, n);
+        return;
+    }
     if (ops_use_fma) {
         swiglu_fma(g, u, y, n);
         return;
     }
 #endif
     swiglu_generic(g, u, y, n);
+}
+
+static void ops_geglu(const float *g, const float *u, float *y, int64_t n) {
+#if OPS_X86
+    if (ops_have_avx2) {
+        geglu_avx2(g, u, y, n);
+        return;
+    }
+#endif
+    geglu_generic(g, u, y, n);
 }
 
 #endif /* ELDRIC_GGML_OPS_H */

@@ -27,6 +27,15 @@
 
 static inline uint32_t rd_u16(const uint8_t *p) { return (uint32_t)(p[0] | (p[1] << 8)); }
 
+/* The weights stream from memory (a decode step reads each once), and the hardware prefetcher alone leaves the
+ * core waiting: while rows [0, R) are at block i, ask for the part of the next R rows (contiguous with these) that
+ * keeps pace with them, R block sizes per block. Measured on the Gemma 3 output head (178 MB, 2 threads): 17 GB/s
+ * of the machine's 20, against 11-13 GB/s with a fixed distance ahead in each row. */
+INLINE_AVX512 void prefetch_next_rows(const uint8_t *w, size_t wrow, int R, int64_t i, int bsize) {
+    const uint8_t *next = w + (size_t)R * wrow + (size_t)(i * R * bsize);
+    for (int o = 0; o < R * bsize; o += 64) _mm_prefetch((const char *)(next + o), _MM_HINT_T0);
+}
+
 /* [a x 8 | b x 8]: two fp16 scales widened, one per 256-bit half. */
 INLINE_AVX512 __m512 pair_scales(const uint8_t *a, const uint8_t *b) {
     const __m128 d = _mm_cvtph_ps(_mm_cvtsi32_si128((int)(rd_u16(a) | (rd_u16(b) << 16)))); /* [a, b, 0, 0] */
@@ -84,12 +93,9 @@ INLINE_AVX512 void tile_q0_avx512(const int type, const int P, const int C, cons
             /* -2^k * (sum of each lane's four activations) */
             off[c] = _mm512_sub_epi32(zero, _mm512_slli_epi32(_mm512_dpbusd_epi32(zero, ones, yv[c]), shift));
         }
+        prefetch_next_rows(w, wrow, 2 * P, i, bsize);
         for (int p = 0; p < P; p++) {
             const uint8_t *a = w + (size_t)(2 * p) * wrow + i * bsize, *b = a + wrow;
-            if (C == 1 && (i & 1) == 0) { /* one activation row: the weights stream from memory */
-                _mm_prefetch((const char *)(a + 8 * bsize), _MM_HINT_T0);
-                _mm_prefetch((const char *)(b + 8 * bsize), _MM_HINT_T0);
-            }
             const __m512i u = q0_pair_values(type, a, b);
             const __m512 dw = pair_scales(a, b);
             for (int c = 0; c < C; c++) {
@@ -207,14 +213,9 @@ INLINE_AVX512 void tile_q6_K_avx512(const int tiled, const int P, const int C, c
     for (int64_t i = 0; i < nb; i++) {
         __m512i isums[4][2];
         float dy[4];
+        prefetch_next_rows(w, wrow, 2 * P, i, 210);
         for (int p = 0; p < P; p++) {
             const uint8_t *a = w + (size_t)(2 * p) * wrow + i * 210, *b = a + wrow;
-            if (C == 1) {
-                for (int o = 0; o < 256; o += 64) {
-                    _mm_prefetch((const char *)(a + 2 * 210 + o), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(b + 2 * 210 + o), _MM_HINT_T0);
-                }
-            }
             __m512i g[8];
             q6_K_pair_groups(a, b, g);
             /* the 16 int8 scales of a, then of b, widened to words */
@@ -340,16 +341,11 @@ INLINE_AVX512 void tile_q4_K_repacked_avx512(const int per64, const int C, const
     __m128 acc4 = _mm_setzero_ps(), accm4 = _mm_setzero_ps();
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *w0 = w + i * 144;
+        prefetch_next_rows(w, wrow, 4, i, 144);
         __m512i lo[2][4], hi[2][4], sv[2][8];
         __m256i mn16[2];
         for (int p = 0; p < 2; p++) {
             const uint8_t *a = w0 + (size_t)(2 * p) * wrow, *b = a + wrow;
-            if (C == 1) {
-                for (int o = 0; o < 192; o += 64) {
-                    _mm_prefetch((const char *)(a + 2 * 144 + o), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(b + 2 * 144 + o), _MM_HINT_T0);
-                }
-            }
             uint8_t sa[16], sb[16];
             k4_scales_mins(a + 4, sa);
             k4_scales_mins(b + 4, sb);

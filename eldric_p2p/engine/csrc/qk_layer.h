@@ -160,6 +160,23 @@ static void attn_chunk(const void *ctx, int64_t c) {
     }
 }
 
+/* ---- the gated activation, in place over gate, in chunks over the pool for a prompt's many rows */
+
+#define ACT_CHUNK 16384 /* elements; a multiple of 8, so every chunk but the last is whole vectors */
+
+typedef struct {
+    void (*fn)(const float *g, const float *u, float *y, int64_t n);
+    float *gate;
+    const float *up;
+    int64_t n;
+} act_job;
+
+static void act_chunk(const void *ctx, int64_t c) {
+    const act_job *j = ctx;
+    const int64_t i0 = c * ACT_CHUNK, n = i0 + ACT_CHUNK < j->n ? ACT_CHUNK : j->n - i0;
+    j->fn(j->gate + i0, j->up + i0, j->gate + i0, n);
+}
+
 /* One layer (index li within the stage's caches) over h [N, hidden], in place. Returns -1 when out of memory. */
 static int layer_forward(const layer_t *L, int64_t li, float *h, int64_t N, const seg_t *segs, int64_t n_seg,
                          layer_scratch *s, int n_threads) {
@@ -223,11 +240,8 @@ static int layer_forward(const layer_t *L, int64_t li, float *h, int64_t N, cons
     ops_rms_norm(h, L->ffn_norm, s->x, N, hid, L->eps);
     lin_apply(&L->gate, s->x, N, s->gate, s, n_seg, &xq_src, &xq_kind, n_threads); /* [N, ffn] */
     lin_apply(&L->up, s->x, N, s->up, s, n_seg, &xq_src, &xq_kind, n_threads);     /* [N, ffn] */
-    if (L->gelu) {
-        ops_geglu(s->gate, s->up, s->gate, N * L->ffn);
-    } else {
-        ops_swiglu(s->gate, s->up, s->gate, N * L->ffn);
-    }
+    const act_job actj = {L->gelu ? ops_geglu : ops_swiglu, s->gate, s->up, N * L->ffn};
+    pool_run(act_chunk, &actj, (actj.n + ACT_CHUNK - 1) / ACT_CHUNK, n_threads);
     lin_apply(&L->down, s->gate, N, s->o, s, n_seg, &xq_src, &xq_kind, n_threads); /* [N, hidden] */
     if (L->post_ffn_norm != NULL) ops_rms_norm(s->o, L->post_ffn_norm, s->o, N, hid, L->eps);
     for (int64_t i = 0; i < N * hid; i++) h[i] = h[i] + s->o[i];
