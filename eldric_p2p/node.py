@@ -90,12 +90,15 @@ def _punch_summary(member: RelayMember) -> dict[str, Any] | None:
     if puncher is None:
         return None
     s = puncher.stats
+    live = {pid: c for pid, c in puncher.conns.items() if puncher.live(pid)}
     return {
         "brokered": member.can_punch,  # this relay brokers punches for us
         "attempts": s.attempts,
         "punched": s.punched,
+        "forwarded": s.forwarded,  # punch failed; QUIC through the relay's forwarding channel instead
         "failed": s.failed,
-        "connections": sorted(pid for pid in puncher.conns if puncher.live(pid)),
+        "connections": sorted(pid for pid in live if not live[pid].forwarded),
+        "channels": sorted(pid for pid in live if live[pid].forwarded),  # through the relay's channel
         "last_s": round(s.last_punch_s, 4) if s.last_punch_s is not None else None,
         "times_s": [round(t, 4) for t in s.times_s],
     }
