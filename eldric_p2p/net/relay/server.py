@@ -11,7 +11,9 @@ Bytes in flight per member are bounded: each spliced direction holds at most `st
 
 Hole punching: REGISTERED offers FEATURE_PUNCH (unless `RelayLimits.punch` is None); a member that declared
 it too may send PUNCH, and `PunchBroker` (punch.py) answers with PUNCH_GO to both members, carrying what the
-relay's socket observes as each one's address, or with PUNCH_FAIL. Guests do not punch.
+relay's socket observes as each one's address, or with PUNCH_FAIL. Guests do not punch. With FEATURE_FORWARD
+(unless `RelayLimits.channels` is None) a PUNCH_GO also names a forwarding channel, and the relay's UDP reader
+passes channel datagrams between the two members unopened (channels.py): the path when the punch fails.
 
 A relay whose own identity is in a federation admits members of it only (control.check_credential_untrusted):
 a REGISTER without a valid certificate is refused with ERROR not_member; one with a join ticket instead is a
@@ -24,7 +26,6 @@ from disk, which calls no callback) drops it too.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import trio
 
@@ -33,7 +34,7 @@ from eldric_p2p.net.federation.certs import MembershipError
 from eldric_p2p.net.federation.invites import Ticket
 from eldric_p2p.net.identity import Identity
 from eldric_p2p.net.relay import protocol as p
-from eldric_p2p.net.relay.channels import ChannelLimits, ChannelTable
+from eldric_p2p.net.relay.channels import ChannelTable
 from eldric_p2p.net.relay.control import (
     Credential,
     RelayControl,
@@ -41,73 +42,18 @@ from eldric_p2p.net.relay.control import (
     recheck_credential,
 )
 from eldric_p2p.net.relay.framing import read_message, splice, write_message
-from eldric_p2p.net.relay.punch import Party, PunchBroker, PunchLimits
+from eldric_p2p.net.relay.punch import PunchBroker
 from eldric_p2p.net.relay.quic import NetworkAddress, QuicConn, QuicStream
 from eldric_p2p.net.relay.quic_config import server_configuration
 from eldric_p2p.net.relay.quic_udp import QuicServer, open_udp_socket
+from eldric_p2p.net.relay.state import MemberState as _Member
+from eldric_p2p.net.relay.state import RelayLimits as RelayLimits  # re-exported: what callers configure
+from eldric_p2p.net.relay.state import RelayStats
 from eldric_p2p.tasks import open_nursery
 
 log = logging.getLogger(__name__)
 
 REFUSAL_LOG_S = 10.0  # log a refused peer at most once per this many seconds
-
-
-@dataclass(frozen=True)
-class RelayLimits:
-    max_members: int = 256
-    max_guests: int = 32  # joiners registered with a ticket (federated relays only)
-    max_streams_per_member: int = 16
-    stream_window: int = 128 * 1024
-    keepalive_s: float = 5.0
-    dead_after_s: float = 15.0
-    handshake_timeout_s: float = 10.0
-    register_timeout_s: float = 10.0
-    open_timeout_s: float = 10.0
-    max_datagram_size: int = 1350
-    outbox: int = 64  # control messages queued for one member before it counts as too slow
-    punch: PunchLimits | None = field(default_factory=PunchLimits)  # None: broker no hole punches
-    channels: ChannelLimits | None = field(default_factory=ChannelLimits)  # None: forward no channels
-
-
-@dataclass
-class RelayStats:
-    registered: int = 0
-    rejected: int = 0  # failed REGISTER (bad proof, protocol error, timeout, relay full, not a member)
-    rejected_not_member: int = 0  # federated relay: no valid certificate or ticket
-    guests: int = 0  # joiners admitted with a ticket
-    dropped_not_member: int = 0  # revoked, or its certificate or ticket expired, while registered
-    dropped_dead: int = 0  # missed keepalives
-    dropped_slow: int = 0  # control outbox overflowed
-    streams_spliced: int = 0
-    streams_refused: int = 0
-    streams_forbidden: int = 0  # a guest's OPEN to someone other than its inviter (also in streams_refused)
-    bytes_spliced: int = 0
-
-
-@dataclass(eq=False)
-class _Member:
-    peer_id: str
-    public_key: bytes
-    announcement: p.Announcement
-    conn: QuicConn
-    control: RelayControl
-    outbox: trio.MemorySendChannel[bytes]
-    last_heard: float
-    streams: int = 0
-    kill: trio.CancelScope = field(default_factory=trio.CancelScope)
-    credential: Credential | None = None  # what a federated relay admitted it with
-    guest_of: str | None = None  # a guest's inviter: the one peer it may open streams to
-    rtt: float | None = None  # from the last answered keepalive
-    ping: tuple[int, float] = (-1, 0.0)  # the last PING's seq and when it went
-
-    def entry(self) -> p.Member:
-        return p.Member(self.peer_id, self.public_key, self.announcement)
-
-    def party(self) -> Party:
-        addr = self.conn.remote_address
-        return Party(self.peer_id, (str(addr[0]), int(addr[1])) if addr else None, self.control.local,
-                     self.rtt, self.control.punches, self.guest_of is not None,
-                     self.control.forwards)  # fmt: skip
 
 
 class Relay:
