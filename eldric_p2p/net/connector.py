@@ -291,7 +291,7 @@ class Connector:
         for member in members:
             try:
                 conn = member.punched(peer_id) or await member.punch(peer_id)
-                path = "relayed" if conn.forwarded else "punched"  # forwarded: through the relay's channel
+                path: LinkPath = "relayed" if conn.forwarded else "punched"  # forwarded: the relay's channel
                 link = await link_client(
                     conn.open_stream(),
                     self.identity,
@@ -348,7 +348,7 @@ class Connector:
     async def handle_punched(self, stream: trio.abc.Stream, source: str) -> None:
         """The stream handler of punched connections: authenticate the stream as a link, then `dispatch` it.
         `source` is whom the relay brokered the punch with; the handshake proves who it really is."""
-        path = "relayed" if getattr(stream, "forwarded", False) else "punched"  # through a relay's channel
+        path: LinkPath = "relayed" if getattr(stream, "forwarded", False) else "punched"  # relay's channel
         await serve_link_stream(
             stream, self.identity, self.dispatch, path=path, handshake_timeout=self.handshake_timeout
         )

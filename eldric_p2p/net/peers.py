@@ -147,7 +147,8 @@ class PeerDirectory:
         identity: Identity | None = None,
     ) -> None:
         """`identity`: ours, when it may be in a federation. Polls are then signed, a polled node must show a
-        membership of the same federation, and its URL is its peer URL (reached over a member-checked link)."""
+        membership of the same federation, and its URL is its peer URL (reached over a member-checked
+        link)."""
         self.own_peer_id = own_peer_id
         self.identity = identity
         self.table = PeerTable(own_peer_id)

@@ -168,7 +168,7 @@ class Relay:
         previous = self.members.get(member.peer_id) or self.guests.get(member.peer_id)
         if previous is not None:  # the same node reconnected before we noticed its old connection die
             previous.kill.cancel()
-        features = (p.FEATURE_PUNCH,) if self.punches is not None else ()
+        features: tuple[str, ...] = (p.FEATURE_PUNCH,) if self.punches is not None else ()
         if self.channels is not None:
             features += (p.FEATURE_FORWARD,)
         control.accept(lim.keepalive_s, features)
