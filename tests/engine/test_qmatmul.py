@@ -467,7 +467,7 @@ def test_simd_kernels_are_bit_identical_to_the_portable_ones(level: str) -> None
             for rows in (16, 21, 66):
                 raw = _weights(qtype, rows, n, rng, "random")
                 x = _activations(13, n, rng)
-                for t in (1, 2, 5, 8, 13):
+                for t in (1, 2, 3, 5, 6, 7, 8, 13):
                     _qkernels.set_simd(level)
                     fast = _run(x[:t], raw, qtype, rows, threads=2)
                     _qkernels.set_simd(False)

@@ -119,12 +119,15 @@ INLINE_AVX512 void tile_q0_avx512(const int type, const int P, const int C, cons
     }
 
 TILE512(tile512_q4_0, tile_q0_avx512, T_Q4_0, 2, 1)
+TILE512(tile512_q4_0, tile_q0_avx512, T_Q4_0, 2, 2)
 TILE512(tile512_q4_0, tile_q0_avx512, T_Q4_0, 2, 4)
 TILE512(tile512_q4_0, tile_q0_avx512, T_Q4_0, 2, 8)
 TILE512(tile512_q5_0, tile_q0_avx512, T_Q5_0, 2, 1)
+TILE512(tile512_q5_0, tile_q0_avx512, T_Q5_0, 2, 2)
 TILE512(tile512_q5_0, tile_q0_avx512, T_Q5_0, 2, 4)
 TILE512(tile512_q5_0, tile_q0_avx512, T_Q5_0, 2, 8)
 TILE512(tile512_q8_0, tile_q0_avx512, T_Q8_0, 2, 1)
+TILE512(tile512_q8_0, tile_q0_avx512, T_Q8_0, 2, 2)
 TILE512(tile512_q8_0, tile_q0_avx512, T_Q8_0, 2, 4)
 TILE512(tile512_q8_0, tile_q0_avx512, T_Q8_0, 2, 8)
 
@@ -279,8 +282,10 @@ INLINE_AVX512 void tile_q6_K_avx512(const int tiled, const int P, const int C, c
 }
 
 TILE512(tile512_q6_K, tile_q6_K_avx512, 0, 2, 1)
+TILE512(tile512_q6_K, tile_q6_K_avx512, 0, 2, 2)
 TILE512(tile512_q6_K, tile_q6_K_avx512, 0, 2, 4)
 TILE512(tile512_q6_K_tiled, tile_q6_K_avx512, 1, 2, 1)
+TILE512(tile512_q6_K_tiled, tile_q6_K_avx512, 1, 2, 2)
 TILE512(tile512_q6_K_tiled, tile_q6_K_avx512, 1, 2, 4)
 
 /* ---- Q4_K weights llama.cpp repacks (q4_K_8x8): its gemv, per super-block acc = fma(isum, d_w d_x, acc) and
@@ -316,8 +321,8 @@ INLINE_AVX512 __m128i msum4_epi32(__m256i p0, __m256i p1) {
     return _mm_unpacklo_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
 
-/* 4 repacked Q4_K weight rows x C activation rows (C = 1 or 4); per64: the gemm's order (C = 4 only), else the
- * gemv's. */
+/* 4 repacked Q4_K weight rows x C activation rows (C = 1, 2 or 4); per64: the gemm's order (C = 4 only), else
+ * the gemv's. */
 INLINE_AVX512 void tile_q4_K_repacked_avx512(const int per64, const int C, const uint8_t *w, size_t wrow,
                                              const uint8_t *y, size_t yrow, int64_t nb, float *out, size_t ostride) {
     const __m512i m4 = _mm512_set1_epi8(0x0f);
@@ -338,7 +343,7 @@ INLINE_AVX512 void tile_q4_K_repacked_avx512(const int per64, const int C, const
     lane16_tables(&ridx, &cidx);
     const __m512i midx = _mm512_loadu_si512(msrc), kidx0 = _mm512_loadu_si512(kidx);
     __m512 acc16 = _mm512_setzero_ps(), accm16 = _mm512_setzero_ps();
-    __m128 acc4 = _mm_setzero_ps(), accm4 = _mm_setzero_ps();
+    __m128 acc4[2] = {_mm_setzero_ps(), _mm_setzero_ps()}, accm4[2] = {_mm_setzero_ps(), _mm_setzero_ps()};
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *w0 = w + i * 144;
         prefetch_next_rows(w, wrow, 4, i, 144);
@@ -390,10 +395,13 @@ INLINE_AVX512 void tile_q4_K_repacked_avx512(const int per64, const int C, const
                 }
             }
         }
-        if (C == 1) { /* the gemv, 4 rows side by side */
-            const __m128 dy4 = _mm_set1_ps(dy[0]);
-            acc4 = _mm_fmadd_ps(_mm_cvtepi32_ps(sum4_epi32(z[0][0], z[0][1])), _mm_mul_ps(dw4, dy4), acc4);
-            accm4 = _mm_fmadd_ps(_mm_cvtepi32_ps(msum4_epi32(mp[0][0], mp[0][1])), _mm_mul_ps(dmin4, dy4), accm4);
+        if (C < 4) { /* the gemv for 1 or 2 activation rows: 4 weight rows side by side */
+            for (int c = 0; c < C; c++) {
+                const __m128 dy4 = _mm_set1_ps(dy[c]);
+                acc4[c] = _mm_fmadd_ps(_mm_cvtepi32_ps(sum4_epi32(z[c][0], z[c][1])), _mm_mul_ps(dw4, dy4), acc4[c]);
+                accm4[c] = _mm_fmadd_ps(_mm_cvtepi32_ps(msum4_epi32(mp[c][0], mp[c][1])), _mm_mul_ps(dmin4, dy4),
+                                        accm4[c]);
+            }
             continue;
         }
         /* 16 outputs side by side in the lane order of sum16_epi32 */
@@ -419,8 +427,8 @@ INLINE_AVX512 void tile_q4_K_repacked_avx512(const int per64, const int C, const
             accm16 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_permutexvar_epi32(midx, ms)), dm16, accm16);
         }
     }
-    if (C == 1) {
-        _mm_storeu_ps(out, _mm_sub_ps(acc4, accm4));
+    if (C < 4) {
+        for (int c = 0; c < C; c++) _mm_storeu_ps(out + c * ostride, _mm_sub_ps(acc4[c], accm4[c]));
         return;
     }
     float a16[16], m16[16];
@@ -435,6 +443,10 @@ TARGET_AVX512 static void tile512_q4_K_gemv_2x1(const uint8_t *w, size_t wrow, c
                                                 int64_t nb, float *out, size_t ostride) {
     tile_q4_K_repacked_avx512(0, 1, w, wrow, y, yrow, nb, out, ostride);
 }
+TARGET_AVX512 static void tile512_q4_K_gemv_2x2(const uint8_t *w, size_t wrow, const uint8_t *y, size_t yrow,
+                                                int64_t nb, float *out, size_t ostride) {
+    tile_q4_K_repacked_avx512(0, 2, w, wrow, y, yrow, nb, out, ostride);
+}
 TARGET_AVX512 static void tile512_q4_K_gemv_2x4(const uint8_t *w, size_t wrow, const uint8_t *y, size_t yrow,
                                                 int64_t nb, float *out, size_t ostride) {
     tile_q4_K_repacked_avx512(0, 4, w, wrow, y, yrow, nb, out, ostride);
@@ -447,8 +459,11 @@ TARGET_AVX512 static void tile512_q4_K_gemm4_2x4(const uint8_t *w, size_t wrow, 
 /* kset entries (qk_matmul.h): {dot, rows (4 x 1), tile (4 x tc), half (4 x tc/2), tile1 (1 x tc), rw, tc}; a
  * weight row alone (a chunk's last) takes the AVX2 kernels, which compute the same bits. The Q4_0/Q5_0/Q8_0
  * tiles take 8 activation rows (their per-block work is mostly per weight pair), the K-quants' 4. */
-#define X512_KSET(name) {dot_##name##_avx2, tile512_##name##_2x1, tile512_##name##_2x4, NULL, tile_##name##_1x4, 4, 4}
-#define X512_Q0(name) {dot_##name##_avx2, tile512_##name##_2x1, tile512_##name##_2x8, tile512_##name##_2x4, NULL, 4, 8}
+#define X512_KSET(name)                                                                                           \
+    {dot_##name##_avx2, tile512_##name##_2x1, {tile512_##name##_2x4, tile512_##name##_2x2, NULL}, tile_##name##_1x4, 4, 4}
+#define X512_Q0(name)                                                                                             \
+    {dot_##name##_avx2, tile512_##name##_2x1, {tile512_##name##_2x8, tile512_##name##_2x4, tile512_##name##_2x2}, \
+     NULL, 4, 8}
 #define X512_Q4_0 X512_Q0(q4_0)
 #define X512_Q5_0 X512_Q0(q5_0)
 #define X512_Q8_0 X512_Q0(q8_0)
@@ -456,7 +471,7 @@ TARGET_AVX512 static void tile512_q4_K_gemm4_2x4(const uint8_t *w, size_t wrow, 
 #define X512_Q6_K_TILED X512_KSET(q6_K_tiled)
 #define X512_Q4_K_GEMV X512_KSET(q4_K_gemv)
 /* the gemm takes rows in fours: a range of them never leaves rows for a 4 x 1 kernel */
-#define X512_Q4_K_GEMM4 {dot_q4_K_gemm4_avx2, NULL, tile512_q4_K_gemm4_2x4, NULL, tile_q4_K_gemm4_1x4, 4, 4}
+#define X512_Q4_K_GEMM4 {dot_q4_K_gemm4_avx2, NULL, {tile512_q4_K_gemm4_2x4, NULL, NULL}, tile_q4_K_gemm4_1x4, 4, 4}
 
 #else
 #define X512_Q4_0 X512_NONE
@@ -468,6 +483,6 @@ TARGET_AVX512 static void tile512_q4_K_gemm4_2x4(const uint8_t *w, size_t wrow, 
 #define X512_Q4_K_GEMM4 X512_NONE
 #endif /* QK_X86 */
 
-#define X512_NONE {NULL, NULL, NULL, NULL, NULL, 1, 1}
+#define X512_NONE {NULL, NULL, {NULL, NULL, NULL}, NULL, 1, 1}
 
 #endif /* ELDRIC_QK_AVX512_H */

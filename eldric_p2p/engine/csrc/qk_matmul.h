@@ -22,11 +22,11 @@
 enum act_kind { ACT_F32, ACT_F16, ACT_Q8_0, ACT_Q8_1, ACT_Q8_K };
 
 /* One instruction set's functions for one llama.cpp path: `dot` one output; `rows` rw weight rows x 1
- * activation row; `tile` rw weight rows x tc activation rows, `half` rw x tc/2; `tile1` 1 weight row x tc
- * activation rows. Every output of a tile is computed exactly as `dot` computes it. NULL where there is none. */
+ * activation row; tiles[k] rw weight rows x (tc >> k) activation rows; `tile1` 1 weight row x tc activation rows.
+ * Every output of a tile is computed exactly as `dot` computes it. NULL where there is none. */
 typedef struct {
     dot_fn dot;
-    tile_fn rows, tile, half, tile1;
+    tile_fn rows, tiles[3], tile1;
     int rw, tc;
 } kset;
 
@@ -48,13 +48,13 @@ typedef struct {
 } qtype_info;
 
 #if QK_X86
-#define X2(fn) {fn##_avx2, NULL, NULL, NULL, NULL, 1, 1}
-#define X2T(fn, tile) {fn##_avx2, NULL, tile##_2x4, NULL, tile##_1x4, 2, 4}
+#define X2(fn) {fn##_avx2, NULL, {NULL, NULL, NULL}, NULL, 1, 1}
+#define X2T(fn, tile) {fn##_avx2, NULL, {tile##_2x4, NULL, NULL}, tile##_1x4, 2, 4}
 #else
-#define X2(fn) {NULL, NULL, NULL, NULL, NULL, 1, 1}
-#define X2T(fn, tile) {NULL, NULL, NULL, NULL, NULL, 1, 1}
+#define X2(fn) {NULL, NULL, {NULL, NULL, NULL}, NULL, 1, 1}
+#define X2T(fn, tile) {NULL, NULL, {NULL, NULL, NULL}, NULL, 1, 1}
 #endif
-#define X2_NONE {NULL, NULL, NULL, NULL, NULL, 1, 1}
+#define X2_NONE {NULL, NULL, {NULL, NULL, NULL}, NULL, 1, 1}
 #define K(fn, x2, x512) {fn, x2, x512}
 #define NONE {NULL, X2_NONE, X512_NONE}
 static const qtype_info TYPES[] = {
@@ -127,7 +127,7 @@ static int qk_set_simd(int level) {
 static kset pick(const kernel *k) {
     if (simd_level >= SIMD_AVX512 && k->avx512.dot != NULL) return k->avx512;
     if (simd_level >= SIMD_AVX2 && k->avx2.dot != NULL) return k->avx2;
-    return (kset){k->portable, NULL, NULL, NULL, NULL, 1, 1};
+    return (kset){k->portable, NULL, {NULL, NULL, NULL}, NULL, 1, 1};
 }
 
 /* ------------------------------------------------------------------------------------------------------------
@@ -228,8 +228,7 @@ typedef struct {
 static void add_range(range_t *ranges, int *n, int64_t t0, int64_t t1, kset ks) {
     if (*n > 0) {
         range_t *last = &ranges[*n - 1];
-        if (last->t1 == t0 && last->ks.dot == ks.dot && last->ks.tile == ks.tile && last->ks.rows == ks.rows &&
-            last->ks.half == ks.half && last->ks.tile1 == ks.tile1) {
+        if (last->t1 == t0 && memcmp(&last->ks, &ks, sizeof(ks)) == 0) {
             last->t1 = t1;
             return;
         }
@@ -274,20 +273,18 @@ typedef struct {
 } mm_job;
 
 /* Activation rows [t, t1) times weight rows [r, r + R), with kernel set ks: ks.rw weight rows at a time (R ==
- * ks.rw) through the set's tile for ks.tc activation rows at a time, its half tile for tc/2, and its rows
- * kernel (or dot) for the rest; fewer weight rows (a chunk's last) through tile1 and dot. */
+ * ks.rw) through the set's widest tile that the rows left fill, and its rows kernel (or dot) for the rest; fewer
+ * weight rows (a chunk's last) through tile1 and dot. */
 static void run_rows(const mm_job *j, const kset *ks, int64_t r, int R, int64_t t, int64_t t1) {
     const uint8_t *w = j->w + (size_t)r * j->wrow;
     const size_t ostride = (size_t)j->nout;
     if (R == ks->rw && R > 1) {
-        if (ks->tile != NULL) {
-            for (; t + ks->tc <= t1; t += ks->tc) {
-                ks->tile(w, j->wrow, j->xq + (size_t)t * j->xrow, j->xrow, j->nb, j->out + t * j->nout + r, ostride);
-            }
-        }
-        if (ks->half != NULL) {
-            for (; t + ks->tc / 2 <= t1; t += ks->tc / 2) {
-                ks->half(w, j->wrow, j->xq + (size_t)t * j->xrow, j->xrow, j->nb, j->out + t * j->nout + r, ostride);
+        for (int k = 0; k < 3; k++) {
+            const int64_t tc = ks->tc >> k;
+            if (ks->tiles[k] == NULL || tc < 2) continue;
+            for (; t + tc <= t1; t += tc) {
+                ks->tiles[k](w, j->wrow, j->xq + (size_t)t * j->xrow, j->xrow, j->nb, j->out + t * j->nout + r,
+                             ostride);
             }
         }
         if (ks->rows != NULL) {
