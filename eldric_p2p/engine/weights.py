@@ -53,6 +53,16 @@ def resolve_weights(weights: str, device: torch.device) -> str:
 
 
 _DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+PAGE = 4096
+
+
+def map_pages(data: torch.Tensor) -> None:
+    """Read one byte of every page of `data` (a view of the mmapped model file): the page faults happen
+    at load, as llama.cpp's MAP_POPULATE makes them happen, not in the first forward (~30 ms for Gemma 3
+    270M)."""
+    flat = data.reshape(-1)
+    if flat.numel():
+        flat[::PAGE].max()
 
 
 class Linear:
@@ -78,6 +88,7 @@ class Linear:
             )
             self.w = None
             self.nbytes = info.nbytes
+            map_pages(self.q.data)
         else:
             self.q = None
             dtype = torch.float32 if fmt == "native" else _DTYPES[fmt]

@@ -86,23 +86,24 @@ INLINE_AVX512 void tile_q0_avx512(const int type, const int P, const int C, cons
         for (int c = 0; c < C; c++) acc[p][c] = _mm512_setzero_ps();
     }
     for (int64_t i = 0; i < nb; i++) {
-        __m512i yv[8], off[8];
-        for (int c = 0; c < C; c++) {
-            const act_q8_0 *yb = (const act_q8_0 *)(y + c * yrow) + i;
-            yv[c] = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)yb->qs));
-            /* -2^k * (sum of each lane's four activations) */
-            off[c] = _mm512_sub_epi32(zero, _mm512_slli_epi32(_mm512_dpbusd_epi32(zero, ones, yv[c]), shift));
-        }
         prefetch_next_rows(w, wrow, 2 * P, i, bsize);
+        __m512i u[2];
+        __m512 dw[2];
         for (int p = 0; p < P; p++) {
             const uint8_t *a = w + (size_t)(2 * p) * wrow + i * bsize, *b = a + wrow;
-            const __m512i u = q0_pair_values(type, a, b);
-            const __m512 dw = pair_scales(a, b);
-            for (int c = 0; c < C; c++) {
-                const act_q8_0 *yb = (const act_q8_0 *)(y + c * yrow) + i;
-                const __m512i lanes = _mm512_dpbusd_epi32(off[c], u, yv[c]);
-                acc[p][c] = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(yb->d)), _mm512_cvtepi32_ps(lanes),
-                                            acc[p][c]);
+            u[p] = q0_pair_values(type, a, b);
+            dw[p] = pair_scales(a, b);
+        }
+        /* one activation row at a time, so that only its block and offsets are live beside the accumulators */
+        for (int c = 0; c < C; c++) {
+            const act_q8_0 *yb = (const act_q8_0 *)(y + c * yrow) + i;
+            const __m512i yv = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)yb->qs));
+            /* -2^k * (sum of each lane's four activations) */
+            const __m512i off = _mm512_sub_epi32(zero, _mm512_slli_epi32(_mm512_dpbusd_epi32(zero, ones, yv), shift));
+            const __m512 dy = _mm512_set1_ps(yb->d);
+            for (int p = 0; p < P; p++) {
+                const __m512i lanes = _mm512_dpbusd_epi32(off, u[p], yv);
+                acc[p][c] = _mm512_fmadd_ps(_mm512_mul_ps(dw[p], dy), _mm512_cvtepi32_ps(lanes), acc[p][c]);
             }
         }
     }
@@ -173,20 +174,14 @@ INLINE_AVX512 __m512i pair_load(const uint8_t *a, const uint8_t *b) {
                               _mm256_loadu_si256((const __m256i *)b), 1);
 }
 
-/* The unsigned 6-bit values of the 32-element groups 0..7 of a super-block of rows a and b (as unpack_q6_K). */
-INLINE_AVX512 void q6_K_pair_groups(const uint8_t *a, const uint8_t *b, __m512i g[8]) {
+/* The unsigned 6-bit values of 32-element group 4k + gi of a super-block of rows a and b (as unpack_q6_K), from
+ * the half k's low bits l0 = ql[64k..], l1 = ql[64k + 32..] and high bits h = qh[32k..], each a pair_load. */
+INLINE_AVX512 __m512i q6_K_pair_group(__m512i l0, __m512i l1, __m512i h, int gi) {
     const __m512i m4 = _mm512_set1_epi8(0x0f), m3 = _mm512_set1_epi8(3);
-    for (int k = 0; k < 2; k++) {
-        const __m512i l0 = pair_load(a + 64 * k, b + 64 * k), l1 = pair_load(a + 64 * k + 32, b + 64 * k + 32);
-        const __m512i h = pair_load(a + 128 + 32 * k, b + 128 + 32 * k);
-        g[4 * k + 0] = _mm512_or_si512(_mm512_and_si512(l0, m4), _mm512_slli_epi16(_mm512_and_si512(h, m3), 4));
-        g[4 * k + 1] = _mm512_or_si512(_mm512_and_si512(l1, m4),
-                                       _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(h, 2), m3), 4));
-        g[4 * k + 2] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l0, 4), m4),
-                                       _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(h, 4), m3), 4));
-        g[4 * k + 3] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l1, 4), m4),
-                                       _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(h, 6), m3), 4));
-    }
+    const __m512i lo = gi & 1 ? l1 : l0;
+    const __m512i nib = gi < 2 ? _mm512_and_si512(lo, m4) : _mm512_and_si512(_mm512_srli_epi16(lo, 4), m4);
+    const __m512i hb = gi == 0 ? _mm512_and_si512(h, m3) : _mm512_and_si512(_mm512_srli_epi16(h, 2 * gi), m3);
+    return _mm512_or_si512(nib, _mm512_slli_epi16(hb, 4));
 }
 
 /* The sum of each 256-bit half's 8 int32 lanes: [half a, half b]. */
@@ -219,37 +214,46 @@ INLINE_AVX512 void tile_q6_K_avx512(const int tiled, const int P, const int C, c
         prefetch_next_rows(w, wrow, 2 * P, i, 210);
         for (int p = 0; p < P; p++) {
             const uint8_t *a = w + (size_t)(2 * p) * wrow + i * 210, *b = a + wrow;
-            __m512i g[8];
-            q6_K_pair_groups(a, b, g);
             /* the 16 int8 scales of a, then of b, widened to words */
             const __m512i sc = _mm512_cvtepi8_epi16(_mm256_inserti128_si256(
                 _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(a + 192))),
                 _mm_loadu_si128((const __m128i *)(b + 192)), 1));
-            __m512i scv[8];
-            for (int gi = 0; gi < 8; gi++) {
-                scv[gi] = _mm512_permutexvar_epi16(_mm512_add_epi16(sc_idx0, _mm512_set1_epi16((short)(2 * gi))), sc);
-            }
             const __m512 dw = pair_scales(a + 208, b + 208);
+            __m512i lanes[4];
             for (int c = 0; c < C; c++) {
                 const act_q8_K *yb = (const act_q8_K *)(y + c * yrow) + i;
                 /* the -32 offsets: -32 (sc[2l] bsums[2l] + sc[2l+1] bsums[2l+1]) in lane l of each half */
                 const __m512i bs = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)yb->bsums));
-                __m512i lanes = _mm512_sub_epi32(zero, _mm512_slli_epi32(_mm512_madd_epi16(sc, bs), 5));
-                for (int gi = 0; gi < 8; gi++) {
-                    const __m512i a8 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(yb->qs + 32 * gi)));
-                    lanes = _mm512_dpwssd_epi32(lanes, _mm512_maddubs_epi16(g[gi], a8), scv[gi]);
+                lanes[c] = _mm512_sub_epi32(zero, _mm512_slli_epi32(_mm512_madd_epi16(sc, bs), 5));
+            }
+            /* group by group, every activation row: only one group's values and scales are live at a time */
+            for (int k = 0; k < 2; k++) {
+                const __m512i l0 = pair_load(a + 64 * k, b + 64 * k), l1 = pair_load(a + 64 * k + 32, b + 64 * k + 32);
+                const __m512i h = pair_load(a + 128 + 32 * k, b + 128 + 32 * k);
+                for (int gi = 0; gi < 4; gi++) {
+                    const __m512i g = q6_K_pair_group(l0, l1, h, gi);
+                    const __m512i scv =
+                        _mm512_permutexvar_epi16(_mm512_add_epi16(sc_idx0, _mm512_set1_epi16((short)(8 * k + 2 * gi))), sc);
+                    for (int c = 0; c < C; c++) {
+                        const int8_t *q8 = ((const act_q8_K *)(y + c * yrow) + i)->qs + 128 * k + 32 * gi;
+                        const __m512i a8 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)q8));
+                        lanes[c] = _mm512_dpwssd_epi32(lanes[c], _mm512_maddubs_epi16(g, a8), scv);
+                    }
                 }
+            }
+            for (int c = 0; c < C; c++) {
+                const act_q8_K *yb = (const act_q8_K *)(y + c * yrow) + i;
                 if (wide) {
-                    isums[c][p] = lanes;
+                    isums[c][p] = lanes[c];
                     dy[c] = yb->d;
                 } else if (tiled) {
                     int ia, ib;
-                    pair_hsum_epi32(lanes, &ia, &ib);
+                    pair_hsum_epi32(lanes[c], &ia, &ib);
                     const float dwa = _mm512_cvtss_f32(dw), dwb = _mm512_cvtss_f32(_mm512_shuffle_f32x4(dw, dw, 2));
                     accs[p][c][0] = fma1(dwa * (float)ia, yb->d, accs[p][c][0]);
                     accs[p][c][1] = fma1(dwb * (float)ib, yb->d, accs[p][c][1]);
                 } else {
-                    acc[p][c] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(yb->d), dw), _mm512_cvtepi32_ps(lanes),
+                    acc[p][c] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(yb->d), dw), _mm512_cvtepi32_ps(lanes[c]),
                                                 acc[p][c]);
                 }
             }
@@ -347,52 +351,59 @@ INLINE_AVX512 void tile_q4_K_repacked_avx512(const int per64, const int C, const
     for (int64_t i = 0; i < nb; i++) {
         const uint8_t *w0 = w + i * 144;
         prefetch_next_rows(w, wrow, 4, i, 144);
-        __m512i lo[2][4], hi[2][4], sv[2][8];
-        __m256i mn16[2];
+        uint8_t sm[2][2][16]; /* [pair][row]: scales 0..7, mins 0..7 */
+        __m512i sc16[2];
         for (int p = 0; p < 2; p++) {
             const uint8_t *a = w0 + (size_t)(2 * p) * wrow, *b = a + wrow;
-            uint8_t sa[16], sb[16];
-            k4_scales_mins(a + 4, sa);
-            k4_scales_mins(b + 4, sb);
-            const __m128i ta = _mm_loadu_si128((const __m128i *)sa), tb = _mm_loadu_si128((const __m128i *)sb);
-            const __m512i sc16 = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(_mm_unpacklo_epi64(ta, tb)));
-            mn16[p] = _mm256_cvtepu8_epi16(_mm_unpackhi_epi64(ta, tb));
-            for (int m = 0; m < 8; m++) {
-                sv[p][m] = _mm512_permutexvar_epi16(_mm512_add_epi16(sc_idx0, _mm512_set1_epi16((short)m)), sc16);
-            }
-            for (int j = 0; j < 4; j++) { /* 64 elements: sub-block 2j in the low nibbles, 2j+1 in the high */
-                const __m512i q = pair_load(a + 16 + 32 * j, b + 16 + 32 * j);
-                lo[p][j] = _mm512_and_si512(q, m4);
-                hi[p][j] = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);
-            }
+            k4_scales_mins(a + 4, sm[p][0]);
+            k4_scales_mins(b + 4, sm[p][1]);
+            const __m128i ab = _mm_unpacklo_epi64(_mm_loadu_si128((const __m128i *)sm[p][0]),
+                                                  _mm_loadu_si128((const __m128i *)sm[p][1]));
+            sc16[p] = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(ab)); /* [sc a 0..7, sc b 0..7] */
         }
         const __m128 dw4 = four_f16(w0, wrow), dmin4 = four_f16(w0 + 2, wrow);
-        __m512i z[4][2], zj[4][4][2]; /* [c][p]: the gemv's whole sums; [j][c][p]: the gemm's per 64 */
-        __m256i mp[4][2];             /* [c][p]: [a prod 0..3 | b prod 0..3] */
         float dy[4];
-        for (int c = 0; c < C; c++) {
-            const act_q8_K *yb = (const act_q8_K *)(y + c * yrow) + i;
-            dy[c] = yb->d;
-            const __m128i s8 = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)yb->bsums),
-                                              _mm_loadu_si128((const __m128i *)(yb->bsums + 8)));
+        for (int c = 0; c < C; c++) dy[c] = ((const act_q8_K *)(y + c * yrow) + i)->d;
+        /* 16 outputs side by side in the lane order of sum16_epi32 (C = 4) */
+        const __m512 dyv = _mm512_permutexvar_ps(cidx, _mm512_castps128_ps512(_mm_loadu_ps(dy)));
+        const __m512 d16 = _mm512_mul_ps(_mm512_permutexvar_ps(ridx, _mm512_castps128_ps512(dw4)), dyv);
+        __m512i z[4][2]; /* [c][p]: the gemv's whole sums, or the gemm's sums of the current 64 elements */
+        for (int c = 0; c < C; c++) z[c][0] = z[c][1] = _mm512_setzero_si512();
+        /* 64 elements at a time (sub-block 2j in the low nibbles, 2j+1 in the high), every activation row: only
+         * one group's values and scales are live beside the sums */
+        for (int j = 0; j < 4; j++) {
+            __m512i lo[2], hi[2], slo[2], shi[2];
             for (int p = 0; p < 2; p++) {
-                mp[c][p] = _mm256_madd_epi16(mn16[p], _mm256_broadcastsi128_si256(s8));
-                z[c][p] = _mm512_setzero_si512();
+                const uint8_t *a = w0 + (size_t)(2 * p) * wrow;
+                const __m512i q = pair_load(a + 16 + 32 * j, a + wrow + 16 + 32 * j);
+                lo[p] = _mm512_and_si512(q, m4);
+                hi[p] = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);
+                slo[p] = _mm512_permutexvar_epi16(_mm512_add_epi16(sc_idx0, _mm512_set1_epi16((short)(2 * j))), sc16[p]);
+                shi[p] =
+                    _mm512_permutexvar_epi16(_mm512_add_epi16(sc_idx0, _mm512_set1_epi16((short)(2 * j + 1))), sc16[p]);
             }
-            for (int j = 0; j < 4; j++) {
-                const __m512i ylo = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(yb->qs + 64 * j)));
-                const __m512i yhi =
-                    _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(yb->qs + 64 * j + 32)));
+            for (int c = 0; c < C; c++) {
+                const int8_t *q8 = ((const act_q8_K *)(y + c * yrow) + i)->qs + 64 * j;
+                const __m512i ylo = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)q8));
+                const __m512i yhi = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(q8 + 32)));
                 for (int p = 0; p < 2; p++) {
                     __m512i s = per64 ? _mm512_setzero_si512() : z[c][p];
-                    s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(lo[p][j], ylo), sv[p][2 * j]);
-                    s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(hi[p][j], yhi), sv[p][2 * j + 1]);
-                    if (per64) {
-                        zj[j][c][p] = s;
-                    } else {
-                        z[c][p] = s;
-                    }
+                    s = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(lo[p], ylo), slo[p]);
+                    z[c][p] = _mm512_dpwssd_epi32(s, _mm512_maddubs_epi16(hi[p], yhi), shi[p]);
                 }
+            }
+            if (per64) acc16 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum16_epi32(z)), d16, acc16);
+        }
+        /* the minimum terms: prod[k] = mn[2k] s[2k] + mn[2k+1] s[2k+1], s the activation sums per 32 */
+        __m256i mp[4][2]; /* [c][p]: [a prod 0..3 | b prod 0..3] */
+        for (int p = 0; p < 2; p++) {
+            const __m256i mn16 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi64(_mm_loadu_si128((const __m128i *)sm[p][0]),
+                                                                         _mm_loadu_si128((const __m128i *)sm[p][1])));
+            for (int c = 0; c < C; c++) {
+                const act_q8_K *yb = (const act_q8_K *)(y + c * yrow) + i;
+                const __m128i s8 = _mm_hadd_epi16(_mm_loadu_si128((const __m128i *)yb->bsums),
+                                                  _mm_loadu_si128((const __m128i *)(yb->bsums + 8)));
+                mp[c][p] = _mm256_madd_epi16(mn16, _mm256_broadcastsi128_si256(s8));
             }
         }
         if (C < 4) { /* the gemv for 1 or 2 activation rows: 4 weight rows side by side */
@@ -404,15 +415,11 @@ INLINE_AVX512 void tile_q4_K_repacked_avx512(const int per64, const int C, const
             }
             continue;
         }
-        /* 16 outputs side by side in the lane order of sum16_epi32 */
-        const __m512 dyv = _mm512_permutexvar_ps(cidx, _mm512_castps128_ps512(_mm_loadu_ps(dy)));
-        const __m512 d16 = _mm512_mul_ps(_mm512_permutexvar_ps(ridx, _mm512_castps128_ps512(dw4)), dyv);
         const __m512 dm16 = _mm512_mul_ps(_mm512_permutexvar_ps(ridx, _mm512_castps128_ps512(dmin4)), dyv);
         if (per64) {
             __m512i wm[4]; /* [c]: 128-bit lane r = row r's prods 0..3 */
             for (int c = 0; c < 4; c++) wm[c] = _mm512_inserti64x4(_mm512_castsi256_si512(mp[c][0]), mp[c][1], 1);
             for (int k = 0; k < 4; k++) {
-                acc16 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum16_epi32(zj[k])), d16, acc16);
                 const __m512i kk = _mm512_add_epi32(kidx0, _mm512_set1_epi32(k));
                 const __m512i mk = _mm512_mask_blend_epi32(hi_c, _mm512_permutex2var_epi32(wm[0], kk, wm[1]),
                                                            _mm512_permutex2var_epi32(wm[2], kk, wm[3]));
