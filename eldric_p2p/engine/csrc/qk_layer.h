@@ -51,7 +51,7 @@ typedef struct {
     float *x, *q, *k, *v, *attn, *o, *gate, *up;
     void *xq;
     int64_t *sizes, *pos, *first; /* [n_seg], [max T], [n_seg + 1] */
-    range_t *ranges;               /* [2 n_seg] */
+    range_t *ranges;               /* [MAX_JOBS][2 n_seg] */
     attn_args *args;               /* [n_seg] */
 } layer_scratch;
 
@@ -85,7 +85,7 @@ static int scratch_alloc(layer_scratch *s, const layer_t *L, int64_t N, int64_t 
     s->xq = malloc(layer_xrow(L) * (size_t)N + 64);
     s->sizes = malloc(sizeof(int64_t) * (size_t)n_seg);
     s->pos = malloc(sizeof(int64_t) * (size_t)max_T);
-    s->ranges = malloc(sizeof(range_t) * (size_t)(2 * n_seg));
+    s->ranges = malloc(sizeof(range_t) * (size_t)(2 * MAX_JOBS * n_seg));
     s->first = malloc(sizeof(int64_t) * (size_t)(n_seg + 1));
     s->args = malloc(sizeof(attn_args) * (size_t)n_seg);
     if (!s->x || !s->xq || !s->sizes || !s->pos || !s->ranges || !s->first || !s->args) {
@@ -102,22 +102,40 @@ static int scratch_alloc(layer_scratch *s, const layer_t *L, int64_t N, int64_t 
     return 0;
 }
 
-/* out [N, l.out] = x [N, l.in] @ W.T (+ bias). `xq_kind` tracks what s->xq holds: the quantized rows of x for an
- * activation kind (-1: nothing), so matmuls of one input and one kind quantize once. */
-static void lin_apply(const lin_t *l, const float *x, int64_t N, float *out, layer_scratch *s, int64_t n_seg,
-                      const float **xq_src, int *xq_kind, int n_threads) {
-    if (*xq_src != x || *xq_kind != l->wt.ti->act) {
-        qk_quantize(&l->wt, x, N, s->xq, n_threads);
+static void add_bias(const lin_t *l, int64_t N, float *out) {
+    if (l->bias == NULL) return;
+    for (int64_t t = 0; t < N; t++) {
+        for (int64_t i = 0; i < l->wt.out; i++) out[t * l->wt.out + i] = out[t * l->wt.out + i] + l->bias[i];
+    }
+}
+
+/* outs[k] [N, ls[k].out] = x [N, in] @ W_k.T (+ bias) for n (<= MAX_JOBS) matmuls of the same input: one
+ * activation quantization when they share its kind, one pool job for all. s->xq (and xq_src, xq_kind: what it
+ * holds) is the quantized x; matmuls of other kinds run one by one. */
+static void lin_apply(const lin_t *const *ls, float *const *outs, int n, const float *x, int64_t N, layer_scratch *s,
+                      int64_t n_seg, const float **xq_src, int *xq_kind, int n_threads) {
+    int shared = 1;
+    for (int k = 1; k < n; k++) shared = shared && ls[k]->wt.ti->act == ls[0]->wt.ti->act;
+    if (!shared) {
+        for (int k = 0; k < n; k++) lin_apply(&ls[k], &outs[k], 1, x, N, s, n_seg, xq_src, xq_kind, n_threads);
+        return;
+    }
+    if (*xq_src != x || *xq_kind != ls[0]->wt.ti->act) {
+        qk_quantize(&ls[0]->wt, x, N, s->xq, n_threads);
         *xq_src = x;
-        *xq_kind = l->wt.ti->act;
+        *xq_kind = ls[0]->wt.ti->act;
     }
-    const int n_ranges = qk_ranges(&l->wt, s->sizes, n_seg, s->ranges);
-    qk_compute(&l->wt, l->w, s->ranges, n_ranges, s->xq, out, N, n_threads);
-    if (l->bias != NULL) {
-        for (int64_t t = 0; t < N; t++) {
-            for (int64_t i = 0; i < l->wt.out; i++) out[t * l->wt.out + i] = out[t * l->wt.out + i] + l->bias[i];
-        }
+    mm_multi m;
+    m.n = n;
+    m.first[0] = 0;
+    for (int k = 0; k < n; k++) {
+        range_t *ranges = s->ranges + (size_t)k * 2 * (size_t)n_seg;
+        const int n_ranges = qk_ranges(&ls[k]->wt, s->sizes, n_seg, ranges);
+        m.first[k + 1] = m.first[k] + qk_job(&m.jobs[k], &ls[k]->wt, ls[k]->w, ranges, n_ranges, s->xq, outs[k], N,
+                                             n_threads);
     }
+    qk_compute_multi(&m, n_threads);
+    for (int k = 0; k < n; k++) add_bias(ls[k], N, outs[k]);
 }
 
 /* ---- attention over all the segments as one pool job: unit u of segment g is (row, head) of that segment */
@@ -186,9 +204,9 @@ static int layer_forward(const layer_t *L, int64_t li, float *h, int64_t N, cons
     for (int64_t g = 0; g < n_seg; g++) s->sizes[g] = segs[g].T;
 
     ops_rms_norm(h, L->attn_norm, s->x, N, hid, L->eps);
-    lin_apply(&L->wq, s->x, N, s->q, s, n_seg, &xq_src, &xq_kind, n_threads); /* [N, nh, hd] */
-    lin_apply(&L->wk, s->x, N, s->k, s, n_seg, &xq_src, &xq_kind, n_threads); /* [N, nkv, hd] */
-    lin_apply(&L->wv, s->x, N, s->v, s, n_seg, &xq_src, &xq_kind, n_threads); /* [N, nkv, hd] */
+    const lin_t *qkv[] = {&L->wq, &L->wk, &L->wv};
+    float *qkv_out[] = {s->q, s->k, s->v}; /* [N, nh, hd], [N, nkv, hd], [N, nkv, hd] */
+    lin_apply(qkv, qkv_out, 3, s->x, N, s, n_seg, &xq_src, &xq_kind, n_threads);
     if (L->q_norm != NULL) {
         ops_rms_norm(s->q, L->q_norm, s->q, N * nh, hd, L->eps);
         ops_rms_norm(s->k, L->k_norm, s->k, N * nkv, hd, L->eps);
@@ -233,16 +251,19 @@ static int layer_forward(const layer_t *L, int64_t li, float *h, int64_t N, cons
     pool_run(attn_chunk, &aj, n_chunks, cost > 2e5 ? n_threads : 1);
     if (atomic_load(&aj.failed)) return -1;
 
-    lin_apply(&L->wo, s->attn, N, s->o, s, n_seg, &xq_src, &xq_kind, n_threads); /* [N, hidden] */
+    const lin_t *wo[] = {&L->wo};
+    lin_apply(wo, &s->o, 1, s->attn, N, s, n_seg, &xq_src, &xq_kind, n_threads); /* [N, hidden] */
     if (L->post_attn_norm != NULL) ops_rms_norm(s->o, L->post_attn_norm, s->o, N, hid, L->eps);
     for (int64_t i = 0; i < N * hid; i++) h[i] = h[i] + s->o[i];
 
     ops_rms_norm(h, L->ffn_norm, s->x, N, hid, L->eps);
-    lin_apply(&L->gate, s->x, N, s->gate, s, n_seg, &xq_src, &xq_kind, n_threads); /* [N, ffn] */
-    lin_apply(&L->up, s->x, N, s->up, s, n_seg, &xq_src, &xq_kind, n_threads);     /* [N, ffn] */
+    const lin_t *gate_up[] = {&L->gate, &L->up};
+    float *gate_up_out[] = {s->gate, s->up}; /* [N, ffn] each */
+    lin_apply(gate_up, gate_up_out, 2, s->x, N, s, n_seg, &xq_src, &xq_kind, n_threads);
     const act_job actj = {L->gelu ? ops_geglu : ops_swiglu, s->gate, s->up, N * L->ffn};
     pool_run(act_chunk, &actj, (actj.n + ACT_CHUNK - 1) / ACT_CHUNK, n_threads);
-    lin_apply(&L->down, s->gate, N, s->o, s, n_seg, &xq_src, &xq_kind, n_threads); /* [N, hidden] */
+    const lin_t *down[] = {&L->down};
+    lin_apply(down, &s->o, 1, s->gate, N, s, n_seg, &xq_src, &xq_kind, n_threads); /* [N, hidden] */
     if (L->post_ffn_norm != NULL) ops_rms_norm(s->o, L->post_ffn_norm, s->o, N, hid, L->eps);
     for (int64_t i = 0; i < N * hid; i++) h[i] = h[i] + s->o[i];
     return 0;

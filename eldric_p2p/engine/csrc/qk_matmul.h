@@ -324,24 +324,46 @@ static void run_chunk(const void *ctx, int64_t c) {
     }
 }
 
-/* out [T, nout] = the quantized rows xq [T] times weight w, ranges from qk_ranges, on n_threads threads. */
-static void qk_compute(const qk_weight *wt, const uint8_t *w, const range_t *ranges, int n_ranges, const void *xq,
-                       float *out, int64_t T, int n_threads) {
-    mm_job j = {ranges, n_ranges, w, xq, out, wt->nb, wt->out, wt->out, wt->wrow, wt->xrow};
-    if (n_threads < 1) n_threads = 1;
-    if (n_threads > MAX_WORKERS + 1) n_threads = MAX_WORKERS + 1;
+/* A product as a job for the pool: its chunks of weight rows. Returns how many chunks. */
+static int64_t qk_job(mm_job *j, const qk_weight *wt, const uint8_t *w, const range_t *ranges, int n_ranges,
+                      const void *xq, float *out, int64_t T, int n_threads) {
+    *j = (mm_job){ranges, n_ranges, w, xq, out, wt->nb, wt->out, wt->out, wt->wrow, wt->xrow};
+    if (n_threads <= 1) return 1;
     /* about 8 chunks per thread, each worth at least ~16 KB of weights, in whole groups of 4 rows (the widest
      * tile's) */
     int64_t chunk = wt->out / (8 * (int64_t)n_threads);
     const int64_t min_rows = (int64_t)(16384 / (wt->wrow * (size_t)T) + 1);
     if (chunk < min_rows) chunk = min_rows;
     chunk = (chunk + 3) / 4 * 4;
-    if (n_threads == 1 || chunk >= wt->out) {
-        run_chunk(&j, 0);
-        return;
-    }
-    j.chunk = chunk;
-    pool_run(run_chunk, &j, (wt->out + chunk - 1) / chunk, n_threads);
+    if (chunk >= wt->out) return 1;
+    j->chunk = chunk;
+    return (wt->out + chunk - 1) / chunk;
 }
+
+/* out [T, nout] = the quantized rows xq [T] times weight w, ranges from qk_ranges, on n_threads threads. */
+static void qk_compute(const qk_weight *wt, const uint8_t *w, const range_t *ranges, int n_ranges, const void *xq,
+                       float *out, int64_t T, int n_threads) {
+    mm_job j;
+    const int64_t n_chunks = qk_job(&j, wt, w, ranges, n_ranges, xq, out, T, n_threads);
+    pool_run(run_chunk, &j, n_chunks, n_threads);
+}
+
+/* Several products as one pool job (the matmuls of one input, e.g. q, k and v): one wake-up of the workers,
+ * and the weights of all of them stream one after another. Each output is computed as its own product's. */
+#define MAX_JOBS 3
+typedef struct {
+    mm_job jobs[MAX_JOBS];
+    int64_t first[MAX_JOBS + 1]; /* first chunk of each job */
+    int n;
+} mm_multi;
+
+static void run_multi_chunk(const void *ctx, int64_t c) {
+    const mm_multi *m = ctx;
+    int k = 0;
+    while (c >= m->first[k + 1]) k++;
+    run_chunk(&m->jobs[k], c - m->first[k]);
+}
+
+static void qk_compute_multi(mm_multi *m, int n_threads) { pool_run(run_multi_chunk, m, m->first[m->n], n_threads); }
 
 #endif /* ELDRIC_QK_MATMUL_H */
