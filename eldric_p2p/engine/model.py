@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from eldric_p2p.data.gguf_index import GGUFIndex
+from eldric_p2p.engine import fused
 from eldric_p2p.engine.config import ModelConfig
 from eldric_p2p.engine.cuda_graph import DecodeGraph, attend_static, graphs_enabled
 from eldric_p2p.engine.dequant import dequantize
@@ -37,11 +37,6 @@ try:  # rope, attention and SwiGLU with ggml's exact arithmetic (optional C exte
     from eldric_p2p.engine import _ggmlops
 except ImportError:  # pragma: no cover - built by setup.py where a C compiler exists
     _ggmlops = None  # type: ignore[assignment]
-
-try:  # the whole layer in one C call: the kernels and the same ops without the torch glue
-    from eldric_p2p.engine import _qkernels
-except ImportError:  # pragma: no cover - built by setup.py where a C compiler exists
-    _qkernels = None  # type: ignore[assignment]
 
 
 @dataclass
@@ -170,23 +165,11 @@ class Stage:
         for linear in self._linears():
             linear.threads = self.threads
         self.sessions: dict[str, KVCache] = {}
-        # Native weights with the exact ops: all the layers run in one C call (_qkernels.layers), the
-        # arithmetic of _layer without its ~20 torch and Python calls per layer. `fused = False` (or
-        # ELDRIC_FUSED=0 in the environment) runs _layer.
-        self._plans = self._layer_plans()
-        self.fused = self._plans is not None and os.environ.get("ELDRIC_FUSED", "1") != "0"
+        # native weights with the exact ops: all the layers in one C call (engine/fused.py)
+        self._plans = fused.layer_plans(cfg, self.layers) if self.exact_ops and self.fmt == "native" else None
+        self.fused = self._plans is not None and fused.enabled()
         # one-token decode steps replayed as CUDA graphs, per session (engine/cuda_graph.py)
         self.graphs: dict[str, DecodeGraph] | None = {} if graphs_enabled(self.device, self.fmt) else None
-
-    def _layer_plans(self) -> tuple[object, ...] | None:
-        """One `_qkernels.layer_plan` per layer, or None where the layers cannot run fused (dense weights, a
-        weight type without a kernel, no exact ops)."""
-        if _qkernels is None or not self.exact_ops or self.fmt != "native":
-            return None
-        specs = [_layer_spec(self.cfg, layer) for layer in self.layers]
-        if any(spec is None for spec in specs):
-            return None
-        return tuple(_qkernels.layer_plan(spec) for spec in specs)
 
     def _linears(self) -> list[Linear]:
         out = [
@@ -301,11 +284,7 @@ class Stage:
             rows.append(h)
         h = torch.cat(rows) if len(rows) > 1 else rows[0]  # [sum T, hidden]
         if self.fused and self._plans is not None:
-            if h is steps[0][1]:  # a hidden-state input: the layers write into h
-                h = h.clone(memory_format=torch.contiguous_format)
-            caches = tuple((seg.cache.k.numpy(), seg.cache.v.numpy(), seg.cache.max_ctx, seg.pos0, seg.T)
-                           for seg in segments)  # fmt: skip
-            _qkernels.layers(self._plans, h.numpy(), caches, self.threads)
+            h = fused.run_layers(self._plans, h, segments, self.threads, h_is_input=h is steps[0][1])
         else:
             for li, layer in enumerate(self.layers):
                 if not self.exact_ops:
@@ -478,31 +457,6 @@ class Stage:
             window = causal | (qpos - kpos >= self.cfg.sliding_window)
             out[True] = window if bool(window.any()) else None
         return out
-
-
-def _layer_spec(cfg: ModelConfig, layer: Layer) -> dict[str, object] | None:
-    """What `_qkernels.layer_plan` takes for one layer (its buffers are views, not copies); None when a matrix
-    has no native kernel."""
-    mats = {"wq": layer.wq, "wk": layer.wk, "wv": layer.wv, "wo": layer.wo, "gate": layer.w_gate,
-            "up": layer.w_up, "down": layer.w_down}  # fmt: skip
-    spec: dict[str, object] = {}
-    for name, m in mats.items():
-        if m.q is None:
-            return None
-        spec[name] = (m.q.data.numpy(), int(m.q.ggml_type), -1 if m.q.repacked is None else int(m.q.repacked))
-    vecs = {"bq": layer.wq.bias, "bk": layer.wk.bias, "bv": layer.wv.bias, "attn_norm": layer.attn_norm,
-            "ffn_norm": layer.ffn_norm, "q_norm": layer.q_norm, "k_norm": layer.k_norm,
-            "post_attn_norm": layer.post_attn_norm, "post_ffn_norm": layer.post_ffn_norm}  # fmt: skip
-    for name, vec in vecs.items():
-        spec[name] = None if vec is None else vec.float().contiguous().numpy()
-    spec.update(
-        hidden=cfg.hidden, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, ffn=cfg.ffn,
-        rope_dims=cfg.rope_dim, neox=int(cfg.rope_neox), gelu=int(cfg.act == "gelu_tanh"),
-        rope_base=layer.rope_base, freq_scale=1.0 / cfg.rope_scale, eps=cfg.norm_eps, q_scale=cfg.attn_scale,
-        score_scale=1.0 if cfg.attn_scale else 1.0 / math.sqrt(cfg.head_dim),
-        window=(cfg.sliding_window or 0) if layer.sliding else 0,
-    )  # fmt: skip
-    return spec
 
 
 def kv_bytes_per_token(cfg: ModelConfig, n_layers: int, kv_dtype_bytes: int = 2) -> int:
