@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_helpers import simd_set
 
 from eldric_p2p.data.gguf_index import GGUFFile
 from eldric_p2p.engine.model import Stage
@@ -58,7 +59,15 @@ def run(stage: Stage, fused: bool, prompts: list[list[int]], steps: int) -> list
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 @pytest.mark.parametrize("types", list(TYPES))
-def test_fused_layers_equal_the_torch_glue(tmp_path: Path, arch: str, types: str) -> None:
+@pytest.mark.parametrize("level", ["avx2", "avx512"])
+def test_fused_layers_equal_the_torch_glue(tmp_path: Path, arch: str, types: str, level: str) -> None:
+    from eldric_p2p.engine import _qkernels
+
+    with simd_set(_qkernels, level, f"this CPU cannot run the {level} kernels"):
+        fused_equals_glue(tmp_path, arch, types)
+
+
+def fused_equals_glue(tmp_path: Path, arch: str, types: str) -> None:
     path = write_synthetic_gguf(tmp_path / "m.gguf", arch=arch, n_layers=3, hidden=256, ffn=512, n_heads=4,
                                 n_kv_heads=2, vocab=400, tensor_types=TYPES[types], seed=5)  # fmt: skip
     src = GGUFFile(path)
