@@ -45,11 +45,13 @@ static PyObject *py_rope(PyObject *self, PyObject *args) {
         PyBuffer_Release(&bpos);
         return NULL;
     }
+    int rc;
     Py_BEGIN_ALLOW_THREADS
-    ops_rope(bx.buf, bpos.buf, T, nh, hd, n_dims, base, freq_scale, neox);
+    rc = ops_rope(bx.buf, bpos.buf, T, nh, hd, n_dims, base, freq_scale, neox);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&bx);
     PyBuffer_Release(&bpos);
+    if (rc < 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 

@@ -39,6 +39,8 @@
 #define OPS_X86 0
 #endif
 
+static int ops_use_fma = 0, ops_have_avx2 = 0; /* set by ops_set_simd */
+
 /* ---- fp16 -------------------------------------------------------------------------------------------------- */
 
 static inline float h2f(uint16_t h) {
@@ -126,22 +128,28 @@ static inline float reduce4x8(float acc[4][8]) {
     return (t[0] + t[1]) + (t[2] + t[3]);
 }
 
+/* RoPE's table for positions pos[T]: cs[t * n_dims + i] = cos(theta_i), cs[t * n_dims + i + 1] = sin(theta_i),
+ * theta_i = freq_scale * p * theta_scale^(i/2) built by repeated float products as ggml builds it. The same for
+ * every head of q and k at these positions, and for every layer with this base. */
+static void rope_table(const int64_t *pos, int64_t T, int n_dims, float base, float freq_scale, float *cs) {
+    const float theta_scale = powf(base, -2.0f / (float)n_dims);
+    for (int64_t t = 0; t < T; t++, cs += n_dims) {
+        float theta = (float)pos[t];
+        for (int i = 0; i < n_dims; i += 2) {
+            const float th = freq_scale * theta;
+            cs[i] = cosf(th);
+            cs[i + 1] = sinf(th);
+            theta *= theta_scale;
+        }
+    }
+}
+
 #define DEFINE_ROUTINES(SUFFIX, ATTR)                                                                            \
     DEFINE_EXPF(expf_ggml_##SUFFIX, ATTR)                                                                        \
                                                                                                                  \
-    ATTR static void rope_##SUFFIX(float *x, const int64_t *pos, int64_t T, int nh, int hd, int n_dims,          \
-                                   float base, float freq_scale, int neox) {                                     \
-        const float theta_scale = powf(base, -2.0f / (float)n_dims);                                             \
-        float *cs = malloc(sizeof(float) * (size_t)n_dims);                                                      \
-        if (!cs) return;                                                                                         \
-        for (int64_t t = 0; t < T; t++) {                                                                        \
-            float theta = (float)pos[t];                                                                         \
-            for (int i = 0; i < n_dims; i += 2) {                                                                \
-                const float th = freq_scale * theta;                                                             \
-                cs[i] = cosf(th);                                                                                \
-                cs[i + 1] = sinf(th);                                                                            \
-                theta *= theta_scale;                                                                            \
-            }                                                                                                    \
+    /* x [T, nh, hd] rotated with the table cs [T, n_dims] of rope_table. */                                    \
+    ATTR static void rope_##SUFFIX(float *x, const float *cs, int64_t T, int nh, int hd, int n_dims, int neox) {  \
+        for (int64_t t = 0; t < T; t++, cs += n_dims) {                                                          \
             for (int h = 0; h < nh; h++) {                                                                       \
                 float *v = x + ((size_t)t * nh + h) * hd;                                                        \
                 const int off = neox ? n_dims / 2 : 1;                                                           \
@@ -153,7 +161,6 @@ static inline float reduce4x8(float acc[4][8]) {
                 }                                                                                                \
             }                                                                                                    \
         }                                                                                                        \
-        free(cs);                                                                                                \
     }                                                                                                            \
                                                                                                                  \
     /* Softmax of one row of scores w (hidden keys set to -inf here) into p, rounded to f16 for V^T . p. */     \
@@ -222,8 +229,10 @@ static void reduce_lanes(float *const *L, int nl, int hd, float *out) {
  *   q    float32 [T, nh, hd]           k, v  f16 bits [nkv, ctx, hd]     out  float32 [T, nh * hd]
  *   window 0 = global, else keys with qpos - kpos >= window are hidden; one_acc: the one-accumulator summation
  *   order (llama.cpp's batched path) instead of ggml_vec_dot_f16's four accumulators (its one-row path).
- * The work is cut into units, one per (query row, head), u = t * nh + h, each computed on its own (so threads
- * may share them out); a unit needs ops_attn_work_floats() floats of scratch. */
+ * The work is cut into units, each computed on its own (so threads may share them out): one per (query row,
+ * head), u = t * nh + h, or with the AVX2 code for several query rows one per (query row, KV head), u = t * nkv
+ * + kvh, the heads that share a KV head side by side (ops_attn_units says how many); a unit needs
+ * ops_attn_work_floats() floats of scratch. */
 typedef struct {
     const float *q;
     const uint16_t *k, *v;
@@ -233,11 +242,16 @@ typedef struct {
     float scale;
 } attn_args;
 
-static inline int64_t ops_attn_units(const attn_args *a) { return a->T * a->nh; }
+/* Whether the units are (query row, KV head): the AVX2 code for several query rows (tinyBLAS's order). */
+static inline int ops_attn_grouped(const attn_args *a) { return OPS_X86 && ops_have_avx2 && a->one_acc; }
+
+static inline int64_t ops_attn_units(const attn_args *a) {
+    return a->T * (ops_attn_grouped(a) ? a->nkv : a->nh);
+}
 
 static inline size_t ops_attn_work_floats(const attn_args *a) {
-    const int64_t Sp = (a->pos0 + a->T + 31) / 32 * 32;
-    return (size_t)(2 * Sp + 34 * (int64_t)a->hd);
+    const int64_t Sp = (a->pos0 + a->T + 31) / 32 * 32, group = a->nh / a->nkv;
+    return (size_t)(group * (2 * Sp + a->hd) + 34 * (int64_t)a->hd);
 }
 
 /* ggml computes V^T . p: output element d is a dot product over key positions s, whose 8 (or 4x8) float lanes
@@ -396,6 +410,63 @@ OPS_TARGET_AVX2 static void attend_avx2(const attn_args *a, int64_t t, int h, fl
         _mm256_storeu_ps(o + d, res);
     }
 }
+
+/* attend_avx2's one-accumulator order (several query rows) for query row t and every head of KV head kvh: each K
+ * row is widened once for all the heads, each head keeping its own 8-lane accumulator; V^T . p per 8 outputs with
+ * the 8 lane sums in registers, keys in order within each lane. Keys with p = 0 are added here (fma(0, v, lane)),
+ * which leaves a lane as it is for every finite v, as skipping them does. */
+OPS_TARGET_AVX2 static void attend_group_avx2(const attn_args *a, int64_t t, int kvh, float *work) {
+    const int hd = a->hd, group = a->nh / a->nkv;
+    const int64_t S = a->pos0 + a->T, Sp = (S + 31) / 32 * 32, qpos = a->pos0 + t, window = a->window;
+    const int64_t first = window > 0 && qpos - window + 1 > 0 ? qpos - window + 1 : 0;
+    const uint16_t *kh = a->k + (size_t)kvh * a->ctx * hd, *vh = a->v + (size_t)kvh * a->ctx * hd;
+    float *qv = work, *w = qv + (size_t)group * hd, *p = w + (size_t)group * Sp; /* [group][hd], [group][Sp] x 2 */
+    for (int j = 0; j < group; j++) {
+        const float *qr = a->q + ((size_t)t * a->nh + (size_t)kvh * group + j) * hd;
+        for (int d = 0; d < hd; d += 8) _mm256_storeu_ps(qv + j * hd + d, round_f16_avx2(_mm256_loadu_ps(qr + d)));
+        memset(w + (size_t)j * Sp, 0, sizeof(float) * (size_t)Sp);
+    }
+    for (int64_t s = first; s <= qpos; s++) {
+        const uint16_t *kr = kh + (size_t)s * hd;
+        for (int j0 = 0; j0 < group; j0 += 8) {
+            const int n = group - j0 < 8 ? group - j0 : 8;
+            __m256 acc[8];
+            for (int j = 0; j < n; j++) acc[j] = _mm256_setzero_ps();
+            for (int d = 0; d < hd; d += 8) {
+                const __m256 kf = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kr + d)));
+                for (int j = 0; j < n; j++) {
+                    acc[j] = _mm256_fmadd_ps(kf, _mm256_loadu_ps(qv + (j0 + j) * hd + d), acc[j]);
+                }
+            }
+            for (int j = 0; j < n; j++) w[(size_t)(j0 + j) * Sp + s] = hsum8_avx2(acc[j]) * a->scale;
+        }
+    }
+    const int64_t s0 = first & ~(int64_t)7, full = s0 + (qpos + 1 - s0) / 8 * 8; /* whole blocks of 8 keys */
+    for (int j = 0; j < group; j++) {
+        float *wj = w + (size_t)j * Sp, *pj = p + (size_t)j * Sp;
+        probs_avx2(wj, pj, Sp, S, qpos, window);
+        float *o = a->out + ((size_t)t * a->nh + (size_t)kvh * group + j) * hd;
+        for (int d = 0; d < hd; d += 8) {
+            __m256 L[8];
+            for (int l = 0; l < 8; l++) L[l] = _mm256_setzero_ps();
+            int64_t s = s0;
+            for (; s < full; s += 8) {
+                for (int l = 0; l < 8; l++) {
+                    const __m256 vv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vh + (size_t)(s + l) * hd + d)));
+                    L[l] = _mm256_fmadd_ps(_mm256_set1_ps(pj[s + l]), vv, L[l]);
+                }
+            }
+            for (int l = 0; s + l <= qpos; l++) {
+                const __m256 vv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vh + (size_t)(s + l) * hd + d)));
+                L[l] = _mm256_fmadd_ps(_mm256_set1_ps(pj[s + l]), vv, L[l]);
+            }
+            /* hsum_float_8 lane by lane: (l4 + l0), ...; then (r0 + r2) + (r1 + r3) */
+            const __m256 r0 = _mm256_add_ps(L[4], L[0]), r1 = _mm256_add_ps(L[5], L[1]);
+            const __m256 r2 = _mm256_add_ps(L[6], L[2]), r3 = _mm256_add_ps(L[7], L[3]);
+            _mm256_storeu_ps(o + d, _mm256_add_ps(_mm256_add_ps(r0, r2), _mm256_add_ps(r1, r3)));
+        }
+    }
+}
 #endif
 
 /* ---- GELU table --------------------------------------------------------------------------------------------- */
@@ -461,6 +532,15 @@ OPS_TARGET_AVX2 static void swiglu_avx2(const float *g, const float *u, float *y
     }
     swiglu_fma(g + nb, u + nb, y + nb, n - nb);
 }
+
+/* The whole 8s of n floats to f16 bits (vcvtps2ph, ties to even); returns how many. */
+OPS_TARGET_AVX2 static int64_t to_f16_avx2(const float *x, uint16_t *y, int64_t n) {
+    const int64_t nb = n - n % 8;
+    for (int64_t i = 0; i < nb; i += 8) {
+        _mm_storeu_si128((__m128i *)(y + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    }
+    return nb;
+}
 #endif
 
 static void ops_rms_norm(const float *x, const float *w, float *y, int64_t rows, int64_t n, float eps) {
@@ -474,8 +554,6 @@ static void ops_rms_norm(const float *x, const float *w, float *y, int64_t rows,
 }
 
 /* ---- dispatch: the FMA/AVX2 versions where the CPU has them, else the portable ones ---------------------- */
-
-static int ops_use_fma = 0, ops_have_avx2 = 0;
 
 /* Use the FMA/AVX2 versions where the CPU has them (on = 1, the default) or the portable ones (0, for tests:
  * both must give the same bits). Returns whether the vector versions are now in use. */
@@ -496,22 +574,45 @@ static void ops_init(void) {
     build_gelu_table();
 }
 
-/* x float32 [T, nh, hd], rotated in place at positions pos[T]. */
-static void ops_rope(float *x, const int64_t *pos, int64_t T, int nh, int hd, int n_dims, float base,
-                     float freq_scale, int neox) {
+/* x float32 [T, nh, hd] rotated in place with a rope_table. */
+static void ops_rope_rotate(float *x, const float *cs, int64_t T, int nh, int hd, int n_dims, int neox) {
 #if OPS_X86
     if (ops_use_fma) {
-        rope_fma(x, pos, T, nh, hd, n_dims, base, freq_scale, neox);
+        rope_fma(x, cs, T, nh, hd, n_dims, neox);
         return;
     }
 #endif
-    rope_generic(x, pos, T, nh, hd, n_dims, base, freq_scale, neox);
+    rope_generic(x, cs, T, nh, hd, n_dims, neox);
+}
+
+/* x float32 [T, nh, hd], rotated in place at positions pos[T]. Returns -1 when out of memory. */
+static inline int ops_rope(float *x, const int64_t *pos, int64_t T, int nh, int hd, int n_dims, float base,
+                           float freq_scale, int neox) {
+    float *cs = malloc(sizeof(float) * (size_t)(T * n_dims));
+    if (cs == NULL) return -1;
+    rope_table(pos, T, n_dims, base, freq_scale, cs);
+    ops_rope_rotate(x, cs, T, nh, hd, n_dims, neox);
+    free(cs);
+    return 0;
+}
+
+/* n floats to f16 bits, rounded to nearest even (F16C where there is AVX2: the same bits for every non-NaN). */
+static inline void ops_to_f16(const float *x, uint16_t *y, int64_t n) {
+    int64_t i = 0;
+#if OPS_X86
+    if (ops_have_avx2) i = to_f16_avx2(x, y, n);
+#endif
+    for (; i < n; i++) y[i] = f2h_bits(x[i]);
 }
 
 /* Attention units [u0, u1) of `a` (see attn_args); work: ops_attn_work_floats(a) floats. */
 static void ops_attention(const attn_args *a, int64_t u0, int64_t u1, float *work) {
     for (int64_t u = u0; u < u1; u++) {
 #if OPS_X86
+        if (ops_attn_grouped(a)) {
+            attend_group_avx2(a, u / a->nkv, (int)(u % a->nkv), work);
+            continue;
+        }
         if (ops_have_avx2 && a->hd % 32 == 0) {
             attend_avx2(a, u / a->nh, (int)(u % a->nh), work);
             continue;

@@ -80,7 +80,6 @@ INLINE_AVX512 __m512i q0_pair_values(const int type, const uint8_t *a, const uin
 INLINE_AVX512 void tile_q0_avx512(const int type, const int P, const int C, const uint8_t *w, size_t wrow,
                                   const uint8_t *y, size_t yrow, int64_t nb, float *out, size_t ostride) {
     const int bsize = type == T_Q4_0 ? 18 : type == T_Q5_0 ? 22 : 34, shift = q0_shift(type);
-    const __m512i ones = _mm512_set1_epi8(1), zero = _mm512_setzero_si512();
     __m512 acc[2][8];
     for (int p = 0; p < P; p++) {
         for (int c = 0; c < C; c++) acc[p][c] = _mm512_setzero_ps();
@@ -99,7 +98,8 @@ INLINE_AVX512 void tile_q0_avx512(const int type, const int P, const int C, cons
             const act_q8_0 *yb = (const act_q8_0 *)(y + c * yrow) + i;
             const __m512i yv = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)yb->qs));
             /* -2^k * (sum of each lane's four activations) */
-            const __m512i off = _mm512_sub_epi32(zero, _mm512_slli_epi32(_mm512_dpbusd_epi32(zero, ones, yv), shift));
+            const __m512i off =
+                _mm512_slli_epi32(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)yb->nsum4)), shift);
             const __m512 dy = _mm512_set1_ps(yb->d);
             for (int p = 0; p < P; p++) {
                 const __m512i lanes = _mm512_dpbusd_epi32(off, u[p], yv);

@@ -46,6 +46,14 @@ typedef struct {
     int64_t ctx, pos0, T;
 } seg_t;
 
+/* A rope_table for all N rows of a forward (each row at its segment's position), kept for the layers of the same
+ * base (Gemma 3's local and global bases alternate). */
+typedef struct {
+    float base, freq_scale; /* base NAN: empty */
+    int n_dims;
+    float *cs; /* [N, n_dims] */
+} rope_slot;
+
 /* Scratch for a forward of N rows through layers of the same shapes. */
 typedef struct {
     float *x, *q, *k, *v, *attn, *o, *gate, *up;
@@ -53,6 +61,8 @@ typedef struct {
     int64_t *sizes, *pos, *first; /* [n_seg], [max T], [n_seg + 1] */
     range_t *ranges;               /* [MAX_JOBS][2 n_seg] */
     attn_args *args;               /* [n_seg] */
+    rope_slot rope[2];
+    int rope_next; /* the slot to fill next */
 } layer_scratch;
 
 static size_t xq_bytes(const lin_t *l) { return l->wt.xrow; }
@@ -73,6 +83,8 @@ static void scratch_free(layer_scratch *s) {
     free(s->ranges);
     free(s->first);
     free(s->args);
+    free(s->rope[0].cs);
+    free(s->rope[1].cs);
     memset(s, 0, sizeof(*s));
 }
 
@@ -88,7 +100,11 @@ static int scratch_alloc(layer_scratch *s, const layer_t *L, int64_t N, int64_t 
     s->ranges = malloc(sizeof(range_t) * (size_t)(2 * MAX_JOBS * n_seg));
     s->first = malloc(sizeof(int64_t) * (size_t)(n_seg + 1));
     s->args = malloc(sizeof(attn_args) * (size_t)n_seg);
-    if (!s->x || !s->xq || !s->sizes || !s->pos || !s->ranges || !s->first || !s->args) {
+    for (int k = 0; k < 2; k++) {
+        s->rope[k] = (rope_slot){NAN, 0.0f, L->rope_dims, malloc(sizeof(float) * (size_t)(N * L->rope_dims))};
+    }
+    if (!s->x || !s->xq || !s->sizes || !s->pos || !s->ranges || !s->first || !s->args || !s->rope[0].cs ||
+        !s->rope[1].cs) {
         scratch_free(s);
         return -1;
     }
@@ -195,6 +211,24 @@ static void act_chunk(const void *ctx, int64_t c) {
     j->fn(j->gate + i0, j->up + i0, j->gate + i0, n);
 }
 
+/* The rope table of this layer's base for the forward's rows: the one a previous layer built, or a new one. */
+static const rope_slot *layer_rope(const layer_t *L, const seg_t *segs, int64_t n_seg, layer_scratch *s) {
+    for (int k = 0; k < 2; k++) {
+        const rope_slot *r = &s->rope[k];
+        if (r->base == L->rope_base && r->freq_scale == L->freq_scale && r->n_dims == L->rope_dims) return r;
+    }
+    rope_slot *r = &s->rope[s->rope_next];
+    s->rope_next ^= 1;
+    r->base = L->rope_base, r->freq_scale = L->freq_scale, r->n_dims = L->rope_dims;
+    float *cs = r->cs;
+    for (int64_t g = 0; g < n_seg; g++) {
+        for (int64_t t = 0; t < segs[g].T; t++) s->pos[t] = segs[g].pos0 + t;
+        rope_table(s->pos, segs[g].T, L->rope_dims, L->rope_base, L->freq_scale, cs);
+        cs += segs[g].T * L->rope_dims;
+    }
+    return r;
+}
+
 /* One layer (index li within the stage's caches) over h [N, hidden], in place. Returns -1 when out of memory. */
 static int layer_forward(const layer_t *L, int64_t li, float *h, int64_t N, const seg_t *segs, int64_t n_seg,
                          layer_scratch *s, int n_threads) {
@@ -212,16 +246,18 @@ static int layer_forward(const layer_t *L, int64_t li, float *h, int64_t N, cons
         ops_rms_norm(s->k, L->k_norm, s->k, N * nkv, hd, L->eps);
     }
 
-    /* rope, q scale and the cache writes of every segment, then their attention as one job */
+    /* rope (one table per base for all the layers), q scale and the cache writes of every segment, then their
+     * attention as one job */
+    const rope_slot *rope = layer_rope(L, segs, n_seg, s);
     attn_args *args = s->args;
     int64_t *first = s->first, row = 0;
     first[0] = 0;
     for (int64_t g = 0; g < n_seg; g++) {
         const seg_t *sg = &segs[g];
         float *q = s->q + row * qd, *k = s->k + row * kvd, *v = s->v + row * kvd;
-        for (int64_t t = 0; t < sg->T; t++) s->pos[t] = sg->pos0 + t;
-        ops_rope(q, s->pos, sg->T, (int)nh, (int)hd, L->rope_dims, L->rope_base, L->freq_scale, L->neox);
-        ops_rope(k, s->pos, sg->T, (int)nkv, (int)hd, L->rope_dims, L->rope_base, L->freq_scale, L->neox);
+        const float *cs = rope->cs + row * L->rope_dims;
+        ops_rope_rotate(q, cs, sg->T, (int)nh, (int)hd, L->rope_dims, L->neox);
+        ops_rope_rotate(k, cs, sg->T, (int)nkv, (int)hd, L->rope_dims, L->neox);
         if (L->q_scale != 0.0f) {
             for (int64_t i = 0; i < sg->T * qd; i++) q[i] = q[i] * L->q_scale;
         }
@@ -229,18 +265,14 @@ static int layer_forward(const layer_t *L, int64_t li, float *h, int64_t N, cons
         uint16_t *kc = sg->k + layer_off, *vc = sg->v + layer_off; /* [nkv, ctx, hd] */
         for (int64_t t = 0; t < sg->T; t++) {
             for (int64_t j = 0; j < nkv; j++) {
-                uint16_t *kd = kc + ((size_t)j * sg->ctx + sg->pos0 + t) * hd;
-                uint16_t *vd = vc + ((size_t)j * sg->ctx + sg->pos0 + t) * hd;
-                const float *ks = k + (t * nkv + j) * hd, *vs = v + (t * nkv + j) * hd;
-                for (int64_t d = 0; d < hd; d++) {
-                    kd[d] = f32_to_f16(ks[d]);
-                    vd[d] = f32_to_f16(vs[d]);
-                }
+                const size_t at = ((size_t)j * sg->ctx + sg->pos0 + t) * hd;
+                ops_to_f16(k + (t * nkv + j) * hd, kc + at, hd);
+                ops_to_f16(v + (t * nkv + j) * hd, vc + at, hd);
             }
         }
         args[g] = (attn_args){q, kc, vc, s->attn + row * qd, sg->T, sg->pos0, sg->ctx, L->window,
                               (int)nh, (int)nkv, (int)hd, sg->T > 1, L->score_scale};
-        first[g + 1] = first[g] + sg->T * nh;
+        first[g + 1] = first[g] + ops_attn_units(&args[g]);
         row += sg->T;
     }
     /* the (row, head) units cost about S * hd each: share them out when the whole is worth ~100 us */

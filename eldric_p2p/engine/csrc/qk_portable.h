@@ -87,7 +87,8 @@ static inline uint32_t rd_u32(const uint8_t *p) {
  * Quantized activation blocks. The fp16 scales are stored already widened to float (same values).
  */
 
-typedef struct { float d; int8_t qs[QK]; } act_q8_0;            /* d = fp16(amax / 127) */
+/* d = fp16(amax / 127); nsum4[l] = -(qs[4l] + .. + qs[4l+3]), what the AVX-512 kernels' unsigned weights need */
+typedef struct { float d; int8_t qs[QK]; int32_t nsum4[8]; } act_q8_0;
 typedef struct { float d; float s; int8_t qs[QK]; } act_q8_1;   /* s = fp16(d * sum(qs)) */
 typedef struct { float d; int8_t qs[QK_K]; int16_t bsums[QK_K / 16]; } act_q8_K;
 
@@ -116,6 +117,8 @@ static void quantize_q8_0(const float *x, act_q8_0 *y, int64_t nb) {
         const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
         y[i].d = f16_to_f32(f32_to_f16(amax / 127.0f));
         for (int j = 0; j < QK; j++) y[i].qs[j] = (int8_t)nearest_int(x[j] * id);
+        for (int l = 0; l < 8; l++) y[i].nsum4[l] = -(y[i].qs[4 * l] + y[i].qs[4 * l + 1] + y[i].qs[4 * l + 2] +
+                                                      y[i].qs[4 * l + 3]);
     }
 }
 
