@@ -165,14 +165,30 @@ static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
 
 /* set_simd(enabled) -> bool: use the FMA/AVX2 versions where the CPU has them (default), or the portable ones
  * (for tests: both must give the same bits). Returns whether the vector versions are now in use. */
+/* set_simd(level) -> str: True (default: the widest vector code this CPU has), False ("portable"), "avx2" or
+ * "avx512" (or the widest below it this CPU has); returns the name of the level now in use. */
 static PyObject *py_set_simd(PyObject *self, PyObject *arg) {
-    const int on = PyObject_IsTrue(arg);
-    if (on < 0) return NULL;
-    return PyBool_FromLong(ops_set_simd(on));
+    static const char *const names[] = {"portable", "avx2", "avx512"};
+    int level = -1;
+    if (PyUnicode_Check(arg)) {
+        for (int i = 0; i < 3; i++) {
+            if (PyUnicode_CompareWithASCIIString(arg, names[i]) == 0) level = i;
+        }
+        if (level < 0) {
+            PyErr_SetString(PyExc_ValueError, "set_simd: True, False, 'portable', 'avx2' or 'avx512'");
+            return NULL;
+        }
+    } else {
+        const int on = PyObject_IsTrue(arg);
+        if (on < 0) return NULL;
+        level = on ? 2 : 0;
+    }
+    return PyUnicode_FromString(names[ops_set_simd(level)]);
 }
 
 static PyMethodDef methods[] = {
-    {"set_simd", py_set_simd, METH_O, "Use the FMA/AVX2 versions (True, default where available) or portable C."},
+    {"set_simd", py_set_simd, METH_O,
+     "set_simd(level) -> str: the vector code up to True (the widest), 'avx512', 'avx2', or False (portable C)."},
     {"rms_norm", py_rms_norm, METH_VARARGS, "RMS norm times a weight, ggml's arithmetic."},
     {"geglu", py_geglu, METH_VARARGS, "gelu(g) * u through ggml's f16 GELU table."},
     {"rope", py_rope, METH_VARARGS, "Rotary embedding in place, ggml's arithmetic."},

@@ -426,7 +426,7 @@ static PyObject *py_set_simd(PyObject *self, PyObject *arg) {
         if (on < 0) return NULL;
         level = on ? SIMD_AVX512 : SIMD_PORTABLE;
     }
-    ops_set_simd(level > SIMD_PORTABLE);
+    ops_set_simd(level);
     return PyUnicode_FromString(SIMD_NAMES[qk_set_simd(level)]);
 }
 

@@ -34,10 +34,12 @@ def fx():
     return np.load(FIXTURE)
 
 
-@pytest.fixture(params=["simd", "portable"], autouse=True)
+@pytest.fixture(params=["avx512", "avx2", "portable"], autouse=True)
 def simd(request):
-    """Each test runs with the FMA/AVX2 code and with the portable code: both must give llama.cpp's bits."""
-    with simd_set(_ggmlops, request.param == "simd", "this CPU has no FMA"):
+    """Each test runs with the AVX-512, the FMA/AVX2 and the portable code (the ones this CPU has): all must
+    give llama.cpp's bits."""
+    level = request.param if request.param != "portable" else False
+    with simd_set(_ggmlops, level, f"this CPU cannot run the {request.param} code"):
         yield request.param
 
 
@@ -154,9 +156,9 @@ def test_bad_sizes_are_errors():
 def test_simd_and_portable_ops_are_bit_identical(simd):
     """The vector code computes each element with the portable code's operations: the same bits for inputs
     that reach every branch (the table's +-10 cut-offs, f16 subnormals, exponentials that overflow and
-    underflow), odd lengths and the attention's masks."""
-    if simd != "simd":
-        pytest.skip("compares the vector code with the portable code once")
+    underflow), odd lengths and the attention's masks, grouped heads, odd groups."""
+    if simd == "portable":
+        pytest.skip("compares each vector level with the portable code")
     rng = np.random.default_rng(3)
     edges = [-10.0, 10.0, 9.999, -9.999, 0.0, -0.0, 88.0, -88.0, 104.0, -104.0]
     g = np.concatenate([rng.standard_normal(997) * 4, rng.standard_normal(100) * 100, edges,
@@ -166,23 +168,25 @@ def test_simd_and_portable_ops_are_bit_identical(simd):
 
     def both(fn):  # type: ignore[no-untyped-def]
         outs = []
-        for on in (True, False):
-            _ggmlops.set_simd(on)
+        for level in (simd, False):
+            _ggmlops.set_simd(level)
             outs.append(fn())
-        _ggmlops.set_simd(True)
+        _ggmlops.set_simd(simd)
         return outs
 
     for name in ("swiglu", "geglu"):
         for n in (len(g), 13, 8, 3):
             a, b = both(lambda name=name, n=n: _run_gated(name, g[:n], u[:n]))
             assert a.view(np.uint32).tolist() == b.view(np.uint32).tolist(), f"{name} {n}"
-    nh, nkv, hd, ctx = 4, 2, 64, 80
-    for pos0, T, window in [(0, 9, 0), (30, 1, 0), (40, 13, 7), (0, 1, 0), (70, 3, 0)]:
+    for nh, nkv, hd, ctx, pos0, T, window in [
+        (4, 2, 64, 80, 0, 9, 0), (4, 2, 64, 80, 30, 1, 0), (4, 2, 64, 80, 40, 13, 7), (4, 2, 64, 80, 0, 1, 0),
+        (4, 2, 64, 80, 70, 3, 0), (7, 1, 32, 40, 5, 11, 0), (3, 3, 96, 40, 0, 17, 4),
+    ]:  # fmt: skip
         q = rng.standard_normal((T, nh, hd)).astype(np.float32) * 3
         k = (rng.standard_normal((nkv, ctx, hd)) * 2).astype(np.float16)
         v = rng.standard_normal((nkv, ctx, hd)).astype(np.float16)
 
-        def attend(q=q, k=k, v=v, T=T, pos0=pos0, window=window):  # type: ignore[no-untyped-def]
+        def attend(q=q, k=k, v=v, T=T, pos0=pos0, window=window, nh=nh, nkv=nkv, hd=hd, ctx=ctx):  # type: ignore[no-untyped-def]
             out = np.zeros((T, nh * hd), np.float32)
             kb, vb = k.view(np.uint16), v.view(np.uint16)
             _ggmlops.attention(q, kb, vb, out, nh, nkv, hd, pos0, ctx, 0.125, window, T > 1)

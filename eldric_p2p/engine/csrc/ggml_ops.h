@@ -34,12 +34,13 @@
 #define OPS_X86 1
 #define OPS_TARGET_FMA __attribute__((target("fma")))
 #define OPS_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define OPS_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")))
 #include <immintrin.h>
 #else
 #define OPS_X86 0
 #endif
 
-static int ops_use_fma = 0, ops_have_avx2 = 0; /* set by ops_set_simd */
+static int ops_use_fma = 0, ops_have_avx2 = 0, ops_have_avx512 = 0; /* set by ops_set_simd */
 
 /* ---- fp16 -------------------------------------------------------------------------------------------------- */
 
@@ -251,7 +252,7 @@ static inline int64_t ops_attn_units(const attn_args *a) {
 
 static inline size_t ops_attn_work_floats(const attn_args *a) {
     const int64_t Sp = (a->pos0 + a->T + 31) / 32 * 32, group = a->nh / a->nkv;
-    return (size_t)(group * (2 * Sp + a->hd) + 34 * (int64_t)a->hd);
+    return (size_t)(group * (2 * Sp + a->hd) + 35 * (int64_t)a->hd); /* + one head's q for an odd group */
 }
 
 /* ggml computes V^T . p: output element d is a dot product over key positions s, whose 8 (or 4x8) float lanes
@@ -467,6 +468,69 @@ OPS_TARGET_AVX2 static void attend_group_avx2(const attn_args *a, int64_t t, int
         }
     }
 }
+
+/* attend_group_avx2 with 512-bit registers: two heads' 8-lane score accumulators per register (the K row's 8
+ * values broadcast to both halves), and V^T . p 16 outputs at a time; every lane's sequence of operations is the
+ * AVX2 code's. Needs hd % 16 == 0. */
+OPS_TARGET_AVX512 static void attend_group_avx512(const attn_args *a, int64_t t, int kvh, float *work) {
+    const int hd = a->hd, group = a->nh / a->nkv, pairs = (group + 1) / 2;
+    const int64_t S = a->pos0 + a->T, Sp = (S + 31) / 32 * 32, qpos = a->pos0 + t, window = a->window;
+    const int64_t first = window > 0 && qpos - window + 1 > 0 ? qpos - window + 1 : 0;
+    const uint16_t *kh = a->k + (size_t)kvh * a->ctx * hd, *vh = a->v + (size_t)kvh * a->ctx * hd;
+    /* qp[pair][d / 8]: 8 values of head 2 pair, then 8 of head 2 pair + 1 (zeros past the last head) */
+    float *qp = work, *w = qp + (size_t)(2 * pairs) * hd, *p = w + (size_t)group * Sp;
+    for (int j = 0; j < 2 * pairs; j++) {
+        const float *qr = a->q + ((size_t)t * a->nh + (size_t)kvh * group + j) * hd;
+        for (int d = 0; d < hd; d += 8) {
+            float *dst = qp + ((size_t)(j / 2) * hd + d) * 2 + (j % 2) * 8;
+            _mm256_storeu_ps(dst, j < group ? round_f16_avx2(_mm256_loadu_ps(qr + d)) : _mm256_setzero_ps());
+        }
+        if (j < group) memset(w + (size_t)j * Sp, 0, sizeof(float) * (size_t)Sp);
+    }
+    for (int64_t s = first; s <= qpos; s++) {
+        const uint16_t *kr = kh + (size_t)s * hd;
+        for (int j0 = 0; j0 < pairs; j0 += 8) {
+            const int n = pairs - j0 < 8 ? pairs - j0 : 8;
+            __m512 acc[8];
+            for (int j = 0; j < n; j++) acc[j] = _mm512_setzero_ps();
+            for (int d = 0; d < hd; d += 8) {
+                const __m512 kf = _mm512_broadcast_f32x8(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kr + d))));
+                for (int j = 0; j < n; j++) {
+                    acc[j] = _mm512_fmadd_ps(kf, _mm512_loadu_ps(qp + ((size_t)(j0 + j) * hd + d) * 2), acc[j]);
+                }
+            }
+            for (int j = 0; j < n; j++) {
+                const int h0 = 2 * (j0 + j);
+                w[(size_t)h0 * Sp + s] = hsum8_avx2(_mm512_castps512_ps256(acc[j])) * a->scale;
+                if (h0 + 1 < group) w[(size_t)(h0 + 1) * Sp + s] = hsum8_avx2(_mm512_extractf32x8_ps(acc[j], 1)) * a->scale;
+            }
+        }
+    }
+    const int64_t s0 = first & ~(int64_t)7, full = s0 + (qpos + 1 - s0) / 8 * 8; /* whole blocks of 8 keys */
+    for (int j = 0; j < group; j++) {
+        float *wj = w + (size_t)j * Sp, *pj = p + (size_t)j * Sp;
+        probs_avx2(wj, pj, Sp, S, qpos, window);
+        float *o = a->out + ((size_t)t * a->nh + (size_t)kvh * group + j) * hd;
+        for (int d = 0; d < hd; d += 16) {
+            __m512 L[8];
+            for (int l = 0; l < 8; l++) L[l] = _mm512_setzero_ps();
+            int64_t s = s0;
+            for (; s < full; s += 8) {
+                for (int l = 0; l < 8; l++) {
+                    const __m512 vv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(vh + (size_t)(s + l) * hd + d)));
+                    L[l] = _mm512_fmadd_ps(_mm512_set1_ps(pj[s + l]), vv, L[l]);
+                }
+            }
+            for (int l = 0; s + l <= qpos; l++) {
+                const __m512 vv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(vh + (size_t)(s + l) * hd + d)));
+                L[l] = _mm512_fmadd_ps(_mm512_set1_ps(pj[s + l]), vv, L[l]);
+            }
+            const __m512 r0 = _mm512_add_ps(L[4], L[0]), r1 = _mm512_add_ps(L[5], L[1]);
+            const __m512 r2 = _mm512_add_ps(L[6], L[2]), r3 = _mm512_add_ps(L[7], L[3]);
+            _mm512_storeu_ps(o + d, _mm512_add_ps(_mm512_add_ps(r0, r2), _mm512_add_ps(r1, r3)));
+        }
+    }
+}
 #endif
 
 /* ---- GELU table --------------------------------------------------------------------------------------------- */
@@ -555,22 +619,25 @@ static void ops_rms_norm(const float *x, const float *w, float *y, int64_t rows,
 
 /* ---- dispatch: the FMA/AVX2 versions where the CPU has them, else the portable ones ---------------------- */
 
-/* Use the FMA/AVX2 versions where the CPU has them (on = 1, the default) or the portable ones (0, for tests:
- * both must give the same bits). Returns whether the vector versions are now in use. */
-static int ops_set_simd(int on) {
-    ops_use_fma = ops_have_avx2 = 0;
+/* Use the vector versions up to `level` where the CPU has them: 0 the portable ones (for tests: all must give
+ * the same bits), 1 FMA and AVX2 (with F16C), 2 AVX-512 (F, VL, DQ, BW) as well. Returns the level in use. */
+static int ops_set_simd(int level) {
+    ops_use_fma = ops_have_avx2 = ops_have_avx512 = 0;
 #if OPS_X86
     __builtin_cpu_init();
-    ops_use_fma = on && __builtin_cpu_supports("fma");
+    ops_use_fma = level >= 1 && __builtin_cpu_supports("fma");
     ops_have_avx2 = ops_use_fma && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    ops_have_avx512 = level >= 2 && ops_have_avx2 && __builtin_cpu_supports("avx512f") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("avx512bw");
 #else
-    (void)on;
+    (void)level;
 #endif
-    return ops_use_fma;
+    return ops_have_avx512 ? 2 : ops_use_fma ? 1 : 0;
 }
 
 static void ops_init(void) {
-    ops_set_simd(1);
+    ops_set_simd(2);
     build_gelu_table();
 }
 
@@ -610,7 +677,11 @@ static void ops_attention(const attn_args *a, int64_t u0, int64_t u1, float *wor
     for (int64_t u = u0; u < u1; u++) {
 #if OPS_X86
         if (ops_attn_grouped(a)) {
-            attend_group_avx2(a, u / a->nkv, (int)(u % a->nkv), work);
+            if (ops_have_avx512) {
+                attend_group_avx512(a, u / a->nkv, (int)(u % a->nkv), work);
+            } else {
+                attend_group_avx2(a, u / a->nkv, (int)(u % a->nkv), work);
+            }
             continue;
         }
         if (ops_have_avx2 && a->hd % 32 == 0) {
