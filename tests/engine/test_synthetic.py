@@ -23,8 +23,8 @@ def test_arch_keys_and_tensor_names_match_real_files(tmp_path: Path, arch: str) 
     assert ix.get("attention.head_count") == 4 and ix.get("attention.head_count_kv") == 2
     names = set(ix.tensors)
     for i in range(3):
-        for part in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
-                     "ffn_down"):  # fmt: skip
+        for part in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate",
+                     "ffn_up", "ffn_down"):  # fmt: skip
             assert f"blk.{i}.{part}.weight" in names
     assert {"token_embd.weight", "output_norm.weight", "output.weight"} <= names
     has_bias = "blk.0.attn_q.bias" in names
@@ -81,7 +81,8 @@ def test_explicit_types_and_misfit(tmp_path: Path) -> None:
 
 
 def test_output_first_tied_and_template(tmp_path: Path) -> None:
-    ix = read_index(write_synthetic_gguf(tmp_path / "a.gguf", arch="qwen2", output_first=True, chat_template="{{x}}"))
+    path = write_synthetic_gguf(tmp_path / "a.gguf", arch="qwen2", output_first=True, chat_template="{{x}}")
+    ix = read_index(path)
     assert next(iter(ix.tensors)) == "output.weight"
     assert ix.metadata["tokenizer.chat_template"] == "{{x}}"
     tied = read_index(write_synthetic_gguf(tmp_path / "b.gguf", arch="gemma3", tied_embeddings=True))
