@@ -15,6 +15,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "csrc/ggml_attn.h"
 #include "csrc/ggml_ops.h"
 
 /* ---- Python bindings --------------------------------------------------------------------------------------- */

@@ -19,6 +19,7 @@
 #ifndef ELDRIC_QK_LAYER_H
 #define ELDRIC_QK_LAYER_H
 
+#include "ggml_attn.h"
 #include "ggml_ops.h"
 #include "qk_matmul.h"
 
