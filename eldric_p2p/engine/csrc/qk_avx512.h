@@ -9,8 +9,11 @@
  * two blocks of work) advance per instruction, each output in its own order.
  *
  * vpdpbusd multiplies unsigned by signed bytes; the signed weights enter as u = w + 2^k (the nibble itself for
- * Q4_0 and Q5_0, w ^ 0x80 for Q8_0) and the sum of u*y is corrected by 2^k * sum(y) of the same four activations,
- * folded into the accumulator the instruction starts from.
+ * Q4_0 and Q5_0, w ^ 0x80 for Q8_0) and the sum of u*y is corrected by 2^k * sum(y) of the same four activations
+ * (act_q8_0.nsum4, made by the quantizer), folded into the accumulator the instruction starts from. The K-quants
+ * (Q6_K, the repacked Q4_K) keep maddubs, their values being unsigned, and apply the sub-block scales with
+ * vpdpwssd (madd and add in one); where llama.cpp has a scalar float step per super-block, the integer sums of 16
+ * outputs are gathered into one register and the steps run one output per lane.
  *
  * Compiled per function with target attributes; _qkernels.c calls them only on CPUs that have all of these.
  */
