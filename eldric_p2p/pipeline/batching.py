@@ -17,6 +17,8 @@ on the CPU each session's output is bit for bit what it would be alone.
 from __future__ import annotations
 
 import logging
+import statistics
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 GATHER_PASSES = 16  # scheduler passes a batch waits at most for more sessions' steps
 GATHER_QUIET = 4  # ... and stops after this many passes with none arriving
+RECENT = 32  # batches whose compute time the status's median covers
 
 
 @dataclass(eq=False)
@@ -68,6 +71,8 @@ class StepBatcher:
         self.batches = 0  # forwards run
         self.steps = 0  # session steps they carried
         self.largest = 0  # the most sessions one forward carried
+        self.compute_s = 0.0  # time in the compute thread, all batches
+        self.last_compute_ms: list[float] = []  # the last batches' compute times (where a step's time goes)
 
     async def step(
         self,
@@ -147,6 +152,15 @@ class StepBatcher:
     def _compute(self, stage: Stage, batch: list[_Step]) -> None:
         """In the compute thread: every step (prompts and decode steps alike) in one forward per `last_only`
         (a stage's steps all have the same), each session's rows computed as its own batch."""
+        t0 = time.perf_counter()
+        try:
+            self._compute_groups(stage, batch)
+        finally:
+            took = time.perf_counter() - t0
+            self.compute_s += took
+            self.last_compute_ms = [*self.last_compute_ms[-(RECENT - 1) :], took * 1000]
+
+    def _compute_groups(self, stage: Stage, batch: list[_Step]) -> None:
         groups: dict[bool, list[_Step]] = {}
         for step in batch:
             groups.setdefault(step.last_only, []).append(step)
@@ -181,9 +195,13 @@ class StepBatcher:
             step.error = exc
 
     def status(self) -> dict[str, Any]:
+        recent = statistics.median(self.last_compute_ms) if self.last_compute_ms else None
         return {
             "batches": self.batches,
             "steps": self.steps,
             "largest": self.largest,
             "mean": round(self.steps / self.batches, 2) if self.batches else 0.0,
+            "compute_s": round(self.compute_s, 3),
+            # the median of the last batches' compute times: a decode step's share of this stage
+            "recent_compute_ms": round(recent, 2) if recent is not None else None,
         }

@@ -6,6 +6,7 @@ Also what both ends of a pipeline use: ERROR frames, the wire dtype of hidden st
 from __future__ import annotations
 
 import secrets
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -85,6 +86,7 @@ class Shard:
         self.next_hop_ok = True  # False once the link to the next hop broke or could not be opened
         self.scopes: set[trio.CancelScope] = set()
         self.head_sessions: dict[int, trio.MemorySendChannel[Frame]] = {}
+        self.ring_ms: list[float] = []  # head: recent decode steps' wait from hidden state out to token
         self.backend: Any = None  # pipeline.PipelineBackend, made on first use (head only)
         self.batcher: StepBatcher | None = None  # runs its sessions' steps, batched (set once loaded)
         self.created = time.time()
@@ -122,6 +124,8 @@ class Shard:
             "sessions": len(self.head_sessions) if a.stage_index == 0 else None,
             "last_used": round(self.last_used, 3),
             "batching": self.batcher.status() if self.batcher is not None else None,
+            # head: the median wait for a decode step's token from the other stages (their compute + links)
+            "ring_ms": round(statistics.median(self.ring_ms), 2) if self.ring_ms else None,
             "retiring": self.retiring,
         }
 

@@ -290,6 +290,7 @@ class PipelineBackend:
             raise InvalidInput(f"{shard.label}: {exc}") from exc
         if isinstance(out, int):
             return out
+        sent = time.perf_counter()
         await worker.send_down(shard, hidden_frame(sid, pos, out))
         with trio.move_on_after(timeout) as scope:
             try:
@@ -307,6 +308,8 @@ class PipelineBackend:
             raise RemoteProtocolError(
                 f"tail sent a token for position {frame.start}, expected {pos + len(new)}"
             )
+        if len(new) == 1:  # a decode step: how long the rest of the ring took
+            shard.ring_ms = [*shard.ring_ms[-31:], (time.perf_counter() - sent) * 1000]
         token = int(ids[0])
         if not 0 <= token < stage.cfg.vocab:
             raise RemoteProtocolError(f"tail sent token id {token} outside the vocabulary")
