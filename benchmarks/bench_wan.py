@@ -56,13 +56,28 @@ def pipeline(model: Path, delay_ms: float, tokens: int, nat: str) -> dict:
                     break
                 time.sleep(1)
             runs = [run_json(fed.lab.argv("data", chat)) for _ in range(2)]
+            split = stage_times(fed)
             status = fed.get("data", f"{url}/api/v1/pipeline/status")
             links = [s["link"] for s in status["deployments"][0]["stages"]]  # type: ignore[index]
             ranges = [(s["worker"], s["start"], s["end"]) for s in dep["stages"]]
             best = max(runs, key=lambda r: r["decode_tokens_per_s"])
-            return {"delay_ms": delay_ms, "deploy_s": deploy_s, "links": links, "ranges": ranges, **best}
+            return {"delay_ms": delay_ms, "deploy_s": deploy_s, "links": links, "ranges": ranges,
+                    "split": split, **best}  # fmt: skip
         finally:
             fed.stop()
+
+
+def stage_times(fed: natlab.Federation) -> dict[str, float | None]:
+    """Each worker's median compute per decode step, and the head's median wait for the token (the ring
+    beyond it: the other stages' compute plus every link), from their status."""
+    out: dict[str, float | None] = {}
+    for role in ("a1", "a2", "b1"):
+        status = fed.get(role, f"{fed.nodes[role].url}/api/v1/worker/status")
+        for shard in status["shards"]:  # type: ignore[index]
+            out[role] = (shard.get("batching") or {}).get("recent_compute_ms")
+            if shard.get("ring_ms") is not None:
+                out["ring"] = shard["ring_ms"]
+    return out
 
 
 def main() -> int:
@@ -99,6 +114,13 @@ def main() -> int:
               f"{ms - bound_ms:>12.1f} {str(same):>9}")  # fmt: skip
         print(f"{'':22}ranges {r['ranges']}, deploy {r['deploy_s']:.1f} s, prefill {r['prefill_s']:.2f} s, "
               f"{len(r['token_ids'])} tokens")  # fmt: skip
+        sp = r["split"]
+        if all(sp.get(k) is not None for k in ("a1", "a2", "b1", "ring")):
+            links = sp["ring"] - sp["a2"] - sp["b1"]  # the head's wait minus the other stages' compute
+            wan = WAN_CROSSINGS_PER_TOKEN * delay
+            print(f"{'':22}per decode step (medians): compute a1 {sp['a1']:.1f} + a2 {sp['a2']:.1f} + b1 "
+                  f"{sp['b1']:.1f} ms; the three links {links:.1f} ms (WAN delay {wan:.0f} of it); the rest "
+                  f"of a step at the head {ms - sp['ring'] - sp['a1']:.1f} ms")  # fmt: skip
     return 0
 
 
