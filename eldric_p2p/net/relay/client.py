@@ -10,6 +10,11 @@ member.
 Relayed streams are plain `trio.abc.Stream`s of opaque bytes. `source_peer_id` is only what the relay
 claims; run the link handshake over the stream to authenticate the other end.
 
+The TCP lane: when the relay has one (REGISTERED `tcp_port`), `open_stream` asks for it and returns a TCP
+connection to the relay that the relay splices to the target's (tcplane.py); an INCOMING with a ticket is
+answered by dialing the lane the same way. If the lane cannot be dialed, the stream is opened again as a
+spliced QUIC stream and the lane is not tried for `TCP_RETRY_S`.
+
 Hole punching (with a `punch_handler`): the member keeps one UDP socket (endpoint.py) for as long as it runs,
 so the relay connection, punch probes and punched QUIC connections share one NAT mapping; `punch(peer_id)`
 asks the relay to broker a punch and returns a direct QUIC connection (punching.py), whose streams the peer
@@ -41,11 +46,17 @@ from eldric_p2p.net.relay.framing import read_message, write_message
 from eldric_p2p.net.relay.punching import Puncher
 from eldric_p2p.net.relay.quic import QuicConn, QuicStream
 from eldric_p2p.net.relay.quic_config import client_configuration
+from eldric_p2p.net.relay.tcplane import dial
 from eldric_p2p.tasks import open_nursery
 
 log = logging.getLogger(__name__)
 
-StreamHandler = Callable[[QuicStream, str], Awaitable[None]]
+StreamHandler = Callable[[trio.abc.Stream, str], Awaitable[None]]
+TCP_RETRY_S = 60.0  # after the relay's TCP lane failed us, relayed streams go over QUIC for this long
+
+
+class _LaneFailed(Exception):
+    """The TCP lane could not carry this stream; open it over QUIC instead."""
 
 
 class RelayMember:
@@ -99,6 +110,9 @@ class RelayMember:
         self.last_error: str | None = None
         self._conn: QuicConn | None = None
         self._changed = trio.Event()
+        self._relay_host: str | None = None  # the relay's address we reached (its TCP lane is there too)
+        self._lane_failed_at: float | None = None
+        self.lane_streams = 0  # relayed streams that went over the TCP lane (both directions)
 
     @property
     def address(self) -> str:
@@ -194,6 +208,7 @@ class RelayMember:
         local = local_address(family, addr, endpoint.port) if punching else None
         if self.puncher is not None:
             self.puncher.relay_address = addr  # the relay that forwards our channels (PUNCH_GO `channel`)
+        self._relay_host = str(addr[0])
         async with endpoint.connect(
             addr, config, handshake_timeout=self.handshake_timeout_s, send_window=self.stream_window
         ) as conn:
@@ -205,7 +220,7 @@ class RelayMember:
                 expected_relay_id=self.expected_relay_id,
                 cert=cert,
                 ticket=self.ticket if cert is None else None,
-                features=(p.FEATURE_PUNCH, p.FEATURE_FORWARD) if punching else (),
+                features=((p.FEATURE_PUNCH, p.FEATURE_FORWARD) if punching else ()) + (p.FEATURE_TCP,),
                 local=(format_address(local),) if local is not None else (),
             )
             stream = conn.open_stream()
@@ -299,6 +314,18 @@ class RelayMember:
                 )
                 await stream.aclose()
                 return
+            if msg.ticket:  # the TCP lane: dial it, then the QUIC stream has done its job
+                try:
+                    lane = await self._dial_lane(msg.ticket)
+                except _LaneFailed as exc:
+                    await write_message(stream, p.Refuse(p.RefuseCode.TCP_FAILED, str(exc)))
+                    return
+                async with lane:
+                    await write_message(stream, p.Accept())
+                    await stream.aclose()
+                    self.lane_streams += 1
+                    await self.stream_handler(lane, msg.source)
+                return
             await write_message(stream, p.Accept())
             await self.stream_handler(stream, msg.source)
         except (EldricError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -330,12 +357,43 @@ class RelayMember:
 
         return await puncher.punch(peer_id, request)
 
-    async def open_stream(self, peer_id: str) -> QuicStream:
-        """A relayed stream to `peer_id` (opaque bytes; authenticate it with the link handshake).
+    @property
+    def tcp_lane(self) -> bool:
+        """The relay has a TCP lane for us and it has not failed us lately: `open_stream` will use it."""
+        control = self._control
+        if control is None or control.tcp_port is None or self._relay_host is None:
+            return False
+        failed = self._lane_failed_at
+        return failed is None or trio.current_time() - failed > TCP_RETRY_S
+
+    async def _dial_lane(self, ticket: bytes) -> trio.SocketStream:
+        control, host = self._control, self._relay_host
+        if control is None or control.tcp_port is None or host is None:
+            raise _LaneFailed("the relay offered no TCP lane")
+        try:
+            with trio.fail_after(self.open_timeout_s):
+                return await dial(host, control.tcp_port, ticket)
+        except (OSError, trio.TooSlowError) as exc:
+            self._lane_failed_at = trio.current_time()
+            raise _LaneFailed(f"cannot reach the relay's TCP lane {host}:{control.tcp_port}: {exc}") from exc
+
+    async def open_stream(self, peer_id: str, *, tcp: bool = True) -> trio.abc.Stream:
+        """A relayed stream to `peer_id` (opaque bytes; authenticate it with the link handshake): a TCP
+        connection through the relay's TCP lane when it has one (and `tcp`), else a QUIC stream the relay
+        splices.
 
         Raises PeerUnavailable if we are not registered, the relay refuses (unknown peer id, limits), or
         nothing answers within `open_timeout_s`.
         """
+        if tcp and self.tcp_lane:
+            try:
+                return await self._open_stream(peer_id, tcp=True)
+            except _LaneFailed as exc:
+                self._lane_failed_at = trio.current_time()
+                log.info("relay %s: %s; relayed streams go over QUIC for now", self.address, exc)
+        return await self._open_stream(peer_id, tcp=False)
+
+    async def _open_stream(self, peer_id: str, *, tcp: bool) -> trio.abc.Stream:
         conn = self._conn
         if conn is None or not self.registered:
             raise PeerUnavailable(f"not connected to relay {self.host}:{self.port}")
@@ -343,12 +401,20 @@ class RelayMember:
         ok = False
         try:
             with trio.fail_after(self.open_timeout_s):
-                await write_message(stream, p.Open(peer_id))
+                await write_message(stream, p.Open(peer_id, tcp))
                 reply = await read_message(stream)
             if isinstance(reply, p.Refuse):
+                if tcp and reply.code == p.RefuseCode.TCP_FAILED:
+                    raise _LaneFailed(f"no TCP lane to {peer_id}: {reply.reason}")
                 raise PeerUnavailable(f"relay refused a stream to {peer_id}: {reply.code} ({reply.reason})")
-            if not isinstance(reply, p.Accept):
-                raise RemoteProtocolError(f"relay answered OPEN with {type(reply).__name__}")
+            if not isinstance(reply, p.Accept) or (reply.ticket and not tcp):
+                raise RemoteProtocolError(f"relay answered OPEN with {reply!r}")
+            if reply.ticket:
+                lane = await self._dial_lane(reply.ticket)
+                ok = True
+                await stream.aclose()
+                self.lane_streams += 1
+                return lane
             ok = True
             return stream
         except trio.TooSlowError as exc:

@@ -28,6 +28,7 @@ from eldric_p2p.net.identity import Identity, verify
 from eldric_p2p.net.relay.protocol import (
     FEATURE_FORWARD,
     FEATURE_PUNCH,
+    FEATURE_TCP,
     MAX_DIRECTORY_MESSAGE,
     NONCE_LEN,
     PROTOCOL_VERSION,
@@ -130,6 +131,7 @@ class MemberControl:
     nonce_source: Callable[[int], bytes] = os.urandom
     relay_id: str | None = None
     relay_features: tuple[str, ...] = ()
+    relay_tcp_port: int = 0  # REGISTERED `tcp_port`: the relay's TCP lane (0: none)
     _state: _State = _State.START
     _nonce_c: bytes = b""
     _out: bytearray = field(default_factory=bytearray)
@@ -147,6 +149,12 @@ class MemberControl:
     def can_punch(self) -> bool:
         """Registered with a relay that brokers punches, and we take part ourselves."""
         return self.registered and FEATURE_PUNCH in self.features and FEATURE_PUNCH in self.relay_features
+
+    @property
+    def tcp_port(self) -> int | None:
+        """The relay's TCP-lane port when it has one and we declared FEATURE_TCP, else None."""
+        ok = self.registered and FEATURE_TCP in self.features and self.relay_tcp_port
+        return self.relay_tcp_port if ok else None
 
     def punch(self, target: str) -> None:
         """Queue a PUNCH for `target`. Raises LocalProtocolError unless `can_punch`."""
@@ -182,7 +190,7 @@ class MemberControl:
                 if msg.peer_id != self.identity.peer_id:
                     raise RemoteProtocolError(f"relay registered us as {msg.peer_id}")
                 self._state = _State.REGISTERED
-                self.relay_features = msg.features
+                self.relay_features, self.relay_tcp_port = msg.features, msg.tcp_port
                 events.append(msg)
             elif self._state is _State.REGISTERED and isinstance(msg, Directory | DirectoryUpdate):
                 events.append(msg)
@@ -234,6 +242,7 @@ class RelayControl:
     features: tuple[str, ...] = ()  # what the member declared in HELLO
     local: tuple[str, ...] = ()  # the member's own socket addresses, from HELLO
     relay_features: tuple[str, ...] = ()  # what accept() declared
+    tcp_port: int = 0  # what accept() declared: our TCP lane's port (0: none)
     _state: _State = _State.AWAIT_HELLO
     _nonce_r: bytes = b""
     _nonce_c: bytes = b""
@@ -278,12 +287,18 @@ class RelayControl:
                 raise _unexpected(msg, "member", self._state)
         return events
 
-    def accept(self, keepalive_s: float, features: tuple[str, ...] = ()) -> None:
-        """Admit the member; `features` are what this relay offers it (FEATURE_PUNCH: we broker punches)."""
+    def accept(self, keepalive_s: float, features: tuple[str, ...] = (), tcp_port: int = 0) -> None:
+        """Admit the member; `features` are what this relay offers it (FEATURE_PUNCH: we broker punches),
+        `tcp_port` where its TCP lane listens (0: no lane)."""
         if self._state is not _State.REGISTERED or self.peer_id is None:
             raise LocalProtocolError("accept() before a valid REGISTER")
-        self.relay_features = features
-        self._out += encode_message(Registered(self.peer_id, keepalive_s, features))
+        self.relay_features, self.tcp_port = features, tcp_port
+        self._out += encode_message(Registered(self.peer_id, keepalive_s, features, tcp_port))
+
+    @property
+    def tcp(self) -> bool:
+        """We offered a TCP lane and the member dials it: its INCOMING may carry a ticket."""
+        return bool(self.tcp_port) and FEATURE_TCP in self.features
 
     @property
     def forwards(self) -> bool:

@@ -13,7 +13,8 @@ The first stream a member opens on its QUIC connection is the *control stream*:
                                        <-    CHALLENGE {nonce_r, relay_id, relay_key, sig(nonce_c, nonce_r)}
     REGISTER {peer_id, key, sig, ann,  ->    sig = Ed25519 over (context, nonce_r, nonce_c, sha256(ann)
               [cert], [ticket]}                [, sha256(cert, ticket)]); cert/ticket: federation credentials
-                                       <-    REGISTERED {peer_id, keepalive_s, [features]}  (or ERROR)
+                                       <-    REGISTERED {peer_id, keepalive_s, [features], [tcp_port]}
+                                                                                              (or ERROR)
                                        <-    DIRECTORY {members: [...]}           (full snapshot)
                                        <-    DIRECTORY_UPDATE {added, removed}    (on every change)
     ANNOUNCE {ann}                     ->    (the member's fields changed)
@@ -35,6 +36,18 @@ Every later stream carries one request message and then opaque bytes:
 
 after ACCEPT the relay splices the two streams. End-to-end authentication is the link handshake that the two
 members run over the spliced bytes; the relay only ever sees ciphertext.
+
+The TCP lane (REGISTERED `tcp_port`: the relay takes TCP connections there; both members declared "tcp"):
+
+    member A -> relay:  OPEN {target, tcp: true}
+                                              relay -> member B:  INCOMING {source, ticket: t_B}
+    member B -> relay:  (dials TCP, sends t_B) ACCEPT | REFUSE
+    relay -> member A:  ACCEPT {ticket: t_A}  (A dials TCP, sends t_A)
+
+and the relay splices the two TCP connections (tcplane.py). The QUIC streams end there; the bytes then go
+through the kernel's TCP on both sides instead of a user-space QUIC stack, which is what makes the lane
+several times faster. A relay without a TCP port, or a target without "tcp", answers a plain ACCEPT and
+splices QUIC streams as above.
 
 Bytes from the other side are hostile: every length is checked against a limit before anything is parsed,
 and a violation raises `RemoteProtocolError` naming what was wrong.
@@ -73,6 +86,8 @@ MAX_PUNCH_ADDRESSES = 1 + MAX_LOCAL_ADDRESSES  # PUNCH_GO: the observed address,
 MAX_PUNCH_DELAY_MS = 2000
 FEATURE_PUNCH = "punch"  # HELLO: we take PUNCH_GO; REGISTERED: this relay brokers PUNCH
 FEATURE_FORWARD = "forward"  # HELLO: we take channels in PUNCH_GO; REGISTERED: the relay forwards them
+FEATURE_TCP = "tcp"  # HELLO: we dial the relay's TCP lane when INCOMING carries a ticket (tcplane.py)
+TICKET_LEN = 16  # a TCP-lane ticket: what a member sends first on its TCP connection to the relay
 CHANNEL_ID_LEN = 8
 
 Announcement = dict[str, Any]
@@ -112,6 +127,7 @@ class RefuseCode(enum.StrEnum):
     UNSUPPORTED = "unsupported"  # PUNCH_FAIL: the target does not take part in hole punching
     BUSY = "busy"  # PUNCH_FAIL: too many punches pending for one of the two, or for the relay
     RATE_LIMITED = "rate_limited"  # PUNCH_FAIL: the member asked too often
+    TCP_FAILED = "tcp_failed"  # the TCP lane could not be set up (ask again without `tcp`)
 
 
 # ---------------------------------------------------------------------------------------------- messages
@@ -148,6 +164,7 @@ class Registered:
     peer_id: str
     keepalive_s: float
     features: tuple[str, ...] = ()  # e.g. FEATURE_PUNCH: this relay brokers PUNCH
+    tcp_port: int = 0  # the relay's TCP lane listens on this port of its address (0: no lane)
 
 
 @dataclass(frozen=True)
@@ -188,16 +205,18 @@ class Pong:
 @dataclass(frozen=True)
 class Open:
     target: str
+    tcp: bool = False  # rather the TCP lane (when the relay and the target have it)
 
 
 @dataclass(frozen=True)
 class Incoming:
     source: str
+    ticket: bytes = b""  # the TCP lane: dial the relay's TCP port and send this
 
 
 @dataclass(frozen=True)
 class Accept:
-    pass
+    ticket: bytes = b""  # relay -> opener: the TCP lane is set up; dial and send this
 
 
 @dataclass(frozen=True)
@@ -291,9 +310,11 @@ def _body(msg: Message) -> tuple[MsgType, dict[str, Any]]:
             creds = {k: v for k, v in (("cert", cert), ("ticket", ticket)) if v is not None}
             return MsgType.REGISTER, {"peer_id": peer_id, "public_key": key.hex(), "sig": sig.hex(),
                                       "announcement": ann, **creds}  # fmt: skip
-        case Registered(peer_id, keepalive_s, features):
-            extra = {"features": list(features)} if features else {}
-            return MsgType.REGISTERED, {"peer_id": peer_id, "keepalive_s": keepalive_s, **extra}
+        case Registered(peer_id, keepalive_s, features, tcp_port):
+            more: dict[str, Any] = {"features": list(features)} if features else {}
+            if tcp_port:
+                more["tcp_port"] = tcp_port
+            return MsgType.REGISTERED, {"peer_id": peer_id, "keepalive_s": keepalive_s, **more}
         case Directory(members):
             return MsgType.DIRECTORY, {"members": [_member_json(m) for m in members]}
         case DirectoryUpdate(added, removed):
@@ -307,12 +328,12 @@ def _body(msg: Message) -> tuple[MsgType, dict[str, Any]]:
             return MsgType.PING, {"seq": seq}
         case Pong(seq):
             return MsgType.PONG, {"seq": seq}
-        case Open(target):
-            return MsgType.OPEN, {"target": target}
-        case Incoming(source):
-            return MsgType.INCOMING, {"source": source}
-        case Accept():
-            return MsgType.ACCEPT, {}
+        case Open(target, tcp):
+            return MsgType.OPEN, {"target": target, **({"tcp": True} if tcp else {})}
+        case Incoming(source, ticket):
+            return MsgType.INCOMING, {"source": source, **({"ticket": ticket.hex()} if ticket else {})}
+        case Accept(ticket):
+            return MsgType.ACCEPT, {"ticket": ticket.hex()} if ticket else {}
         case Refuse(code, reason):
             return MsgType.REFUSE, {"code": code, "reason": reason[:MAX_STRING]}
         case Error(code, message):
@@ -382,6 +403,10 @@ def _members(body: dict[str, Any], key: str) -> tuple[Member, ...]:
     return tuple(_member(v) for v in _field(body, key, list))
 
 
+def _ticket(body: dict[str, Any]) -> bytes:
+    return _hex(body, "ticket", TICKET_LEN) if "ticket" in body else b""
+
+
 def parse_message_untrusted(mtype: int, data: bytes) -> Message:
     """Decode one message body of type `mtype`. Raises RemoteProtocolError on anything malformed."""
     try:
@@ -423,7 +448,10 @@ def parse_message_untrusted(mtype: int, data: bytes) -> Message:
             if not 0 < keepalive <= 3600:
                 raise RemoteProtocolError("keepalive_s out of range")
             features = names(body, "features", MAX_FEATURES)
-            return Registered(_peer_id(body, "peer_id"), float(keepalive), features)
+            tcp_port = _uint(body, "tcp_port") if "tcp_port" in body else 0
+            if tcp_port > 65535:
+                raise RemoteProtocolError("tcp_port out of range")
+            return Registered(_peer_id(body, "peer_id"), float(keepalive), features, tcp_port)
         case MsgType.DIRECTORY:
             return Directory(_members(body, "members"))
         case MsgType.DIRECTORY_UPDATE:
@@ -439,11 +467,12 @@ def parse_message_untrusted(mtype: int, data: bytes) -> Message:
         case MsgType.PONG:
             return Pong(_uint(body, "seq"))
         case MsgType.OPEN:
-            return Open(_peer_id(body, "target"))
+            tcp = _field(body, "tcp", bool) if "tcp" in body else False
+            return Open(_peer_id(body, "target"), tcp)
         case MsgType.INCOMING:
-            return Incoming(_peer_id(body, "source"))
+            return Incoming(_peer_id(body, "source"), _ticket(body))
         case MsgType.ACCEPT:
-            return Accept()
+            return Accept(_ticket(body))
         case MsgType.REFUSE:
             return Refuse(_str(body, "code", 64), _str(body, "reason"))
         case MsgType.ERROR:

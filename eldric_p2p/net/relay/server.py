@@ -15,6 +15,11 @@ relay's socket observes as each one's address, or with PUNCH_FAIL. Guests do not
 (unless `RelayLimits.channels` is None) a PUNCH_GO also names a forwarding channel, and the relay's UDP reader
 passes channel datagrams between the two members unopened (channels.py): the path when the punch fails.
 
+The TCP lane (unless `RelayLimits.tcp` is None): the relay also listens on TCP, on the UDP port's number
+when it is free, and says where in REGISTERED `tcp_port`; an OPEN asking for `tcp` between two members that
+declared it gets tickets instead of a spliced QUIC stream, and the two members' TCP connections are spliced
+(tcplane.py). The splice counts against both members' stream limits and ends when either member leaves.
+
 A relay whose own identity is in a federation admits members of it only (control.check_credential_untrusted):
 a REGISTER without a valid certificate is refused with ERROR not_member; one with a join ticket instead is a
 *guest*, kept out of the directory, reachable by nobody, and allowed streams only to its inviter until the
@@ -49,6 +54,7 @@ from eldric_p2p.net.relay.quic_udp import QuicServer, open_udp_socket
 from eldric_p2p.net.relay.state import MemberState as _Member
 from eldric_p2p.net.relay.state import RelayLimits as RelayLimits  # re-exported: what callers configure
 from eldric_p2p.net.relay.state import RelayStats
+from eldric_p2p.net.relay.tcplane import TcpLane
 from eldric_p2p.tasks import open_nursery
 
 log = logging.getLogger(__name__)
@@ -74,6 +80,8 @@ class Relay:
         self._refusals_logged: dict[str, float] = {}
         self.address: tuple[str, int] | None = None
         self.server: QuicServer | None = None
+        self.lane = TcpLane(self.limits.tcp) if self.limits.tcp is not None else None
+        self.tcp_port = 0  # where the lane listens, once it does
 
     async def run(
         self, host: str, port: int, *, task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED
@@ -105,11 +113,31 @@ class Relay:
                     if self.channels is not None:
                         self.server.forward = self._forward
                         nursery.start_soon(self._expire_channels)
+                    if self.lane is not None:
+                        await self._listen_tcp(host, nursery)
                     await nursery.start(self.server.run)
                     task_status.started(self)
             finally:
                 if membership is not None:
                     membership.on_revoked.remove(self._on_revoked)
+
+    async def _listen_tcp(self, host: str, nursery: trio.Nursery) -> None:
+        """The TCP lane's listener: on the UDP port's number (one number for a firewall to open), else on
+        any free port (REGISTERED says which); without one the relay runs without the lane."""
+        assert self.lane is not None and self.address is not None
+        listeners: list[trio.SocketListener] = []
+        for port in (self.address[1], 0):
+            try:
+                listeners = await trio.open_tcp_listeners(port, host=host or None)
+                break
+            except OSError as exc:
+                log.warning("relay: TCP lane cannot listen on %s:%d: %s", host, port, exc)
+        if not listeners:
+            self.lane = None
+            return
+        self.tcp_port = listeners[0].socket.getsockname()[1]
+        log.info("relay TCP lane listening on tcp %s:%d", host, self.tcp_port)
+        await nursery.start(trio.serve_listeners, self.lane.handle, listeners)
 
     # ------------------------------------------------------------------------------------------ members
 
@@ -171,7 +199,7 @@ class Relay:
         features: tuple[str, ...] = (p.FEATURE_PUNCH,) if self.punches is not None else ()
         if self.channels is not None:
             features += (p.FEATURE_FORWARD,)
-        control.accept(lim.keepalive_s, features)
+        control.accept(lim.keepalive_s, features, self.tcp_port if self.lane is not None else 0)
         book[member.peer_id] = member
         if isinstance(credential, Ticket):  # a guest sees nobody (and goes at the keepalive after its ticket)
             control.send(p.Directory(()))
@@ -390,7 +418,10 @@ class Relay:
         member.streams += 1
         target.streams += 1
         try:
-            await self._splice_to(member, stream, target)
+            if request.tcp and self.lane is not None and member.control.tcp and target.control.tcp:
+                await self._splice_tcp(member, stream, target, self.lane)
+            else:
+                await self._splice_to(member, stream, target)
         finally:
             member.streams -= 1
             target.streams -= 1
@@ -427,6 +458,43 @@ class Relay:
             else:  # cancelled (a member left) or broken: both ends see a reset, not a silent hang
                 stream.abort()
                 onward.abort()
+
+    async def _splice_tcp(self, member: _Member, stream: QuicStream, target: _Member, lane: TcpLane) -> None:
+        """The TCP lane: tickets to the target (INCOMING) and, once it accepted, to the opener (ACCEPT); then
+        hold the two members' stream slots until the splice of their TCP connections ends."""
+        pair = lane.expect()
+        if pair is None:
+            return await self._refuse(stream, p.RefuseCode.TCP_FAILED, "too many TCP lane splices pending")
+        try:
+            try:
+                onward = target.conn.open_stream()
+            except PeerUnavailable:
+                return await self._refuse(stream, p.RefuseCode.UNKNOWN_PEER, "target just left")
+            reply: p.Message | None = None
+            with trio.move_on_after(self.limits.open_timeout_s):
+                try:
+                    await write_message(onward, p.Incoming(member.peer_id, pair.tickets[1]))
+                    reply = await read_message(onward)
+                except EldricError:
+                    reply = None
+            await onward.aclose()
+            if not isinstance(reply, p.Accept):
+                if isinstance(reply, p.Refuse):
+                    return await self._refuse(stream, reply.code, reply.reason)
+                return await self._refuse(stream, p.RefuseCode.TIMEOUT, "target did not answer")
+            try:
+                await write_message(stream, p.Accept(pair.tickets[0]))
+            except PeerUnavailable:
+                return
+            await stream.aclose()
+            with trio.move_on_after(self.limits.open_timeout_s):
+                await pair.both.wait()
+            if pair.both.is_set():
+                self.stats.streams_spliced += 1
+                await pair.done.wait()
+                self.stats.bytes_spliced += pair.moved
+        finally:
+            lane.cancel(pair)  # also when the member leaves (its tasks are cancelled): the splice stops
 
 
 async def _send_quietly(stream: QuicStream, data: bytes) -> None:

@@ -11,6 +11,7 @@ from eldric_p2p.net.relay.channels import ChannelLimits
 from eldric_p2p.net.relay.control import Credential, RelayControl
 from eldric_p2p.net.relay.punch import Party, PunchLimits
 from eldric_p2p.net.relay.quic import QuicConn
+from eldric_p2p.net.relay.tcplane import TcpLaneLimits
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class RelayLimits:
     outbox: int = 64  # control messages queued for one member before it counts as too slow
     punch: PunchLimits | None = field(default_factory=PunchLimits)  # None: broker no hole punches
     channels: ChannelLimits | None = field(default_factory=ChannelLimits)  # None: forward no channels
+    tcp: TcpLaneLimits | None = field(default_factory=TcpLaneLimits)  # None: no TCP lane (tcplane.py)
 
 
 @dataclass

@@ -140,7 +140,7 @@ def test_a_peer_that_never_answers_probes_falls_back_to_relayed_in_bounded_time(
 
 def test_a_peer_that_never_answers_probes_gets_one_quic_hop_through_the_relays_channel() -> None:
     async def main() -> None:
-        async with swarm(2) as (relay, (a, b)):
+        async with swarm(2, replace(FAST, tcp=None)) as (relay, (a, b)):  # a relay without a TCP lane
             assert relay.channels is not None
             b_member = b.members[0]
             assert b_member.endpoint is not None
@@ -279,5 +279,30 @@ def test_punch_raises_peer_unavailable_for_a_peer_the_relay_does_not_know() -> N
         async with swarm(1) as (relay, (a,)):
             with trio.fail_after(5), pytest.raises(PeerUnavailable, match="unknown_peer"):
                 await a.members[0].punch(Identity.generate().peer_id)
+
+    trio.run(main)
+
+
+def test_with_a_tcp_lane_a_failed_punch_relays_over_tcp_instead_of_the_channel() -> None:
+    async def main() -> None:
+        async with swarm(2) as (relay, (a, b)):
+            assert relay.lane is not None and relay.tcp_port
+            b_member = b.members[0]
+            assert b_member.endpoint is not None
+            b_member.endpoint.on_probe = lambda data, addr: None  # the punch fails, the channel would work
+            with trio.fail_after(10):
+                link = await a.open_link(b.identity.peer_id)
+            assert link.path == "relayed" and link.peer_id == b.identity.peer_id
+            assert await roundtrip(link, b"x" * 200_000) == b"x" * 200_000
+            assert a.stats["lane"] == 1 and a.stats["forwarded"] == 0 and a.stats["punch_failed"] == 0
+            assert relay.lane.stats.spliced == 1 and a.members[0].lane_streams == 1
+            assert b.members[0].lane_streams == 1
+            # the bytes went through the lane, not the channel (that carried the punch's handshake only)
+            assert relay.channels is not None and relay.channels.stats.forwarded < 40
+            # the way back takes the lane too, without punching again
+            with trio.fail_after(3):
+                back = await b.open_link(a.identity.peer_id)
+            assert back.path == "relayed" and await roundtrip(back, b"y" * 3000) == b"y" * 3000
+            assert relay.lane.stats.spliced == 2 and b.stats["lane"] == 1
 
     trio.run(main)

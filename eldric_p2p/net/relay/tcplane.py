@@ -1,0 +1,169 @@
+"""The relay's TCP lane: two members' outbound TCP connections to the relay, paired by tickets and spliced.
+
+A relayed QUIC stream costs each end a user-space QUIC stack per 1350-byte datagram (aioquic: tens of
+microseconds of Python each), which caps a relayed stream at roughly 10-20 MB/s. The lane moves the bytes
+onto the kernel's TCP instead: the members still ask over their authenticated QUIC control connection
+(OPEN with `tcp`, protocol.py), the relay answers each side with a single-use ticket, both dial the relay's
+TCP port (outbound, so NAT is no obstacle) and send
+
+    MAGIC (4 bytes) | ticket (16 bytes)
+
+and the relay copies bytes between the two connections until either ends. What the lane carries is the
+members' link handshake and then TLS records, end to end, exactly as on a spliced QUIC stream: the relay
+sees only ciphertext, and a ticket is worth nothing without the other member's link identity.
+
+Relay side: `TcpLane.expect` makes a `Pair` of tickets; `TcpLane.handle` is the listener's handler. Bounded:
+at most `max_pending` pairs wait for their connections, `max_unpaired` connections may be reading their
+ticket at once (each for at most `ticket_timeout_s`), and a splice holds at most `chunk` bytes per
+direction. Member side: `dial`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import trio
+
+from eldric_p2p.net.relay.protocol import TICKET_LEN
+from eldric_p2p.tasks import open_nursery
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"ETL1"
+
+
+@dataclass(frozen=True)
+class TcpLaneLimits:
+    max_pending: int = 256  # pairs whose tickets are out and not both used
+    max_unpaired: int = 256  # connections reading their ticket or waiting for the other side
+    ticket_timeout_s: float = 5.0  # to send MAGIC + ticket after connecting
+    chunk: int = 64 * 1024  # bytes read per receive, per direction
+
+
+@dataclass
+class TcpLaneStats:
+    spliced: int = 0  # pairs whose both connections arrived
+    bytes: int = 0  # bytes copied, both directions, finished splices
+    bad_ticket: int = 0  # a connection with a wrong magic, unknown or used ticket, or none in time
+    refused_busy: int = 0  # connections closed at once: `max_unpaired` reached
+    expired: int = 0  # pairs given up on before both connections arrived
+
+
+@dataclass(eq=False)
+class Pair:
+    """Two tickets for one relayed stream: `tickets[0]` for the opener, `[1]` for the target."""
+
+    tickets: tuple[bytes, bytes]
+    streams: list[trio.SocketStream] = field(default_factory=list)
+    both: trio.Event = field(default_factory=trio.Event)  # both connections arrived; the splice runs
+    done: trio.Event = field(default_factory=trio.Event)  # the splice ended (or the pair was cancelled)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    moved: int = 0
+
+
+class TcpLane:
+    def __init__(self, limits: TcpLaneLimits | None = None) -> None:
+        self.limits = limits or TcpLaneLimits()
+        self.stats = TcpLaneStats()
+        self._tickets: dict[bytes, Pair] = {}
+        self._pairs: set[Pair] = set()
+        self._unpaired = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._pairs)
+
+    def expect(self) -> Pair | None:
+        """A new pair of tickets, or None when `max_pending` pairs already wait."""
+        if len(self._pairs) >= self.limits.max_pending:
+            return None
+        pair = Pair((os.urandom(TICKET_LEN), os.urandom(TICKET_LEN)))
+        self._pairs.add(pair)
+        for t in pair.tickets:
+            self._tickets[t] = pair
+        return pair
+
+    def cancel(self, pair: Pair) -> None:
+        """Give up on `pair` (its opener's request ended): forget its tickets and stop its splice."""
+        if pair in self._pairs:
+            self._pairs.discard(pair)
+            if not pair.both.is_set():
+                self.stats.expired += 1
+        for t in pair.tickets:
+            if self._tickets.get(t) is pair:
+                del self._tickets[t]
+        pair.scope.cancel()
+        pair.done.set()
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        """The TCP listener's handler: read the ticket, then wait for the other side or splice to it."""
+        if self._unpaired >= self.limits.max_unpaired:
+            self.stats.refused_busy += 1
+            return
+        self._unpaired += 1
+        try:
+            pair = await self._read_ticket(stream)
+            if pair is None:
+                self.stats.bad_ticket += 1
+                return
+            pair.streams.append(stream)
+            if len(pair.streams) == 1:  # the first: hold the connection until the splice ends
+                await pair.done.wait()
+                return
+        finally:
+            self._unpaired -= 1
+        pair.both.set()
+        self.stats.spliced += 1
+        self._pairs.discard(pair)
+        try:
+            with pair.scope:
+                await self._splice(pair, *pair.streams)
+        finally:
+            self.stats.bytes += pair.moved
+            pair.done.set()
+
+    async def _read_ticket(self, stream: trio.SocketStream) -> Pair | None:
+        want = len(MAGIC) + TICKET_LEN
+        head = b""
+        with trio.move_on_after(self.limits.ticket_timeout_s):
+            try:
+                while len(head) < want:
+                    data = await stream.receive_some(want - len(head))
+                    if not data:
+                        return None
+                    head += data
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return None
+        if len(head) < want or head[: len(MAGIC)] != MAGIC:
+            return None
+        return self._tickets.pop(head[len(MAGIC) :], None)  # single use
+
+    async def _splice(self, pair: Pair, a: trio.SocketStream, b: trio.SocketStream) -> None:
+        """Copy both ways; an EOF is passed on (half-close), a broken side ends both directions."""
+        chunk = self.limits.chunk
+
+        async def copy(src: trio.SocketStream, dst: trio.SocketStream, scope: trio.CancelScope) -> None:
+            try:
+                while data := await src.receive_some(chunk):
+                    await dst.send_all(data)
+                    pair.moved += len(data)
+                await dst.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                scope.cancel()
+
+        async with open_nursery() as nursery:
+            nursery.start_soon(copy, a, b, nursery.cancel_scope)
+            nursery.start_soon(copy, b, a, nursery.cancel_scope)
+
+
+async def dial(host: str, port: int, ticket: bytes) -> trio.SocketStream:
+    """Member side: a TCP connection to the relay's lane, the ticket sent. Raises OSError on failure."""
+    stream = await trio.open_tcp_stream(host, port)
+    try:
+        await stream.send_all(MAGIC + ticket)
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        await trio.aclose_forcefully(stream)
+        raise OSError(f"the relay's TCP lane closed: {exc}") from exc
+    return stream
