@@ -225,7 +225,11 @@ class Node:
             "heads": [{"model": s.a.model_id, "deployment_id": s.a.deployment_id} for s in w.heads()]
             if w
             else [],
-            "relay": {"peer_id": self.identity.peer_id, "members": len(self.relay.members)}
+            "relay": {
+                "peer_id": self.identity.peer_id,
+                "members": len(self.relay.members),
+                "tcp_port": self.relay.tcp_port or None,  # its TCP lane
+            }
             if self.relay is not None
             else None,
             "relays": [
@@ -236,6 +240,8 @@ class Node:
                     "connects": m.connects,
                     "peers": len(self.peers.table.peers("relay", via=m.address)),  # listed by this relay
                     "punch": _punch_summary(m),
+                    "tcp_lane": m.tcp_lane,  # relayed streams go over the relay's TCP lane
+                    "lane_streams": m.lane_streams,
                 }
                 for m in self.members
             ],

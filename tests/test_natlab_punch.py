@@ -88,6 +88,7 @@ async def main():
                               "rtt_ms": sorted(rtts)[len(rtts) // 2], "punched": s.punched,
                               "failed": s.failed, "forwarded": s.forwarded,
                               "attempts": s.attempts, "punch_s": s.last_punch_s,
+                              "lane": conn.stats["lane"],
                               "remote": str(member.punched(target).remote_address)
                                         if member.punched(target) else None}), flush=True)
 
@@ -156,12 +157,14 @@ def test_links_between_sites_punch_through_eim_nats_and_fall_back_to_the_relay_b
             assert isinstance(there["punch_s"], float) and there["punch_s"] < 1.0
         else:
             assert there["path"] == back["path"] == "relayed"
-            # no probe got through; the two run one QUIC connection through the relay's forwarding channel
+            # no probe got through; the punch fell back to a QUIC connection through the relay's forwarding
+            # channel, and the links took the relay's TCP lane, the faster of the two
             assert there["punched"] == 0 and there["forwarded"] == 1
             relay_addr = f"('{lab.addr('relay')}', {RELAY_PORT})"
             assert there["remote"] == back["remote"] == relay_addr
+            assert there["lane"] == back["lane"] == 1
             assert float(there["open_s"]) < 6.0  # type: ignore[arg-type]  # the punch timeout, then the relay
-            # b1 took part in that attempt: it reuses the channel connection at once, no second punch
+            # b1 took part in that attempt: it goes straight to the lane, no second punch
             assert back["attempts"] == 1 and float(back["open_s"]) < 1.5  # type: ignore[arg-type]
     finally:
         for proc in procs:
@@ -236,10 +239,11 @@ def test_qwen_across_two_sites_goes_direct_through_punched_paths_or_relayed_and_
         if lab.nat == "eim":
             assert a1_b1 == (True, True)  # one punched connection, both ends
         else:
-            # no punched connection between the sites but one through the relay's channel; the public data
-            # peer may well punch to a site (its probes answer a symmetric NAT's new port, a peer-reflexive
-            # candidate), which is fine
+            # no punched connection between the sites: the punch fell back to the relay's channel and the
+            # links took its TCP lane; the public data peer may well punch to a site (its probes answer a
+            # symmetric NAT's new port, a peer-reflexive candidate), which is fine
             assert a1_b1 == (False, False) and punch[0]["forwarded"] + punch[1]["forwarded"] >= 1
-            assert ids[1] in punch[0]["channels"] and ids[0] in punch[1]["channels"]
+            lanes = [n["relays"][0]["lane_streams"] for n in nodes]  # type: ignore[index]
+            assert all(n >= 1 for n in lanes), lanes
     finally:
         fed.stop()

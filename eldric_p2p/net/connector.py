@@ -8,10 +8,12 @@ Direct: every address the `PeerTable` holds for the peer (plus hints, e.g. the h
 tried with a short connect timeout, staggered like happy eyeballs, in one nursery; the first that connects
 (and, for links, proves the peer id) wins and cancels the rest. Punched: a stream of a direct QUIC
 connection that a relay helped open through both NATs (UDP hole punching, `RelayMember.punch`; an existing
-one, made by either side, is reused), with the link handshake run over it (`path="punched"`). Relayed: a
-stream from a `RelayMember`, with the link handshake run over it end to end (`path="relayed"`), so the relay
-only ever forwards TLS records. What worked is remembered per peer (for `REMEMBER_S`) and tried first next
-time (a peer that had to be relayed is not punched again until then); `paths` reports it.
+one, made by either side, is reused), with the link handshake run over it (`path="punched"`). Relayed
+(`path="relayed"`), the link handshake run end to end so the relay only ever forwards TLS records: a TCP
+connection through the relay's TCP lane where it has one; else, when a punch fell back to the relay's
+forwarding channel, a QUIC connection through it; else a QUIC stream the relay splices. What worked is
+remembered per peer (for `REMEMBER_S`) and tried first next time (a peer that had to be relayed is not
+punched again until then); `paths` reports it.
 
 Peer URLs: `http://<peer id>.peer.eldric:<http port>` names a node by its id. `http_client()` and
 `fetch_connect` (the fetcher's `connect=`) send such a URL over `open_http`; other URLs go over TCP as usual.
@@ -102,8 +104,9 @@ class Connector:
         self.local_http: Callable[[], tuple[str, int] | None] = lambda: (
             None
         )  # our HTTP port, for tagged links
-        # "forwarded": relayed links on a QUIC connection through a relay's channel (also in "relayed")
-        self.stats = {"direct": 0, "punched": 0, "relayed": 0, "forwarded": 0, "direct_failed": 0,
+        # "forwarded": relayed links on a QUIC connection through a relay's channel (also in "relayed");
+        # "lane": relayed links through a relay's TCP lane (also in "relayed")
+        self.stats = {"direct": 0, "punched": 0, "relayed": 0, "forwarded": 0, "lane": 0, "direct_failed": 0,
                       "punch_failed": 0, "http_served": 0}  # fmt: skip
         self.ticket: str | None = None  # a joiner's join ticket, presented on relayed links
 
@@ -288,9 +291,17 @@ class Connector:
         remembered = self._remembered(peer_id, "link")
         if not members or (remembered and remembered[2] == "relayed" and members[0].punched(peer_id) is None):
             return None
+        lane = False
         for member in members:
             try:
                 conn = member.punched(peer_id) or await member.punch(peer_id)
+            except PeerUnavailable as exc:
+                log.info("no punched path to %s through %s: %s", peer_id, member.address, exc)
+                continue
+            if conn.forwarded and member.tcp_lane:
+                lane = True  # no direct path: the relay's TCP lane (_relayed_link) beats QUIC via its channel
+                continue
+            try:
                 path: LinkPath = "relayed" if conn.forwarded else "punched"  # forwarded: the relay's channel
                 link = await link_client(
                     conn.open_stream(),
@@ -308,7 +319,8 @@ class Connector:
                 self.stats["forwarded"] += 1
             self._good[(peer_id, "http")] = self._good[(peer_id, "link")]
             return link
-        self.stats["punch_failed"] += 1
+        if not lane:
+            self.stats["punch_failed"] += 1
         return None
 
     async def _relayed_link(self, peer_id: str) -> Link:
@@ -332,6 +344,8 @@ class Connector:
                 errors.append(str(exc))
                 continue
             self._worked(peer_id, "link", "relayed", None)
+            if isinstance(stream, trio.SocketStream):  # the relay's TCP lane
+                self.stats["lane"] += 1
             self._good[(peer_id, "http")] = self._good[(peer_id, "link")]
             return link
         why = "; ".join(errors) if errors else "no direct address answered and no relay is configured"
