@@ -3,11 +3,13 @@
     python benchmarks/bench_relay.py [--rounds 300] [--bulk-mb 8] [--datagram 1350]
 
 Measures a 1.8 KB frame round trip (one decode step's hidden state for a 896-dim model in fp16) and one-way
-bulk MB/s over: plain TCP, one QUIC hop (member -> relay-sized server), and two relayed paths from member A
-to member B: spliced streams (A -> relay -> B, two QUIC hops, the relay decrypting and re-encrypting), and a
-forwarding channel (one QUIC connection A <-> B whose datagrams the relay passes on unopened; what members
-get when a hole punch fails), with a punched connection (direct, one QUIC hop between the members' own
-sockets) beside them. Prints a table with ratios against TCP.
+bulk MB/s over: plain TCP, one QUIC hop (member -> relay-sized server), and three relayed paths from member
+A to member B: spliced streams (A -> relay -> B, two QUIC hops, the relay decrypting and re-encrypting), a
+forwarding channel (one QUIC connection A <-> B whose datagrams the relay passes on unopened), and the
+relay's TCP lane (A's and B's TCP connections to the relay, spliced: what members get when a hole punch
+fails and the relay has the lane), with a punched connection (direct, one QUIC hop between the members' own
+sockets) beside them. The lane carries no encryption of its own, so it is measured twice: bare, and with
+the link handshake's TLS over it, as every relayed link runs. Prints a table with ratios against TCP.
 
 The last line is the ceiling of any QUIC path here: two aioquic connections handing each other datagrams in
 memory, no sockets, no event loop, no relay; bulk MB/s and the CPU time per 1350-byte datagram, both ends
@@ -17,8 +19,10 @@ together. A relayed or punched path cannot beat it on one core.
 from __future__ import annotations
 
 import argparse
+import socket
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 from aioquic.buffer import Buffer
@@ -28,6 +32,7 @@ from aioquic.quic.packet import pull_quic_header
 
 from eldric_p2p.net.discovery import PeerTable
 from eldric_p2p.net.identity import Identity
+from eldric_p2p.net.links import Link, link_client, serve_link_stream
 from eldric_p2p.net.relay.client import RelayMember
 from eldric_p2p.net.relay.punch import PunchLimits
 from eldric_p2p.net.relay.quic import FlowControlledQuicConnection, QuicConn
@@ -39,14 +44,21 @@ FRAME = 1800
 
 
 async def serve(stream: trio.abc.Stream) -> None:
-    """First byte picks the mode: b"E" echoes, b"S" swallows everything and answers one byte at EOF."""
+    """First byte picks the mode: b"E" echoes; b"S" and an 8-byte length swallow that many bytes and answer one
+    byte (a TLS link has no half-close to mark the end)."""
     mode = await stream.receive_some(1)
     if mode == b"E":
         while data := await stream.receive_some():
             await stream.send_all(data)
     elif mode == b"S":
-        while await stream.receive_some():
-            pass
+        head = b""
+        while len(head) < 8:
+            if not (data := await stream.receive_some(8 - len(head))):
+                return
+            head += data
+        left = int.from_bytes(head, "big")
+        while left > 0 and (data := await stream.receive_some()):
+            left -= len(data)
         await stream.send_all(b"!")
     await stream.aclose()
 
@@ -72,13 +84,11 @@ async def measure(
     s = await open_stream()
     chunk = b"\x02" * 65536
     t = time.perf_counter()
-    await s.send_all(b"S")
+    await s.send_all(b"S" + (-(-bulk // len(chunk)) * len(chunk)).to_bytes(8, "big"))
     sent = 0
     while sent < bulk:
         await s.send_all(chunk)
         sent += len(chunk)
-    if isinstance(s, trio.abc.HalfCloseableStream):
-        await s.send_eof()
     assert await s.receive_some() == b"!"
     elapsed = time.perf_counter() - t
     await s.aclose()
@@ -131,6 +141,19 @@ def aioquic_in_memory(datagram: int, total: int) -> tuple[float, float]:
     return got / elapsed / 1e6, elapsed / datagrams * 1e6
 
 
+class _SmallSegments(trio.abc.SocketFactory):
+    """New TCP sockets get TCP_MAXSEG `mss`: the kernel segments (and receives) WAN-sized packets."""
+
+    def __init__(self, mss: int) -> None:
+        self.mss = mss
+
+    def socket(self, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM, proto: int = 0) -> Any:
+        sock = trio.socket.from_stdlib_socket(socket.socket(family, type, proto))
+        if type == socket.SOCK_STREAM:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, self.mss)
+        return sock
+
+
 def _buffered(conn: QuicConnection, stream_id: int) -> int:
     stream = conn._streams.get(stream_id)
     return 0 if stream is None else int(stream.sender._buffer_stop - stream.sender._buffer_start)
@@ -177,8 +200,17 @@ async def main(args: argparse.Namespace) -> None:
             )
         )
         members = []
-        for handler in (None, lambda stream, source: serve(stream)):
-            ident = Identity.generate()
+        tls_ident = Identity.generate()
+
+        async def serve_link(link: Link) -> None:
+            await serve(link)
+
+        async def lane_handler(stream: trio.abc.Stream, source: str) -> None:
+            await serve_link_stream(stream, tls_ident, serve_link)
+
+        for handler, ident in ((None, None), (lambda stream, source: serve(stream), None),
+                               (lane_handler, tls_ident)):  # fmt: skip
+            ident = ident or Identity.generate()
             m = RelayMember(
                 ident,
                 *relay.address,
@@ -191,10 +223,29 @@ async def main(args: argparse.Namespace) -> None:
             await nursery.start(m.run)
             await m.wait_registered()
             members.append(m)
-        a, b = members
+        a, b, c = members
         results["relayed, spliced (2 QUIC hops)"] = await measure(
+            lambda: a.open_stream(b.identity.peer_id, tcp=False), args.rounds, bulk
+        )
+        assert a.tcp_lane, "the relay has no TCP lane"
+        results["relayed, TCP lane"] = await measure(
             lambda: a.open_stream(b.identity.peer_id), args.rounds, bulk
         )
+
+        async def open_lane_link() -> trio.abc.Stream:
+            stream = await a.open_stream(c.identity.peer_id)
+            return await link_client(stream, a.identity, c.identity.peer_id, path="relayed")
+
+        results["relayed, TCP lane + link TLS"] = await measure(open_lane_link, args.rounds, bulk)
+        # loopback's TCP segments are 64 KB; a WAN's are ~1.4 KB: the same with WAN-sized segments
+        trio.socket.set_custom_socket_factory(_SmallSegments(args.datagram))
+        try:
+            results[f"  ... with {args.datagram}-byte TCP segments"] = await measure(
+                open_lane_link, args.rounds, bulk
+            )
+        finally:
+            trio.socket.set_custom_socket_factory(None)
+        assert a.lane_streams == 3 * 2, "a stream missed the lane"
         punched = await a.punch(b.identity.peer_id)  # loopback has no NAT: probes get through
 
         async def open_punched_stream() -> trio.abc.Stream:
@@ -224,10 +275,16 @@ async def main(args: argparse.Namespace) -> None:
     for name, (rt, bw) in results.items():
         print(f"{name:34} {rt:16.3f} {rt / base_rt:7.1f} {bw:10.1f} {bw / base_bw:7.3f}")
     mb_s, us = aioquic_in_memory(args.datagram, bulk)
-    print(f"{'aioquic alone, in memory':34} {'':>16} {'':>7} {mb_s:10.1f} {mb_s / base_bw:7.3f}   "
-          f"({us:.0f} µs of CPU per data datagram, both ends)")
+    print(
+        f"{'aioquic alone, in memory':34} {'':>16} {'':>7} {mb_s:10.1f} {mb_s / base_bw:7.3f}   "
+        f"({us:.0f} µs of CPU per data datagram, both ends)"
+    )
     q_rt, q_bw = results["QUIC, one hop"]
-    for name in ("relayed, spliced (2 QUIC hops)", "relayed, channel (1 QUIC hop)"):
+    for name in (
+        "relayed, spliced (2 QUIC hops)",
+        "relayed, channel (1 QUIC hop)",
+        "relayed, TCP lane + link TLS",
+    ):
         r_rt, r_bw = results[name]
         print(f"{name} vs one QUIC hop: RTT x{r_rt / q_rt:.2f}, bulk x{r_bw / q_bw:.2f}")
 
