@@ -9,11 +9,10 @@ tried with a short connect timeout, staggered like happy eyeballs, in one nurser
 (and, for links, proves the peer id) wins and cancels the rest. Punched: a stream of a direct QUIC
 connection that a relay helped open through both NATs (UDP hole punching, `RelayMember.punch`; an existing
 one, made by either side, is reused), with the link handshake run over it (`path="punched"`). Relayed
-(`path="relayed"`), the link handshake run end to end so the relay only ever forwards TLS records: a TCP
-connection through the relay's TCP lane where it has one; else, when a punch fell back to the relay's
-forwarding channel, a QUIC connection through it; else a QUIC stream the relay splices. What worked is
-remembered per peer (for `REMEMBER_S`) and tried first next time (a peer that had to be relayed is not
-punched again until then); `paths` reports it.
+(`path="relayed"`, the link handshake end to end: the relay forwards TLS records): the relay's TCP lane where
+it has one; else a QUIC connection through its forwarding channel when a punch fell back to one; else a QUIC
+stream it splices. What worked is remembered per peer (for `REMEMBER_S`) and tried first next time (a peer
+that had to be relayed is not punched again until then); `paths` reports it.
 
 Peer URLs: `http://<peer id>.peer.eldric:<http port>` names a node by its id. `http_client()` and
 `fetch_connect` (the fetcher's `connect=`) send such a URL over `open_http`; other URLs go over TCP as usual.
@@ -101,11 +100,8 @@ class Connector:
         self.paths: dict[str, LinkPath] = {}  # peer id -> the path the last link or HTTP stream took
         self._good: dict[tuple[str, str], _Worked] = {}  # (peer, kind) -> when, direct address, path
         self.frames_handler: LinkHandler | None = None  # pipeline frames (the worker)
-        self.local_http: Callable[[], tuple[str, int] | None] = lambda: (
-            None
-        )  # our HTTP port, for tagged links
-        # "forwarded": relayed links on a QUIC connection through a relay's channel (also in "relayed");
-        # "lane": relayed links through a relay's TCP lane (also in "relayed")
+        self.local_http: Callable[[], tuple[str, int] | None] = lambda: None  # our HTTP port (tagged links)
+        # also counted in "relayed": "forwarded" (QUIC via a relay's channel), "lane" (a relay's TCP lane)
         self.stats = {"direct": 0, "punched": 0, "relayed": 0, "forwarded": 0, "lane": 0, "direct_failed": 0,
                       "punch_failed": 0, "http_served": 0}  # fmt: skip
         self.ticket: str | None = None  # a joiner's join ticket, presented on relayed links

@@ -34,7 +34,7 @@ import logging
 
 import trio
 
-from eldric_p2p.errors import AuthenticationError, EldricError, PeerUnavailable, RemoteProtocolError
+from eldric_p2p.errors import AuthenticationError, PeerUnavailable, RemoteProtocolError
 from eldric_p2p.net.federation.certs import MembershipError
 from eldric_p2p.net.federation.invites import Ticket
 from eldric_p2p.net.identity import Identity
@@ -46,7 +46,6 @@ from eldric_p2p.net.relay.control import (
     check_credential_untrusted,
     recheck_credential,
 )
-from eldric_p2p.net.relay.framing import read_message, splice, write_message
 from eldric_p2p.net.relay.punch import PunchBroker
 from eldric_p2p.net.relay.quic import NetworkAddress, QuicConn, QuicStream
 from eldric_p2p.net.relay.quic_config import server_configuration
@@ -54,6 +53,7 @@ from eldric_p2p.net.relay.quic_udp import QuicServer, open_udp_socket
 from eldric_p2p.net.relay.state import MemberState as _Member
 from eldric_p2p.net.relay.state import RelayLimits as RelayLimits  # re-exported: what callers configure
 from eldric_p2p.net.relay.state import RelayStats
+from eldric_p2p.net.relay.streams import serve_open
 from eldric_p2p.net.relay.tcplane import TcpLane
 from eldric_p2p.tasks import open_nursery
 
@@ -378,123 +378,7 @@ class Relay:
             except PeerUnavailable:
                 member.kill.cancel()
                 return
-            nursery.start_soon(self._open, member, stream)
-
-    async def _refuse(self, stream: QuicStream, code: str, reason: str) -> None:
-        self.stats.streams_refused += 1
-        with trio.move_on_after(2):
-            try:
-                await write_message(stream, p.Refuse(code, reason))
-            except PeerUnavailable:
-                pass
-        await stream.aclose()
-
-    async def _open(self, member: _Member, stream: QuicStream) -> None:
-        lim = self.limits
-        with trio.move_on_after(lim.open_timeout_s) as cs:
-            try:
-                request = await read_message(stream)
-            except EldricError:
-                request = None
-        if cs.cancelled_caught or not isinstance(request, p.Open):
-            stream.abort()
-            return
-        if member.guest_of is not None and request.target != member.guest_of:
-            self.stats.streams_forbidden += 1
-            return await self._refuse(
-                stream, p.RefuseCode.FORBIDDEN, "a guest may open streams only to its inviter"
-            )
-        target = self.members.get(request.target)
-        if target is None:
-            return await self._refuse(stream, p.RefuseCode.UNKNOWN_PEER, f"{request.target} is not connected")
-        if target is member:
-            return await self._refuse(stream, p.RefuseCode.SELF, "cannot open a stream to yourself")
-        if member.streams >= lim.max_streams_per_member or target.streams >= lim.max_streams_per_member:
-            return await self._refuse(
-                stream,
-                p.RefuseCode.TOO_MANY_STREAMS,
-                f"limit {lim.max_streams_per_member} streams per member",
-            )
-        member.streams += 1
-        target.streams += 1
-        try:
-            if request.tcp and self.lane is not None and member.control.tcp and target.control.tcp:
-                await self._splice_tcp(member, stream, target, self.lane)
-            else:
-                await self._splice_to(member, stream, target)
-        finally:
-            member.streams -= 1
-            target.streams -= 1
-
-    async def _splice_to(self, member: _Member, stream: QuicStream, target: _Member) -> None:
-        try:
-            onward = target.conn.open_stream()
-        except PeerUnavailable:
-            return await self._refuse(stream, p.RefuseCode.UNKNOWN_PEER, "target just left")
-        reply: p.Message | None = None
-        with trio.move_on_after(self.limits.open_timeout_s):
-            try:
-                await write_message(onward, p.Incoming(member.peer_id))
-                reply = await read_message(onward)
-            except EldricError:
-                reply = None
-        if not isinstance(reply, p.Accept):
-            onward.abort()
-            if isinstance(reply, p.Refuse):
-                return await self._refuse(stream, reply.code, reply.reason)
-            return await self._refuse(stream, p.RefuseCode.TIMEOUT, "target did not answer")
-        done = False
-        try:
-            await write_message(stream, p.Accept())
-            self.stats.streams_spliced += 1
-            self.stats.bytes_spliced += await splice(stream, onward, self.limits.stream_window)
-            done = True
-        except PeerUnavailable:
-            pass
-        finally:
-            if done:
-                await stream.aclose()
-                await onward.aclose()
-            else:  # cancelled (a member left) or broken: both ends see a reset, not a silent hang
-                stream.abort()
-                onward.abort()
-
-    async def _splice_tcp(self, member: _Member, stream: QuicStream, target: _Member, lane: TcpLane) -> None:
-        """The TCP lane: tickets to the target (INCOMING) and, once it accepted, to the opener (ACCEPT); then
-        hold the two members' stream slots until the splice of their TCP connections ends."""
-        pair = lane.expect()
-        if pair is None:
-            return await self._refuse(stream, p.RefuseCode.TCP_FAILED, "too many TCP lane splices pending")
-        try:
-            try:
-                onward = target.conn.open_stream()
-            except PeerUnavailable:
-                return await self._refuse(stream, p.RefuseCode.UNKNOWN_PEER, "target just left")
-            reply: p.Message | None = None
-            with trio.move_on_after(self.limits.open_timeout_s):
-                try:
-                    await write_message(onward, p.Incoming(member.peer_id, pair.tickets[1]))
-                    reply = await read_message(onward)
-                except EldricError:
-                    reply = None
-            await onward.aclose()
-            if not isinstance(reply, p.Accept):
-                if isinstance(reply, p.Refuse):
-                    return await self._refuse(stream, reply.code, reply.reason)
-                return await self._refuse(stream, p.RefuseCode.TIMEOUT, "target did not answer")
-            try:
-                await write_message(stream, p.Accept(pair.tickets[0]))
-            except PeerUnavailable:
-                return
-            await stream.aclose()
-            with trio.move_on_after(self.limits.open_timeout_s):
-                await pair.both.wait()
-            if pair.both.is_set():
-                self.stats.streams_spliced += 1
-                await pair.done.wait()
-                self.stats.bytes_spliced += pair.moved
-        finally:
-            lane.cancel(pair)  # also when the member leaves (its tasks are cancelled): the splice stops
+            nursery.start_soon(serve_open, self, member, stream)
 
 
 async def _send_quietly(stream: QuicStream, data: bytes) -> None:
