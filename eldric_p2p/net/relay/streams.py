@@ -134,8 +134,8 @@ async def _splice_tcp(
             return
         await stream.aclose()
         with trio.move_on_after(relay.limits.open_timeout_s):
-            await pair.both.wait()
-        if pair.both.is_set():
+            await pair.settled.wait()
+        if pair.spliced:
             relay.stats.streams_spliced += 1
             await pair.done.wait()
             relay.stats.bytes_spliced += pair.moved

@@ -57,7 +57,8 @@ class Pair:
 
     tickets: tuple[bytes, bytes]
     streams: list[trio.SocketStream] = field(default_factory=list)
-    both: trio.Event = field(default_factory=trio.Event)  # both connections arrived; the splice runs
+    spliced: bool = False  # both connections arrived and the splice started
+    settled: trio.Event = field(default_factory=trio.Event)  # spliced, or cancelled
     done: trio.Event = field(default_factory=trio.Event)  # the splice ended (or the pair was cancelled)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     moved: int = 0
@@ -89,12 +90,13 @@ class TcpLane:
         """Give up on `pair` (its opener's request ended): forget its tickets and stop its splice."""
         if pair in self._pairs:
             self._pairs.discard(pair)
-            if not pair.both.is_set():
+            if not pair.spliced:
                 self.stats.expired += 1
         for t in pair.tickets:
             if self._tickets.get(t) is pair:
                 del self._tickets[t]
         pair.scope.cancel()
+        pair.settled.set()
         pair.done.set()
 
     async def handle(self, stream: trio.SocketStream) -> None:
@@ -109,12 +111,16 @@ class TcpLane:
                 self.stats.bad_ticket += 1
                 return
             pair.streams.append(stream)
-            if len(pair.streams) == 1:  # the first: hold the connection until the splice ends
-                await pair.done.wait()
-                return
+            first = len(pair.streams) == 1
+            if first:  # wait for the other side (or the pair's end) before it stops counting as unpaired
+                await pair.settled.wait()
         finally:
             self._unpaired -= 1
-        pair.both.set()
+        if first:  # hold the connection until the splice (run by the other side's task) ends
+            await pair.done.wait()
+            return
+        pair.spliced = True
+        pair.settled.set()
         self.stats.spliced += 1
         self._pairs.discard(pair)
         try:

@@ -125,6 +125,7 @@ def test_a_relayed_stream_goes_over_the_tcp_lane_both_ways_with_half_close() -> 
             assert isinstance(stream, trio.SocketStream)
             payload = os.urandom(2_000_000)
             assert await roundtrip(stream, payload) == payload
+            assert relay.lane._unpaired == 0  # a spliced pair holds no slot of the unpaired limit
             await stream.send_eof()
             with trio.fail_after(2):
                 assert await stream.receive_some() == b""  # b's EOF came back through the splice
