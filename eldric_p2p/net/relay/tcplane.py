@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass, field
 
 import trio
@@ -32,6 +33,7 @@ from eldric_p2p.tasks import open_nursery
 log = logging.getLogger(__name__)
 
 MAGIC = b"ETL1"
+KEEPALIVE_S = 30  # TCP keepalive idle time and interval on a member's lane connection
 
 
 @dataclass(frozen=True)
@@ -165,8 +167,15 @@ class TcpLane:
 
 
 async def dial(host: str, port: int, ticket: bytes) -> trio.SocketStream:
-    """Member side: a TCP connection to the relay's lane, the ticket sent. Raises OSError on failure."""
+    """Member side: a TCP connection to the relay's lane, the ticket sent. Raises OSError on failure.
+
+    TCP keepalives every KEEPALIVE_S keep an idle link's NAT mapping (home routers drop silent TCP mappings
+    after minutes to hours) and notice a relay that vanished without a FIN."""
     stream = await trio.open_tcp_stream(host, port)
+    stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", KEEPALIVE_S), ("TCP_KEEPINTVL", KEEPALIVE_S), ("TCP_KEEPCNT", 4)):
+        if hasattr(socket, option):  # Linux names; other systems keep their defaults
+            stream.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
     try:
         await stream.send_all(MAGIC + ticket)
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

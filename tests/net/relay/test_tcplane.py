@@ -4,6 +4,7 @@ its fallbacks to QUIC, and what it does with hostile connections. One trio proce
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -123,6 +124,7 @@ def test_a_relayed_stream_goes_over_the_tcp_lane_both_ways_with_half_close() -> 
             assert relay.lane is not None and relay.tcp_port and a.tcp_lane and b.tcp_lane
             stream = await a.open_stream(b.identity.peer_id)
             assert isinstance(stream, trio.SocketStream)
+            assert stream.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1  # idle NAT mappings live
             payload = os.urandom(2_000_000)
             assert await roundtrip(stream, payload) == payload
             assert relay.lane._unpaired == 0  # a spliced pair holds no slot of the unpaired limit
