@@ -35,7 +35,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--relay", action="append", default=[], metavar="HOST:PORT", help="edge relay to join (repeatable)"
     )
     p.add_argument(
-        "--relay-listen", default=None, metavar="HOST:PORT", help="run an edge relay on this address (QUIC on UDP, its TCP lane on TCP, the same port)"
+        "--relay-listen",
+        default=None,
+        metavar="HOST:PORT",
+        help="run an edge relay on this address (QUIC on UDP, its TCP lane on TCP, the same port)",
     )
     p.add_argument("--no-punch", action="store_true",
                    help="no UDP hole punching: peers behind NAT are reached only through relays")  # fmt: skip
