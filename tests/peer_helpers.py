@@ -1,4 +1,4 @@
-"""Helpers shared by the peer-table tests (relay, discovery)."""
+"""Helpers shared by the peer-table and relay tests (relay, discovery, the TCP lane)."""
 
 from __future__ import annotations
 
@@ -23,3 +23,25 @@ async def wait_for(tables: list[PeerTable], cond: Callable[[], bool]) -> None:
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(changed)
+
+
+async def eventually(cond: Callable[[], bool]) -> None:
+    """Poll `cond` (under the caller's deadline) for state that has no event: counters, flags."""
+    while not cond():  # noqa: ASYNC110
+        await trio.sleep(0.02)
+
+
+async def roundtrip(stream: trio.abc.Stream, payload: bytes) -> bytes:
+    """Send `payload` to an echoing peer while reading the echo back; returns what came back."""
+    got = bytearray()
+
+    async def reader() -> None:
+        while len(got) < len(payload):
+            chunk = await stream.receive_some()
+            assert chunk, "stream ended early"
+            got.extend(chunk)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await stream.send_all(payload)
+    return bytes(got)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
 import trio
 from aioquic.quic.connection import QuicConnection
-from peer_helpers import wait_for
+from peer_helpers import eventually, roundtrip, wait_for
 
 from eldric_p2p.errors import PeerUnavailable
 from eldric_p2p.net.connector import Connector
@@ -54,27 +54,6 @@ def make_member(
         open_timeout_s=2.0,
         handshake_timeout_s=2.0,
     )
-
-
-async def eventually(cond: Callable[[], bool]) -> None:
-    """Poll `cond` (under the caller's deadline) for state that has no event: counters, flags."""
-    while not cond():  # noqa: ASYNC110
-        await trio.sleep(0.02)
-
-
-async def roundtrip(stream: QuicStream, payload: bytes) -> bytes:
-    got = bytearray()
-
-    async def reader() -> None:
-        while len(got) < len(payload):
-            chunk = await stream.receive_some()
-            assert chunk, "stream ended early"
-            got.extend(chunk)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(reader)
-        await stream.send_all(payload)
-    return bytes(got)
 
 
 @asynccontextmanager

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import pytest
 import trio
+from peer_helpers import eventually, roundtrip
 
 from eldric_p2p.errors import RemoteProtocolError
 from eldric_p2p.net.discovery import PeerTable
@@ -55,26 +56,6 @@ async def relay_with(limits: RelayLimits = FAST) -> AsyncIterator[tuple[Relay, R
                 await m.wait_registered()
         yield relay, members[0], members[1]
         nursery.cancel_scope.cancel()
-
-
-async def roundtrip(stream: trio.abc.Stream, payload: bytes) -> bytes:
-    got = bytearray()
-
-    async def reader() -> None:
-        while len(got) < len(payload):
-            chunk = await stream.receive_some()
-            assert chunk, "stream ended early"
-            got.extend(chunk)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(reader)
-        await stream.send_all(payload)
-    return bytes(got)
-
-
-async def eventually(cond: object) -> None:
-    while not cond():  # type: ignore[operator]  # noqa: ASYNC110
-        await trio.sleep(0.02)
 
 
 # ---------------------------------------------------------------------------------------------- protocol
