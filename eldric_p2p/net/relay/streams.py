@@ -69,23 +69,37 @@ async def serve_open(relay: Relay, member: _Member, stream: QuicStream) -> None:
         target.streams -= 1
 
 
-async def _splice_quic(relay: Relay, member: _Member, stream: QuicStream, target: _Member) -> None:
+async def _ask_target(
+    relay: Relay, member: _Member, stream: QuicStream, target: _Member, ticket: bytes = b""
+) -> QuicStream | None:
+    """INCOMING to the target on a new stream; that stream once it ACCEPTs, else None with the opener's
+    `stream` refused (the target's REFUSE passed on, or left, or no answer in time)."""
     try:
         onward = target.conn.open_stream()
     except PeerUnavailable:
-        return await refuse(relay, stream, p.RefuseCode.UNKNOWN_PEER, "target just left")
+        await refuse(relay, stream, p.RefuseCode.UNKNOWN_PEER, "target just left")
+        return None
     reply: p.Message | None = None
     with trio.move_on_after(relay.limits.open_timeout_s):
         try:
-            await write_message(onward, p.Incoming(member.peer_id))
+            await write_message(onward, p.Incoming(member.peer_id, ticket))
             reply = await read_message(onward)
         except EldricError:
             reply = None
-    if not isinstance(reply, p.Accept):
-        onward.abort()
-        if isinstance(reply, p.Refuse):
-            return await refuse(relay, stream, reply.code, reply.reason)
-        return await refuse(relay, stream, p.RefuseCode.TIMEOUT, "target did not answer")
+    if isinstance(reply, p.Accept):
+        return onward
+    onward.abort()
+    if isinstance(reply, p.Refuse):
+        await refuse(relay, stream, reply.code, reply.reason)
+    else:
+        await refuse(relay, stream, p.RefuseCode.TIMEOUT, "target did not answer")
+    return None
+
+
+async def _splice_quic(relay: Relay, member: _Member, stream: QuicStream, target: _Member) -> None:
+    onward = await _ask_target(relay, member, stream, target)
+    if onward is None:
+        return
     done = False
     try:
         await write_message(stream, p.Accept())
@@ -112,22 +126,10 @@ async def _splice_tcp(
     if pair is None:
         return await refuse(relay, stream, p.RefuseCode.TCP_FAILED, "too many TCP lane splices pending")
     try:
-        try:
-            onward = target.conn.open_stream()
-        except PeerUnavailable:
-            return await refuse(relay, stream, p.RefuseCode.UNKNOWN_PEER, "target just left")
-        reply: p.Message | None = None
-        with trio.move_on_after(relay.limits.open_timeout_s):
-            try:
-                await write_message(onward, p.Incoming(member.peer_id, pair.tickets[1]))
-                reply = await read_message(onward)
-            except EldricError:
-                reply = None
-        await onward.aclose()
-        if not isinstance(reply, p.Accept):
-            if isinstance(reply, p.Refuse):
-                return await refuse(relay, stream, reply.code, reply.reason)
-            return await refuse(relay, stream, p.RefuseCode.TIMEOUT, "target did not answer")
+        onward = await _ask_target(relay, member, stream, target, pair.tickets[1])
+        if onward is None:
+            return
+        await onward.aclose()  # the target has dialed the lane: this stream has done its job
         try:
             await write_message(stream, p.Accept(pair.tickets[0]))
         except PeerUnavailable:
