@@ -60,8 +60,7 @@ def pipeline(model: Path, delay_ms: float, tokens: int, nat: str) -> dict:
                 time.sleep(1)
             runs = [run_json(fed.lab.argv("data", chat)) for _ in range(2)]
             split = stage_times(fed)
-            status = fed.get("data", f"{url}/api/v1/pipeline/status")
-            links = [s["link"] for s in status["deployments"][0]["stages"]]  # type: ignore[index]
+            links = [link for _, link in fed.stage_links()]
             ranges = [(s["worker"], s["start"], s["end"]) for s in dep["stages"]]
             best = max(runs, key=lambda r: r["decode_tokens_per_s"])
             return {"delay_ms": delay_ms, "deploy_s": deploy_s, "links": links, "ranges": ranges,

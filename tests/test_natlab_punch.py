@@ -219,13 +219,7 @@ def test_qwen_across_two_sites_goes_direct_through_punched_paths_or_relayed_and_
         assert got["token_ids"] == reference["token_ids"] and got["text"] == reference["text"]
 
         want = "punched" if lab.nat == "eim" else "relayed"
-        deadline = time.monotonic() + 30
-        while True:  # the coordinator learns each stage's next-hop path from its next status poll
-            status = fed.get("data", f"{data.url}/api/v1/pipeline/status")
-            links = [(s["worker"], s["link"]) for s in status["deployments"][0]["stages"]]  # type: ignore[index]
-            if all(link is not None for _, link in links) or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
+        links = fed.stage_links()
         assert links == [("a1", want), ("b1", want)]  # a1 -> b1 and b1 -> a1 (the tokens back to the head)
         text = fed.cli("data", "status", "--node", data.url)
         assert text.returncode == 0, text.stderr

@@ -440,6 +440,17 @@ class Federation:
         out = self.lab.exec(role, sys.executable, "-c", code)
         return json.loads(out.stdout)
 
+    def stage_links(self, timeout: float = 30.0) -> list[tuple[str, str | None]]:
+        """(worker, path of its link to the next hop) per stage of the data peer's first deployment, waiting
+        until every path is known: the coordinator learns each from the stage's next status poll."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.get("data", f"{self.nodes['data'].url}/api/v1/pipeline/status")
+            links = [(s["worker"], s["link"]) for s in status["deployments"][0]["stages"]]  # type: ignore[index]
+            if all(link is not None for _, link in links) or time.monotonic() > deadline:
+                return links
+            time.sleep(0.5)
+
     def wait_directory(self, timeout: float = 60.0) -> None:
         """Until the data peer's table lists the workers (learned from the relay)."""
         deadline = time.monotonic() + timeout
