@@ -28,6 +28,7 @@
  *   csrc/qk_layer.h.
  *   simd() / set_simd(level): the kernel set in use ('avx512', 'avx2', 'portable'), and choosing a narrower one.
  *   set_spin_us(us): how long idle workers spin for the next job.
+ *   keep_warm(seconds, n) / warm_stats(): spinners that keep the CPUs out of idle states (csrc/qk_warm.h).
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -36,6 +37,7 @@
 #include "csrc/ggml_ops.h"
 #include "csrc/qk_matmul.h"
 #include "csrc/qk_layer.h"
+#include "csrc/qk_warm.h"
 
 static int is_float32_format(const char *fmt) {
     if (fmt == NULL) return 1;
@@ -442,7 +444,34 @@ static PyObject *py_set_spin_us(PyObject *self, PyObject *arg) {
     return PyLong_FromLongLong(old / 1000);
 }
 
+static PyObject *py_keep_warm(PyObject *self, PyObject *args) {
+    (void)self;
+    double seconds;
+    int n;
+    if (!PyArg_ParseTuple(args, "di", &seconds, &n)) return NULL;
+    if (!(seconds >= 0 && seconds <= 3600) || n < 0 || n > MAX_SPINNERS) {
+        PyErr_Format(PyExc_ValueError, "keep_warm: seconds must be 0..3600 and n 0..%d", MAX_SPINNERS);
+        return NULL;
+    }
+    if (n > 0 && seconds > 0) warm_until(now_ns() + (int64_t)(seconds * 1e9), n);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_warm_stats(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+    const int64_t left = atomic_load(&g_warm_until_ns) - now_ns();
+    return Py_BuildValue("{s:i,s:i,s:d,s:d}", "started", atomic_load(&g_warm_started), "idle_policy",
+                         atomic_load(&g_warm_idle), "spun_s", (double)atomic_load(&g_warm_spun_ns) / 1e9,
+                         "warm_for_s", left > 0 ? (double)left / 1e9 : 0.0);
+}
+
 static PyMethodDef methods[] = {
+    {"keep_warm", py_keep_warm, METH_VARARGS,
+     "keep_warm(seconds, n) -> None: up to n spinner threads at SCHED_IDLE keep the CPUs from idling for the\n"
+     "next `seconds` (extends a running period, never shortens it); see csrc/qk_warm.h."},
+    {"warm_stats", py_warm_stats, METH_NOARGS,
+     "warm_stats() -> dict: spinners started, of them at SCHED_IDLE, seconds spun in all, seconds still warm."},
     {"set_spin_us", py_set_spin_us, METH_O,
      "set_spin_us(us) -> int: how long idle workers spin before sleeping (default 200); returns the old value."},
     {"qmatmul", py_qmatmul, METH_VARARGS,
@@ -470,6 +499,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__qkernels(void) {
     pthread_atfork(NULL, NULL, pool_after_fork_child);
+    pthread_atfork(NULL, NULL, warm_after_fork_child);
     ops_init();
     qk_set_simd(SIMD_AVX512);
     return PyModule_Create(&module);
