@@ -136,6 +136,7 @@ class NodeConfig:
     rebalance: bool = True  # move a running model onto fewer stages when a worker that allows it joins
     heartbeat_s: float = HEARTBEAT_S  # how often the coordinator polls the workers of its deployments
     max_queue: int = MAX_QUEUE  # requests that may wait for a pipeline headed here beyond its sessions
+    keep_warm: float | None = None  # s the CPUs stay awake after a step (engine/warm.py); None: the default
 
     @property
     def roles(self) -> list[str]:
@@ -182,6 +183,7 @@ class Node:
                 link_host=config.listen_host,
                 link_port=config.link_port,
                 connector=self.connector,
+                keep_warm=config.keep_warm,
             )
             self.connector.frames_handler = self.worker.serve_link
         self.coordinator = Coordinator(

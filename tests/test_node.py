@@ -34,10 +34,14 @@ def test_every_cli_flag_lands_in_config(tmp_path: Path) -> None:
     assert cfg.peers == [("10.0.0.2", 8470), ("h", 8470)]
     assert cfg.relays == [("relay.example", 4433)] and cfg.relay_listen == ("::", 4433)
     assert cfg.roles == ["gateway", "data-peer", "relay"]
+    assert cfg.keep_warm is None  # the default: engine/warm.py decides
+    assert config_from_args(parse(["--keep-warm", "0"])).keep_warm == 0
+    assert config_from_args(parse(["--keep-warm", "2.5"])).keep_warm == 2.5
 
 
 @pytest.mark.parametrize("argv", [["--memory", "lots"], ["--device", "tpu"], ["--listen", "h:99999"],
-                                  ["--relay", "nohostport"]])  # fmt: skip
+                                  ["--relay", "nohostport"], ["--keep-warm", "-1"],
+                                  ["--keep-warm", "nan"]])  # fmt: skip
 def test_bad_flags_are_usage_errors(argv: list[str]) -> None:
     with pytest.raises(UsageError):
         config_from_args(parse(argv))

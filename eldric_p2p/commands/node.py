@@ -80,6 +80,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=64, metavar="N",
                    help="requests that may wait for a pipeline headed here once its sessions are busy; "
                         "more get 429 with Retry-After (default 64)")  # fmt: skip
+    p.add_argument("--keep-warm", type=float, default=None, metavar="S",
+                   help="while a model generates here, keep the CPUs from idling between its steps for S "
+                        "seconds after each (spinners at the lowest priority: no work waits for them, the "
+                        "next step computes at full speed; costs power); default 1, off under a cgroup CPU "
+                        "quota; 0 turns it off")  # fmt: skip
     p.add_argument("--upstream", action="append", default=[], metavar="NAME=URL",
                    help="offer model NAME served by an OpenAI-compatible server (vLLM, llama-server, Ollama)")  # fmt: skip
 
@@ -94,6 +99,8 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     device = args.device
     if args.max_queue < 0:
         raise UsageError("--max-queue must be 0 or more")
+    if args.keep_warm is not None and not 0 <= args.keep_warm <= 3600:
+        raise UsageError("--keep-warm must be 0..3600 seconds")
     if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise UsageError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
     if args.v1_auth == "api-key" and not args.api_key:
@@ -124,6 +131,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         model_ttl=parse_duration(args.model_ttl, max_s=365 * 86400, allow_zero=True),
         max_queue=args.max_queue,
         rebalance=not args.no_rebalance,
+        keep_warm=args.keep_warm,
     )
 
 

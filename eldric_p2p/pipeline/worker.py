@@ -19,6 +19,7 @@ import httpx
 import trio
 
 from eldric_p2p.engine.device import available_memory, default_offer, free_memory, resolve_device
+from eldric_p2p.engine.warm import KeepWarm
 from eldric_p2p.errors import DoesNotFit, EldricError, UsageError
 from eldric_p2p.net.identity import Identity
 from eldric_p2p.net.links import serve_tcp_links
@@ -51,7 +52,10 @@ class Worker(StageLinks):
         link_host: str = "127.0.0.1",
         link_port: int = 0,
         connector: Connector | None = None,
+        keep_warm: float | None = None,
     ) -> None:
+        import torch
+
         self.identity = identity
         # With a connector, next hops, data peers and peer URLs are reached by peer id (direct or relayed)
         # and incoming links go through its dispatch (HTTP-tagged links to the API, the rest to us).
@@ -65,6 +69,8 @@ class Worker(StageLinks):
         self.link_port = link_port
         self.shards: dict[str, Shard] = {}
         self.limiter = trio.CapacityLimiter(1)  # one torch forward at a time: each uses every core
+        # the CPUs that compute (and the event loop's) stay awake between steps: see engine/warm.py
+        self.warm = KeepWarm(keep_warm, cpus=torch.get_num_threads() + 1)
         self._stage_sessions: dict[int, StageSession] = {}
         self._head_sessions: dict[int, Shard] = {}
         self._nursery: trio.Nursery | None = None
@@ -111,6 +117,7 @@ class Worker(StageLinks):
             "shards": [s.status() for s in self.shards.values()],
             "frames_refused": self.frames_refused,
             "draining": self.draining,
+            "keep_warm": self.warm.status(),
         }
 
     def http_client(self) -> httpx.AsyncClient:
@@ -183,7 +190,10 @@ class Worker(StageLinks):
 
     async def compute(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking torch work in a thread, one at a time on this worker."""
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter, abandon_on_cancel=True)
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter, abandon_on_cancel=True)
+        finally:
+            self.warm.touch()
 
     def _spawn(self, shard: Shard, fn: Callable[..., Any], *args: Any) -> None:
         """Start a task tied to `shard`: unloading the shard cancels it."""

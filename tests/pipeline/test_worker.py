@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import sys
 from pathlib import Path
 
 import httpx
@@ -12,7 +13,9 @@ import trio
 from test_pipeline import MODEL, cluster, deploy, generate, joined, local_answer
 
 from eldric_p2p.engine.generate import LocalModel
+from eldric_p2p.engine.qmatmul import kernels_available
 from eldric_p2p.engine.sampling import SamplingParams
+from eldric_p2p.engine.warm import DEFAULT_SECONDS, cpu_quota
 from eldric_p2p.errors import AuthenticationError, PeerUnavailable, UsageError
 from eldric_p2p.net.frames import HEADER_SIZE, Frame, FrameReader, FrameType, send_frame, token_frame
 from eldric_p2p.net.identity import Identity
@@ -136,6 +139,11 @@ def test_status_unload_frees_memory_and_the_head_goes_away(tmp_path: Path, model
             assert shard["state"] == "ready" and shard["role"] == "head" and shard["needed"] > 0
             assert st["free"] == 64 * MiB - shard["needed"]
             assert shard["progress"]["done"] == shard["progress"]["total"] > 0
+            warm = st["keep_warm"]  # loading the stage computed, so the spinners have run (engine/warm.py)
+            if kernels_available() and sys.platform == "linux" and cpu_quota() is None:
+                assert warm["off"] is None and warm["seconds"] == DEFAULT_SECONDS and warm["spinners"] >= 1
+            else:
+                assert warm["off"] and warm["seconds"] == 0
             assert [b.model_id for b in m[0].node.backends()] == [MODEL]
             r = await c.post(f"{m[0].url}/api/v1/pipeline/undeploy", json={"deployment_id": dep["id"]})
             assert r.status_code == 200
