@@ -71,5 +71,10 @@ def test_eight_batched_sessions_each_equal_their_single_session_run(
                 st = shard.batcher.status()
                 print(f"{member.node.name}: {st}")
                 assert st["largest"] >= 2 and st["batches"] < st["steps"], st  # steps ran together
+                sst = shard.status()  # where a decode step's time went: the head's wait, each hop's time
+                if stages > 1 and shard.a.stage_index > 0:
+                    assert sst["hop_ms"] > 0 and sst["ring_ms"] is None
+                elif stages > 1:
+                    assert sst["ring_ms"] > 0 and sst["hop_ms"] is None
 
     trio.run(main)

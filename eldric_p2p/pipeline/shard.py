@@ -87,6 +87,7 @@ class Shard:
         self.scopes: set[trio.CancelScope] = set()
         self.head_sessions: dict[int, trio.MemorySendChannel[Frame]] = {}
         self.ring_ms: list[float] = []  # head: recent decode steps' wait from hidden state out to token
+        self.hop_ms: list[float] = []  # other stages: recent decode steps' time from frame in to frame out
         self.backend: Any = None  # pipeline.PipelineBackend, made on first use (head only)
         self.batcher: StepBatcher | None = None  # runs its sessions' steps, batched (set once loaded)
         self.created = time.time()
@@ -126,6 +127,8 @@ class Shard:
             "batching": self.batcher.status() if self.batcher is not None else None,
             # head: the median wait for a decode step's token from the other stages (their compute + links)
             "ring_ms": round(statistics.median(self.ring_ms), 2) if self.ring_ms else None,
+            # other stages: the median time from a decode step's frame in to its output sent (compute too)
+            "hop_ms": round(statistics.median(self.hop_ms), 2) if self.hop_ms else None,
             "retiring": self.retiring,
         }
 

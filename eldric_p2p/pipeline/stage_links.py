@@ -21,6 +21,7 @@ this half owns what happens to a frame once a shard is ready.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -340,6 +341,7 @@ class StageLinks:
     async def _hidden(self, sess: StageSession, frame: Frame) -> None:
         import torch
 
+        t_in = time.perf_counter()
         shard = sess.shard
         stage = shard.stage
         assert stage is not None
@@ -376,3 +378,6 @@ class StageLinks:
             await self.send_down(shard, reply)
         except StageFailed as exc:
             await self._fail(shard, sess.sid, shard.a.next.label(), str(exc), forward=False)
+            return
+        if frame.n_tokens == 1:  # a decode step
+            shard.hop_ms = [*shard.hop_ms[-31:], (time.perf_counter() - t_in) * 1000]
