@@ -6,8 +6,10 @@ In a pipeline across sites each stage waits for the others and for the WAN betwe
 20 ms per WAN link a stage of three idles ~100 ms per token. This runs the model's three stages (the split of
 bench_wan.py) one after another in one process and times each stage's forward, with nothing between them
 (as in one process), with a sleep before each (the CPU idles, as in a pipeline), with a busy wait of the same
-length (the CPU never idles), and with a sleep that ends in a few milliseconds of work on both cores. The
-difference between the first rows is the machine's, not the pipeline's: no network, no other process.
+length (the CPU never idles), with a sleep that ends in a few milliseconds of work on both cores, and with a
+sleep while the keep-warm spinners of `eldric-p2p node` run (engine/warm.py: at SCHED_IDLE they take no time
+from the work, but the CPUs never idle). The difference between the first rows is the machine's, not the
+pipeline's: no network, no other process.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from eldric_p2p.data.refmodels import resolve_model
 from eldric_p2p.engine.generate import LocalModel
+from eldric_p2p.engine.warm import KeepWarm
 
 
 def busy(seconds: float) -> None:
@@ -78,6 +81,12 @@ def main() -> None:
     run("sleep 33 ms (~100 ms idle per token)", lambda: time.sleep(0.033))
     run("busy wait 33 ms (the CPU never idles)", lambda: busy(0.033))
     run("sleep 25 ms, then 8 ms busy on both cores", lambda: (time.sleep(0.025), busy_both_cores(0.008)))
+    kw = KeepWarm(1.0, cpus=args.threads + 1)
+    if kw.on:  # what `eldric-p2p node` does between steps (--keep-warm, default 1 s)
+        run("sleep 33 ms with keep-warm spinners", lambda: (kw.touch(), time.sleep(0.033)))
+        time.sleep(1.5)  # their window ends before the next row
+    else:
+        print(f"(keep-warm spinners: off here, {kw.off})")
     run("nothing (back to back, again)", lambda: None)
 
 

@@ -1,6 +1,7 @@
 """Decode tokens/s of a pipeline spanning two NATed sites, beside the bound from compute plus hop latency.
 
     sudo python benchmarks/bench_wan.py [--model PATH] [--delay-ms 20] [--tokens 48] [--nat symmetric,eim]
+                                        [--keep-warm 1,0] [--no-baseline]
 
 Builds the NAT lab (tunnel/natlab.py) once per NAT kind and delay (the given one, and 0 ms for comparison),
 starts a relay, a public data peer and workers a1, a2 (site A) and b1 (site B) as `eldric-p2p node`
@@ -13,6 +14,9 @@ both, the ratio and the overhead per token beyond the bound; then, from the work
 step's time went (each stage's compute, the links, the rest at the head) and the same bound with the stages'
 compute as they measured it in the pipeline: a stage whose CPU idles between steps computes slower than one
 process running back to back (benchmarks/bench_idle.py), which is the machine's doing, not the network's.
+The workers run with each `--keep-warm` value in turn (`eldric-p2p node --keep-warm S`: spinners at the
+lowest priority keep their CPUs from idling between steps, engine/warm.py), so the rows compare both in one
+run; `--no-baseline` skips the 0 ms rows.
 """
 
 from __future__ import annotations
@@ -39,10 +43,10 @@ def run_json(argv: list[str], timeout: float = 900) -> dict:
     return json.loads(proc.stdout)
 
 
-def pipeline(model: Path, delay_ms: float, tokens: int, nat: str) -> dict:
+def pipeline(model: Path, delay_ms: float, tokens: int, nat: str, keep_warm: str) -> dict:
     lab_cm = natlab.natlab(prefix="elpb", delay_ms=delay_ms, nat=nat)
     with lab_cm as lab, tempfile.TemporaryDirectory() as tmp:
-        fed = natlab.Federation(lab, tmp, str(model.parent))
+        fed = natlab.Federation(lab, tmp, str(model.parent), worker_args=("--keep-warm", keep_warm))
         try:
             fed.start()
             fed.wait_directory()
@@ -60,11 +64,13 @@ def pipeline(model: Path, delay_ms: float, tokens: int, nat: str) -> dict:
                 time.sleep(1)
             runs = [run_json(fed.lab.argv("data", chat)) for _ in range(2)]
             split = stage_times(fed)
+            warm = [fed.get(role, f"{fed.nodes[role].url}/api/v1/worker/status")["keep_warm"]  # type: ignore[index]
+                    for role in ("a1", "a2", "b1")]  # fmt: skip
             links = [link for _, link in fed.stage_links()]
             ranges = [(s["worker"], s["start"], s["end"]) for s in dep["stages"]]
             best = max(runs, key=lambda r: r["decode_tokens_per_s"])
             return {"delay_ms": delay_ms, "deploy_s": deploy_s, "links": links, "ranges": ranges,
-                    "split": split, **best}  # fmt: skip
+                    "split": split, "warm": warm, **best}  # fmt: skip
         finally:
             fed.stop()
 
@@ -79,6 +85,8 @@ def stage_times(fed: natlab.Federation) -> dict[str, float | None]:
             out[role] = (shard.get("batching") or {}).get("recent_compute_ms")
             if shard.get("ring_ms") is not None:
                 out["ring"] = shard["ring_ms"]
+            if shard.get("hop_ms") is not None:
+                out[f"{role} hop"] = shard["hop_ms"]
     return out
 
 
@@ -89,7 +97,12 @@ def main() -> int:
     ap.add_argument("--delay-ms", type=float, default=20.0, help="one-way delay per WAN link")
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--nat", default="symmetric,eim", help="NAT kinds of the lab to run (natlab.NAT_KINDS)")
+    ap.add_argument("--keep-warm", default="1,0", help="the workers' --keep-warm values to compare (seconds)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the 0 ms rows")
     args = ap.parse_args()
+    warms = [w for w in args.keep_warm.split(",") if w]
+    if not warms or any(not w.replace(".", "", 1).isdigit() for w in warms):
+        raise SystemExit(f"--keep-warm {args.keep_warm}: seconds, comma-separated, e.g. 1,0")
     nats = [n for n in args.nat.split(",") if n]
     if bad := [n for n in nats if n not in natlab.NAT_KINDS]:
         raise SystemExit(f"--nat {','.join(bad)}: use {', '.join(natlab.NAT_KINDS)}")
@@ -102,20 +115,26 @@ def main() -> int:
 
     print(f"model {args.model.name}; the bound's compute is the faster of two one-process runs made just "
           "before each pipeline run (a noisy machine moves it)")  # fmt: skip
-    print(f"{'NAT':>10} {'WAN delay':>10} {'links':>26} {'tok/s':>7} {'ms/tok':>7} {'compute ms':>11} "
-          f"{'bound ms':>9} {'ratio':>6} {'overhead ms':>12} {'same ids':>9}")  # fmt: skip
-    for nat, delay in [(nat, delay) for nat in nats for delay in (0.0, args.delay_ms)]:
+    print(f"{'NAT':>10} {'WAN delay':>10} {'warm':>5} {'links':>26} {'tok/s':>7} {'ms/tok':>7} "
+          f"{'compute ms':>11} {'bound ms':>9} {'ratio':>6} {'overhead ms':>12} {'same ids':>9}")  # fmt: skip
+    delays = (args.delay_ms,) if args.no_baseline else (0.0, args.delay_ms)
+    for nat, delay, warm in [(n, d, w) for n in nats for d in delays for w in warms]:
         ref = max((local() for _ in range(2)), key=lambda r: r["decode_tokens_per_s"])
         compute_ms = 1000 / ref["decode_tokens_per_s"]
-        r = pipeline(args.model, delay, args.tokens, nat)
+        r = pipeline(args.model, delay, args.tokens, nat, warm)
         ms = 1000 / r["decode_tokens_per_s"]
         bound_ms = compute_ms + WAN_CROSSINGS_PER_TOKEN * delay
         same = r["token_ids"] == ref["token_ids"][: len(r["token_ids"])]
-        print(f"{nat:>10} {delay:>8.0f}ms {'/'.join(r['links']):>26} {r['decode_tokens_per_s']:>7.2f} "
-              f"{ms:>7.1f} {compute_ms:>11.1f} {bound_ms:>9.1f} {bound_ms / ms:>6.2f} "
-              f"{ms - bound_ms:>12.1f} {str(same):>9}")  # fmt: skip
+        print(f"{nat:>10} {delay:>8.0f}ms {warm:>5} {'/'.join(r['links']):>26} "
+              f"{r['decode_tokens_per_s']:>7.2f} {ms:>7.1f} {compute_ms:>11.1f} {bound_ms:>9.1f} "
+              f"{bound_ms / ms:>6.2f} {ms - bound_ms:>12.1f} {str(same):>9}")  # fmt: skip
         print(f"{'':22}ranges {r['ranges']}, deploy {r['deploy_s']:.1f} s, prefill {r['prefill_s']:.2f} s, "
               f"{len(r['token_ids'])} tokens")  # fmt: skip
+        spinners = "/".join(str(w["spinners"]) for w in r["warm"])
+        off = r["warm"][0]["off"]
+        spun = sum(w["spun_s"] for w in r["warm"])
+        print(f"{'':22}keep-warm spinners a1/a2/b1 {spinners}, spun {spun:.1f} s"
+              + (f" (off: {off})" if off else ""))  # fmt: skip
         sp = r["split"]
         if all(sp.get(k) is not None for k in ("a1", "a2", "b1", "ring")):
             links = sp["ring"] - sp["a2"] - sp["b1"]  # the head's wait minus the other stages' compute
@@ -123,6 +142,13 @@ def main() -> int:
             print(f"{'':22}per decode step (medians): compute a1 {sp['a1']:.1f} + a2 {sp['a2']:.1f} + b1 "
                   f"{sp['b1']:.1f} ms; the three links {links:.1f} ms (WAN delay {wan:.0f} of it); the rest "
                   f"of a step at the head {ms - sp['ring'] - sp['a1']:.1f} ms")  # fmt: skip
+            if sp.get("a2 hop") is not None and sp.get("b1 hop") is not None:
+                wire = sp["ring"] - sp["a2 hop"] - sp["b1 hop"]
+                print(f"{'':22}a decode step from frame in to frame out at a2 {sp['a2 hop']:.1f} ms, b1 "
+                      f"{sp['b1 hop']:.1f} (beyond their compute {sp['a2 hop'] - sp['a2']:.1f}, "
+                      f"{sp['b1 hop'] - sp['b1']:.1f}); on the wire (a1 -> a2 -> b1 -> a1, in the kernels, "
+                      f"the lab's forwarder and the relay) {wire:.1f} ms, {wire - wan:.1f} beyond the WAN "
+                      "delay")  # fmt: skip
             staged = sp["a1"] + sp["a2"] + sp["b1"]
             print(f"{'':22}with the stages' compute as measured in this run ({staged:.1f} ms): bound "
                   f"{staged + wan:.1f} ms, ratio {(staged + wan) / ms:.2f}, transport overhead "

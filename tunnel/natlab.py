@@ -398,6 +398,7 @@ class Federation:
     models: str
     memory: str = "1GiB"
     workers: tuple[str, ...] = WORKERS
+    worker_args: tuple[str, ...] = ()  # more `eldric-p2p node` flags for the workers
     nodes: dict[str, Node] = field(default_factory=dict)
 
     def start_relay(self) -> Node:
@@ -415,7 +416,7 @@ class Federation:
         self.nodes["data"] = Node(self.lab, "data", argv, f"{self.tmp}/data.log")
         for role in self.workers:
             argv = node_argv(self.lab, role, f"{self.tmp}/{role}", "--device", "cpu", "--memory", self.memory,
-                             "--relay", relay)  # fmt: skip
+                             "--relay", relay, *self.worker_args)  # fmt: skip
             self.nodes[role] = Node(self.lab, role, argv, f"{self.tmp}/{role}.log")
         for role in ("data", *self.workers):
             self.nodes[role].wait_serving()
