@@ -50,6 +50,7 @@ from eldric_p2p.net.links import (
     link_client,
     serve_link_stream,
 )
+from eldric_p2p.net.pacing import unpaced
 from eldric_p2p.tasks import open_nursery
 
 if typing.TYPE_CHECKING:
@@ -156,7 +157,8 @@ class Connector:
         """
 
         async def attempt(host: str, p: int) -> Link:
-            with trio.fail_after(self.direct_timeout):
+            # unpaced: a link's frames leave whole (net/pacing.py)
+            with trio.fail_after(self.direct_timeout), unpaced():
                 stream = await trio.open_tcp_stream(host, p)
             return await link_client(
                 stream, self.identity, peer_id, path="direct", handshake_timeout=self.handshake_timeout

@@ -55,6 +55,7 @@ from eldric_p2p.errors import AuthenticationError, EldricError, PeerUnavailable
 from eldric_p2p.net.federation.certs import MemberCert, MembershipError
 from eldric_p2p.net.handshake import HANDSHAKE_TIMEOUT_S, ClientHandshake, ServerHandshake
 from eldric_p2p.net.identity import Identity, peer_id_of
+from eldric_p2p.net.pacing import unpaced
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +314,7 @@ async def open_tcp_link(
     Raises `PeerUnavailable` when the address does not answer, `AuthenticationError` as `link_client`.
     """
     try:
-        with trio.fail_after(handshake_timeout):
+        with trio.fail_after(handshake_timeout), unpaced():  # frames leave whole (net/pacing.py)
             stream = await trio.open_tcp_stream(host, port)
     except (OSError, trio.TooSlowError) as exc:
         raise PeerUnavailable(f"cannot connect to {host}:{port}: {exc}") from exc

@@ -38,6 +38,7 @@ from eldric_p2p.errors import AuthenticationError, PeerUnavailable, RemoteProtoc
 from eldric_p2p.net.federation.certs import MembershipError
 from eldric_p2p.net.federation.invites import Ticket
 from eldric_p2p.net.identity import Identity
+from eldric_p2p.net.pacing import unpaced
 from eldric_p2p.net.relay import protocol as p
 from eldric_p2p.net.relay.channels import ChannelTable
 from eldric_p2p.net.relay.control import (
@@ -128,7 +129,8 @@ class Relay:
         listeners: list[trio.SocketListener] = []
         for port in (self.address[1], 0):
             try:
-                listeners = await trio.open_tcp_listeners(port, host=host or None)
+                with unpaced():  # what the relay passes on leaves whole (net/pacing.py)
+                    listeners = await trio.open_tcp_listeners(port, host=host or None)
                 break
             except OSError as exc:
                 log.warning("relay: TCP lane cannot listen on %s:%d: %s", host, port, exc)

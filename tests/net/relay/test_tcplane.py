@@ -16,6 +16,7 @@ from peer_helpers import eventually, roundtrip
 from eldric_p2p.errors import RemoteProtocolError
 from eldric_p2p.net.discovery import PeerTable
 from eldric_p2p.net.identity import Identity
+from eldric_p2p.net.pacing import congestion_control
 from eldric_p2p.net.relay import protocol as p
 from eldric_p2p.net.relay.client import RelayMember
 from eldric_p2p.net.relay.quic import QuicStream
@@ -106,6 +107,8 @@ def test_a_relayed_stream_goes_over_the_tcp_lane_both_ways_with_half_close() -> 
             stream = await a.open_stream(b.identity.peer_id)
             assert isinstance(stream, trio.SocketStream)
             assert stream.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1  # idle NAT mappings live
+            cc = congestion_control(stream.socket)  # frames leave whole (net/pacing.py)
+            assert cc is None or not cc.startswith("bbr")
             payload = os.urandom(2_000_000)
             assert await roundtrip(stream, payload) == payload
             assert relay.lane._unpaired == 0  # a spliced pair holds no slot of the unpaired limit
