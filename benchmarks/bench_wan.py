@@ -57,6 +57,7 @@ def pipeline(model: Path, delay_ms: float, tokens: int, nat: str, keep_warm: str
             deploy_s = time.perf_counter() - t0
             chat = [sys.executable, "-m", "eldric_p2p", "chat", model.stem, PROMPT, "--raw", "--node", url,
                     "--max-tokens", str(tokens), "--temperature", "0", "--json"]  # fmt: skip
+            lab.reset_forwarder_stats()  # its report covers the chats, not the deploy's bulk transfer
             for _ in range(30):  # the head's announcement reaches the data peer through the relay
                 proc = subprocess.run(fed.lab.argv("data", chat), capture_output=True, text=True)
                 if proc.returncode == 0:
@@ -69,10 +70,12 @@ def pipeline(model: Path, delay_ms: float, tokens: int, nat: str, keep_warm: str
             links = [link for _, link in fed.stage_links()]
             ranges = [(s["worker"], s["start"], s["end"]) for s in dep["stages"]]
             best = max(runs, key=lambda r: r["decode_tokens_per_s"])
-            return {"delay_ms": delay_ms, "deploy_s": deploy_s, "links": links, "ranges": ranges,
-                    "split": split, "warm": warm, **best}  # fmt: skip
+            result = {"delay_ms": delay_ms, "deploy_s": deploy_s, "links": links, "ranges": ranges,
+                      "split": split, "warm": warm, **best}  # fmt: skip
         finally:
             fed.stop()
+    result["forwarder"] = lab.forwarder_report  # said when the lab came down
+    return result
 
 
 def stage_times(fed: natlab.Federation) -> dict[str, float | None]:
@@ -135,6 +138,8 @@ def main() -> int:
         spun = sum(w["spun_s"] for w in r["warm"])
         print(f"{'':22}keep-warm spinners a1/a2/b1 {spinners}, spun {spun:.1f} s"
               + (f" (off: {off})" if off else ""))  # fmt: skip
+        for line in r["forwarder"].splitlines():
+            print(f"{'':22}the lab's {line}")
         sp = r["split"]
         if all(sp.get(k) is not None for k in ("a1", "a2", "b1", "ring")):
             links = sp["ring"] - sp["a2"] - sp["b1"]  # the head's wait minus the other stages' compute

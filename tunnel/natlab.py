@@ -45,6 +45,7 @@ dropped by the kernel unseen, and TCP through the lab crawled (8.5 MB/s for one 
 from __future__ import annotations
 
 import argparse
+import array
 import contextlib
 import heapq
 import os
@@ -68,6 +69,7 @@ SOL_PACKET, PACKET_STATISTICS = 263, 6  # linux/socket.h, linux/if_packet.h
 PACKET_STATS = struct.Struct("=II")  # struct tpacket_stats: packets, drops
 SOCKET_BUFFER = 16 * 1024 * 1024  # per bridge port: a WAN burst waits in the kernel while the thread works
 MAX_QUEUE = 4096
+MAX_LATE = 1_000_000  # delayed frames whose lateness the forwarder keeps for its report (8 MB)
 
 PUBLIC_NET = "10.99.0"
 HOSTS = {  # role -> (address, default gateway or None)
@@ -149,6 +151,7 @@ class Lab:
     delay_ms: float = 0.0
     nat: str = "masquerade"
     forwarder: subprocess.Popen[bytes] | None = None
+    forwarder_report: str = ""  # what the forwarder said when it stopped (its lateness, any drops)
     namespaces: list[str] = field(default_factory=list)
 
     def ns(self, role: str) -> str:
@@ -303,15 +306,21 @@ class Lab:
         )
         return self.exec(role, sys.executable, "-c", code, check=False).stdout.strip() or "unreachable"
 
+    def reset_forwarder_stats(self) -> None:
+        """The forwarder's report (`forwarder_report`, when the lab comes down) counts from now on."""
+        if self.forwarder is not None:
+            self.forwarder.send_signal(signal.SIGUSR1)
+
     def down(self) -> None:
         """Stop the forwarder and delete every namespace of this lab (veths go with them)."""
         if self.forwarder is not None:
             self.forwarder.send_signal(signal.SIGTERM)
             try:
-                self.forwarder.wait(5)
+                _, err = self.forwarder.communicate(timeout=5)
             except subprocess.TimeoutExpired:
                 self.forwarder.kill()
-                self.forwarder.wait()
+                _, err = self.forwarder.communicate()
+            self.forwarder_report = err.decode(errors="replace").strip() if err else ""
             self.forwarder = None
         for name in lab_namespaces(self.prefix):
             _kill_namespace_processes(name)
@@ -491,6 +500,7 @@ def forward(ports: Sequence[str], wan: set[str], delay_s: float) -> None:
     queue: list[tuple[float, int, str, bytes]] = []
     seq = 0
     dropped = 0
+    late = array.array("d")  # how late each delayed frame went out (s), the first MAX_LATE of them
     poller = select.poll()
     for s in socks.values():
         poller.register(s, select.POLLIN)
@@ -500,13 +510,20 @@ def forward(ports: Sequence[str], wan: set[str], delay_s: float) -> None:
         nonlocal stop
         stop = True
 
+    def on_usr1(*_: object) -> None:  # Lab.reset_forwarder_stats: report from here on
+        nonlocal late, dropped
+        late, dropped = array.array("d"), 0
+
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGUSR1, on_usr1)
     while not stop:
         now = time.time()  # the kernel's receive timestamps are wall-clock time
         while queue and queue[0][0] <= now:
-            _, _, out, frame = heapq.heappop(queue)
+            due, _, out, frame = heapq.heappop(queue)
             with contextlib.suppress(OSError):
                 socks[out].send(frame)
+            if delay_s > 0 and len(late) < MAX_LATE:
+                late.append(time.time() - due)
         timeout_ms = 200
         if queue:
             wait = queue[0][0] - now
@@ -536,6 +553,10 @@ def forward(ports: Sequence[str], wan: set[str], delay_s: float) -> None:
                         continue
                     seq += 1
                     heapq.heappush(queue, (arrival + delay, seq, out, frame))
+    if late:
+        q = sorted(late)
+        print(f"forwarder: {len(q)} delayed frames went out late by median {q[len(q) // 2] * 1e6:.0f} us, "
+              f"p90 {q[len(q) * 9 // 10] * 1e6:.0f}, p99 {q[len(q) * 99 // 100] * 1e6:.0f}", file=sys.stderr)  # fmt: skip
     if dropped:
         print(f"forwarder: dropped {dropped} frames (queue full)", file=sys.stderr)
     for port, sock in socks.items():  # frames the kernel dropped before we read them (socket buffer full)
