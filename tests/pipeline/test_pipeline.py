@@ -24,6 +24,7 @@ from eldric_p2p.engine.generate import LocalModel, prompt_token_ids
 from eldric_p2p.engine.sampling import SamplingParams
 from eldric_p2p.engine.synthetic import write_synthetic_gguf
 from eldric_p2p.errors import StageFailed
+from eldric_p2p.net.frames import FrameType
 from eldric_p2p.node import Node, NodeConfig
 
 MODEL = "tiny"
@@ -393,5 +394,49 @@ def test_a_client_that_disconnects_mid_stream_frees_the_session_on_every_stage(
             short = {**body, "stream": False, "max_tokens": 4}
             r = await c.post(f"{m[0].url}/v1/chat/completions", json=short)
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+
+    trio.run(main)
+
+
+def test_the_head_streams_a_token_while_the_ring_computes_the_next(
+    tmp_path: Path, model_dir: Path, local: LocalModel
+) -> None:  # noqa: F811
+    """Token k's event leaves the head after step k+1's hidden state went down the pipeline, so streaming it
+    (to a client, maybe over a relayed link) overlaps the other stages' compute instead of delaying the step;
+    the text and ids are unchanged."""
+    params = SamplingParams.greedy(max_tokens=12)
+
+    async def main() -> None:
+        async with cluster(tmp_path, model_dir, [100 * MiB, 100 * MiB]) as m, httpx.AsyncClient() as c:
+            assert (await deploy(c, m[0].url, workers=["n0", "n1"])).status_code == 200
+            head = m[0].node
+            worker = head.worker
+            assert worker is not None
+            (backend,) = [b for b in head.backends() if b.info()["kind"] == "pipeline"]
+            log: list[tuple[str, int]] = []
+            send_down = worker.send_down
+
+            async def logged_send_down(shard: Any, frame: Any) -> None:
+                await send_down(shard, frame)
+                if frame.type == FrameType.HIDDEN:
+                    log.append(("hidden", frame.start))
+
+            worker.send_down = logged_send_down  # type: ignore[method-assign]
+            send, recv = trio.open_memory_channel[GenerationEvent](100)
+            ids: list[int] = []
+            async with trio.open_nursery() as nursery:
+                req = GenerationRequest(MODEL, "Hello world", params, raw=True)
+                nursery.start_soon(backend.generate, req, send)
+                async for event in recv:
+                    ids += event.token_ids
+                    log.append(("event", len(ids)))
+            n_prompt = len(prompt_token_ids(local.tokenizer, local.metadata, "Hello world", raw=True))
+            assert ids == local_answer(local, "Hello world", params)[1]
+            # the event that brought the k-th token (k >= 1) came after the hidden state of the step that
+            # computes token k+1 (at position n_prompt + k - 1) was sent
+            for k in range(1, len(ids) - 1):
+                hidden_at = log.index(("hidden", n_prompt + k - 1))
+                event_at = next(i for i, (kind, n) in enumerate(log) if kind == "event" and n >= k)
+                assert hidden_at < event_at, (k, log)
 
     trio.run(main)

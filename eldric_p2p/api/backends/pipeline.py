@@ -175,8 +175,10 @@ class PipelineBackend:
                 await worker.send_down(shard, Frame(FrameType.OPEN_SESSION, sid, ext=ext))
                 opened = True
 
-            async def step(new: list[int], pos: int, timeout: float) -> int:
-                return await self._step(sid, tokens, sampler, history, new, pos, timeout)
+            async def step(
+                new: list[int], pos: int, timeout: float, emit: GenerationEvent | None = None
+            ) -> int:
+                return await self._step(sid, tokens, sampler, history, new, pos, timeout, emit, events)
 
             t0 = time.perf_counter()
             token = await step(ids, 0, self.prefill_timeout)
@@ -214,10 +216,9 @@ class PipelineBackend:
                     )
                     await events.send(event)
                     break
-                if event.text or event.token_ids or event.prompt_token_ids:
-                    await events.send(event)
+                emit = event if event.text or event.token_ids or event.prompt_token_ids else None
                 history.append(token)
-                token = await step([token], len(history) - 1, self.step_timeout)
+                token = await step([token], len(history) - 1, self.step_timeout, emit)
                 steps += 1
         finally:
             stage.close_session(str(sid))
@@ -266,8 +267,13 @@ class PipelineBackend:
         new: list[int],
         pos: int,
         timeout: float,
+        emit: GenerationEvent | None = None,
+        events: trio.MemorySendChannel[GenerationEvent] | None = None,
     ) -> int:
-        """Run `new` ids at positions [pos, pos+len) through the pipeline; return the next token id."""
+        """Run `new` ids at positions [pos, pos+len) through the pipeline; return the next token id. `emit`
+        (the previous token's event) goes to `events` once this step's hidden state is on its way down the
+        pipeline: streaming it (to a client, maybe over a relayed link) then overlaps the other stages'
+        compute instead of delaying this step. A single stage emits it first: there is nothing to overlap."""
         import torch
 
         shard, worker = self.shard, self.worker
@@ -284,6 +290,10 @@ class PipelineBackend:
 
         if shard.batcher is None:
             raise PeerUnavailable(f"pipeline {shard.a.deployment_id} was unloaded")
+        if emit is not None and sampler is not None:
+            assert events is not None
+            await events.send(emit)
+            emit = None
         try:  # with the other sessions' steps waiting at this moment, in one forward
             out = await shard.batcher.step(str(sid), x, pos, last_only=sampler is not None, post=post)
         except EngineError as exc:
@@ -292,6 +302,9 @@ class PipelineBackend:
             return out
         sent = time.perf_counter()
         await worker.send_down(shard, hidden_frame(sid, pos, out))
+        if emit is not None:
+            assert events is not None
+            await events.send(emit)
         with trio.move_on_after(timeout) as scope:
             try:
                 frame = await tokens.receive()
