@@ -48,9 +48,9 @@ from eldric_p2p.net.links import (
     LinkHandler,
     LinkPath,
     link_client,
+    open_link_stream,
     serve_link_stream,
 )
-from eldric_p2p.net.pacing import unpaced
 from eldric_p2p.tasks import open_nursery
 
 if typing.TYPE_CHECKING:
@@ -157,9 +157,8 @@ class Connector:
         """
 
         async def attempt(host: str, p: int) -> Link:
-            # unpaced: a link's frames leave whole (net/pacing.py)
-            with trio.fail_after(self.direct_timeout), unpaced():
-                stream = await trio.open_tcp_stream(host, p)
+            with trio.fail_after(self.direct_timeout):
+                stream = await open_link_stream(host, p)
             return await link_client(
                 stream, self.identity, peer_id, path="direct", handshake_timeout=self.handshake_timeout
             )
@@ -269,8 +268,7 @@ class Connector:
         return winner
 
     def _by_listing(self, peer_id: str) -> list[RelayMember]:
-        """Our relays, those whose directories list `peer_id` first (a directory can lag behind a peer that
-        just joined, so the others follow)."""
+        """Our relays, those whose directory lists `peer_id` first (a directory may lag behind a newcomer)."""
         listing = self.table.relays(peer_id)
         return sorted(self.members, key=lambda m: m.address not in listing)  # stable: keeps order
 

@@ -314,8 +314,8 @@ async def open_tcp_link(
     Raises `PeerUnavailable` when the address does not answer, `AuthenticationError` as `link_client`.
     """
     try:
-        with trio.fail_after(handshake_timeout), unpaced():  # frames leave whole (net/pacing.py)
-            stream = await trio.open_tcp_stream(host, port)
+        with trio.fail_after(handshake_timeout):
+            stream = await open_link_stream(host, port)
     except (OSError, trio.TooSlowError) as exc:
         raise PeerUnavailable(f"cannot connect to {host}:{port}: {exc}") from exc
     return await link_client(
@@ -363,6 +363,13 @@ async def serve_link_stream(
         log.info("link from %s ended: %s", link.peer_id, exc)
     finally:
         await trio.aclose_forcefully(link)
+
+
+async def open_link_stream(host: str, port: int) -> trio.SocketStream:
+    """A TCP connection for a link, its socket switched to a congestion control that does not pace, so each
+    frame leaves whole (net/pacing.py). Raises OSError."""
+    with unpaced():
+        return await trio.open_tcp_stream(host, port)
 
 
 async def serve_tcp_links(
