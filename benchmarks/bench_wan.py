@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tunnel"))
 import natlab  # noqa: E402
@@ -64,9 +65,10 @@ def pipeline(model: Path, delay_ms: float, tokens: int, nat: str, keep_warm: str
                     break
                 time.sleep(1)
             runs = [run_json(fed.lab.argv("data", chat)) for _ in range(2)]
-            split = stage_times(fed)
-            warm = [fed.get(role, f"{fed.nodes[role].url}/api/v1/worker/status")["keep_warm"]  # type: ignore[index]
-                    for role in ("a1", "a2", "b1")]  # fmt: skip
+            statuses = {role: fed.get(role, f"{fed.nodes[role].url}/api/v1/worker/status")
+                        for role in ("a1", "a2", "b1")}  # fmt: skip
+            split = stage_times(statuses)
+            warm = [status["keep_warm"] for status in statuses.values()]  # type: ignore[index]
             links = [link for _, link in fed.stage_links()]
             ranges = [(s["worker"], s["start"], s["end"]) for s in dep["stages"]]
             best = max(runs, key=lambda r: r["decode_tokens_per_s"])
@@ -78,13 +80,12 @@ def pipeline(model: Path, delay_ms: float, tokens: int, nat: str, keep_warm: str
     return result
 
 
-def stage_times(fed: natlab.Federation) -> dict[str, float | None]:
+def stage_times(statuses: dict[str, Any]) -> dict[str, float | None]:
     """Each worker's median compute per decode step, and the head's median wait for the token (the ring
     beyond it: the other stages' compute plus every link), from their status."""
     out: dict[str, float | None] = {}
-    for role in ("a1", "a2", "b1"):
-        status = fed.get(role, f"{fed.nodes[role].url}/api/v1/worker/status")
-        for shard in status["shards"]:  # type: ignore[index]
+    for role, status in statuses.items():
+        for shard in status["shards"]:
             out[role] = (shard.get("batching") or {}).get("recent_compute_ms")
             if shard.get("ring_ms") is not None:
                 out["ring"] = shard["ring_ms"]

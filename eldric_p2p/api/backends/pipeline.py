@@ -13,8 +13,10 @@ ERROR frame into one at once; a stage that stops answering is caught by the per-
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -176,9 +178,9 @@ class PipelineBackend:
                 opened = True
 
             async def step(
-                new: list[int], pos: int, timeout: float, emit: GenerationEvent | None = None
+                new: list[int], pos: int, timeout: float, emit: Callable[[], Awaitable[None]] | None = None
             ) -> int:
-                return await self._step(sid, tokens, sampler, history, new, pos, timeout, emit, events)
+                return await self._step(sid, tokens, sampler, history, new, pos, timeout, emit)
 
             t0 = time.perf_counter()
             token = await step(ids, 0, self.prefill_timeout)
@@ -216,7 +218,8 @@ class PipelineBackend:
                     )
                     await events.send(event)
                     break
-                emit = event if event.text or event.token_ids or event.prompt_token_ids else None
+                has = event.text or event.token_ids or event.prompt_token_ids
+                emit = functools.partial(events.send, event) if has else None
                 history.append(token)
                 token = await step([token], len(history) - 1, self.step_timeout, emit)
                 steps += 1
@@ -267,11 +270,10 @@ class PipelineBackend:
         new: list[int],
         pos: int,
         timeout: float,
-        emit: GenerationEvent | None = None,
-        events: trio.MemorySendChannel[GenerationEvent] | None = None,
+        emit: Callable[[], Awaitable[None]] | None = None,
     ) -> int:
         """Run `new` ids at positions [pos, pos+len) through the pipeline; return the next token id. `emit`
-        (the previous token's event) goes to `events` once this step's hidden state is on its way down the
+        (sending the previous token's event) runs once this step's hidden state is on its way down the
         pipeline: streaming it (to a client, maybe over a relayed link) then overlaps the other stages'
         compute instead of delaying this step. A single stage emits it first: there is nothing to overlap."""
         import torch
@@ -291,8 +293,7 @@ class PipelineBackend:
         if shard.batcher is None:
             raise PeerUnavailable(f"pipeline {shard.a.deployment_id} was unloaded")
         if emit is not None and sampler is not None:
-            assert events is not None
-            await events.send(emit)
+            await emit()
             emit = None
         try:  # with the other sessions' steps waiting at this moment, in one forward
             out = await shard.batcher.step(str(sid), x, pos, last_only=sampler is not None, post=post)
@@ -303,8 +304,7 @@ class PipelineBackend:
         sent = time.perf_counter()
         await worker.send_down(shard, hidden_frame(sid, pos, out))
         if emit is not None:
-            assert events is not None
-            await events.send(emit)
+            await emit()
         with trio.move_on_after(timeout) as scope:
             try:
                 frame = await tokens.receive()
