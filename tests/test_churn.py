@@ -29,9 +29,9 @@ def slow_down(worker: Any, seconds: float) -> None:
     """Each forward on `worker` takes `seconds` longer, so a generation lasts long enough to act during it."""
     compute = worker.compute
 
-    async def slow(fn: Any, *args: Any) -> Any:
+    async def slow(fn: Any, *args: Any, **kwargs: Any) -> Any:
         await trio.sleep(seconds)
-        return await compute(fn, *args)
+        return await compute(fn, *args, **kwargs)
 
     worker.compute = slow
 

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 GATHER_PASSES = 16  # scheduler passes a batch waits at most for more sessions' steps
 GATHER_QUIET = 4  # ... and stops after this many passes with none arriving
 RECENT = 32  # batches whose compute time the status's median covers
+QUICK_MS = 25.0  # a decode step that takes at most this long (median) runs on the event loop: see _quick
+QUICK_AFTER = 4  # ... once this many decode steps have been timed
 
 
 @dataclass(eq=False)
@@ -67,6 +69,8 @@ class StepBatcher:
         self.max_batch = max_batch
         self.active = active  # sessions open at the stage: how many steps a batch may still expect
         self._pending: list[_Step] = []
+        self._running = False  # a batch is computing (a step that arrives now waits for the next)
+        self._decode_ms: list[float] = []  # the last single-row steps' compute times (which run inline)
         self._wake = trio.Event()
         self.batches = 0  # forwards run
         self.steps = 0  # session steps they carried
@@ -86,6 +90,16 @@ class StepBatcher:
         """Run `x` at `pos` for session `sid` (with the next batch) and return `post(output)`. Raises what the
         stage raised for this session (EngineError), PeerUnavailable when the stage was unloaded."""
         step = _Step(sid, x, pos, last_only, post)
+        if not self._pending and not self._running and self.active() <= 1:
+            # nothing to batch with: run it from this task (two fewer task switches per step)
+            self._running = True
+            try:
+                await self._run([step])
+            finally:
+                self._running = False
+            if step.error is not None:
+                raise step.error
+            return step.result
         self._pending.append(step)
         self._wake.set()
         try:
@@ -108,7 +122,11 @@ class StepBatcher:
                 while self._pending:
                     await self._gather()
                     batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-                    await self._run(batch)
+                    self._running = True
+                    try:
+                        await self._run(batch)
+                    finally:
+                        self._running = False
         finally:
             for step in self._pending:
                 step.error = PeerUnavailable("the stage was unloaded")
@@ -138,7 +156,7 @@ class StepBatcher:
                 step.error = PeerUnavailable("the stage was unloaded")
         else:
             try:
-                await self.compute(self._compute, stage, batch)
+                await self.compute(self._compute, stage, batch, quick=self._quick(batch))
             except BaseException:
                 for step in batch:
                     step.error = step.error or PeerUnavailable("the stage's compute was cancelled")
@@ -148,6 +166,16 @@ class StepBatcher:
             self.steps += len(batch)
         for step in batch:
             step.done.set()
+
+    def _quick(self, batch: list[_Step]) -> bool:
+        """Whether `batch` is one decode step of a stage whose decode steps take under QUICK_MS: `compute`
+        then runs it on the event loop instead of handing it to a thread and back (a few hundred microseconds
+        per hop on a busy CPU, paid by every token). A longer step stays in the thread, so the loop (links,
+        heartbeats, QUIC timers) is never blocked for long; so do the first steps, until their time is
+        known."""
+        if len(batch) != 1 or batch[0].x.shape[0] != 1 or len(self._decode_ms) < QUICK_AFTER:
+            return False
+        return statistics.median(self._decode_ms) <= QUICK_MS
 
     def _compute(self, stage: Stage, batch: list[_Step]) -> None:
         """In the compute thread: every step (prompts and decode steps alike) in one forward per `last_only`
@@ -159,6 +187,8 @@ class StepBatcher:
             took = time.perf_counter() - t0
             self.compute_s += took
             self.last_compute_ms = [*self.last_compute_ms[-(RECENT - 1) :], took * 1000]
+            if len(batch) == 1 and batch[0].x.shape[0] == 1:
+                self._decode_ms = [*self._decode_ms[-(QUICK_AFTER - 1) :], took * 1000]
 
     def _compute_groups(self, stage: Stage, batch: list[_Step]) -> None:
         groups: dict[bool, list[_Step]] = {}

@@ -71,7 +71,7 @@ class StageLinks:
     _stage_sessions: dict[int, StageSession]
     _head_sessions: dict[int, Shard]
 
-    async def compute(self, fn: Callable[..., T], *args: Any) -> T:
+    async def compute(self, fn: Callable[..., T], *args: Any, quick: bool = False) -> T:
         raise NotImplementedError
 
     def _spawn(self, shard: Shard, fn: Callable[..., Any], *args: Any) -> None:

@@ -188,9 +188,14 @@ class Worker(StageLinks):
             self.link_port = listeners[0].socket.getsockname()[1]
             task_status.started(self.link_port)
 
-    async def compute(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run blocking torch work in a thread, one at a time on this worker."""
+    async def compute(self, fn: Callable[..., T], *args: Any, quick: bool = False) -> T:
+        """Run blocking torch work, one at a time on this worker: in a thread, or with `quick` (work known to
+        take a few milliseconds: a decode step, see StepBatcher._quick) on the event loop itself, which spares
+        the hand-off to a thread and back."""
         try:
+            if quick:
+                async with self.limiter:
+                    return fn(*args)
             return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter, abandon_on_cancel=True)
         finally:
             self.warm.touch()
