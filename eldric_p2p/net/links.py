@@ -56,10 +56,12 @@ from eldric_p2p.net.federation.certs import MemberCert, MembershipError
 from eldric_p2p.net.handshake import HANDSHAKE_TIMEOUT_S, ClientHandshake, ServerHandshake
 from eldric_p2p.net.identity import Identity, peer_id_of
 from eldric_p2p.net.pacing import unpaced
+from eldric_p2p.tasks import open_nursery
 
 log = logging.getLogger(__name__)
 
 LinkPath = Literal["direct", "punched", "relayed"]  # punched: a hole-punched QUIC connection
+SPLICE_CHUNK = 64 * 1024
 
 
 # --------------------------------------------------------------------------- certificates and TLS contexts
@@ -391,3 +393,19 @@ async def serve_tcp_links(
         await serve_link_stream(stream, identity, handler, path="direct", handshake_timeout=handshake_timeout)
 
     await trio.serve_tcp(one, port, host=host, task_status=task_status)
+
+
+async def splice(a: trio.abc.Stream, b: trio.abc.Stream) -> None:
+    """Copy bytes both ways until either side closes (then both directions stop)."""
+
+    async def copy(src: trio.abc.Stream, dst: trio.abc.Stream, scope: trio.CancelScope) -> None:
+        try:
+            while data := await src.receive_some(SPLICE_CHUNK):
+                await dst.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, EldricError):
+            pass
+        scope.cancel()
+
+    async with open_nursery() as nursery:
+        nursery.start_soon(copy, a, b, nursery.cancel_scope)
+        nursery.start_soon(copy, b, a, nursery.cancel_scope)
