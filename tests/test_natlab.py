@@ -9,6 +9,7 @@ Needs root, `ip`, `nft` and `ethtool` (run with `pytest -m root tests/test_natla
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -127,6 +128,15 @@ def lab() -> Iterator[natlab.Lab]:
     with natlab.natlab(prefix="elpt", delay_ms=5, nat="symmetric") as lab:  # no punching: the relayed path
         yield lab
     assert natlab.lab_namespaces("elpt") == [], "the lab was not torn down"
+
+
+def test_the_delay_forwarder_runs_like_the_wire_it_stands_in_for(lab: natlab.Lab) -> None:
+    """Real-time priority and (at most) a 1 ns timer slack: the emulated WAN does not wait for the CPU the
+    nodes compute on, so a frame's delay is the one asked for (bench_wan prints how late frames went out)."""
+    assert lab.forwarder is not None
+    pid = lab.forwarder.pid
+    assert os.sched_getscheduler(pid) == os.SCHED_FIFO
+    assert int(Path(f"/proc/{pid}/timerslack_ns").read_text()) <= 1  # real-time tasks get 0
 
 
 def test_sites_reach_the_relay_only_outbound_and_talk_through_it(lab: natlab.Lab) -> None:
