@@ -420,8 +420,14 @@ class FrameWriter:
         self._lock = trio.Lock()
 
     async def send(self, frame: Frame) -> None:
-        async with self._lock:
+        try:  # uncontended (the usual case): no yield to the scheduler here, send_all yields anyway
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+        try:
             await send_frame(self.stream, frame, self.limits)
+        finally:
+            self._lock.release()
 
 
 class FrameReader:

@@ -91,6 +91,8 @@ class StageLinks:
             raise StageFailed(f"{nxt.label()}: {exc}") from exc
 
     async def _downstream(self, shard: Shard) -> Downstream:
+        if (ds := shard.downstream) is not None and not ds.broken:
+            return ds  # open: no lock (a yield to the scheduler per frame); the send yields anyway
         async with shard.downstream_lock:
             ds = shard.downstream
             if ds is not None and not ds.broken:
