@@ -32,9 +32,9 @@ one side starting 0 or 100 ms after the other.
   port the relay sees is useless to the peer. Punching never works; links fall back to the relay.
 
 WAN delay: this kernel has no netem, so `forward` (run in elp-inet) moves Ethernet frames between the four
-public-side veths over AF_PACKET sockets as a learning bridge, holding each frame in a delay queue for `delay-
-ms` per WAN port it crosses (site<->public: 1x, site A<->site B: 2x). Faithfulness: a fixed delay with no
-jitter, loss or reordering; frames are serviced by one Python thread at real-time priority, so the nodes'
+public-side veths over AF_PACKET sockets as a learning bridge, holding each frame in a delay queue for
+`delay-ms` per WAN port it crosses (site<->public: 1x, site A<->site B: 2x). Faithfulness: a fixed delay with
+no jitter, loss or reordering; frames are serviced by one Python thread at real-time priority, so the nodes'
 compute does not hold them back (with 7 nodes on 2 cores, 20 ms per link: frames go out late by a median 0.09
 ms, p99 0.16-0.26 ms; at normal priority 0.13-0.15 and 1.5-2.7 ms), with a throughput ceiling in the tens of
 thousands of frames per second; the queue is bounded (overflow drops, like a router buffer). Offloads are
