@@ -69,6 +69,7 @@ async def recover(coord: Coordinator, dep_id: str) -> Deployment | None:
         return None
     t0 = time.perf_counter()
     lost = [s.stage.label() for s in dep.shards if s.state in BAD_STATES]
+    why = {s.stage.label(): s.error for s in dep.shards if s.state in BAD_STATES}
     async with coord.client_factory() as client:
         await coord.peers.refresh()
         live = await coord.worker_views(client)
@@ -90,7 +91,7 @@ async def recover(coord: Coordinator, dep_id: str) -> Deployment | None:
             log.warning("re-deploying %s on %s failed: %s", dep.model, workers or "any worker", exc)
             continue
         new.note = f"recovered from {dep_id} ({', '.join(lost)} lost) in {time.perf_counter() - t0:.1f} s"
-        coord.recovered.append({"from": dep_id, "to": new.id, "lost": lost, "spares": spares,
+        coord.recovered.append({"from": dep_id, "to": new.id, "lost": lost, "why": why, "spares": spares,
                                 "seconds": round(time.perf_counter() - t0, 3)})  # fmt: skip
         log.warning("%s", new.note)
         return new
