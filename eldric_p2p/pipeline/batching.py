@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -70,13 +71,13 @@ class StepBatcher:
         self.active = active  # sessions open at the stage: how many steps a batch may still expect
         self._pending: list[_Step] = []
         self._running = False  # a batch is computing (a step that arrives now waits for the next)
-        self._decode_ms: list[float] = []  # the last single-row steps' compute times (which run inline)
+        self._decode_ms: deque[float] = deque(maxlen=QUICK_AFTER)  # the last single-row steps' compute times
         self._wake = trio.Event()
         self.batches = 0  # forwards run
         self.steps = 0  # session steps they carried
         self.largest = 0  # the most sessions one forward carried
         self.compute_s = 0.0  # time in the compute thread, all batches
-        self.last_compute_ms: list[float] = []  # the last batches' compute times (where a step's time goes)
+        self.last_compute_ms: deque[float] = deque(maxlen=RECENT)  # the last batches' compute times
 
     async def step(
         self,
@@ -91,23 +92,16 @@ class StepBatcher:
         stage raised for this session (EngineError), PeerUnavailable when the stage was unloaded."""
         step = _Step(sid, x, pos, last_only, post)
         if not self._pending and not self._running and self.active() <= 1:
-            # nothing to batch with: run it from this task (two fewer task switches per step)
-            self._running = True
+            await self._run([step])  # nothing to batch with: run it from this task (two task switches less)
+        else:
+            self._pending.append(step)
+            self._wake.set()
             try:
-                await self._run([step])
-            finally:
-                self._running = False
-            if step.error is not None:
-                raise step.error
-            return step.result
-        self._pending.append(step)
-        self._wake.set()
-        try:
-            await step.done.wait()
-        except BaseException:
-            if step in self._pending:  # cancelled before its batch started: it never runs
-                self._pending.remove(step)
-            raise
+                await step.done.wait()
+            except BaseException:
+                if step in self._pending:  # cancelled before its batch started: it never runs
+                    self._pending.remove(step)
+                raise
         if step.error is not None:
             raise step.error
         return step.result
@@ -122,11 +116,7 @@ class StepBatcher:
                 while self._pending:
                     await self._gather()
                     batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
-                    self._running = True
-                    try:
-                        await self._run(batch)
-                    finally:
-                        self._running = False
+                    await self._run(batch)
         finally:
             for step in self._pending:
                 step.error = PeerUnavailable("the stage was unloaded")
@@ -155,6 +145,7 @@ class StepBatcher:
             for step in batch:
                 step.error = PeerUnavailable("the stage was unloaded")
         else:
+            self._running = True
             try:
                 await self.compute(self._compute, stage, batch, quick=self._quick(batch))
             except BaseException:
@@ -162,6 +153,8 @@ class StepBatcher:
                     step.error = step.error or PeerUnavailable("the stage's compute was cancelled")
                     step.done.set()
                 raise
+            finally:
+                self._running = False
             self.batches += 1
             self.steps += len(batch)
         for step in batch:
@@ -186,9 +179,9 @@ class StepBatcher:
         finally:
             took = time.perf_counter() - t0
             self.compute_s += took
-            self.last_compute_ms = [*self.last_compute_ms[-(RECENT - 1) :], took * 1000]
+            self.last_compute_ms.append(took * 1000)
             if len(batch) == 1 and batch[0].x.shape[0] == 1:
-                self._decode_ms = [*self._decode_ms[-(QUICK_AFTER - 1) :], took * 1000]
+                self._decode_ms.append(took * 1000)
 
     def _compute_groups(self, stage: Stage, batch: list[_Step]) -> None:
         groups: dict[bool, list[_Step]] = {}

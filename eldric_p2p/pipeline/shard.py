@@ -8,6 +8,7 @@ from __future__ import annotations
 import secrets
 import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from eldric_p2p.engine.sampling import Sampler
     from eldric_p2p.engine.tokenizer import Tokenizer
     from eldric_p2p.pipeline.batching import StepBatcher
+
+RECENT_STEPS = 32  # decode steps whose times the status's medians cover
 
 
 # --------------------------------------------------------------------------------------------- shards
@@ -86,8 +89,9 @@ class Shard:
         self.next_hop_ok = True  # False once the link to the next hop broke or could not be opened
         self.scopes: set[trio.CancelScope] = set()
         self.head_sessions: dict[int, trio.MemorySendChannel[Frame]] = {}
-        self.ring_ms: list[float] = []  # head: recent decode steps' wait from hidden state out to token
-        self.hop_ms: list[float] = []  # other stages: recent decode steps' time from frame in to frame out
+        # recent decode steps: the head's wait from hidden state out to token; other stages' frame in to out
+        self.ring_ms: deque[float] = deque(maxlen=RECENT_STEPS)
+        self.hop_ms: deque[float] = deque(maxlen=RECENT_STEPS)
         self.backend: Any = None  # pipeline.PipelineBackend, made on first use (head only)
         self.batcher: StepBatcher | None = None  # runs its sessions' steps, batched (set once loaded)
         self.created = time.time()

@@ -382,4 +382,4 @@ class StageLinks:
             await self._fail(shard, sess.sid, shard.a.next.label(), str(exc), forward=False)
             return
         if frame.n_tokens == 1:  # a decode step
-            shard.hop_ms = [*shard.hop_ms[-31:], (time.perf_counter() - t_in) * 1000]
+            shard.hop_ms.append((time.perf_counter() - t_in) * 1000)

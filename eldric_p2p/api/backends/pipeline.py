@@ -322,7 +322,7 @@ class PipelineBackend:
                 f"tail sent a token for position {frame.start}, expected {pos + len(new)}"
             )
         if len(new) == 1:  # a decode step: how long the rest of the ring took
-            shard.ring_ms = [*shard.ring_ms[-31:], (time.perf_counter() - sent) * 1000]
+            shard.ring_ms.append((time.perf_counter() - sent) * 1000)
         token = int(ids[0])
         if not 0 <= token < stage.cfg.vocab:
             raise RemoteProtocolError(f"tail sent token id {token} outside the vocabulary")
