@@ -4,19 +4,19 @@
                                         [--keep-warm 1,0] [--no-baseline]
 
 Builds the NAT lab (tunnel/natlab.py) once per NAT kind and delay (the given one, and 0 ms for comparison),
-starts a relay, a public data peer and workers a1, a2 (site A) and b1 (site B) as `eldric-p2p node`
-processes, deploys the model over a1 -> a2 -> b1 and chats greedily through the data peer. One decode step
-goes around the ring: a1 -> a2 inside site A (direct), then a2 -> b1 and b1 -> a1 between the sites: relayed
-behind symmetric NATs (site -> relay -> site), punched behind endpoint-independent ones (site -> site); either
-way each of those two hops crosses two WAN links. The bound per token is the single-process compute time
-(`eldric-p2p run`, same machine, same run) plus the emulated one-way delays: 4 WAN crossings x delay. Prints
-both, the ratio and the overhead per token beyond the bound; then, from the workers' status, where a decode
-step's time went (each stage's compute, the links, the rest at the head) and the same bound with the stages'
-compute as they measured it in the pipeline: a stage whose CPU idles between steps computes slower than one
-process running back to back (benchmarks/bench_idle.py), which is the machine's doing, not the network's.
-The workers run with each `--keep-warm` value in turn (`eldric-p2p node --keep-warm S`: spinners at the
-lowest priority keep their CPUs from idling between steps, engine/warm.py), so the rows compare both in one
-run; `--no-baseline` skips the 0 ms rows.
+starts a relay, a public data peer and workers a1, a2 (site A) and b1 (site B) as `eldric-p2p node` processes,
+deploys the model over a1 -> a2 -> b1 and chats greedily through the data peer. One decode step goes around
+the ring: a1 -> a2 inside site A (direct), then a2 -> b1 and b1 -> a1 between the sites: relayed behind
+symmetric NATs (site -> relay -> site), punched behind endpoint-independent ones (site -> site); either way
+each of those two hops crosses two WAN links. The bound per token is the single-process compute time (the
+fastest of three `eldric-p2p run`s, same machine, same run) plus the emulated one-way delays: 4 WAN crossings
+x delay. Prints both, the ratio and the overhead per token beyond the bound; then, from the workers' status,
+where a decode step's time went (each stage's compute, the links, the rest at the head) and the same bound
+with the stages' compute as they measured it in the pipeline: a stage whose CPU idles between steps computes
+slower than one process running back to back (benchmarks/bench_idle.py), which is the machine's doing, not the
+network's. The workers run with each `--keep-warm` value in turn (`eldric-p2p node --keep-warm S`: spinners at
+the lowest priority keep their CPUs from idling between steps, engine/warm.py), so the rows compare both in
+one run; `--no-baseline` skips the 0 ms rows.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import natlab  # noqa: E402
 
 PROMPT = "def quicksort(items):"
 WAN_CROSSINGS_PER_TOKEN = 4  # a2 -> relay -> b1, b1 -> relay -> a1
+BASELINE_RUNS = 3  # one-process runs per row; the fastest is the bound (a slow one would flatter the ratio)
 
 
 def run_json(argv: list[str], timeout: float = 900) -> dict:
@@ -117,13 +118,13 @@ def main() -> int:
         return run_json([sys.executable, "-m", "eldric_p2p", "run", str(args.model), PROMPT, "--raw",
                          "--max-tokens", str(args.tokens), "--temperature", "0", "--json"])  # fmt: skip
 
-    print(f"model {args.model.name}; the bound's compute is the faster of two one-process runs made just "
-          "before each pipeline run (a noisy machine moves it)")  # fmt: skip
+    print(f"model {args.model.name}; the bound's compute is the fastest of {BASELINE_RUNS} one-process runs "
+          "made just before each pipeline run (a noisy machine moves it)")  # fmt: skip
     print(f"{'NAT':>10} {'WAN delay':>10} {'warm':>5} {'links':>26} {'tok/s':>7} {'ms/tok':>7} "
           f"{'compute ms':>11} {'bound ms':>9} {'ratio':>6} {'overhead ms':>12} {'same ids':>9}")  # fmt: skip
     delays = (args.delay_ms,) if args.no_baseline else (0.0, args.delay_ms)
     for nat, delay, warm in [(n, d, w) for n in nats for d in delays for w in warms]:
-        ref = max((local() for _ in range(2)), key=lambda r: r["decode_tokens_per_s"])
+        ref = max((local() for _ in range(BASELINE_RUNS)), key=lambda r: r["decode_tokens_per_s"])
         compute_ms = 1000 / ref["decode_tokens_per_s"]
         r = pipeline(args.model, delay, args.tokens, nat, warm)
         ms = 1000 / r["decode_tokens_per_s"]
