@@ -166,8 +166,10 @@ def test_a_model_too_large_even_after_evicting_gets_a_503_and_busy_models_are_ke
             (dep,) = n.coordinator.deployments.values()
             (shard,) = n.worker.shards.values()
             held, _ = trio.open_memory_channel[object](1)
-            shard.head_sessions[10**9] = held  # a session open at its head, as the status polls report it:
-            dep.active = 1  # alpha may not be evicted
+            shard.head_sessions[10**9] = held  # a session open at its head: alpha may not be evicted
+            with trio.fail_after(10):  # once a heartbeat that saw it has landed (one in flight may not have)
+                while dep.active != 1:  # noqa: ASYNC110 (the heartbeat sets it)
+                    await trio.sleep(0.05)
             r = await complete(c, n.url, "beta")
             assert r.status_code == 503 and r.json()["error"]["code"] == "insufficient_memory"
             assert "in use, not unloaded: alpha" in r.json()["error"]["message"]
