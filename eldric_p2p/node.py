@@ -248,6 +248,7 @@ class Node:
                 for m in self.members
             ],
             "paths": dict(self.connector.paths),
+            "link_stats": dict(self.connector.stats),  # how links went: direct, punched (onto TCP), relayed
             "federation": {
                 "id": self.membership.id,
                 "admin": self.membership.is_admin,

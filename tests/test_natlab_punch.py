@@ -88,7 +88,10 @@ async def main():
                               "rtt_ms": sorted(rtts)[len(rtts) // 2], "punched": s.punched,
                               "failed": s.failed, "forwarded": s.forwarded,
                               "attempts": s.attempts, "punch_s": s.last_punch_s,
-                              "lane": conn.stats["lane"],
+                              "lane": conn.stats["lane"], "tcp": conn.stats["tcp_punched"],
+                              "transport": type(link.tls.transport_stream).__name__,
+                              "tcp_peer": str(link.tls.transport_stream.socket.getpeername())
+                                          if conn.stats["tcp_punched"] else None,
                               "remote": str(member.punched(target).remote_address)
                                         if member.punched(target) else None}), flush=True)
 
@@ -155,6 +158,11 @@ def test_links_between_sites_punch_through_eim_nats_and_fall_back_to_the_relay_b
             assert str(there["remote"]).startswith(f"('{lab.addr('natb')}', ")
             assert str(back["remote"]).startswith(f"('{lab.addr('nata')}', ")
             assert isinstance(there["punch_s"], float) and there["punch_s"] < 1.0
+            # and each link moved onto a TCP connection through both NATs, to the same public addresses
+            assert there["transport"] == back["transport"] == "SocketStream"
+            assert there["tcp"] == back["tcp"] == 1
+            assert str(there["tcp_peer"]).startswith(f"('{lab.addr('natb')}', ")
+            assert str(back["tcp_peer"]).startswith(f"('{lab.addr('nata')}', ")
         else:
             assert there["path"] == back["path"] == "relayed"
             # no probe got through; the punch fell back to a QUIC connection through the relay's forwarding
@@ -162,7 +170,7 @@ def test_links_between_sites_punch_through_eim_nats_and_fall_back_to_the_relay_b
             assert there["punched"] == 0 and there["forwarded"] == 1
             relay_addr = f"('{lab.addr('relay')}', {RELAY_PORT})"
             assert there["remote"] == back["remote"] == relay_addr
-            assert there["lane"] == back["lane"] == 1
+            assert there["lane"] == back["lane"] == 1 and there["tcp"] == back["tcp"] == 0
             assert float(there["open_s"]) < 6.0  # type: ignore[arg-type]  # the punch timeout, then the relay
             # b1 took part in that attempt: it goes straight to the lane, no second punch
             assert back["attempts"] == 1 and float(back["open_s"]) < 1.5  # type: ignore[arg-type]

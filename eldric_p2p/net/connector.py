@@ -53,6 +53,7 @@ from eldric_p2p.net.links import (
     serve_link_stream,
     splice,
 )
+from eldric_p2p.net.tcppunch import TCP_TAG, TcpPunches, accept_upgrade, upgrade
 from eldric_p2p.tasks import open_nursery
 
 if typing.TYPE_CHECKING:
@@ -105,7 +106,8 @@ class Connector:
         self.local_http: Callable[[], tuple[str, int] | None] = lambda: None  # our HTTP port (tagged links)
         # also counted in "relayed": "forwarded" (QUIC via a relay's channel), "lane" (a relay's TCP lane)
         self.stats = {"direct": 0, "punched": 0, "relayed": 0, "forwarded": 0, "lane": 0, "direct_failed": 0,
-                      "punch_failed": 0, "http_served": 0}  # fmt: skip
+                      "punch_failed": 0, "tcp_punched": 0, "http_served": 0}  # fmt: skip
+        self.tcp_punches = TcpPunches()  # punched links move onto TCP where the NATs let it (tcppunch.py)
         self.ticket: str | None = None  # a joiner's join ticket, presented on relayed links
 
     # ---- where a peer might be ----------------------------------------------------------------------------
@@ -300,20 +302,22 @@ class Connector:
                 continue
             try:
                 path: LinkPath = "relayed" if conn.forwarded else "punched"  # forwarded: the relay's channel
-                link = await link_client(
-                    conn.open_stream(),
-                    self.identity,
-                    peer_id,
-                    path=path,
-                    handshake_timeout=self.handshake_timeout,
-                    ticket=self.ticket,
-                )
+                tcp = None
+                for _ in range(2):  # a TCP link through the NATs first where one may form, else QUIC
+                    link = await link_client(conn.open_stream(), self.identity, peer_id, path=path,
+                                             handshake_timeout=self.handshake_timeout)  # fmt: skip
+                    if path == "relayed" or not self.tcp_punches.worth_trying(peer_id):
+                        break
+                    if tcp := await upgrade(link, self.identity, handshake_timeout=self.handshake_timeout):
+                        link = tcp
+                        break
+                    self.tcp_punches.failed(peer_id)
             except (PeerUnavailable, AuthenticationError) as exc:
                 log.info("no punched path to %s through %s: %s", peer_id, member.address, exc)
                 continue
             self._worked(peer_id, "link", path, None)
-            if conn.forwarded:
-                self.stats["forwarded"] += 1
+            if conn.forwarded or tcp:
+                self.stats["forwarded" if conn.forwarded else "tcp_punched"] += 1
             self._good[(peer_id, "http")] = self._good[(peer_id, "link")]
             return link
         if not lane:
@@ -367,13 +371,18 @@ class Connector:
     async def dispatch(self, link: Link) -> None:
         """An authenticated incoming link: HTTP (tagged) to our own HTTP port, anything else to the worker."""
         head = bytearray()
-        while len(head) < len(HTTP_TAG) and HTTP_TAG.startswith(bytes(head)):
+        while len(head) < 4 and (HTTP_TAG.startswith(head) or TCP_TAG.startswith(head)):
             data = await link.receive_some(len(HTTP_TAG) - len(head))
             if not data:
                 return
             head += data
         if bytes(head) == HTTP_TAG:
             await self._serve_http(link)
+            return
+        if bytes(head) == TCP_TAG and link.path == "punched":  # move this punched link onto TCP
+            self.tcp_punches.asked += 1
+            await accept_upgrade(link, self.identity, self.dispatch, allow=self.tcp_punches.enabled,
+                                 handshake_timeout=self.handshake_timeout)  # fmt: skip
             return
         link.unread(head)  # not ours: give the bytes back to the frame reader
         if link.guest:

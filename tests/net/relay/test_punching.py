@@ -73,10 +73,12 @@ async def roundtrip(stream: trio.abc.Stream, payload: bytes) -> bytes:
     return bytes(got)
 
 
-def test_two_members_punch_on_loopback_and_links_go_both_ways_over_one_connection() -> None:
+@pytest.mark.parametrize("tcp", [True, False], ids=["onto-tcp", "quic"])
+def test_two_members_punch_on_loopback_and_links_go_both_ways_over_one_connection(tcp: bool) -> None:
     async def main() -> None:
         async with swarm(2) as (relay, (a, b)):
             a_id, b_id = a.identity.peer_id, b.identity.peer_id
+            a.tcp_punches.enabled = b.tcp_punches.enabled = tcp
             with trio.fail_after(10):
                 link = await a.open_link(b_id)  # no TCP address known: punched, not relayed
                 assert link.path == "punched" and link.peer_id == b_id
@@ -96,7 +98,13 @@ def test_two_members_punch_on_loopback_and_links_go_both_ways_over_one_connectio
                 took = ma.puncher.stats.last_punch_s
                 assert took is not None and took < PUNCH_TIMEOUT_S
                 conn = ma.punched(b_id)
-                assert conn is not None and conn.stream_count == 2  # both links on one QUIC connection
+                # with TCP: each link moved onto a TCP connection of its own (the QUIC streams that asked for
+                # them are closed); without: both links are streams of the one punched QUIC connection
+                transport = trio.SocketStream if tcp else QuicStream
+                assert isinstance(link.tls.transport_stream, transport)
+                assert isinstance(back.tls.transport_stream, transport)
+                assert a.stats["tcp_punched"] == b.stats["tcp_punched"] == int(tcp)
+                assert conn is not None and conn.stream_count == (0 if tcp else 2)
                 await link.aclose()
                 await back.aclose()
 
