@@ -30,6 +30,7 @@ from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import pull_quic_header
 
+from eldric_p2p.net.connector import Connector
 from eldric_p2p.net.discovery import PeerTable
 from eldric_p2p.net.identity import Identity
 from eldric_p2p.net.links import Link, link_client, serve_link_stream
@@ -93,6 +94,28 @@ async def measure(
     elapsed = time.perf_counter() - t
     await s.aclose()
     return times[len(times) // 2] * 1000, sent / elapsed / 1e6
+
+
+async def _connector_members(
+    nursery: trio.Nursery, relay: tuple[str, int], datagram: int
+) -> tuple[Connector, Connector]:
+    """Two nodes' connectors, members of the relay, whose incoming links `serve`."""
+    out = []
+    for _ in range(2):
+        ident = Identity.generate()
+        table = PeerTable(ident.peer_id)
+        conn = Connector(ident, table)
+        conn.frames_handler = serve
+        member = RelayMember(ident, *relay, table, lambda: {"name": "bench"}, conn.handle_relayed,
+                             max_datagram_size=datagram, punch_handler=conn.handle_punched)  # fmt: skip
+        conn.members.append(member)
+        await nursery.start(member.run)
+        await member.wait_registered()
+        out.append(conn)
+    with trio.fail_after(10):
+        while out[1].identity.peer_id not in out[0].members[0].table:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    return out[0], out[1]
 
 
 def aioquic_in_memory(datagram: int, total: int) -> tuple[float, float]:
@@ -252,6 +275,17 @@ async def main(args: argparse.Namespace) -> None:
             return punched.open_stream()
 
         results["punched (1 QUIC hop, direct)"] = await measure(open_punched_stream, args.rounds, bulk)
+        # what a node's punched links are: the link handshake's TLS over that QUIC hop, or moved onto TCP
+        ca, cb = await _connector_members(nursery, relay.address, args.datagram)
+        paths = ((False, "punched link, QUIC + link TLS"), (True, "punched link, onto TCP + link TLS"))
+        for tcp, name in paths:
+            ca.tcp_punches.enabled = tcp
+
+            async def open_punched_link() -> trio.abc.Stream:
+                return await ca.open_link(cb.identity.peer_id)
+
+            results[name] = await measure(open_punched_link, args.rounds, bulk)
+        assert ca.stats["tcp_punched"] == 2, "a punched link stayed on QUIC"
         punched.close()
         await punched.wait_closed()
         await trio.sleep(PunchLimits().window_s)  # the relay repeats a pending punch's GO to the asker alone
@@ -284,6 +318,7 @@ async def main(args: argparse.Namespace) -> None:
         "relayed, spliced (2 QUIC hops)",
         "relayed, channel (1 QUIC hop)",
         "relayed, TCP lane + link TLS",
+        "punched link, onto TCP + link TLS",
     ):
         r_rt, r_bw = results[name]
         print(f"{name} vs one QUIC hop: RTT x{r_rt / q_rt:.2f}, bulk x{r_bw / q_bw:.2f}")

@@ -69,12 +69,14 @@ def pipeline(model: Path, delay_ms: float, tokens: int, nat: str, keep_warm: str
             statuses = {role: fed.get(role, f"{fed.nodes[role].url}/api/v1/worker/status")
                         for role in ("a1", "a2", "b1")}  # fmt: skip
             split = stage_times(statuses)
+            opened = {role: fed.get(role, f"{fed.nodes[role].url}/api/v1/node").get("link_stats", {})
+                      for role in ("data", "a1", "a2", "b1")}  # fmt: skip
             warm = [status["keep_warm"] for status in statuses.values()]  # type: ignore[index]
             links = [link for _, link in fed.stage_links()]
             ranges = [(s["worker"], s["start"], s["end"]) for s in dep["stages"]]
             best = max(runs, key=lambda r: r["decode_tokens_per_s"])
             result = {"delay_ms": delay_ms, "deploy_s": deploy_s, "links": links, "ranges": ranges,
-                      "split": split, "warm": warm, **best}  # fmt: skip
+                      "split": split, "warm": warm, "opened": opened, **best}  # fmt: skip
         finally:
             fed.stop()
     result["forwarder"] = lab.forwarder_report  # said when the lab came down
@@ -140,6 +142,9 @@ def main() -> int:
         spun = sum(w["spun_s"] for w in r["warm"])
         print(f"{'':22}keep-warm spinners a1/a2/b1 {spinners}, spun {spun:.1f} s"
               + (f" (off: {off})" if off else ""))  # fmt: skip
+        print(f"{'':22}links opened (direct/punched/of them onto TCP/relayed): "
+              + ", ".join(f"{role} {o.get('direct', 0)}/{o.get('punched', 0)}/{o.get('tcp_punched', 0)}/"
+                          f"{o.get('relayed', 0)}" for role, o in r["opened"].items()))  # fmt: skip
         for line in r["forwarder"].splitlines():
             print(f"{'':22}the lab's {line}")
         sp = r["split"]

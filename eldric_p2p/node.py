@@ -121,6 +121,7 @@ class NodeConfig:
     relays: list[tuple[str, int]] = field(default_factory=list)
     relay_listen: tuple[str, int] | None = None
     punch: bool = True  # take part in UDP hole punching through our relays (direct paths across NATs)
+    tcp_punch: bool = True  # move punched links onto TCP through the NATs where it forms (net/tcppunch.py)
     link_port: int = 0  # pipeline links (TLS over TCP) on listen_host; 0 picks a free port
     peer_interval: float = 2.0  # seconds between polls of the bootstrap peers
     api_keys: list[str] = field(default_factory=list)  # required as `Authorization: Bearer KEY` on /v1
@@ -168,6 +169,7 @@ class Node:
         self.peers.table.excluded = lambda peer_id: peer_id in self.membership.revocations
         self.membership.on_revoked.append(self.peers.table.forget)  # a revoked member leaves the table
         self.connector = Connector(self.identity, self.peers.table)
+        self.connector.tcp_punches.enabled = config.tcp_punch
         self.connector.local_http = self._local_http
         self.client_factory = http_client_factory(self.connector)
         self.relay: Relay | None = None

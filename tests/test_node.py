@@ -37,6 +37,10 @@ def test_every_cli_flag_lands_in_config(tmp_path: Path) -> None:
     assert cfg.keep_warm is None  # the default: engine/warm.py decides
     assert config_from_args(parse(["--keep-warm", "0"])).keep_warm == 0
     assert config_from_args(parse(["--keep-warm", "2.5"])).keep_warm == 2.5
+    assert cfg.punch and cfg.tcp_punch  # the defaults
+    no_tcp = config_from_args(parse(["--no-tcp-punch", "--data-dir", str(tmp_path)]))
+    assert no_tcp.punch and not no_tcp.tcp_punch
+    assert not Node(no_tcp).connector.tcp_punches.enabled and Node(cfg).connector.tcp_punches.enabled
 
 
 @pytest.mark.parametrize("argv", [["--memory", "lots"], ["--device", "tpu"], ["--listen", "h:99999"],

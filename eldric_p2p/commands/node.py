@@ -42,6 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-punch", action="store_true",
                    help="no UDP hole punching: peers behind NAT are reached only through relays")  # fmt: skip
+    p.add_argument("--no-tcp-punch", action="store_true",
+                   help="keep punched links on QUIC: no TCP connection through the NATs")  # fmt: skip
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1 (repeatable)")  # fmt: skip
     p.add_argument(
@@ -120,6 +122,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         relays=[parse_host_port(r) for r in args.relay],
         relay_listen=parse_host_port(args.relay_listen) if args.relay_listen else None,
         punch=not args.no_punch,
+        tcp_punch=not args.no_tcp_punch,
         api_keys=list(args.api_key),
         v1_auth=args.v1_auth,
         owner=OwnerPolicy(
