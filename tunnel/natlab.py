@@ -73,7 +73,6 @@ PACKET_IGNORE_OUTGOING = 23  # linux/if_packet.h (4.20+): no copy of the frames 
 PACKET_STATS = struct.Struct("=II")  # struct tpacket_stats: packets, drops
 SOCKET_BUFFER = 16 * 1024 * 1024  # per bridge port: a WAN burst waits in the kernel while the thread works
 MAX_QUEUE = 4096
-BURST_S = 50e-6  # frames due this soon after the next one go out with it (a TCP burst: one wake-up, not 3)
 FIFO_PRIORITY = 10  # the forwarder's real-time priority (see _like_hardware)
 PR_SET_TIMERSLACK = 29  # linux/prctl.h
 MAX_LATE = 1_000_000  # delayed frames whose lateness the forwarder keeps for its report (8 MB)
@@ -528,18 +527,12 @@ def forward(ports: Sequence[str], wan: set[str], delay_s: float) -> None:
     signal.signal(signal.SIGUSR1, on_usr1)
     while not stop:
         now = time.time()  # the kernel's receive timestamps are wall-clock time
-        if queue and queue[0][0] <= now:
-            burst = [heapq.heappop(queue)]  # with the frames due within BURST_S: late by that, never early
-            while queue and queue[0][0] <= burst[0][0] + BURST_S:
-                burst.append(heapq.heappop(queue))
-            if burst[-1][0] > now:
-                time.sleep(burst[-1][0] - now)
-            for due, _, out, frame in burst:
-                with contextlib.suppress(OSError):
-                    socks[out].send(frame)
-                if delay_s > 0 and len(late) < MAX_LATE:
-                    late.append(time.time() - due)
-            continue
+        while queue and queue[0][0] <= now:
+            due, _, out, frame = heapq.heappop(queue)
+            with contextlib.suppress(OSError):
+                socks[out].send(frame)
+            if delay_s > 0 and len(late) < MAX_LATE:
+                late.append(time.time() - due)
         timeout_ms = 200
         if queue:
             wait = queue[0][0] - now
