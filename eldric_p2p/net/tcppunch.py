@@ -43,9 +43,10 @@ TCP_TAG = b"ETCP"
 TCP_PUNCH_TIMEOUT_S = 2.5  # for both ends' connections to form (a SYN the other NAT dropped is resent at 1 s)
 TCP_RETRY_S = 600.0  # after a failed try, links to that peer stay on QUIC this long
 RECONNECT_S = 0.2  # between connects from our port while the other side's is not open yet
-MAX_TRIES_IN_FLIGHT = 16  # requests beyond this many at once are declined
+MAX_TRIES_IN_FLIGHT = 16  # requests served at once; beyond this many they are declined
+MAX_TRIES_PER_PEER = 4  # of them from one peer (one peer cannot hold them all)
 _PORT = struct.Struct(">H")
-_in_flight = 0
+_in_flight: dict[str, int] = {}  # peer id -> its requests being served
 
 
 class TcpPunches:
@@ -203,17 +204,19 @@ async def accept_upgrade(
     """The peer's side, after `dispatch` read TCP_TAG from `link`: answer, take the TCP link the opener's
     handshake arrives on, close `link`, and `dispatch` the TCP link. Declines (port 0) when not `allow`ed,
     and a link that was not punched, a guest's, a request without its port within `timeout` s (default
-    TCP_PUNCH_TIMEOUT_S), and requests beyond MAX_TRIES_IN_FLIGHT at once."""
-    global _in_flight
+    TCP_PUNCH_TIMEOUT_S), and requests beyond MAX_TRIES_IN_FLIGHT (MAX_TRIES_PER_PEER from one peer) at
+    once."""
     timeout = TCP_PUNCH_TIMEOUT_S if timeout is None else timeout
     port = 0
     with trio.move_on_after(timeout):
         (port,) = _PORT.unpack(await _receive_exactly(link, 2))
     host = punched_host(link)
-    if not allow or host is None or link.guest or not port or _in_flight >= MAX_TRIES_IN_FLIGHT:
+    busy = sum(_in_flight.values()) >= MAX_TRIES_IN_FLIGHT
+    busy = busy or _in_flight.get(link.peer_id, 0) >= MAX_TRIES_PER_PEER
+    if not allow or host is None or link.guest or not port or busy:
         await link.send_all(_PORT.pack(0))
         return
-    _in_flight += 1
+    _in_flight[link.peer_id] = _in_flight.get(link.peer_id, 0) + 1
     listener: trio.socket.SocketType | None = None
     won: list[Link] = []
     try:
@@ -239,7 +242,8 @@ async def accept_upgrade(
     except OSError as exc:
         log.info("no TCP path from %s through the NATs: %s", link.peer_id, exc)
     finally:
-        _in_flight -= 1
+        if (left := _in_flight.pop(link.peer_id) - 1) > 0:
+            _in_flight[link.peer_id] = left
         if listener is not None:
             listener.close()
     if not won:

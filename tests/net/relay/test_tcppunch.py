@@ -110,7 +110,12 @@ def test_malformed_or_unwanted_requests_are_declined_and_the_peer_keeps_serving(
                     assert await ask(TCP_TAG) == b"\0\0"  # no port within the timeout: declined
                 finally:
                     tcppunch.TCP_PUNCH_TIMEOUT_S = saved
-                assert b.tcp_punches.asked == 2
+                tcppunch.MAX_TRIES_PER_PEER, saved = 0, tcppunch.MAX_TRIES_PER_PEER
+                try:  # a peer that already has its share of requests being served
+                    assert await ask(TCP_TAG + struct.pack(">H", 40000)) == b"\0\0"
+                finally:
+                    tcppunch.MAX_TRIES_PER_PEER = saved
+                assert b.tcp_punches.asked == 3 and tcppunch._in_flight == {}
                 # the peer still serves links, and moves one onto TCP when asked properly
                 a.tcp_punches.enabled = True
                 link = await a.open_link(b_id)
