@@ -45,10 +45,11 @@ def run_json(argv: list[str], timeout: float = 900) -> dict:
     return json.loads(proc.stdout)
 
 
-def pipeline(model: Path, delay_ms: float, tokens: int, nat: str, keep_warm: str) -> dict:
+def pipeline(model: Path, delay_ms: float, tokens: int, nat: str, keep_warm: str, tcp_punch: bool) -> dict:
     lab_cm = natlab.natlab(prefix="elpb", delay_ms=delay_ms, nat=nat)
     with lab_cm as lab, tempfile.TemporaryDirectory() as tmp:
-        fed = natlab.Federation(lab, tmp, str(model.parent), worker_args=("--keep-warm", keep_warm))
+        worker_args = ("--keep-warm", keep_warm) + (() if tcp_punch else ("--no-tcp-punch",))
+        fed = natlab.Federation(lab, tmp, str(model.parent), worker_args=worker_args)
         try:
             fed.start()
             fed.wait_directory()
@@ -105,12 +106,17 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--nat", default="symmetric,eim", help="NAT kinds of the lab to run (natlab.NAT_KINDS)")
     ap.add_argument("--keep-warm", default="1,0", help="the workers' --keep-warm values to compare (seconds)")
+    ap.add_argument("--tcp-punch", default="on", help="on,off: also run with punched links kept on QUIC "
+                    "(the workers' --no-tcp-punch)")  # fmt: skip
     ap.add_argument("--no-baseline", action="store_true", help="skip the 0 ms rows")
     args = ap.parse_args()
     warms = [w for w in args.keep_warm.split(",") if w]
     if not warms or any(not w.replace(".", "", 1).isdigit() for w in warms):
         raise SystemExit(f"--keep-warm {args.keep_warm}: seconds, comma-separated, e.g. 1,0")
     nats = [n for n in args.nat.split(",") if n]
+    tcps = [t for t in args.tcp_punch.split(",") if t]
+    if not tcps or any(t not in ("on", "off") for t in tcps):
+        raise SystemExit(f"--tcp-punch {args.tcp_punch}: on, off or on,off")
     if bad := [n for n in nats if n not in natlab.NAT_KINDS]:
         raise SystemExit(f"--nat {','.join(bad)}: use {', '.join(natlab.NAT_KINDS)}")
     if (why := natlab.missing_requirements()) is not None:
@@ -122,17 +128,21 @@ def main() -> int:
 
     print(f"model {args.model.name}; the bound's compute is the fastest of {BASELINE_RUNS} one-process runs "
           "made just before each pipeline run (a noisy machine moves it)")  # fmt: skip
-    print(f"{'NAT':>10} {'WAN delay':>10} {'warm':>5} {'links':>26} {'tok/s':>7} {'ms/tok':>7} "
+    print(f"{'NAT':>10} {'WAN delay':>10} {'warm':>5} {'links':>36} {'tok/s':>7} {'ms/tok':>7} "
           f"{'compute ms':>11} {'bound ms':>9} {'ratio':>6} {'overhead ms':>12} {'same ids':>9}")  # fmt: skip
     delays = (args.delay_ms,) if args.no_baseline else (0.0, args.delay_ms)
-    for nat, delay, warm in [(n, d, w) for n in nats for d in delays for w in warms]:
+    for nat, delay, warm, tcp in [(n, d, w, t) for n in nats for d in delays for w in warms for t in tcps]:
+        if nat == "symmetric" and tcp == "off" and "on" in tcps:
+            continue  # nothing is punched behind symmetric NATs: the same as on
         ref = max((local() for _ in range(BASELINE_RUNS)), key=lambda r: r["decode_tokens_per_s"])
         compute_ms = 1000 / ref["decode_tokens_per_s"]
-        r = pipeline(args.model, delay, args.tokens, nat, warm)
+        r = pipeline(args.model, delay, args.tokens, nat, warm, tcp == "on")
+        if tcp == "off":
+            r["links"] = [f"{link} (QUIC)" if link == "punched" else link for link in r["links"]]
         ms = 1000 / r["decode_tokens_per_s"]
         bound_ms = compute_ms + WAN_CROSSINGS_PER_TOKEN * delay
         same = r["token_ids"] == ref["token_ids"][: len(r["token_ids"])]
-        print(f"{nat:>10} {delay:>8.0f}ms {warm:>5} {'/'.join(r['links']):>26} "
+        print(f"{nat:>10} {delay:>8.0f}ms {warm:>5} {'/'.join(r['links']):>36} "
               f"{r['decode_tokens_per_s']:>7.2f} {ms:>7.1f} {compute_ms:>11.1f} {bound_ms:>9.1f} "
               f"{bound_ms / ms:>6.2f} {ms - bound_ms:>12.1f} {str(same):>9}")  # fmt: skip
         print(f"{'':22}ranges {r['ranges']}, deploy {r['deploy_s']:.1f} s, prefill {r['prefill_s']:.2f} s, "

@@ -238,13 +238,16 @@ def test_qwen_across_two_sites_goes_direct_through_punched_paths_or_relayed_and_
               f"decode {got['decode_tokens_per_s']} tok/s")  # fmt: skip
         ids = fed.nodes["a1"].peer_id, fed.nodes["b1"].peer_id
         a1_b1 = ids[1] in punch[0]["connections"], ids[0] in punch[1]["connections"]
+        tcp = [n["link_stats"]["tcp_punched"] for n in nodes]  # type: ignore[index]
         if lab.nat == "eim":
             assert a1_b1 == (True, True)  # one punched connection, both ends
+            assert tcp[0] >= 1 and tcp[1] >= 1, tcp  # and the stages' links moved onto TCP through the NATs
         else:
             # no punched connection between the sites: the punch fell back to the relay's channel and the
             # links took its TCP lane; the public data peer may well punch to a site (its probes answer a
             # symmetric NAT's new port, a peer-reflexive candidate), which is fine
             assert a1_b1 == (False, False) and punch[0]["forwarded"] + punch[1]["forwarded"] >= 1
+            assert tcp == [0, 0]
             lanes = [n["relays"][0]["lane_streams"] for n in nodes]  # type: ignore[index]
             assert all(n >= 1 for n in lanes), lanes
     finally:
