@@ -239,6 +239,10 @@ def test_qwen_across_two_sites_goes_direct_through_punched_paths_or_relayed_and_
         ids = fed.nodes["a1"].peer_id, fed.nodes["b1"].peer_id
         a1_b1 = ids[1] in punch[0]["connections"], ids[0] in punch[1]["connections"]
         tcp = [n["link_stats"]["tcp_punched"] for n in nodes]  # type: ignore[index]
+        # the public data peer's links to the sites (the coordinator's HTTP) are punched and moved onto TCP
+        # behind either NAT: a symmetric NAT's SYN reaches the public side's listener from a port of its own
+        data_links = fed.get("data", f"{data.url}/api/v1/node")["link_stats"]  # type: ignore[index]
+        assert data_links["punched"] >= 1 and data_links["tcp_punched"] == data_links["punched"], data_links
         if lab.nat == "eim":
             assert a1_b1 == (True, True)  # one punched connection, both ends
             assert tcp[0] >= 1 and tcp[1] >= 1, tcp  # and the stages' links moved onto TCP through the NATs

@@ -11,13 +11,15 @@ way, so once a punched link is up its two ends try to open a TCP connection to e
                                            host : port, both at once (each side's SYN opens its own NAT for
                                            the other's); the first connection that forms is a candidate
     opener:                                the link handshake (TLS client) over the first candidate it has
-    peer:                                  the link handshake (TLS server) on every candidate from port_a;
-                                           the one the opener's handshake arrives on is the link
+    peer:                                  the link handshake (TLS server) on every candidate; the one
+                                           the opener's handshake arrives on is the link
 
 The other's host is the punched QUIC connection's remote address, never an address the peer names, so a
 peer can only have us connect back to itself. Its port is the port it reports, which is its public port only
-where its NAT preserves ports: where it does not, or where the NATs do not let TCP through, nothing connects
-within `TCP_PUNCH_TIMEOUT_S` and the link stays on QUIC (`TcpPunches`: the connector then does not try that
+where its NAT preserves ports. A listener takes a connection from any port of that host: where one side is
+public (no NAT) and the other's NAT maps each connection to a port of its own (symmetric), the NATed side's
+SYN reaches the public side's listener from a port nobody could predict, and that connection is the link.
+Where neither works, or where the NATs do not let TCP through at all, nothing connects within `TCP_PUNCH_TIMEOUT_S` and the link stays on QUIC (`TcpPunches`: the connector then does not try that
 peer again for `TCP_RETRY_S`). The TCP link is authenticated end to end like any other, and must prove the
 same peer id as the punched link that asked for it. Its path stays "punched";
 `Connector.stats["tcp_punched"]` counts them.
@@ -95,7 +97,8 @@ async def _candidates(
     listener: trio.socket.SocketType, host: str, port: int, found: Callable[[trio.SocketStream], None]
 ) -> None:
     """Accept on `listener` and connect from its port to `host:port` (again after a refusal: the other side's
-    port was not open yet) until cancelled, handing every connection with `host:port` to `found`."""
+    port was not open yet) until cancelled, handing every connection with `host` (any port: a symmetric NAT
+    picks its own) to `found`."""
     local_port = listener.getsockname()[1]
     any_found = False
 
@@ -107,7 +110,7 @@ async def _candidates(
     async def accept() -> None:
         while True:
             sock, addr = await listener.accept()
-            if addr[0] == host and addr[1] == port:
+            if addr[0] == host:
                 take(sock)
             else:
                 sock.close()  # anyone else knocking on the port
