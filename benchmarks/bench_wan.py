@@ -144,7 +144,7 @@ def main() -> int:
         same = r["token_ids"] == ref["token_ids"][: len(r["token_ids"])]
         print(f"{nat:>10} {delay:>8.0f}ms {warm:>5} {'/'.join(r['links']):>36} "
               f"{r['decode_tokens_per_s']:>7.2f} {ms:>7.1f} {compute_ms:>11.1f} {bound_ms:>9.1f} "
-              f"{bound_ms / ms:>6.2f} {ms - bound_ms:>12.1f} {str(same):>9}")  # fmt: skip
+              f"{bound_ms / ms:>6.3f} {ms - bound_ms:>12.1f} {str(same):>9}")  # fmt: skip
         print(f"{'':22}ranges {r['ranges']}, deploy {r['deploy_s']:.1f} s, prefill {r['prefill_s']:.2f} s, "
               f"{len(r['token_ids'])} tokens")  # fmt: skip
         spinners = "/".join(str(w["spinners"]) for w in r["warm"])
@@ -173,7 +173,7 @@ def main() -> int:
                       "delay")  # fmt: skip
             staged = sp["a1"] + sp["a2"] + sp["b1"]
             print(f"{'':22}with the stages' compute as measured in this run ({staged:.1f} ms): bound "
-                  f"{staged + wan:.1f} ms, ratio {(staged + wan) / ms:.2f}, transport overhead "
+                  f"{staged + wan:.1f} ms, ratio {(staged + wan) / ms:.3f}, transport overhead "
                   f"{ms - staged - wan:.1f} ms/token")  # fmt: skip
     return 0
 
