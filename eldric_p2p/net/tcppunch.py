@@ -19,10 +19,11 @@ peer can only have us connect back to itself. Its port is the port it reports, w
 where its NAT preserves ports. A listener takes a connection from any port of that host: where one side is
 public (no NAT) and the other's NAT maps each connection to a port of its own (symmetric), the NATed side's
 SYN reaches the public side's listener from a port nobody could predict, and that connection is the link.
-Where neither works, or where the NATs do not let TCP through at all, nothing connects within `TCP_PUNCH_TIMEOUT_S` and the link stays on QUIC (`TcpPunches`: the connector then does not try that
-peer again for `TCP_RETRY_S`). The TCP link is authenticated end to end like any other, and must prove the
-same peer id as the punched link that asked for it. Its path stays "punched";
-`Connector.stats["tcp_punched"]` counts them.
+Where neither works, or where the NATs do not let TCP through at all, nothing connects within
+`TCP_PUNCH_TIMEOUT_S` and the link stays on QUIC (`TcpPunches`: the connector then does not try that peer
+again for `TCP_RETRY_S`). The TCP link is authenticated end to end like any other, and must prove the same
+peer id as the punched link that asked for it. Its path stays "punched"; `Connector.stats["tcp_punched"]`
+counts them. Its connection sends TCP keepalives every 30 s, so an idle pipeline keeps its NAT mappings.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import trio
 
 from eldric_p2p.errors import AuthenticationError, PeerUnavailable
 from eldric_p2p.net.identity import Identity
-from eldric_p2p.net.links import HANDSHAKE_TIMEOUT_S, Link, link_client, link_server
+from eldric_p2p.net.links import HANDSHAKE_TIMEOUT_S, Link, keep_alive, link_client, link_server
 from eldric_p2p.net.pacing import unpace
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,9 @@ async def _candidates(
     def take(sock: trio.socket.SocketType) -> None:
         nonlocal any_found
         any_found = True
-        found(trio.SocketStream(sock))
+        stream = trio.SocketStream(sock)
+        keep_alive(stream)  # through NATs: an idle link must keep its mappings
+        found(stream)
 
     async def accept() -> None:
         while True:

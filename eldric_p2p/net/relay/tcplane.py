@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from dataclasses import dataclass, field
 
 import trio
 
-from eldric_p2p.net.links import open_link_stream
+from eldric_p2p.net.links import keep_alive, open_link_stream
 from eldric_p2p.net.relay.protocol import TICKET_LEN
 from eldric_p2p.tasks import open_nursery
 
@@ -173,10 +172,7 @@ async def dial(host: str, port: int, ticket: bytes) -> trio.SocketStream:
     TCP keepalives every KEEPALIVE_S keep an idle link's NAT mapping (home routers drop silent TCP mappings
     after minutes to hours) and notice a relay that vanished without a FIN."""
     stream = await open_link_stream(host, port)
-    stream.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for option, value in (("TCP_KEEPIDLE", KEEPALIVE_S), ("TCP_KEEPINTVL", KEEPALIVE_S), ("TCP_KEEPCNT", 4)):
-        if hasattr(socket, option):  # Linux names; other systems keep their defaults
-            stream.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+    keep_alive(stream, KEEPALIVE_S)
     try:
         await stream.send_all(MAGIC + ticket)
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

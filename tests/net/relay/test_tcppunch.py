@@ -5,6 +5,7 @@ On loopback both ends' TCP connections form at once; through real NATs, tests/te
 
 from __future__ import annotations
 
+import socket
 import struct
 import time
 from typing import Any
@@ -33,6 +34,9 @@ def test_a_punched_link_moves_onto_tcp_and_carries_frames_and_http_tags() -> Non
                 conn = a.members[0].punched(b_id)
                 assert conn is not None and conn.remote_address is not None
                 assert stream.socket.getpeername()[0] == conn.remote_address[0]
+                # keepalives hold the NATs' mappings of an idle link
+                assert stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                assert stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
                 payload = bytes(range(256)) * 64
                 assert await roundtrip(link, payload) == payload
                 assert a.stats["tcp_punched"] == 1 and b.tcp_punches.asked == 1
