@@ -47,6 +47,7 @@ TCP_PUNCH_TIMEOUT_S = 2.5  # for both ends' connections to form (a SYN the other
 TCP_RETRY_S = 600.0  # after a failed try, links to that peer stay on QUIC this long
 RECONNECT_S = 0.2  # between connects from our port while the other side's is not open yet
 MAX_TRIES_IN_FLIGHT = 16  # requests served at once; beyond this many they are declined
+MAX_CANDIDATES = 8  # connections one try hands on for a handshake; later ones are closed
 MAX_TRIES_PER_PEER = 4  # of them from one peer (one peer cannot hold them all)
 _PORT = struct.Struct(">H")
 _in_flight: dict[str, int] = {}  # peer id -> its requests being served
@@ -99,13 +100,13 @@ async def _candidates(
 ) -> None:
     """Accept on `listener` and connect from its port to `host:port` (again after a refusal: the other side's
     port was not open yet) until cancelled, handing every connection with `host` (any port: a symmetric NAT
-    picks its own) to `found`."""
+    picks its own) to `found`, at most MAX_CANDIDATES of them."""
     local_port = listener.getsockname()[1]
-    any_found = False
+    taken = 0
 
     def take(sock: trio.socket.SocketType) -> None:
-        nonlocal any_found
-        any_found = True
+        nonlocal taken
+        taken += 1
         stream = trio.SocketStream(sock)
         keep_alive(stream)  # through NATs: an idle link must keep its mappings
         found(stream)
@@ -113,13 +114,13 @@ async def _candidates(
     async def accept() -> None:
         while True:
             sock, addr = await listener.accept()
-            if addr[0] == host:
+            if addr[0] == host and taken < MAX_CANDIDATES:
                 take(sock)
             else:
                 sock.close()  # anyone else knocking on the port
 
     async def connect() -> None:
-        while not any_found:
+        while not taken:
             sock = await _bound(listener.family, local_port)
             try:
                 await sock.connect((host, port))

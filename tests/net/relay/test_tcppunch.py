@@ -145,3 +145,37 @@ def test_a_direct_link_that_starts_with_the_tag_is_frames_not_a_request() -> Non
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_one_try_hands_on_at_most_max_candidates_connections() -> None:
+    """A peer flooding the listener with connections gets MAX_CANDIDATES handshakes, no more."""
+
+    async def main() -> None:
+        listener = await tcppunch._listener("127.0.0.1")
+        # the other side's port: a listener nothing accepts from, so the connect from `listener`'s port
+        # forms too (in its backlog) and counts
+        other = await tcppunch._listener("127.0.0.1")
+        found: list[trio.SocketStream] = []
+        clients: list[trio.SocketStream] = []
+        try:
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    port = listener.getsockname()[1]
+                    nursery.start_soon(tcppunch._candidates, listener, "127.0.0.1", other.getsockname()[1],
+                                       found.append)  # fmt: skip
+                    for _ in range(tcppunch.MAX_CANDIDATES + 4):
+                        clients.append(await trio.open_tcp_stream("127.0.0.1", port))
+                    while len(found) < tcppunch.MAX_CANDIDATES:  # noqa: ASYNC110
+                        await trio.sleep(0.01)
+                    await trio.sleep(0.2)  # the rest were accepted and closed
+                    assert len(found) == tcppunch.MAX_CANDIDATES
+                    nursery.cancel_scope.cancel()
+        finally:
+            listener.close()
+            other.close()
+            for stream in found:
+                await trio.aclose_forcefully(stream)
+            for c in clients:
+                await trio.aclose_forcefully(c)
+
+    trio.run(main)
