@@ -164,10 +164,10 @@ async def upgrade(
     carried the request."""
     timeout = TCP_PUNCH_TIMEOUT_S if timeout is None else timeout
     host = punched_host(link)
-    if host is None:
-        return None
     listener: trio.socket.SocketType | None = None
     try:
+        if host is None:
+            return None
         listener = await _listener(host)
         with trio.fail_after(timeout):
             await link.send_all(TCP_TAG + _PORT.pack(listener.getsockname()[1]))

@@ -179,3 +179,20 @@ def test_one_try_hands_on_at_most_max_candidates_connections() -> None:
                 await trio.aclose_forcefully(c)
 
     trio.run(main)
+
+
+def test_upgrade_of_a_link_that_was_not_punched_returns_none_and_closes_it() -> None:
+    async def main() -> None:
+        async with swarm(1) as (_, (b,)):
+            async with trio.open_nursery() as nursery:
+                listeners = await nursery.start(serve_tcp_links, b.identity, "127.0.0.1", 0, b.dispatch)
+                port = listeners[0].socket.getsockname()[1]
+                with trio.fail_after(10):
+                    link = await open_tcp_link("127.0.0.1", port, Identity.generate(), b.identity.peer_id)
+                    assert await tcppunch.upgrade(link, Identity.generate()) is None
+                    with pytest.raises(trio.ClosedResourceError):
+                        await link.send_all(b"x")
+                    assert b.tcp_punches.asked == 0
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
