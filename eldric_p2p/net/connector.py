@@ -371,7 +371,7 @@ class Connector:
     async def dispatch(self, link: Link) -> None:
         """An authenticated incoming link: HTTP (tagged) to our own HTTP port, anything else to the worker."""
         head = bytearray()
-        while len(head) < 4 and (HTTP_TAG.startswith(head) or TCP_TAG.startswith(head)):
+        while len(head) < len(HTTP_TAG) and (HTTP_TAG.startswith(head) or TCP_TAG.startswith(head)):
             data = await link.receive_some(len(HTTP_TAG) - len(head))
             if not data:
                 return

@@ -74,9 +74,9 @@ class TcpPunches:
 
 def punched_host(link: Link) -> str | None:
     """The public host of the peer at the other end of a punched QUIC link, or None for any other link."""
-    conn = getattr(link.tls.transport_stream, "_conn", None)
-    addr = getattr(conn, "remote_address", None)
-    if getattr(conn, "forwarded", True) or not addr:
+    stream = link.tls.transport_stream
+    addr = getattr(stream, "remote_address", None)  # a QuicStream's; other streams have none
+    if getattr(stream, "forwarded", True) or not addr:
         return None
     return str(addr[0])
 

@@ -113,6 +113,11 @@ class QuicStream(trio.abc.HalfCloseableStream):
         """The stream's connection runs through a relay's forwarding channel (channels.py)."""
         return self._conn.forwarded
 
+    @property
+    def remote_address(self) -> NetworkAddress | None:
+        """Where the stream's connection sends its datagrams: the peer's public address when punched."""
+        return self._conn.remote_address
+
     # -- called by the driver
     def _feed(self, data: bytes, end_stream: bool) -> None:
         self._recv += data

@@ -8,14 +8,17 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 import trio
 
 from eldric_p2p.net import tcppunch
+from eldric_p2p.net.connector import Connector
 from eldric_p2p.net.identity import Identity
-from eldric_p2p.net.links import link_client, open_tcp_link, serve_tcp_links
+from eldric_p2p.net.links import Link, link_client, open_tcp_link, serve_tcp_links
 from eldric_p2p.net.relay.quic import QuicStream
 from eldric_p2p.net.tcppunch import TCP_TAG
 
@@ -129,20 +132,25 @@ def test_malformed_or_unwanted_requests_are_declined_and_the_peer_keeps_serving(
     trio.run(main)
 
 
+@asynccontextmanager
+async def direct_link() -> AsyncIterator[tuple[Connector, Link]]:
+    """A member's connector serving direct links on loopback, and a direct link to it from a stranger."""
+    async with swarm(1) as (_, (b,)), trio.open_nursery() as nursery:
+        listeners = await nursery.start(serve_tcp_links, b.identity, "127.0.0.1", 0, b.dispatch)
+        port = listeners[0].socket.getsockname()[1]
+        with trio.fail_after(10):
+            yield b, await open_tcp_link("127.0.0.1", port, Identity.generate(), b.identity.peer_id)
+        nursery.cancel_scope.cancel()
+
+
 def test_a_direct_link_that_starts_with_the_tag_is_frames_not_a_request() -> None:
     """Only punched links may ask: on a direct (or relayed) link the bytes go to the frames handler."""
 
     async def main() -> None:
-        async with swarm(1) as (_, (b,)):
-            async with trio.open_nursery() as nursery:
-                listeners = await nursery.start(serve_tcp_links, b.identity, "127.0.0.1", 0, b.dispatch)
-                port = listeners[0].socket.getsockname()[1]
-                with trio.fail_after(10):
-                    link = await open_tcp_link("127.0.0.1", port, Identity.generate(), b.identity.peer_id)
-                    body = TCP_TAG + b"\x12\x34 and more"
-                    assert await roundtrip(link, body) == body  # echoed by the frames handler
-                    assert b.tcp_punches.asked == 0
-                nursery.cancel_scope.cancel()
+        async with direct_link() as (b, link):
+            body = TCP_TAG + b"\x12\x34 and more"
+            assert await roundtrip(link, body) == body  # echoed by the frames handler
+            assert b.tcp_punches.asked == 0
 
     trio.run(main)
 
@@ -183,16 +191,10 @@ def test_one_try_hands_on_at_most_max_candidates_connections() -> None:
 
 def test_upgrade_of_a_link_that_was_not_punched_returns_none_and_closes_it() -> None:
     async def main() -> None:
-        async with swarm(1) as (_, (b,)):
-            async with trio.open_nursery() as nursery:
-                listeners = await nursery.start(serve_tcp_links, b.identity, "127.0.0.1", 0, b.dispatch)
-                port = listeners[0].socket.getsockname()[1]
-                with trio.fail_after(10):
-                    link = await open_tcp_link("127.0.0.1", port, Identity.generate(), b.identity.peer_id)
-                    assert await tcppunch.upgrade(link, Identity.generate()) is None
-                    with pytest.raises(trio.ClosedResourceError):
-                        await link.send_all(b"x")
-                    assert b.tcp_punches.asked == 0
-                nursery.cancel_scope.cancel()
+        async with direct_link() as (b, link):
+            assert await tcppunch.upgrade(link, Identity.generate()) is None
+            with pytest.raises(trio.ClosedResourceError):
+                await link.send_all(b"x")
+            assert b.tcp_punches.asked == 0
 
     trio.run(main)
