@@ -175,10 +175,11 @@ class Coordinator:
         ttl: float = 0.0,
         on_demand: bool = False,
         exclude: Collection[str] = (),
+        note: str = "",
     ) -> Deployment:
-        """Plan, push (tail first), wait until every shard is ready. Raises PlanDoesNotFit, DoesNotFit (a
-        worker refused), ModelNotFound, PeerUnavailable (a worker failed to load; nothing stays loaded),
-        UsageError."""
+        """Plan, push (tail first), wait until every shard is ready; `note`, if given, replaces the plan's
+        note. Raises PlanDoesNotFit, DoesNotFit (a worker refused), ModelNotFound, PeerUnavailable (a worker
+        failed to load; nothing stays loaded), UsageError."""
         if strategy not in STRATEGIES:
             raise UsageError(f"unknown strategy {strategy!r}: use {' or '.join(STRATEGIES)}")
         await self.peers.refresh()
@@ -200,7 +201,7 @@ class Coordinator:
                 for v in await self.worker_views(client, workers)
                 if v.name not in exclude and v.peer_id not in exclude
             ]
-            plan, note = plan_layers(
+            plan, plan_note = plan_layers(
                 index, views, strategy=strategy, weights=weights, max_ctx=max_ctx, sessions=sessions
             )
             dep_id = f"{model[:48]}-{secrets.token_hex(3)}"
@@ -219,7 +220,7 @@ class Coordinator:
                 max_ctx,
                 sessions,
                 [ShardState(s, p.worker.url, p.needed) for s, p in zip(stages, plan, strict=True)],
-                note,
+                note or plan_note,
                 workers_asked=workers,
                 ttl_s=max(0.0, float(ttl)),
                 on_demand=on_demand,

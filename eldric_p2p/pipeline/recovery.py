@@ -157,6 +157,9 @@ async def retire(coord: Coordinator, dep: Deployment) -> None:
         await coord._unload(client, dep.id, dep.shards)
 
 
+PENDING_NOTE = "deployed by itself: it was refused for lack of memory until more joined"
+
+
 async def deploy_pending(coord: Coordinator) -> None:
     """Try each deploy that was refused for lack of memory again, over every live worker."""
     for model, opts in list(coord.pending.items()):
@@ -164,12 +167,11 @@ async def deploy_pending(coord: Coordinator) -> None:
             coord.pending.pop(model, None)
             continue
         try:
-            new = await coord.deploy(model, workers=None, **opts)  # type: ignore[arg-type]
+            new = await coord.deploy(model, workers=None, note=PENDING_NOTE, **opts)  # type: ignore[arg-type]
         except PlanDoesNotFit:
             continue  # still too little memory: wait for the next change
         except EldricError as exc:
             log.info("pending deploy of %s: %s", model, exc)
             continue
         coord.pending.pop(model, None)
-        new.note = "deployed by itself: it was refused for lack of memory until more joined"
         log.warning("pending deploy of %s done: %s", model, ", ".join(s.stage.name for s in new.shards))
