@@ -1,7 +1,7 @@
 """Decode tokens/s of a pipeline spanning two NATed sites, beside the bound from compute plus hop latency.
 
     sudo python benchmarks/bench_wan.py [--model PATH] [--delay-ms 20] [--tokens 48] [--nat symmetric,eim]
-                                        [--keep-warm 1,0] [--no-baseline]
+                                        [--keep-warm 1,0] [--tcp-punch on,off] [--no-baseline] [--repeat N]
 
 Builds the NAT lab (tunnel/natlab.py) once per NAT kind and delay (the given one, and 0 ms for comparison),
 starts a relay, a public data peer and workers a1, a2 (site A) and b1 (site B) as `eldric-p2p node` processes,
@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,22 +68,55 @@ def pipeline(model: Path, delay_ms: float, tokens: int, nat: str, keep_warm: str
                 if proc.returncode == 0:
                     break
                 time.sleep(1)
+            pids = {role: node.proc.pid for role, node in fed.nodes.items()}
+            pids["forwarder"] = lab.forwarder.pid  # type: ignore[union-attr]
+            before = {role: cpu_seconds(pid) for role, pid in pids.items()}
             runs = [run_json(fed.lab.argv("data", chat)) for _ in range(2)]
+            cpu = {role: [b - a for a, b in zip(before[role], cpu_seconds(pid), strict=True)]
+                   for role, pid in pids.items()}  # fmt: skip
+            steps = sum(len(r["token_ids"]) for r in runs)  # one forward step per token
+            cpu_ms = {role: (b * 1e3 / steps, i * 1e3 / steps) for role, (b, i) in cpu.items()}
             statuses = {role: fed.get(role, f"{fed.nodes[role].url}/api/v1/worker/status")
                         for role in ("a1", "a2", "b1")}  # fmt: skip
             split = stage_times(statuses)
             opened = {role: fed.get(role, f"{fed.nodes[role].url}/api/v1/node").get("link_stats", {})
                       for role in ("data", "a1", "a2", "b1")}  # fmt: skip
             warm = [status["keep_warm"] for status in statuses.values()]  # type: ignore[index]
-            links = [link for _, link in fed.stage_links()]
+            paths = [link for _, link in fed.stage_links()]
+            # what carried each stage's link to the next while the chats ran (punched: TCP or QUIC)
+            carriers = [shard.get("link_transport") for st in statuses.values() for shard in st["shards"]]  # type: ignore[index]
+            links = [f"{p}:{c}" if c else str(p) for p, c in zip(paths, carriers, strict=False)]
             ranges = [(s["worker"], s["start"], s["end"]) for s in dep["stages"]]
             best = max(runs, key=lambda r: r["decode_tokens_per_s"])
             result = {"delay_ms": delay_ms, "deploy_s": deploy_s, "links": links, "ranges": ranges,
-                      "split": split, "warm": warm, "opened": opened, **best}  # fmt: skip
+                      "split": split, "warm": warm, "opened": opened, "cpu_ms": cpu_ms, **best}  # fmt: skip
         finally:
             fed.stop()
     result["forwarder"] = lab.forwarder_report  # said when the lab came down
     return result
+
+
+SCHED_IDLE = 5
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU time of process `pid` so far: (in all but the keep-warm spinners, in the spinners: the threads at
+    SCHED_IDLE, which run only where a CPU would otherwise idle)."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def times(stat: Path) -> tuple[float, int]:  # utime + stime (fields 14, 15), policy (field 41)
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick, int(fields[38])
+
+    total, _ = times(Path(f"/proc/{pid}/stat"))  # every thread's, ended ones too
+    idle = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            t, policy = times(task / "stat")
+        except OSError:
+            continue  # the thread ended
+        idle += t if policy == SCHED_IDLE else 0.0
+    return total - idle, idle
 
 
 def stage_times(statuses: dict[str, Any]) -> dict[str, float | None]:
@@ -109,6 +144,8 @@ def main() -> int:
     ap.add_argument("--tcp-punch", default="on", help="on,off: also run with punched links kept on QUIC "
                     "(the workers' --no-tcp-punch)")  # fmt: skip
     ap.add_argument("--no-baseline", action="store_true", help="skip the 0 ms rows")
+    ap.add_argument("--repeat", type=int, default=1, help="run every row this many times (rows interleaved); "
+                    "then a summary of each row's ratios")  # fmt: skip
     args = ap.parse_args()
     warms = [w for w in args.keep_warm.split(",") if w]
     if not warms or any(not w.replace(".", "", 1).isdigit() for w in warms):
@@ -131,17 +168,20 @@ def main() -> int:
     print(f"{'NAT':>10} {'WAN delay':>10} {'warm':>5} {'links':>36} {'tok/s':>7} {'ms/tok':>7} "
           f"{'compute ms':>11} {'bound ms':>9} {'ratio':>6} {'overhead ms':>12} {'same ids':>9}")  # fmt: skip
     delays = (args.delay_ms,) if args.no_baseline else (0.0, args.delay_ms)
-    for nat, delay, warm, tcp in [(n, d, w, t) for n in nats for d in delays for w in warms for t in tcps]:
-        if nat == "symmetric" and tcp == "off" and "on" in tcps:
-            continue  # nothing is punched behind symmetric NATs: the same as on
+    if args.repeat < 1:
+        raise SystemExit(f"--repeat {args.repeat}: at least 1")
+    rows = [(n, d, w, t) for n in nats for d in delays for w in warms for t in tcps]
+    rows = [row for row in rows if not (row[0] == "symmetric" and row[3] == "off" and "on" in tcps)]
+    # (nothing is punched behind symmetric NATs: --tcp-punch off is the same as on there)
+    ratios: dict[tuple[str, float, str, str], list[tuple[float, float]]] = {row: [] for row in rows}
+    for nat, delay, warm, tcp in rows * args.repeat:
         ref = max((local() for _ in range(BASELINE_RUNS)), key=lambda r: r["decode_tokens_per_s"])
         compute_ms = 1000 / ref["decode_tokens_per_s"]
         r = pipeline(args.model, delay, args.tokens, nat, warm, tcp == "on")
-        if tcp == "off":
-            r["links"] = [f"{link} (QUIC)" if link == "punched" else link for link in r["links"]]
         ms = 1000 / r["decode_tokens_per_s"]
         bound_ms = compute_ms + WAN_CROSSINGS_PER_TOKEN * delay
         same = r["token_ids"] == ref["token_ids"][: len(r["token_ids"])]
+        ratios[(nat, delay, warm, tcp)].append((bound_ms / ms, ms - bound_ms))
         print(f"{nat:>10} {delay:>8.0f}ms {warm:>5} {'/'.join(r['links']):>36} "
               f"{r['decode_tokens_per_s']:>7.2f} {ms:>7.1f} {compute_ms:>11.1f} {bound_ms:>9.1f} "
               f"{bound_ms / ms:>6.3f} {ms - bound_ms:>12.1f} {str(same):>9}")  # fmt: skip
@@ -155,6 +195,11 @@ def main() -> int:
         print(f"{'':22}links opened (direct/punched/of them onto TCP/relayed): "
               + ", ".join(f"{role} {o.get('direct', 0)}/{o.get('punched', 0)}/{o.get('tcp_punched', 0)}/"
                           f"{o.get('relayed', 0)}" for role, o in r["opened"].items()))  # fmt: skip
+        cpu = r["cpu_ms"]
+        print(f"{'':22}CPU per token (ms, all threads but the spinners): "
+              + ", ".join(f"{role} {b:.1f}" for role, (b, _) in cpu.items())
+              + f"; in all {sum(b for b, _ in cpu.values()):.1f} of {ms:.1f} ms on {os.cpu_count()} CPUs; "
+              f"spinners {sum(i for _, i in cpu.values()):.1f}")  # fmt: skip
         for line in r["forwarder"].splitlines():
             print(f"{'':22}the lab's {line}")
         sp = r["split"]
@@ -175,6 +220,14 @@ def main() -> int:
             print(f"{'':22}with the stages' compute as measured in this run ({staged:.1f} ms): bound "
                   f"{staged + wan:.1f} ms, ratio {(staged + wan) / ms:.3f}, transport overhead "
                   f"{ms - staged - wan:.1f} ms/token")  # fmt: skip
+    if args.repeat > 1:
+        print(f"\nratio (bound / ms per token) over {args.repeat} runs of each row: median, lowest, highest; "
+              "runs at or above 0.95; overhead ms/token median")  # fmt: skip
+        for (nat, delay, warm, tcp), got in ratios.items():
+            r = sorted(x for x, _ in got)
+            print(f"{nat:>10} {delay:>8.0f}ms warm {warm:>3} TCP punch {tcp:>3}: {statistics.median(r):.3f}, "
+                  f"{r[0]:.3f}, {r[-1]:.3f}; {sum(x >= 0.95 for x in r)} of {len(r)}; "
+                  f"{statistics.median(o for _, o in got):.1f}")  # fmt: skip
     return 0
 
 

@@ -243,6 +243,9 @@ def test_qwen_across_two_sites_goes_direct_through_punched_paths_or_relayed_and_
         # behind either NAT: a symmetric NAT's SYN reaches the public side's listener from a port of its own
         data_links = fed.get("data", f"{data.url}/api/v1/node")["link_stats"]  # type: ignore[index]
         assert data_links["punched"] >= 1 and data_links["tcp_punched"] == data_links["punched"], data_links
+        carriers = [shard["link_transport"] for r in ("a1", "b1")
+                    for shard in fed.get(r, f"{fed.nodes[r].url}/api/v1/worker/status")["shards"]]  # type: ignore[index]  # fmt: skip
+        assert carriers == ["tcp", "tcp"]  # punched onto TCP (eim) or the relay's TCP lane (symmetric)
         if lab.nat == "eim":
             assert a1_b1 == (True, True)  # one punched connection, both ends
             assert tcp[0] >= 1 and tcp[1] >= 1, tcp  # and the stages' links moved onto TCP through the NATs

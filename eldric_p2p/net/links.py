@@ -153,6 +153,12 @@ class Link(trio.abc.Stream):
     member: MemberCert | None = None  # the peer's verified membership, when we are in a federation
     guest: bool = False  # a joiner with a ticket: only its join request may pass
 
+    @property
+    def transport(self) -> str:
+        """What carries the link's TLS: "tcp" (a TCP connection: direct, punched onto TCP, or the relay's TCP
+        lane) or "quic" (a stream of a QUIC connection: punched, or through a relay)."""
+        return "tcp" if isinstance(self.tls.transport_stream, trio.SocketStream) else "quic"
+
     async def abort(self) -> None:
         """Close the stream below TLS at once (a revoked peer): any task using the link sees it closed."""
         await trio.aclose_forcefully(self.tls.transport_stream)

@@ -126,6 +126,9 @@ class Shard:
             "link": self.downstream.link.path
             if self.downstream is not None and not self.downstream.broken
             else None,
+            "link_transport": self.downstream.link.transport
+            if self.downstream is not None and not self.downstream.broken
+            else None,
             "sessions": len(self.head_sessions) if a.stage_index == 0 else None,
             "last_used": round(self.last_used, 3),
             "batching": self.batcher.status() if self.batcher is not None else None,

@@ -33,6 +33,7 @@ def test_a_punched_link_moves_onto_tcp_and_carries_frames_and_http_tags() -> Non
                 link = await a.open_link(b_id)
                 stream = link.tls.transport_stream
                 assert isinstance(stream, trio.SocketStream) and link.path == "punched"
+                assert link.transport == "tcp"
                 # the peer's end of the TCP connection is the address the punched QUIC connection reaches
                 conn = a.members[0].punched(b_id)
                 assert conn is not None and conn.remote_address is not None
@@ -57,6 +58,7 @@ def test_a_peer_that_declines_leaves_the_link_on_quic_and_is_not_asked_again() -
             with trio.fail_after(10):
                 first = await a.open_link(b_id)
                 assert isinstance(first.tls.transport_stream, QuicStream) and first.path == "punched"
+                assert first.transport == "quic"
                 assert await roundtrip(first, b"still punched") == b"still punched"
                 assert b.tcp_punches.asked == 1 and a.stats["tcp_punched"] == 0
                 assert not a.tcp_punches.worth_trying(b_id)
