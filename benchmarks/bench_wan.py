@@ -16,7 +16,11 @@ with the stages' compute as they measured it in the pipeline: a stage whose CPU 
 slower than one process running back to back (benchmarks/bench_idle.py), which is the machine's doing, not the
 network's. The workers run with each `--keep-warm` value in turn (`eldric-p2p node --keep-warm S`: spinners at
 the lowest priority keep their CPUs from idling between steps, engine/warm.py), so the rows compare both in
-one run; `--no-baseline` skips the 0 ms rows.
+one run; `--no-baseline` skips the 0 ms rows. Each row also says what carried each stage's link to the next
+(`direct:tcp`, `punched:tcp` or `punched:quic`, `relayed:tcp` for the relay's TCP lane) and the CPU time every
+process of the lab spent per token during the chats (the keep-warm spinners, at SCHED_IDLE, apart): on a
+machine that hosts the whole lab, one process's work delays another's. `--repeat N` runs every row N times,
+interleaved, and ends with each row's median, lowest and highest ratio.
 """
 
 from __future__ import annotations
