@@ -94,8 +94,10 @@ def print_plan(dep: dict[str, Any], out: Any = sys.stdout) -> None:
         print(
             f"  stage {s['index']} {s['role']:<6} {s['worker']:<12} layers {s['start']:>3}-{s['end'] - 1:<3} "
             f"({s['layers']:>2})  {format_size(s['memory']):>10}  {s['state']:<8} fetched "
-            f"{format_size(s['bytes_fetched'])}" + (f"  heartbeat {hb:.1f}s ago" if hb is not None else "")
-            + (f"  link {s['link']}" if s.get("link") else ""),  # to the next stage: direct|punched|relayed
+            f"{format_size(s['bytes_fetched'])}"
+            + (f"  heartbeat {hb:.1f}s ago" if hb is not None else "")
+            + (f"  link {s['link']}" if s.get("link") else "")  # to the next stage: direct|punched|relayed
+            + (f" over {s['link_transport']}" if s.get("link") and s.get("link_transport") else ""),
             file=out,
         )
 

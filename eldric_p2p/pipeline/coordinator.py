@@ -328,6 +328,8 @@ class Coordinator:
             shard.next_hop_ok = s.get("next_hop_ok") is not False
             link = s.get("link")
             shard.link = link if link in ("direct", "punched", "relayed") else None
+            carrier = s.get("link_transport")
+            shard.link_transport = carrier if shard.link and carrier in ("tcp", "quic") else None
 
         async with open_nursery() as nursery:
             for shard in dep.shards:

@@ -22,6 +22,7 @@ class ShardState:
     last_heartbeat: float = 0.0  # trio clock
     next_hop_ok: bool = True
     link: str | None = None  # path of the link to the next hop: "direct" | "relayed" (None: not open yet)
+    link_transport: str | None = None  # what carries that link: "tcp" | "quic"
     draining: str | None = None  # its worker takes no new work and wants this shard moved (and why)
 
 
@@ -98,6 +99,7 @@ class Deployment:
                     "progress": s.progress,
                     "next_hop_ok": s.next_hop_ok,
                     "link": s.link,
+                    "link_transport": s.link_transport,
                     "draining": s.draining,
                     "last_heartbeat_s": round(now - s.last_heartbeat, 1) if s.last_heartbeat else None,
                 }

@@ -9,6 +9,7 @@ and greedy chat through the data peer equals one process token for token.
 
 from __future__ import annotations
 
+import io
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ import httpx
 import pytest
 import trio
 
+from eldric_p2p.commands.deploy import print_plan
 from eldric_p2p.engine.generate import LocalModel, prompt_token_ids
 from eldric_p2p.engine.sampling import SamplingParams
 from eldric_p2p.engine.synthetic import write_synthetic_gguf
@@ -103,6 +105,11 @@ def test_deploy_across_sites_links_relayed_and_chat_equals_one_process(
                     await trio.sleep(0.1)
             # w0 -> w1 inside site A; w1 -> w2 and w2 -> w0 (the tail's tokens) cross sites
             assert links == [("w0", "direct"), ("w1", "relayed"), ("w2", "relayed")]
+            carriers = [s["link_transport"] for s in st["deployments"][0]["stages"]]
+            assert carriers == ["tcp", "tcp", "tcp"], carriers  # a direct TCP link, then the relay's lane
+            out = io.StringIO()
+            print_plan(st["deployments"][0], out)
+            assert out.getvalue().count("link relayed over tcp") == 2, out.getvalue()
             body = {"model": MODEL, "prompt": "Hello world the cat", "max_tokens": 16, "temperature": 0}
             with trio.fail_after(20):
                 while True:  # the head's announcement reaches the data peer through the relay
