@@ -97,6 +97,7 @@ def pipeline(model: Path, delay_ms: float, tokens: int, nat: str, keep_warm: str
         finally:
             fed.stop()
     result["forwarder"] = lab.forwarder_report  # said when the lab came down
+    result["forwarder_kind"] = lab.forwarder_kind
     return result
 
 
@@ -148,6 +149,8 @@ def main() -> int:
     ap.add_argument("--tcp-punch", default="on", help="on,off: also run with punched links kept on QUIC "
                     "(the workers' --no-tcp-punch)")  # fmt: skip
     ap.add_argument("--no-baseline", action="store_true", help="skip the 0 ms rows")
+    ap.add_argument("--forwarder", default="auto", help="the lab's delay forwarder: auto (C where it "
+                    "builds), c, python, or c,python to compare them row by row")  # fmt: skip
     ap.add_argument("--repeat", type=int, default=1, help="run every row this many times (rows interleaved); "
                     "then a summary of each row's ratios")  # fmt: skip
     args = ap.parse_args()
@@ -174,18 +177,24 @@ def main() -> int:
     delays = (args.delay_ms,) if args.no_baseline else (0.0, args.delay_ms)
     if args.repeat < 1:
         raise SystemExit(f"--repeat {args.repeat}: at least 1")
-    rows = [(n, d, w, t) for n in nats for d in delays for w in warms for t in tcps]
+    fwds = [f for f in args.forwarder.split(",") if f]
+    if not fwds or any(f not in ("auto", "c", "python") for f in fwds):
+        raise SystemExit(f"--forwarder {args.forwarder}: auto, c, python or c,python")
+    if "c" in fwds and natlab.forwarder_binary() is None:
+        raise SystemExit("--forwarder c: tunnel/forward.c does not build here (no C compiler?)")
+    rows = [(n, d, w, t, f) for n in nats for d in delays for w in warms for t in tcps for f in fwds]
     rows = [row for row in rows if not (row[0] == "symmetric" and row[3] == "off" and "on" in tcps)]
     # (nothing is punched behind symmetric NATs: --tcp-punch off is the same as on there)
-    ratios: dict[tuple[str, float, str, str], list[tuple[float, float]]] = {row: [] for row in rows}
-    for nat, delay, warm, tcp in rows * args.repeat:
+    ratios: dict[tuple[str, float, str, str, str], list[tuple[float, float]]] = {row: [] for row in rows}
+    for nat, delay, warm, tcp, fwd in rows * args.repeat:
+        os.environ["ELDRIC_NATLAB_FORWARDER"] = fwd  # natlab.forwarder_binary: "python" runs the Python one
         ref = max((local() for _ in range(BASELINE_RUNS)), key=lambda r: r["decode_tokens_per_s"])
         compute_ms = 1000 / ref["decode_tokens_per_s"]
         r = pipeline(args.model, delay, args.tokens, nat, warm, tcp == "on")
         ms = 1000 / r["decode_tokens_per_s"]
         bound_ms = compute_ms + WAN_CROSSINGS_PER_TOKEN * delay
         same = r["token_ids"] == ref["token_ids"][: len(r["token_ids"])]
-        ratios[(nat, delay, warm, tcp)].append((bound_ms / ms, ms - bound_ms))
+        ratios[(nat, delay, warm, tcp, fwd)].append((bound_ms / ms, ms - bound_ms))
         print(f"{nat:>10} {delay:>8.0f}ms {warm:>5} {'/'.join(r['links']):>36} "
               f"{r['decode_tokens_per_s']:>7.2f} {ms:>7.1f} {compute_ms:>11.1f} {bound_ms:>9.1f} "
               f"{bound_ms / ms:>6.3f} {ms - bound_ms:>12.1f} {str(same):>9}")  # fmt: skip
@@ -204,8 +213,9 @@ def main() -> int:
               + ", ".join(f"{role} {b:.1f}" for role, (b, _) in cpu.items())
               + f"; in all {sum(b for b, _ in cpu.values()):.1f} of {ms:.1f} ms on {os.cpu_count()} CPUs; "
               f"spinners {sum(i for _, i in cpu.values()):.1f}")  # fmt: skip
+        kind = r["forwarder_kind"]
         for line in r["forwarder"].splitlines():
-            print(f"{'':22}the lab's {line}")
+            print(f"{'':22}the lab's {line.replace('forwarder:', f'forwarder ({kind}):', 1)}")
         sp = r["split"]
         if all(sp.get(k) is not None for k in ("a1", "a2", "b1", "ring")):
             links = sp["ring"] - sp["a2"] - sp["b1"]  # the head's wait minus the other stages' compute
@@ -227,9 +237,10 @@ def main() -> int:
     if args.repeat > 1:
         print(f"\nratio (bound / ms per token) over {args.repeat} runs of each row: median, lowest, highest; "
               "runs at or above 0.95; overhead ms/token median")  # fmt: skip
-        for (nat, delay, warm, tcp), got in ratios.items():
+        for (nat, delay, warm, tcp, fwd), got in ratios.items():
             r = sorted(x for x, _ in got)
-            print(f"{nat:>10} {delay:>8.0f}ms warm {warm:>3} TCP punch {tcp:>3}: {statistics.median(r):.3f}, "
+            print(f"{nat:>10} {delay:>8.0f}ms warm {warm:>3} TCP punch {tcp:>3} forwarder {fwd:>6}: "
+                  f"{statistics.median(r):.3f}, "
                   f"{r[0]:.3f}, {r[-1]:.3f}; {sum(x >= 0.95 for x in r)} of {len(r)}; "
                   f"{statistics.median(o for _, o in got):.1f}")  # fmt: skip
     return 0

@@ -139,6 +139,45 @@ def test_the_delay_forwarder_runs_like_the_wire_it_stands_in_for(lab: natlab.Lab
     assert int(Path(f"/proc/{pid}/timerslack_ns").read_text()) <= 1  # real-time tasks get 0
 
 
+REFUSED_RTT = """
+import socket, sys, time
+best = 1e9
+for _ in range(5):
+    s = socket.socket(); s.settimeout(2); t = time.perf_counter()
+    try:
+        s.connect((sys.argv[1], int(sys.argv[2])))
+    except ConnectionRefusedError:
+        best = min(best, time.perf_counter() - t)
+    s.close()
+print(best * 1000)
+"""
+
+
+@pytest.mark.parametrize("kind", ["C", "Python"])
+def test_either_forwarder_delays_each_wan_crossing_and_reports_how_late(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """forward.c (built with the system's compiler) and the Python `forward` are the same bridge: a TCP SYN
+    and its RST between a site and the public segment cross a WAN link each way (2 x delay), between two
+    public hosts none; both run at real-time priority and report how late they sent the delayed frames."""
+    if (why := natlab.missing_requirements()) is not None:
+        pytest.skip(why)
+    if kind == "Python":
+        monkeypatch.setenv("ELDRIC_NATLAB_FORWARDER", "python")
+    elif natlab.forwarder_binary() is None:
+        pytest.skip("no C compiler: the lab runs the Python forwarder")
+    with natlab.natlab(prefix="elpw", delay_ms=10, nat="eim") as lab:
+        assert lab.forwarder is not None and lab.forwarder_kind == kind
+        assert os.sched_getscheduler(lab.forwarder.pid) == os.SCHED_FIFO
+        target = (lab.addr("data"), str(LISTEN_PORT))
+        rtt = {role: float(lab.exec(role, sys.executable, "-c", REFUSED_RTT, *target).stdout)
+               for role in ("a1", "b1", "relay")}  # fmt: skip
+    assert 20 <= rtt["a1"] < 30 and 20 <= rtt["b1"] < 30, rtt
+    assert rtt["relay"] < 5, rtt
+    assert "delayed frames went out late by median" in lab.forwarder_report, lab.forwarder_report
+    assert natlab.lab_namespaces("elpw") == []
+
+
 def test_sites_reach_the_relay_only_outbound_and_talk_through_it(lab: natlab.Lab) -> None:
     procs: list[subprocess.Popen[str]] = []
 

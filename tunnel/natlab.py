@@ -50,6 +50,7 @@ import argparse
 import array
 import contextlib
 import ctypes
+import hashlib
 import heapq
 import os
 import select
@@ -73,6 +74,7 @@ PACKET_IGNORE_OUTGOING = 23  # linux/if_packet.h (4.20+): no copy of the frames 
 PACKET_STATS = struct.Struct("=II")  # struct tpacket_stats: packets, drops
 SOCKET_BUFFER = 16 * 1024 * 1024  # per bridge port: a WAN burst waits in the kernel while the thread works
 MAX_QUEUE = 4096
+FORWARDER_PORTS = ("pr", "pd", "pa", "pb")  # the forwarder's veths in inet: relay, data peer, NAT A, NAT B
 FIFO_PRIORITY = 10  # the forwarder's real-time priority (see _like_hardware)
 PR_SET_TIMERSLACK = 29  # linux/prctl.h
 MAX_LATE = 1_000_000  # delayed frames whose lateness the forwarder keeps for its report (8 MB)
@@ -158,6 +160,7 @@ class Lab:
     nat: str = "masquerade"
     forwarder: subprocess.Popen[bytes] | None = None
     forwarder_report: str = ""  # what the forwarder said when it stopped (its lateness, any drops)
+    forwarder_kind: str = ""  # "C" (forward.c) or "Python" (`forward` below)
     namespaces: list[str] = field(default_factory=list)
 
     def ns(self, role: str) -> str:
@@ -266,22 +269,12 @@ class Lab:
             # public hosts know where the site is: an inbound attempt reaches the NAT and is dropped there
             for public in ("relay", "data"):
                 self.exec(public, "ip", "route", "add", lan_net, "via", self.addr(nat))
+        native = forwarder_binary()
+        self.forwarder_kind = "C" if native is not None else "Python"
+        program = [native] if native is not None else [sys.executable, os.path.abspath(__file__), "forward"]
         self.forwarder = subprocess.Popen(
             self.argv(
-                "inet",
-                [
-                    sys.executable,
-                    os.path.abspath(__file__),
-                    "forward",
-                    "--delay-ms",
-                    str(self.delay_ms),
-                    "--wan",
-                    "pa,pb",
-                    "pr",
-                    "pd",
-                    "pa",
-                    "pb",
-                ],
+                "inet", [*program, "--delay-ms", str(self.delay_ms), "--wan", "pa,pb", *FORWARDER_PORTS]
             ),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -564,8 +557,9 @@ def forward(ports: Sequence[str], wan: set[str], delay_s: float) -> None:
                     heapq.heappush(queue, (arrival + delay, seq, out, frame))
     if late:
         q = sorted(late)
-        print(f"forwarder: {len(q)} delayed frames went out late by median {q[len(q) // 2] * 1e6:.0f} us, "
-              f"p90 {q[len(q) * 9 // 10] * 1e6:.0f}, p99 {q[len(q) * 99 // 100] * 1e6:.0f}", file=sys.stderr)  # fmt: skip
+        median, p90, p99 = (q[len(q) * k // 100] * 1e6 for k in (50, 90, 99))
+        print(f"forwarder: {len(q)} delayed frames went out late by median {median:.0f} us, p90 {p90:.0f}, "
+              f"p99 {p99:.0f}", file=sys.stderr)  # fmt: skip
     if dropped:
         print(f"forwarder: dropped {dropped} frames (queue full)", file=sys.stderr)
     for port, sock in socks.items():  # frames the kernel dropped before we read them (socket buffer full)
@@ -573,6 +567,32 @@ def forward(ports: Sequence[str], wan: set[str], delay_s: float) -> None:
             _packets, drops = PACKET_STATS.unpack(sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
             if drops:
                 print(f"forwarder: {port}: the kernel dropped {drops} frames", file=sys.stderr)
+
+
+def forwarder_binary() -> str | None:
+    """forward.c built with the system's C compiler (once per version of the source, cached), or None: no
+    compiler, a failed build, or ELDRIC_NATLAB_FORWARDER=python; the lab then runs `forward` below."""
+    if os.environ.get("ELDRIC_NATLAB_FORWARDER", "").lower() == "python":
+        return None
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "forward.c")
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None or not os.path.exists(source):
+        return None
+    with open(source, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:12]
+    cache = os.path.join(os.path.expanduser("~"), ".cache", "eldric-p2p", "natlab")
+    binary = os.path.join(cache, f"forward-{digest}")
+    if os.access(binary, os.X_OK):
+        return binary
+    os.makedirs(cache, exist_ok=True)
+    partial = f"{binary}.{os.getpid()}"
+    built = subprocess.run([compiler, "-O2", "-o", partial, source], capture_output=True, text=True)
+    if built.returncode != 0:
+        print(f"natlab: forward.c did not build, using the Python forwarder: {built.stderr.strip()[-500:]}",
+              file=sys.stderr)  # fmt: skip
+        return None
+    os.replace(partial, binary)
+    return binary
 
 
 def _like_hardware() -> None:
