@@ -265,8 +265,18 @@ int main(int argc, char **argv) {
         }
         int ready = ppoll(fds, (nfds_t)n_ports, &ts, NULL);
         if (ready <= 0) continue; /* due, or a signal */
-        for (int i = 0; i < n_ports; i++)
+        for (int i = 0; i < n_ports; i++) {
             if (fds[i].revents & POLLIN) receive(i, delay_ns, &seq);
+            if (fds[i].revents & POLLERR) { /* take the pending error, or ppoll would return at once forever */
+                int err;
+                socklen_t len = sizeof err;
+                getsockopt(socks[i], SOL_SOCKET, SO_ERROR, &err, &len);
+            }
+            if (fds[i].revents & (POLLNVAL | POLLHUP)) {
+                fprintf(stderr, "forwarder: %s: the port went away\n", ports[i]);
+                fds[i].fd = -1; /* ignored by ppoll from now on */
+            }
+        }
     }
     if (n_late > 0) {
         qsort(late, (size_t)n_late, sizeof(double), cmp_double);

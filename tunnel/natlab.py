@@ -31,12 +31,14 @@ one side starting 0 or 100 ms after the other.
 - `symmetric` (`masquerade fully-random`, and the same drop): a random public port per destination, so the
   port the relay sees is useless to the peer. Punching never works; links fall back to the relay.
 
-WAN delay: this kernel has no netem, so `forward` (run in elp-inet) moves Ethernet frames between the four
+WAN delay: this kernel has no netem, so a forwarder run in elp-inet moves Ethernet frames between the four
 public-side veths over AF_PACKET sockets as a learning bridge, holding each frame in a delay queue for
-`delay-ms` per WAN port it crosses (site<->public: 1x, site A<->site B: 2x). Faithfulness: a fixed delay with
-no jitter, loss or reordering; frames are serviced by one Python thread at real-time priority, so the nodes'
-compute does not hold them back (with 7 nodes on 2 cores, 20 ms per link: frames go out late by a median 0.09
-ms, p99 0.16-0.26 ms; at normal priority 0.13-0.15 and 1.5-2.7 ms), with a throughput ceiling in the tens of
+`delay-ms` per WAN port it crosses (site<->public: 1x, site A<->site B: 2x): forward.c, built with the
+system's C compiler on first use (`forwarder_binary`), or `forward` below in Python where none builds (or with
+ELDRIC_NATLAB_FORWARDER=python). Faithfulness: a fixed delay with no jitter, loss or reordering; frames are
+serviced by one thread at real-time priority, so the nodes' compute does not hold them back (with 7 nodes on 2
+cores, 20 ms per link: frames go out late by a median 0.05-0.11 ms in C, 0.09-0.13 in Python, p99 0.16-0.36;
+the Python one at normal priority 0.13-0.15 and 1.5-2.7 ms), with a throughput ceiling in the tens of
 thousands of frames per second; the queue is bounded (overflow drops, like a router buffer). Offloads are
 disabled on those veths so frames stay MTU-sized. Each port's socket buffer is 16 MiB: with the default (~200
 KiB) a WAN burst arriving while the thread worked was dropped by the kernel unseen, and TCP through the lab
