@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -27,13 +28,14 @@ STATUS = {
         "strategy": "proportional", "n_layers": 24, "note": "",
         "stages": [
             {"index": 0, "worker": "gaming-pc", "peer_id": "p0", "role": "head", "start": 0, "end": 10,
-             "state": "ready", "memory": 260 << 20, "bytes_fetched": 180 << 20, "last_heartbeat_s": 0.8},
+             "state": "ready", "memory": 260 << 20, "bytes_fetched": 180 << 20, "last_heartbeat_s": 0.8,
+             "link": "direct", "link_transport": "tcp"},
             {"index": 1, "worker": "laptop", "peer_id": "p1", "role": "middle", "start": 10, "end": 17,
              "state": "ready", "memory": 90 << 20, "bytes_fetched": 70 << 20, "last_heartbeat_s": 1.1,
-             "link": "direct"},
+             "link": "punched", "link_transport": "tcp"},
             {"index": 2, "worker": "lab-gpu", "peer_id": "p2", "role": "tail", "start": 17, "end": 24,
              "state": "fetching", "memory": 240 << 20, "bytes_fetched": 20 << 20, "last_heartbeat_s": 0.4,
-             "link": "relayed"},
+             "link": "relayed", "link_transport": "quic"},
         ],
     }]
 }  # fmt: skip
@@ -132,7 +134,11 @@ def test_dashboard_renders_the_layer_map_in_chromium(tmp_path: Path) -> None:
                                          ("lab-gpu", 17, 24, "tail")):  # fmt: skip
             assert f'data-worker="{worker}" data-start="{start}" data-end="{end}" data-role="{role}"' in dom
         assert dom.count('title="layer ') == 24  # one tick per layer
-        assert "relayed" in dom and "direct" in dom
+        # each stage's own link, on the arrow after it: gaming-pc -> laptop direct, laptop -> lab-gpu punched,
+        # and the tokens back from the tail to the head relayed
+        links = re.findall(r'<div class="link (\w*)" title="([^"]*)">', dom)
+        assert links == [("direct", "link direct over tcp"), ("punched", "link punched over tcp"),
+                         ("relayed", "link relayed over quic")], links  # fmt: skip
         assert "<script>" not in dom.split("<body>")[1].replace(
             '<script src="/static/dashboard.js"></script>', ""
         )

@@ -94,8 +94,15 @@ function renderPeers(res) {
 }
 
 function stageLink(stage) {
-  // How the previous stage reaches this one: "direct", "punched" or "relayed" when the node reports it.
-  return stage.link || stage.path || (stage.relayed === true ? "relayed" : stage.relayed === false ? "direct" : null);
+  // How a stage reaches its next hop (the tail: the head, with the tokens): "direct", "punched" or "relayed"
+  // once its link is open, and what carries it ("tcp" or "quic").
+  return { path: stage.link || null, carrier: stage.link_transport || null };
+}
+
+function linkBox(link, arrow) {
+  return el("div", { class: "link " + (link.path || ""), title: link.path ? "link " + link.path + (link.carrier ? " over " + link.carrier : "") : "link not open yet" },
+    el("span", { class: "arrow" }, arrow), link.path || "link",
+    link.carrier ? el("span", { class: "carrier" }, link.carrier) : "");
 }
 
 function renderPipelines(res) {
@@ -108,10 +115,7 @@ function renderPipelines(res) {
     const map = el("div", { class: "layer-map", "data-deployment": d.id, "data-layers": n });
     stages.forEach((s, i) => {
       const role = s.role || (stages.length === 1 ? "single" : i === 0 ? "head" : i === stages.length - 1 ? "tail" : "middle");
-      if (i > 0) {
-        const link = stageLink(s);
-        map.append(el("div", { class: "link " + (link || "") }, el("span", { class: "arrow" }, "→"), link || "link"));
-      }
+      if (i > 0) map.append(linkBox(stageLink(stages[i - 1]), "→"));  // the previous stage's link to this one
       const count = (s.end ?? 0) - (s.start ?? 0);
       const ticks = el("div", { class: "ticks" });
       for (let k = 0; k < count; k++) ticks.append(el("i", { title: "layer " + ((s.start || 0) + k) }));
@@ -125,6 +129,7 @@ function renderPipelines(res) {
         el("div", { class: "what" }, "layers " + s.start + "–" + (s.end - 1) + " · " + role),
         ticks));
     });
+    if (stages.length > 1) map.append(linkBox(stageLink(stages[stages.length - 1]), "↩"));  // tail -> head: the tokens
     const shardRows = stages.map((s) => el("tr", {},
       el("td", {}, s.index ?? ""), el("td", {}, s.worker || "?"), el("td", {}, s.start + "–" + (s.end - 1)),
       el("td", {}, el("span", { class: "chip " + (s.state || "") }, s.state || "?")),
