@@ -101,9 +101,6 @@ def pipeline(model: Path, delay_ms: float, tokens: int, nat: str, keep_warm: str
     return result
 
 
-SCHED_IDLE = 5
-
-
 def cpu_seconds(pid: int) -> tuple[float, float]:
     """CPU time of process `pid` so far: (in all but the keep-warm spinners, in the spinners: the threads at
     SCHED_IDLE, which run only where a CPU would otherwise idle)."""
@@ -120,7 +117,7 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
             t, policy = times(task / "stat")
         except OSError:
             continue  # the thread ended
-        idle += t if policy == SCHED_IDLE else 0.0
+        idle += t if policy == os.SCHED_IDLE else 0.0
     return total - idle, idle
 
 

@@ -106,6 +106,8 @@ class Shard:
 
     def status(self) -> dict[str, Any]:
         a = self.a
+        ds = self.downstream
+        link = ds.link if ds is not None and not ds.broken else None  # to the next hop, while it is open
         return {
             "deployment_id": a.deployment_id,
             "model_id": a.model_id,
@@ -123,12 +125,8 @@ class Shard:
             "fetch_s": round(self.fetch_s, 3),
             "load_s": round(self.load_s, 3),
             "next_hop_ok": self.next_hop_ok,
-            "link": self.downstream.link.path
-            if self.downstream is not None and not self.downstream.broken
-            else None,
-            "link_transport": self.downstream.link.transport
-            if self.downstream is not None and not self.downstream.broken
-            else None,
+            "link": link.path if link is not None else None,
+            "link_transport": link.transport if link is not None else None,
             "sessions": len(self.head_sessions) if a.stage_index == 0 else None,
             "last_used": round(self.last_used, 3),
             "batching": self.batcher.status() if self.batcher is not None else None,
