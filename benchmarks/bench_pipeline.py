@@ -89,9 +89,14 @@ def cpu_name() -> str:
     """The CPU model, as /proc/cpuinfo names it (figures say which CPU gave them)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+            fields = dict(ln.split(":", 1) for ln in f.read().split("\n\n")[0].splitlines() if ":" in ln)
     except OSError:
         return "?"
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    name = fields.get("model name", "?")
+    if "cpu family" in fields:  # a virtual machine's name may be just "AMD EPYC": say which one
+        name += f" (family {fields['cpu family']} model {fields.get('model', '?')})"
+    return name
 
 
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
