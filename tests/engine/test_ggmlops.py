@@ -178,6 +178,19 @@ def test_simd_and_portable_ops_are_bit_identical(simd):
         for n in (len(g), 13, 8, 3):
             a, b = both(lambda name=name, n=n: _run_gated(name, g[:n], u[:n]))
             assert a.view(np.uint32).tolist() == b.view(np.uint32).tolist(), f"{name} {n}"
+    for rows in (1, 3, 4, 5, 7, 8, 9, 12, 13, 16, 17, 38):  # 8 rows a vector pass, then 4, then one by one
+        for n in (4, 12, 64, 256, 640, 7):  # 7: no 4-wide columns, the scalar sum
+            x = (rng.standard_normal((rows, n)) * rng.choice([1e-3, 1.0, 30.0], (rows, 1))).astype(np.float32)
+            w = rng.standard_normal(n).astype(np.float32)
+
+            def norm(x=x, w=w, in_place=False):  # type: ignore[no-untyped-def]
+                out = x.copy() if in_place else np.zeros_like(x)
+                _ggmlops.rms_norm(out if in_place else x, w, out, 1e-6)  # in place as a fused layer's q/k norms
+                return out
+
+            for in_place in (False, True):
+                a, b = both(lambda norm=norm, in_place=in_place: norm(in_place=in_place))
+                assert a.view(np.uint32).tolist() == b.view(np.uint32).tolist(), f"rms_norm {rows}x{n}"
     for nh, nkv, hd, ctx, pos0, T, window in [
         (4, 2, 64, 80, 0, 9, 0), (4, 2, 64, 80, 30, 1, 0), (4, 2, 64, 80, 40, 13, 7), (4, 2, 64, 80, 0, 1, 0),
         (4, 2, 64, 80, 70, 3, 0), (7, 1, 32, 40, 5, 11, 0), (3, 3, 96, 40, 0, 17, 4),

@@ -332,13 +332,94 @@ OPS_TARGET_AVX2 static int64_t to_f16_avx2(const float *x, uint16_t *y, int64_t 
 }
 #endif
 
+/* ggml's sum for rms_norm: each square rounded to float, then added to a double in order from 0.0, one long
+ * chain of dependent additions per row. */
+static inline double sumsq_row(const float *x, int64_t n) {
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; i++) sum += (double)(x[i] * x[i]);
+    return sum;
+}
+
+#if OPS_X86
+/* The same sums for 8 rows at once: rows across the lanes of two 4-double accumulators, each lane adding its
+ * row's squares in the scalar order (a 4x4 transpose turns 4 columns of 4 rows into a column per vector), so
+ * every sum has the scalar bits while 8 chains run side by side instead of one. n % 4 == 0. */
+OPS_TARGET_AVX2 static void sumsq_rows8_avx2(const float *x, int64_t n, double *out) {
+    __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+    for (int64_t i = 0; i < n; i += 4) {
+        __m128 a0 = _mm_loadu_ps(x + i), a1 = _mm_loadu_ps(x + n + i);
+        __m128 a2 = _mm_loadu_ps(x + 2 * n + i), a3 = _mm_loadu_ps(x + 3 * n + i);
+        __m128 b0 = _mm_loadu_ps(x + 4 * n + i), b1 = _mm_loadu_ps(x + 5 * n + i);
+        __m128 b2 = _mm_loadu_ps(x + 6 * n + i), b3 = _mm_loadu_ps(x + 7 * n + i);
+        _MM_TRANSPOSE4_PS(a0, a1, a2, a3); /* a_j: column i + j of rows 0..3 */
+        _MM_TRANSPOSE4_PS(b0, b1, b2, b3);
+        acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm_mul_ps(a0, a0)));
+        acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm_mul_ps(b0, b0)));
+        acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm_mul_ps(a1, a1)));
+        acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm_mul_ps(b1, b1)));
+        acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm_mul_ps(a2, a2)));
+        acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm_mul_ps(b2, b2)));
+        acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm_mul_ps(a3, a3)));
+        acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm_mul_ps(b3, b3)));
+    }
+    _mm256_storeu_pd(out, acc0);
+    _mm256_storeu_pd(out + 4, acc1);
+}
+
+/* The same for 4 rows (one accumulator). */
+OPS_TARGET_AVX2 static void sumsq_rows4_avx2(const float *x, int64_t n, double *out) {
+    __m256d acc = _mm256_setzero_pd();
+    for (int64_t i = 0; i < n; i += 4) {
+        __m128 a0 = _mm_loadu_ps(x + i), a1 = _mm_loadu_ps(x + n + i);
+        __m128 a2 = _mm_loadu_ps(x + 2 * n + i), a3 = _mm_loadu_ps(x + 3 * n + i);
+        _MM_TRANSPOSE4_PS(a0, a1, a2, a3);
+        acc = _mm256_add_pd(acc, _mm256_cvtps_pd(_mm_mul_ps(a0, a0)));
+        acc = _mm256_add_pd(acc, _mm256_cvtps_pd(_mm_mul_ps(a1, a1)));
+        acc = _mm256_add_pd(acc, _mm256_cvtps_pd(_mm_mul_ps(a2, a2)));
+        acc = _mm256_add_pd(acc, _mm256_cvtps_pd(_mm_mul_ps(a3, a3)));
+    }
+    _mm256_storeu_pd(out, acc);
+}
+
+/* y = (x * scale) * w, two rounded products per element as in the scalar loop. */
+OPS_TARGET_AVX2 static void scale_mul_avx2(const float *x, float scale, const float *w, float *y, int64_t n) {
+    const __m256 s = _mm256_set1_ps(scale);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), s), _mm256_loadu_ps(w + i)));
+    }
+    for (; i < n; i++) y[i] = (x[i] * scale) * w[i];
+}
+#endif
+
 static void ops_rms_norm(const float *x, const float *w, float *y, int64_t rows, int64_t n, float eps) {
-    for (int64_t r = 0; r < rows; r++, x += n, y += n) {
-        double sum = 0.0;
-        for (int64_t i = 0; i < n; i++) sum += (double)(x[i] * x[i]);
-        const float mean = (float)(sum / (double)n);
-        const float scale = 1.0f / sqrtf(mean + eps);
-        for (int64_t i = 0; i < n; i++) y[i] = (x[i] * scale) * w[i];
+    double sums[8];
+    for (int64_t r = 0; r < rows; r += 8, x += 8 * n, y += 8 * n) {
+        const int64_t m = rows - r < 8 ? rows - r : 8;
+        int64_t j = 0;
+#if OPS_X86
+        if (ops_have_avx2 && n % 4 == 0) {
+            if (m == 8) {
+                sumsq_rows8_avx2(x, n, sums);
+                j = 8;
+            } else if (m >= 4) {
+                sumsq_rows4_avx2(x, n, sums);
+                j = 4;
+            }
+        }
+#endif
+        for (; j < m; j++) sums[j] = sumsq_row(x + j * n, n);
+        for (j = 0; j < m; j++) { /* x and y may be the same rows: each row is summed before it is written */
+            const float mean = (float)(sums[j] / (double)n);
+            const float scale = 1.0f / sqrtf(mean + eps);
+#if OPS_X86
+            if (ops_have_avx2) {
+                scale_mul_avx2(x + j * n, scale, w, y + j * n, n);
+                continue;
+            }
+#endif
+            for (int64_t i = 0; i < n; i++) y[j * n + i] = (x[j * n + i] * scale) * w[i];
+        }
     }
 }
 
