@@ -309,6 +309,7 @@ class Connector:
                     if path == "relayed" or not self.tcp_punches.worth_trying(peer_id):
                         break
                     if tcp := await upgrade(link, self.identity, handshake_timeout=self.handshake_timeout):
+                        self.tcp_punches.worked(peer_id)
                         link = tcp
                         break
                     self.tcp_punches.failed(peer_id)

@@ -21,7 +21,7 @@ public (no NAT) and the other's NAT maps each connection to a port of its own (s
 SYN reaches the public side's listener from a port nobody could predict, and that connection is the link.
 Where neither works, or where the NATs do not let TCP through at all, nothing connects within
 `TCP_PUNCH_TIMEOUT_S` and the link stays on QUIC (`TcpPunches`: the connector then does not try that peer
-again for `TCP_RETRY_S`). The TCP link is authenticated end to end like any other, and must prove the same
+again for `TCP_RETRY_FIRST_S`, doubled after each failure in a row up to `TCP_RETRY_S`). The TCP link is authenticated end to end like any other, and must prove the same
 peer id as the punched link that asked for it. Its path stays "punched"; `Connector.stats["tcp_punched"]`
 counts them. Its connection sends TCP keepalives every 30 s, so an idle pipeline keeps its NAT mappings.
 """
@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 
 TCP_TAG = b"ETCP"
 TCP_PUNCH_TIMEOUT_S = 2.5  # for both ends' connections to form (a SYN the other NAT dropped is resent at 1 s)
-TCP_RETRY_S = 600.0  # after a failed try, links to that peer stay on QUIC this long
+TCP_RETRY_FIRST_S = 30.0  # after a failed try, links to that peer stay on QUIC this long, doubled after each
+TCP_RETRY_S = 600.0  # further failure up to this (a try can fail on a busy machine, not only at the NATs)
 RECONNECT_S = 0.2  # between connects from our port while the other side's is not open yet
 MAX_TRIES_IN_FLIGHT = 16  # requests served at once; beyond this many they are declined
 MAX_CANDIDATES = 8  # connections one try hands on for a handshake; later ones are closed
@@ -54,22 +55,28 @@ _in_flight: dict[str, int] = {}  # peer id -> its requests being served
 
 
 class TcpPunches:
-    """Whom a connector tries a TCP punch to: every peer, except one whose last try failed within
-    TCP_RETRY_S (`enabled = False`: nobody)."""
+    """Whom a connector tries a TCP punch to: every peer, except one whose last try failed recently: within
+    TCP_RETRY_FIRST_S of a first failure, twice that after a second in a row, and so on up to TCP_RETRY_S
+    (`enabled = False`: nobody). A success forgets the failures."""
 
     def __init__(self) -> None:
         self.enabled = True  # also: answer peers' requests (declined when False)
         self.asked = 0  # requests peers sent us
-        self._failed: dict[str, float] = {}
+        self._failed: dict[str, tuple[float, float]] = {}  # peer id -> (when it last failed, wait from then)
 
     def worth_trying(self, peer_id: str) -> bool:
-        when = self._failed.get(peer_id)
-        return self.enabled and (when is None or trio.current_time() - when > TCP_RETRY_S)
+        last = self._failed.get(peer_id)
+        return self.enabled and (last is None or trio.current_time() - last[0] > last[1])
 
     def failed(self, peer_id: str) -> None:
         if len(self._failed) >= 4096:
             self._failed.clear()
-        self._failed[peer_id] = trio.current_time()
+        last = self._failed.get(peer_id)
+        wait = TCP_RETRY_FIRST_S if last is None else min(2 * last[1], TCP_RETRY_S)
+        self._failed[peer_id] = (trio.current_time(), wait)
+
+    def worked(self, peer_id: str) -> None:
+        self._failed.pop(peer_id, None)
 
 
 def punched_host(link: Link) -> str | None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from eldric_p2p.net import tcppunch
 from eldric_p2p.net.connector import Connector
@@ -200,3 +201,26 @@ def test_upgrade_of_a_link_that_was_not_punched_returns_none_and_closes_it() -> 
             assert b.tcp_punches.asked == 0
 
     trio.run(main)
+
+
+def test_a_failed_peer_is_tried_again_after_a_wait_that_doubles_up_to_the_limit() -> None:
+    async def main() -> None:
+        punches = tcppunch.TcpPunches()
+        assert punches.worth_trying("p")
+        waits = []
+        for _ in range(7):
+            punches.failed("p")
+            t0 = trio.current_time()
+            while not punches.worth_trying("p"):
+                await trio.sleep(1.0)
+            waits.append(round(trio.current_time() - t0))
+        assert waits == [31, 61, 121, 241, 481, 601, 601]  # 30 s, doubled, at most TCP_RETRY_S (+ the 1 s step)
+        punches.failed("p")
+        punches.worked("p")  # a TCP link formed: the failures are forgotten
+        assert punches.worth_trying("p")
+        punches.failed("p")
+        assert not punches.worth_trying("p") and punches.worth_trying("q")
+        punches.enabled = False
+        assert not punches.worth_trying("q")
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
