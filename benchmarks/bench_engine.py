@@ -105,7 +105,7 @@ def run_eldric(path: str, threads: int, n_gen: int, weights: str, env: dict[str,
 
 
 def kernel_set() -> str:
-    """The engine's widest kernel set on this CPU, as its C extension picked it (ELDRIC_KERNELS narrows it)."""
+    """The engine's widest kernel set on this CPU, as its C extension picked it (ELDRIC_KERNELS: narrower)."""
     try:
         from eldric_p2p.engine.qmatmul import _qkernels
 

@@ -185,7 +185,8 @@ def test_simd_and_portable_ops_are_bit_identical(simd):
 
             def norm(x=x, w=w, in_place=False):  # type: ignore[no-untyped-def]
                 out = x.copy() if in_place else np.zeros_like(x)
-                _ggmlops.rms_norm(out if in_place else x, w, out, 1e-6)  # in place as a fused layer's q/k norms
+                # in place too, as a fused layer's q and k norms are
+                _ggmlops.rms_norm(out if in_place else x, w, out, 1e-6)
                 return out
 
             for in_place in (False, True):
