@@ -23,8 +23,8 @@ Where neither works, or where the NATs do not let TCP through at all, nothing co
 `TCP_PUNCH_TIMEOUT_S` and the link stays on QUIC (`TcpPunches`: the connector then does not try that peer
 again for `TCP_RETRY_FIRST_S`, doubled after each failure in a row up to `TCP_RETRY_S`). The TCP link is
 authenticated end to end like any other, and must prove the same peer id as the punched link that asked for
-it. Its path stays "punched"; `Connector.stats["tcp_punched"]` counts them. Its connection sends TCP keepalives
-every 30 s, so an idle pipeline keeps its NAT mappings.
+it. Its path stays "punched"; `Connector.stats["tcp_punched"]` counts them. Its connection sends TCP
+keepalives every 30 s, so an idle pipeline keeps its NAT mappings.
 """
 
 from __future__ import annotations
