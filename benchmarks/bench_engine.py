@@ -3,6 +3,7 @@
     python benchmarks/bench_engine.py                      # both reference models, 2 threads
     python benchmarks/bench_engine.py --models qwen --threads 2 --tokens 64 --weights native
     python benchmarks/bench_engine.py --llama-native /tmp/llnative   # also a build for this CPU
+    python benchmarks/bench_engine.py --prompt-repeat 13             # a ~480-token prompt
     python benchmarks/bench_engine.py --variant avx2=ELDRIC_KERNELS=avx2 \
         --variant glue=ELDRIC_KERNELS=avx2,ELDRIC_FUSED=0          # the engine as it was, in the same run
 
@@ -59,13 +60,15 @@ LLAMA_CPP = textwrap.dedent(
 )
 
 
-def run_llama_cpp(path: str, threads: int, n_gen: int, pythonpath: str | None = None) -> dict:
+def run_llama_cpp(
+    path: str, threads: int, n_gen: int, pythonpath: str | None = None, prompt: str = PROMPT
+) -> dict:
     """llama.cpp through llama-cpp-python: the installed build, or the one under `pythonpath`."""
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run(
-        [sys.executable, "-c", LLAMA_CPP, path, str(threads), str(n_gen), PROMPT],
+        [sys.executable, "-c", LLAMA_CPP, path, str(threads), str(n_gen), prompt],
         capture_output=True,
         text=True,
         check=True,
@@ -77,14 +80,16 @@ def run_llama_cpp(path: str, threads: int, n_gen: int, pythonpath: str | None = 
     return r
 
 
-def run_eldric(path: str, threads: int, n_gen: int, weights: str, env: dict[str, str] | None = None) -> dict:
+def run_eldric(
+    path: str, threads: int, n_gen: int, weights: str, env: dict[str, str] | None = None, prompt: str = PROMPT
+) -> dict:
     cmd = [
         sys.executable,
         "-m",
         "eldric_p2p",
         "run",
         path,
-        PROMPT,
+        prompt,
         "--raw",
         "--json",
         "--max-tokens",
@@ -121,23 +126,33 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64, help="decode steps per run")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--weights", default="auto")
+    ap.add_argument("--prompt-repeat", type=int, default=1, metavar="K",
+                    help="the prompt K times over (a longer prefill; 13: ~480 tokens, one batch)")  # fmt: skip
     ap.add_argument("--llama-native", default=None, metavar="DIR",
                     help="a llama-cpp-python built for this CPU (CMAKE_ARGS=-DGGML_NATIVE=ON pip install "
                          "--target DIR), measured beside the installed (AVX2) build")  # fmt: skip
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=VAR=VALUE[,VAR=VALUE]",
                     help="the engine again with these environment variables (repeatable)")  # fmt: skip
     args = ap.parse_args()
+    if not 1 <= args.prompt_repeat <= 13:
+        raise SystemExit(f"--prompt-repeat {args.prompt_repeat}: 1 to 13 (the prompt and 64 steps fit 1024 "
+                         "positions, the prompt one llama.cpp batch of at most 512)")  # fmt: skip
+    prompt = " ".join([PROMPT] * args.prompt_repeat)
     variants: dict[str, dict[str, str]] = {}
     for spec in args.variant:
         vname, _, assigns = spec.partition("=")
         variants[vname] = dict(a.split("=", 1) for a in assigns.split(",") if a)
     rows = []
-    sides = [("llama.cpp", lambda p: run_llama_cpp(p, args.threads, args.tokens))]
+    sides = [("llama.cpp", lambda p: run_llama_cpp(p, args.threads, args.tokens, prompt=prompt))]
     if args.llama_native:
-        sides.append(("native", lambda p: run_llama_cpp(p, args.threads, args.tokens, args.llama_native)))
-    sides.append(("eldric", lambda p: run_eldric(p, args.threads, args.tokens, args.weights)))
+        sides.append(
+            ("native", lambda p: run_llama_cpp(p, args.threads, args.tokens, args.llama_native, prompt))
+        )
+    sides.append(("eldric", lambda p: run_eldric(p, args.threads, args.tokens, args.weights, prompt=prompt)))
     for vname, venv in variants.items():
-        sides.append((vname, lambda p, e=venv: run_eldric(p, args.threads, args.tokens, args.weights, e)))
+        sides.append(
+            (vname, lambda p, e=venv: run_eldric(p, args.threads, args.tokens, args.weights, e, prompt))
+        )
     for name in args.models.split(","):
         path = str(models_dir() / MODELS[name])
         best: dict[str, dict] = {}
