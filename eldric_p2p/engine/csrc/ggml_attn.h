@@ -168,6 +168,26 @@ OPS_TARGET_AVX2 static void attend_avx2(const attn_args *a, int64_t t, int h, fl
     }
 }
 
+/* The scores of keys s and s+1 for heads j0..j0+n-1 (n <= 4, a constant where inlined), each (key, head) its own
+ * accumulator summed over d in the single-key loop's order: the same bits, 2n chains of FMAs side by side. */
+__attribute__((always_inline)) OPS_TARGET_AVX2 static inline void scores2_avx2(
+    const float *qv, const uint16_t *kh, int hd, int64_t s, int j0, const int n, int64_t Sp, float scale, float *w) {
+    __m256 acc[2][4];
+    for (int k = 0; k < 2; k++)
+        for (int j = 0; j < n; j++) acc[k][j] = _mm256_setzero_ps();
+    for (int d = 0; d < hd; d += 8) {
+        const __m256 k0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kh + (size_t)s * hd + d)));
+        const __m256 k1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kh + (size_t)(s + 1) * hd + d)));
+        for (int j = 0; j < n; j++) {
+            const __m256 q = _mm256_loadu_ps(qv + (j0 + j) * hd + d);
+            acc[0][j] = _mm256_fmadd_ps(k0, q, acc[0][j]);
+            acc[1][j] = _mm256_fmadd_ps(k1, q, acc[1][j]);
+        }
+    }
+    for (int j = 0; j < n; j++)
+        for (int k = 0; k < 2; k++) w[(size_t)(j0 + j) * Sp + s + k] = hsum8_avx2(acc[k][j]) * scale;
+}
+
 /* attend_avx2's one-accumulator order (several query rows) for query row t and every head of KV head kvh: each K
  * row is widened once for all the heads, each head keeping its own 8-lane accumulator; V^T . p per 8 outputs with
  * the 8 lane sums in registers, keys in order within each lane. Keys with p = 0 are added here (fma(0, v, lane)),
@@ -183,7 +203,18 @@ OPS_TARGET_AVX2 static void attend_group_avx2(const attn_args *a, int64_t t, int
         for (int d = 0; d < hd; d += 8) _mm256_storeu_ps(qv + j * hd + d, round_f16_avx2(_mm256_loadu_ps(qr + d)));
         memset(w + (size_t)j * Sp, 0, sizeof(float) * (size_t)Sp);
     }
-    for (int64_t s = first; s <= qpos; s++) {
+    int64_t s = first;
+    for (; s + 1 <= qpos; s += 2) { /* two keys at a time: 2 x n chains of FMAs side by side instead of n */
+        for (int j0 = 0; j0 < group; j0 += 4) {
+            switch (group - j0 < 4 ? group - j0 : 4) {
+            case 1: scores2_avx2(qv, kh, hd, s, j0, 1, Sp, a->scale, w); break;
+            case 2: scores2_avx2(qv, kh, hd, s, j0, 2, Sp, a->scale, w); break;
+            case 3: scores2_avx2(qv, kh, hd, s, j0, 3, Sp, a->scale, w); break;
+            default: scores2_avx2(qv, kh, hd, s, j0, 4, Sp, a->scale, w); break;
+            }
+        }
+    }
+    for (; s <= qpos; s++) {
         const uint16_t *kr = kh + (size_t)s * hd;
         for (int j0 = 0; j0 < group; j0 += 8) {
             const int n = group - j0 < 8 ? group - j0 : 8;
@@ -225,6 +256,33 @@ OPS_TARGET_AVX2 static void attend_group_avx2(const attn_args *a, int64_t t, int
     }
 }
 
+/* The scores of keys s..s+3 for head pairs j0..j0+n-1 (n <= 4, a constant where inlined): each (key, pair) its own
+ * accumulator, summed over d in the single-key loop's order, so the bits are the same while 4n independent chains
+ * of FMAs run side by side (one key at a time, a few heads waited on each FMA's latency). */
+__attribute__((always_inline)) OPS_TARGET_AVX512 static inline void scores4_avx512(
+    const float *qp, const uint16_t *kh, int hd, int64_t s, int j0, const int n, int group, int64_t Sp, float scale,
+    float *w) {
+    __m512 acc[4][4];
+    for (int k = 0; k < 4; k++)
+        for (int j = 0; j < n; j++) acc[k][j] = _mm512_setzero_ps();
+    for (int d = 0; d < hd; d += 8) {
+        __m512 kf[4];
+        for (int k = 0; k < 4; k++)
+            kf[k] = _mm512_broadcast_f32x8(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kh + (size_t)(s + k) * hd + d))));
+        for (int j = 0; j < n; j++) {
+            const __m512 q = _mm512_loadu_ps(qp + ((size_t)(j0 + j) * hd + d) * 2);
+            for (int k = 0; k < 4; k++) acc[k][j] = _mm512_fmadd_ps(kf[k], q, acc[k][j]);
+        }
+    }
+    for (int j = 0; j < n; j++) {
+        const int h0 = 2 * (j0 + j);
+        for (int k = 0; k < 4; k++) {
+            w[(size_t)h0 * Sp + s + k] = hsum8_avx2(_mm512_castps512_ps256(acc[k][j])) * scale;
+            if (h0 + 1 < group) w[(size_t)(h0 + 1) * Sp + s + k] = hsum8_avx2(_mm512_extractf32x8_ps(acc[k][j], 1)) * scale;
+        }
+    }
+}
+
 /* attend_group_avx2 with 512-bit registers: two heads' 8-lane score accumulators per register (the K row's 8
  * values broadcast to both halves), and V^T . p 16 outputs at a time; every lane's sequence of operations is the
  * AVX2 code's. Needs hd % 16 == 0. */
@@ -243,7 +301,18 @@ OPS_TARGET_AVX512 static void attend_group_avx512(const attn_args *a, int64_t t,
         }
         if (j < group) memset(w + (size_t)j * Sp, 0, sizeof(float) * (size_t)Sp);
     }
-    for (int64_t s = first; s <= qpos; s++) {
+    int64_t s = first;
+    for (; s + 3 <= qpos; s += 4) { /* four keys at a time: 4 x n chains of FMAs side by side instead of n */
+        for (int j0 = 0; j0 < pairs; j0 += 4) {
+            switch (pairs - j0 < 4 ? pairs - j0 : 4) {
+            case 1: scores4_avx512(qp, kh, hd, s, j0, 1, group, Sp, a->scale, w); break;
+            case 2: scores4_avx512(qp, kh, hd, s, j0, 2, group, Sp, a->scale, w); break;
+            case 3: scores4_avx512(qp, kh, hd, s, j0, 3, group, Sp, a->scale, w); break;
+            default: scores4_avx512(qp, kh, hd, s, j0, 4, group, Sp, a->scale, w); break;
+            }
+        }
+    }
+    for (; s <= qpos; s++) {
         const uint16_t *kr = kh + (size_t)s * hd;
         for (int j0 = 0; j0 < pairs; j0 += 8) {
             const int n = pairs - j0 < 8 ? pairs - j0 : 8;
