@@ -24,6 +24,7 @@ import subprocess
 import sys
 import textwrap
 
+from eldric_p2p.engine.qmatmul import simd
 from eldric_p2p.paths import models_dir
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -109,16 +110,6 @@ def run_eldric(
     return r
 
 
-def kernel_set() -> str:
-    """The engine's widest kernel set on this CPU, as its C extension picked it (ELDRIC_KERNELS: narrower)."""
-    try:
-        from eldric_p2p.engine.qmatmul import _qkernels
-
-        return _qkernels.simd()
-    except Exception as exc:  # no C extension: torch glue only
-        return f"none ({exc})"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="qwen,gemma")
@@ -175,7 +166,7 @@ def main() -> None:
         # the first step where the greedy tokens differ (None: identical)
         same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
         rows.append((name, e, ll, same, best.get("native"), {v: best[v] for v in variants if v in best}))
-    print(f"CPU {cpu_name()}, engine kernels {kernel_set()}")
+    print(f"CPU {cpu_name()}, engine kernels {simd()}")  # the widest here (ELDRIC_KERNELS: narrower)
     print(f"threads={args.threads} decode steps={args.tokens} rounds={args.rounds} (best of each)")
     print(f"{'model':6} {'side':16} {'prefill tok/s':>14} {'decode tok/s':>13}")
     for name, e, ll, same, nat, var in rows:

@@ -341,45 +341,27 @@ static inline double sumsq_row(const float *x, int64_t n) {
 }
 
 #if OPS_X86
-/* The same sums for 8 rows at once: rows across the lanes of two 4-double accumulators, each lane adding its
- * row's squares in the scalar order (a 4x4 transpose turns 4 columns of 4 rows into a column per vector), so
- * every sum has the scalar bits while 8 chains run side by side instead of one. n % 4 == 0. */
-OPS_TARGET_AVX2 static void sumsq_rows8_avx2(const float *x, int64_t n, double *out) {
-    __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+/* The same sums for 4 x `groups` rows at once (groups 1 or 2, a constant where inlined): rows across the lanes of
+ * 4-double accumulators, one per group of 4 rows, each lane adding its row's squares in the scalar order (a 4x4
+ * transpose turns 4 columns of 4 rows into a column per vector), so every sum has the scalar bits while 4 x
+ * groups chains run side by side instead of one. n % 4 == 0. */
+__attribute__((always_inline)) OPS_TARGET_AVX2 static inline void sumsq_rows_avx2(const float *x, int64_t n,
+                                                                                 double *out, const int groups) {
+    __m256d acc[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};
     for (int64_t i = 0; i < n; i += 4) {
-        __m128 a0 = _mm_loadu_ps(x + i), a1 = _mm_loadu_ps(x + n + i);
-        __m128 a2 = _mm_loadu_ps(x + 2 * n + i), a3 = _mm_loadu_ps(x + 3 * n + i);
-        __m128 b0 = _mm_loadu_ps(x + 4 * n + i), b1 = _mm_loadu_ps(x + 5 * n + i);
-        __m128 b2 = _mm_loadu_ps(x + 6 * n + i), b3 = _mm_loadu_ps(x + 7 * n + i);
-        _MM_TRANSPOSE4_PS(a0, a1, a2, a3); /* a_j: column i + j of rows 0..3 */
-        _MM_TRANSPOSE4_PS(b0, b1, b2, b3);
-        acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm_mul_ps(a0, a0)));
-        acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm_mul_ps(b0, b0)));
-        acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm_mul_ps(a1, a1)));
-        acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm_mul_ps(b1, b1)));
-        acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm_mul_ps(a2, a2)));
-        acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm_mul_ps(b2, b2)));
-        acc0 = _mm256_add_pd(acc0, _mm256_cvtps_pd(_mm_mul_ps(a3, a3)));
-        acc1 = _mm256_add_pd(acc1, _mm256_cvtps_pd(_mm_mul_ps(b3, b3)));
+        __m128 c[2][4];
+        for (int g = 0; g < groups; g++) {
+            for (int r = 0; r < 4; r++) c[g][r] = _mm_loadu_ps(x + (4 * g + r) * n + i);
+            _MM_TRANSPOSE4_PS(c[g][0], c[g][1], c[g][2], c[g][3]); /* c[g][j]: column i + j of the group's rows */
+        }
+        for (int j = 0; j < 4; j++)
+            for (int g = 0; g < groups; g++) acc[g] = _mm256_add_pd(acc[g], _mm256_cvtps_pd(_mm_mul_ps(c[g][j], c[g][j])));
     }
-    _mm256_storeu_pd(out, acc0);
-    _mm256_storeu_pd(out + 4, acc1);
+    for (int g = 0; g < groups; g++) _mm256_storeu_pd(out + 4 * g, acc[g]);
 }
 
-/* The same for 4 rows (one accumulator). */
-OPS_TARGET_AVX2 static void sumsq_rows4_avx2(const float *x, int64_t n, double *out) {
-    __m256d acc = _mm256_setzero_pd();
-    for (int64_t i = 0; i < n; i += 4) {
-        __m128 a0 = _mm_loadu_ps(x + i), a1 = _mm_loadu_ps(x + n + i);
-        __m128 a2 = _mm_loadu_ps(x + 2 * n + i), a3 = _mm_loadu_ps(x + 3 * n + i);
-        _MM_TRANSPOSE4_PS(a0, a1, a2, a3);
-        acc = _mm256_add_pd(acc, _mm256_cvtps_pd(_mm_mul_ps(a0, a0)));
-        acc = _mm256_add_pd(acc, _mm256_cvtps_pd(_mm_mul_ps(a1, a1)));
-        acc = _mm256_add_pd(acc, _mm256_cvtps_pd(_mm_mul_ps(a2, a2)));
-        acc = _mm256_add_pd(acc, _mm256_cvtps_pd(_mm_mul_ps(a3, a3)));
-    }
-    _mm256_storeu_pd(out, acc);
-}
+OPS_TARGET_AVX2 static void sumsq_rows8_avx2(const float *x, int64_t n, double *out) { sumsq_rows_avx2(x, n, out, 2); }
+OPS_TARGET_AVX2 static void sumsq_rows4_avx2(const float *x, int64_t n, double *out) { sumsq_rows_avx2(x, n, out, 1); }
 
 /* y = (x * scale) * w, two rounded products per element as in the scalar loop. */
 OPS_TARGET_AVX2 static void scale_mul_avx2(const float *x, float scale, const float *w, float *y, int64_t n) {
