@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--weights", default="auto")
     ap.add_argument("--prompt-repeat", type=int, default=1, metavar="K",
-                    help="the prompt K times over (a longer prefill; 13: ~480 tokens, one batch)")  # fmt: skip
+                    help="the prompt K times over (a longer prefill; 13: ~480 tokens)")  # fmt: skip
     ap.add_argument("--llama-native", default=None, metavar="DIR",
                     help="a llama-cpp-python built for this CPU (CMAKE_ARGS=-DGGML_NATIVE=ON pip install "
                          "--target DIR), measured beside the installed (AVX2) build")  # fmt: skip
