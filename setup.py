@@ -46,6 +46,12 @@ setup(
             libraries=["m"],
         ),
     ]
+    + (
+        # the relay's TCP lane spliced by the kernel (net/relay/ksplice.py); without it the loop copies
+        [Extension("eldric_p2p.net.relay._ksplice", sources=["eldric_p2p/net/relay/_ksplice.c"], optional=True)]
+        if sys.platform.startswith("linux")
+        else []
+    )
     if sys.implementation.name == "cpython"
     else [],
     cmdclass={"build_ext": BuildExt},

@@ -11,6 +11,10 @@ fails and the relay has the lane), with a punched connection (direct, one QUIC h
 sockets) beside them. The lane carries no encryption of its own, so it is measured twice: bare, and with
 the link handshake's TLS over it, as every relayed link runs. Prints a table with ratios against TCP.
 
+Then the relay's TCP lane once more with the relay in a process of its own, as it runs when deployed: its
+copy done by the kernel (splice(2) in a thread, the default on Linux) and by its event loop
+(`TcpLaneLimits.kernel_threads=0`), alternated, with the relay process's CPU time per frame passing it.
+
 The last line is the ceiling of any QUIC path here: two aioquic connections handing each other datagrams in
 memory, no sockets, no event loop, no relay; bulk MB/s and the CPU time per 1350-byte datagram, both ends
 together. A relayed or punched path cannot beat it on one core.
@@ -19,7 +23,10 @@ together. A relayed or punched path cannot beat it on one core.
 from __future__ import annotations
 
 import argparse
+import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -40,6 +47,26 @@ from eldric_p2p.net.relay.quic import FlowControlledQuicConnection, QuicConn
 from eldric_p2p.net.relay.quic_config import client_configuration, server_configuration
 from eldric_p2p.net.relay.quic_udp import QuicServer, connect_quic, open_udp_socket
 from eldric_p2p.net.relay.server import RelayLimits, run_relay
+from eldric_p2p.net.relay.tcplane import MAGIC, TcpLaneLimits
+
+# a relay's TCP lane alone, in its own process: one pair of tickets, served until that pair's splice ends
+LANE_PROCESS = r"""
+import sys, trio
+from eldric_p2p.net.relay.tcplane import TcpLane, TcpLaneLimits
+
+async def main(kernel_threads):
+    lane = TcpLane(TcpLaneLimits(kernel_threads=kernel_threads))
+    pair = lane.expect()
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    print(listeners[0].socket.getsockname()[1], pair.tickets[0].hex(), pair.tickets[1].hex(), flush=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, lane.handle, listeners)
+        await pair.done.wait()
+        print(lane.stats.kernel, flush=True)
+        nursery.cancel_scope.cancel()
+
+trio.run(main, int(sys.argv[1]))
+"""
 
 FRAME = 1800
 
@@ -94,6 +121,68 @@ async def measure(
     elapsed = time.perf_counter() - t
     await s.aclose()
     return times[len(times) // 2] * 1000, sent / elapsed / 1e6
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds of process `pid`'s live threads, to the nanosecond (schedstat; /proc/PID/stat counts in
+    10 ms ticks, too coarse for a few hundred frames)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except FileNotFoundError:
+            pass  # a thread that just ended
+    return total / 1e9
+
+
+async def lane_in_process(kernel_threads: int, rounds: int) -> tuple[float, float, bool]:
+    """A frame's round trip through a relay process's TCP lane (A -> relay -> B echoes -> relay -> A):
+    (median ms, the relay's CPU µs per frame passing through it, whether the kernel copied)."""
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-c", LANE_PROCESS, str(kernel_threads)], stdout=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    out = b""
+
+    async def line() -> str:
+        nonlocal out
+        while b"\n" not in out:
+            assert proc.stdout is not None
+            data = await proc.stdout.receive_some()
+            assert data, "the relay process ended"
+            out += data
+        first, out = out.split(b"\n", 1)
+        return first.decode()
+
+    try:
+        port_s, ticket_a, ticket_b = (await line()).split()
+        a = await trio.open_tcp_stream("127.0.0.1", int(port_s))
+        b = await trio.open_tcp_stream("127.0.0.1", int(port_s))
+        await a.send_all(MAGIC + bytes.fromhex(ticket_a))
+        await b.send_all(MAGIC + bytes.fromhex(ticket_b))
+        frame = b"\x01" * FRAME
+        times = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve, b)
+            await a.send_all(b"E")
+            for i in range(rounds + 20):
+                if i == 20:  # warmed up
+                    cpu0 = _cpu_s(proc.pid)
+                t = time.perf_counter()
+                await a.send_all(frame)
+                got = 0
+                while got < FRAME:
+                    got += len(await a.receive_some())
+                times.append(time.perf_counter() - t)
+            cpu = _cpu_s(proc.pid) - cpu0
+            await a.aclose()
+        kernel = (await line()).strip() == "1"
+    finally:
+        proc.kill()
+        await proc.wait()
+    times = sorted(times[20:])
+    return times[len(times) // 2] * 1000, cpu / (2 * rounds) * 1e6, kernel
 
 
 async def _connector_members(
@@ -216,7 +305,10 @@ async def main(args: argparse.Namespace) -> None:
             results["QUIC, one hop"] = await measure(open_quic, args.rounds, bulk)
 
         # relayed: A -> relay -> B
-        limits = RelayLimits(max_datagram_size=args.datagram)
+        # the lane copied by this process's event loop: with everything in one process a kernel-copy thread
+        # only adds two cross-CPU wake-ups per pass (the section after the table has the relay in a process
+        # of its own, as deployed, with both copies)
+        limits = RelayLimits(max_datagram_size=args.datagram, tcp=TcpLaneLimits(kernel_threads=0))
         relay = await nursery.start(
             lambda task_status: run_relay(
                 "127.0.0.1", 0, Identity.generate(), limits=limits, task_status=task_status
@@ -323,6 +415,21 @@ async def main(args: argparse.Namespace) -> None:
         r_rt, r_bw = results[name]
         print(f"{name} vs one QUIC hop: RTT x{r_rt / q_rt:.2f}, bulk x{r_bw / q_bw:.2f}")
 
+    print(f"the relay's TCP lane, relay in its own process: {FRAME}-byte frame round trip, median of "
+          f"{args.rounds} (best of {args.lane_repeat}); the relay's CPU per frame passing it")
+    best: dict[str, list[tuple[float, float]]] = {"kernel copy": [], "event-loop copy": []}
+    for _ in range(args.lane_repeat):
+        for name, threads in (("kernel copy", 64), ("event-loop copy", 0)):
+            rt, cpu_us, kernel = await lane_in_process(threads, args.rounds)
+            assert kernel == (threads > 0), f"{name}: the kernel copied: {kernel}"
+            best[name].append((rt, cpu_us))
+    for name, runs in best.items():
+        rt = min(r for r, _ in runs)
+        cpu_us = min(c for _, c in runs)
+        print(f"  {name:16} RTT {rt:.3f} ms   relay CPU {cpu_us:.1f} µs per frame")
+    (k_rt, k_cpu), (l_rt, l_cpu) = ((min(x[0] for x in r), min(x[1] for x in r)) for r in best.values())
+    print(f"  kernel / loop: RTT x{k_rt / l_rt:.2f}, relay CPU x{k_cpu / l_cpu:.2f}")
+
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(
@@ -333,4 +440,5 @@ if __name__ == "__main__":
     parser.add_argument(
         "--datagram", type=int, default=1350, help="QUIC max datagram size (1350 fits the WAN)"
     )
+    parser.add_argument("--lane-repeat", type=int, default=3, help="runs of each lane copy, alternated")
     trio.run(main, parser.parse_args())

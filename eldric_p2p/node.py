@@ -19,7 +19,7 @@ whose head stage runs here, and a `RemotePipelineBackend` for each head a peer r
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +233,8 @@ class Node:
                 "peer_id": self.identity.peer_id,
                 "members": len(self.relay.members),
                 "tcp_port": self.relay.tcp_port or None,  # its TCP lane
+                # splices of the lane, how many the kernel copied (the rest: the event loop), bytes moved
+                "lane": asdict(self.relay.lane.stats) if self.relay.lane is not None else None,
             }
             if self.relay is not None
             else None,

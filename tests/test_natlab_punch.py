@@ -258,5 +258,7 @@ def test_qwen_across_two_sites_goes_direct_through_punched_paths_or_relayed_and_
             assert tcp == [0, 0]
             lanes = [n["relays"][0]["lane_streams"] for n in nodes]  # type: ignore[index]
             assert all(n >= 1 for n in lanes), lanes
+            lane = fed.get("relay", f"{fed.nodes['relay'].url}/api/v1/node")["relay"]["lane"]  # type: ignore[index]
+            assert lane["spliced"] >= 2 and lane["kernel"] == lane["spliced"], lane  # the kernel copies them
     finally:
         fed.stop()

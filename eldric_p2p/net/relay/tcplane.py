@@ -8,7 +8,9 @@ TCP port (outbound, so NAT is no obstacle) and send
 
     MAGIC (4 bytes) | ticket (16 bytes)
 
-and the relay copies bytes between the two connections until either ends. What the lane carries is the
+and the relay copies bytes between the two connections until either ends: on Linux in the kernel, with
+splice(2) in a worker thread per pair (ksplice.py, at most `kernel_threads` at once), else (or beyond that)
+in the event loop. What the lane carries is the
 members' link handshake and then TLS records, end to end, exactly as on a spliced QUIC stream: the relay
 sees only ciphertext, and a ticket is worth nothing without the other member's link identity.
 
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 import trio
 
 from eldric_p2p.net.links import keep_alive, open_link_stream
+from eldric_p2p.net.relay import ksplice
 from eldric_p2p.net.relay.protocol import TICKET_LEN
 from eldric_p2p.tasks import open_nursery
 
@@ -42,6 +45,7 @@ class TcpLaneLimits:
     max_unpaired: int = 256  # connections reading their ticket or waiting for the other side
     ticket_timeout_s: float = 5.0  # to send MAGIC + ticket after connecting
     chunk: int = 64 * 1024  # bytes read per receive, per direction
+    kernel_threads: int = 64  # splices copied by the kernel at once, a thread each (0: all in the loop)
 
 
 @dataclass
@@ -51,6 +55,7 @@ class TcpLaneStats:
     bad_ticket: int = 0  # a connection with a wrong magic, unknown or used ticket, or none in time
     refused_busy: int = 0  # connections closed at once: `max_unpaired` reached
     expired: int = 0  # pairs given up on before both connections arrived
+    kernel: int = 0  # splices the kernel copies or copied (ksplice.py); the others, the event loop
 
 
 @dataclass(eq=False)
@@ -73,6 +78,7 @@ class TcpLane:
         self._tickets: dict[bytes, Pair] = {}
         self._pairs: set[Pair] = set()
         self._unpaired = 0
+        self._kernel_limiter = trio.CapacityLimiter(max(1, self.limits.kernel_threads))
 
     @property
     def pending(self) -> int:
@@ -151,6 +157,13 @@ class TcpLane:
     async def _splice(self, pair: Pair, a: trio.SocketStream, b: trio.SocketStream) -> None:
         """Copy both ways; an EOF is passed on (half-close), a broken side ends both directions."""
         chunk = self.limits.chunk
+        if self.limits.kernel_threads and ksplice.available() and self._kernel_limiter.available_tokens:
+            self.stats.kernel += 1
+            moved = await ksplice.kernel_splice(a, b, chunk=chunk, limiter=self._kernel_limiter)
+            if moved is not None:
+                pair.moved += moved
+                return
+            self.stats.kernel -= 1  # refused before any byte: the loop copies it
 
         async def copy(src: trio.SocketStream, dst: trio.SocketStream, scope: trio.CancelScope) -> None:
             try:

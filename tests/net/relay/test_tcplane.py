@@ -17,6 +17,7 @@ from eldric_p2p.errors import RemoteProtocolError
 from eldric_p2p.net.discovery import PeerTable
 from eldric_p2p.net.identity import Identity
 from eldric_p2p.net.pacing import congestion_control
+from eldric_p2p.net.relay import ksplice
 from eldric_p2p.net.relay import protocol as p
 from eldric_p2p.net.relay.client import RelayMember
 from eldric_p2p.net.relay.quic import QuicStream
@@ -100,9 +101,11 @@ def test_hostile_lane_fields_are_refused_by_name(mtype: int, body: bytes, needle
 # ---------------------------------------------------------------------------------------------- the lane
 
 
-def test_a_relayed_stream_goes_over_the_tcp_lane_both_ways_with_half_close() -> None:
+@pytest.mark.parametrize("kernel_threads", [64, 0], ids=["kernel-copy", "loop-copy"])
+def test_a_relayed_stream_goes_over_the_tcp_lane_both_ways_with_half_close(kernel_threads: int) -> None:
     async def main() -> None:
-        async with relay_with() as (relay, a, b):
+        lane_limits = replace(FAST.tcp, kernel_threads=kernel_threads)
+        async with relay_with(replace(FAST, tcp=lane_limits)) as (relay, a, b):
             assert relay.lane is not None and relay.tcp_port and a.tcp_lane and b.tcp_lane
             stream = await a.open_stream(b.identity.peer_id)
             assert isinstance(stream, trio.SocketStream)
@@ -120,7 +123,41 @@ def test_a_relayed_stream_goes_over_the_tcp_lane_both_ways_with_half_close() -> 
             with trio.fail_after(2):
                 await eventually(lambda: relay.stats.bytes_spliced >= 2 * len(payload))
             assert relay.lane.stats.spliced == 1 and relay.stats.streams_spliced == 1
+            assert relay.lane.stats.kernel == (1 if kernel_threads and ksplice.available() else 0)
             assert relay.lane.pending == 0 and all(m.streams == 0 for m in relay.members.values())
+
+    trio.run(main)
+
+
+def test_splices_beyond_the_kernel_threads_and_refused_ones_are_copied_in_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def main() -> None:
+        async with relay_with(replace(FAST, tcp=replace(FAST.tcp, kernel_threads=1))) as (relay, a, b):
+            assert relay.lane is not None
+            first = await a.open_stream(b.identity.peer_id)
+            second = await a.open_stream(b.identity.peer_id)  # the one thread is taken: the loop copies
+            for stream in (first, second):
+                assert isinstance(stream, trio.SocketStream)
+                assert await roundtrip(stream, b"k" * 300_000) == b"k" * 300_000
+            lane = relay.lane
+            assert lane.stats.spliced == 2
+            assert lane._kernel_limiter.borrowed_tokens == (1 if ksplice.available() else 0)
+            await first.aclose()
+            await second.aclose()
+            with trio.fail_after(2):  # both splices end: the thread's token comes back
+                await eventually(lambda: lane.stats.bytes == 4 * 300_000)
+            assert lane.stats.kernel == (1 if ksplice.available() else 0)
+            assert lane._kernel_limiter.borrowed_tokens == 0
+
+            async def refused(*args: object, **kwargs: object) -> None:
+                return None  # the kernel would not splice these sockets, nothing read
+
+            monkeypatch.setattr(ksplice, "available", lambda: True)
+            monkeypatch.setattr(ksplice, "kernel_splice", refused)
+            third = await a.open_stream(b.identity.peer_id)
+            assert await roundtrip(third, b"r" * 100_000) == b"r" * 100_000
+            assert lane.stats.spliced == 3
 
     trio.run(main)
 
