@@ -34,12 +34,14 @@ def available() -> bool:
 
 
 async def kernel_splice(
-    a: trio.SocketStream, b: trio.SocketStream, *, chunk: int, limiter: trio.CapacityLimiter
+    a: trio.SocketStream, b: trio.SocketStream, *, chunk: int, limiter: trio.CapacityLimiter | None = None
 ) -> int | None:
-    """Splice `a` and `b` both ways in a worker thread (one of `limiter`'s tokens) until both directions
-    ended or a side broke. Returns the bytes moved, or None when the kernel could not splice them (nothing
-    was read: copy in the loop instead). Cancellation stops the thread; it is delivered once it returned."""
+    """Splice `a` and `b` both ways in a worker thread until both directions ended or a side broke. Returns
+    the bytes moved, or None when the kernel could not splice them (nothing was read: copy in the loop
+    instead). Cancellation stops the thread; it is delivered once it returned. The thread holds a token of
+    `limiter` (default: one of its own: the caller bounds the splices, not trio's shared default limiter)."""
     assert _ksplice is not None
+    limiter = limiter or trio.CapacityLimiter(1)
     wake_r, wake_w = os.pipe2(os.O_CLOEXEC)
     result: tuple[int, int] = (0, 0)
 

@@ -78,7 +78,7 @@ class TcpLane:
         self._tickets: dict[bytes, Pair] = {}
         self._pairs: set[Pair] = set()
         self._unpaired = 0
-        self._kernel_limiter = trio.CapacityLimiter(max(1, self.limits.kernel_threads))
+        self._kernel_splices = 0  # running in a thread each (ksplice.py)
 
     @property
     def pending(self) -> int:
@@ -157,9 +157,13 @@ class TcpLane:
     async def _splice(self, pair: Pair, a: trio.SocketStream, b: trio.SocketStream) -> None:
         """Copy both ways; an EOF is passed on (half-close), a broken side ends both directions."""
         chunk = self.limits.chunk
-        if self.limits.kernel_threads and ksplice.available() and self._kernel_limiter.available_tokens:
+        if self._kernel_splices < self.limits.kernel_threads and ksplice.available():
+            self._kernel_splices += 1  # counted before the first checkpoint: no race for the last thread
             self.stats.kernel += 1
-            moved = await ksplice.kernel_splice(a, b, chunk=chunk, limiter=self._kernel_limiter)
+            try:
+                moved = await ksplice.kernel_splice(a, b, chunk=chunk)
+            finally:
+                self._kernel_splices -= 1
             if moved is not None:
                 pair.moved += moved
                 return

@@ -142,13 +142,13 @@ def test_splices_beyond_the_kernel_threads_and_refused_ones_are_copied_in_the_lo
                 assert await roundtrip(stream, b"k" * 300_000) == b"k" * 300_000
             lane = relay.lane
             assert lane.stats.spliced == 2
-            assert lane._kernel_limiter.borrowed_tokens == (1 if ksplice.available() else 0)
+            assert lane._kernel_splices == (1 if ksplice.available() else 0)
             await first.aclose()
             await second.aclose()
             with trio.fail_after(2):  # both splices end: the thread's token comes back
                 await eventually(lambda: lane.stats.bytes == 4 * 300_000)
             assert lane.stats.kernel == (1 if ksplice.available() else 0)
-            assert lane._kernel_limiter.borrowed_tokens == 0
+            assert lane._kernel_splices == 0
 
             async def refused(*args: object, **kwargs: object) -> None:
                 return None  # the kernel would not splice these sockets, nothing read
