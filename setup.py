@@ -4,6 +4,8 @@
 the build fails) the install still succeeds and the engine falls back to its torch path. No -march flag: the
 AVX2 kernels are compiled per function with target attributes and chosen at run time, so one build runs on any
 x86-64. Threads are a small pthread pool inside the module (no OpenMP runtime to clash with torch's).
+On Linux, `eldric_p2p.net.relay._ksplice` (the relay's TCP lane copied by the kernel with splice(2)) is
+optional the same way: without it the relay copies the lane in its event loop.
 """
 
 from __future__ import annotations

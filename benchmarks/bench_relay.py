@@ -72,8 +72,8 @@ FRAME = 1800
 
 
 async def serve(stream: trio.abc.Stream) -> None:
-    """First byte picks the mode: b"E" echoes; b"S" and an 8-byte length swallow that many bytes and answer one
-    byte (a TLS link has no half-close to mark the end)."""
+    """First byte picks the mode: b"E" echoes; b"S" and an 8-byte length swallow that many bytes and answer
+    one byte (a TLS link has no half-close to mark the end)."""
     mode = await stream.receive_some(1)
     if mode == b"E":
         while data := await stream.receive_some():
@@ -91,6 +91,16 @@ async def serve(stream: trio.abc.Stream) -> None:
     await stream.aclose()
 
 
+async def round_trip(s: trio.abc.Stream, frame: bytes) -> float:
+    """Seconds to send `frame` to an echoing peer and read it all back."""
+    t = time.perf_counter()
+    await s.send_all(frame)
+    got = 0
+    while got < len(frame):
+        got += len(await s.receive_some())
+    return time.perf_counter() - t
+
+
 async def measure(
     open_stream: Callable[[], Awaitable[trio.abc.Stream]], rounds: int, bulk: int
 ) -> tuple[float, float]:
@@ -100,12 +110,7 @@ async def measure(
     frame = b"\x01" * FRAME
     times = []
     for _ in range(rounds):
-        t = time.perf_counter()
-        await s.send_all(frame)
-        got = 0
-        while got < FRAME:
-            got += len(await s.receive_some())
-        times.append(time.perf_counter() - t)
+        times.append(await round_trip(s, frame))
     await s.aclose()
     times.sort()
 
@@ -169,12 +174,7 @@ async def lane_in_process(kernel_threads: int, rounds: int) -> tuple[float, floa
             for i in range(rounds + 20):
                 if i == 20:  # warmed up
                     cpu0 = _cpu_s(proc.pid)
-                t = time.perf_counter()
-                await a.send_all(frame)
-                got = 0
-                while got < FRAME:
-                    got += len(await a.receive_some())
-                times.append(time.perf_counter() - t)
+                times.append(await round_trip(a, frame))
             cpu = _cpu_s(proc.pid) - cpu0
             await a.aclose()
         kernel = (await line()).strip() == "1"
