@@ -16,7 +16,6 @@ from pathlib import Path
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-
 # the kernels and ops, included by both extensions' .c files
 HEADERS = sorted(str(p) for p in Path("eldric_p2p/engine/csrc").glob("*.h"))
 
