@@ -24,7 +24,7 @@ class BuildExt(build_ext):
     def build_extensions(self) -> None:
         if self.compiler.compiler_type == "unix":
             for ext in self.extensions:
-                # -ffp-contract=off: only the fused multiply-adds the code spells out (llama.cpp's float order)
+                # -ffp-contract=off: only the fused multiply-adds the code spells out (llama.cpp's order)
                 ext.extra_compile_args = ["-O3", "-std=c11", "-pthread", "-ffp-contract=off"]
                 ext.extra_link_args = ["-pthread"]
         super().build_extensions()
@@ -49,7 +49,11 @@ setup(
     ]
     + (
         # the relay's TCP lane spliced by the kernel (net/relay/ksplice.py); without it the loop copies
-        [Extension("eldric_p2p.net.relay._ksplice", sources=["eldric_p2p/net/relay/_ksplice.c"], optional=True)]
+        [
+            Extension(
+                "eldric_p2p.net.relay._ksplice", sources=["eldric_p2p/net/relay/_ksplice.c"], optional=True
+            )
+        ]
         if sys.platform.startswith("linux")
         else []
     )
