@@ -65,6 +65,8 @@ static int pump(int a, int b, int wake, size_t chunk, unsigned long long *moved)
         }
         if (pf[0].revents)
             goto done; /* cancelled: code 0 */
+        if ((pf[1].revents | pf[2].revents) & POLLNVAL)
+            goto done; /* a socket was closed under us (never by the lane): stop, do not spin */
         for (int i = 0; i < 2; i++) {
             struct way *d = &ways[i];
             short src_events = pf[1 + i].revents;

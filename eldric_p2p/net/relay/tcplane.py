@@ -105,7 +105,10 @@ class TcpLane:
                 del self._tickets[t]
         pair.scope.cancel()
         pair.settled.set()
-        pair.done.set()
+        if not pair.spliced:
+            pair.done.set()
+        # else the splice's task sets `done` once the copy has stopped: until then the waiting side must not
+        # close its socket, whose descriptor a kernel-copy thread may still be using (ksplice.py)
 
     async def handle(self, stream: trio.SocketStream) -> None:
         """The TCP listener's handler: read the ticket, then wait for the other side or splice to it."""

@@ -22,7 +22,7 @@ from eldric_p2p.net.relay import protocol as p
 from eldric_p2p.net.relay.client import RelayMember
 from eldric_p2p.net.relay.quic import QuicStream
 from eldric_p2p.net.relay.server import Relay, RelayLimits, run_relay
-from eldric_p2p.net.relay.tcplane import MAGIC, TcpLaneLimits
+from eldric_p2p.net.relay.tcplane import MAGIC, TcpLane, TcpLaneLimits
 
 FAST = RelayLimits(
     keepalive_s=0.2, dead_after_s=2.0, open_timeout_s=1.5, tcp=TcpLaneLimits(ticket_timeout_s=0.5)
@@ -224,6 +224,41 @@ def test_a_member_that_leaves_ends_its_lane_splices() -> None:
                         pass
                 except trio.BrokenResourceError:
                     pass  # a reset is as good as an EOF: the splice is gone either way
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("kernel_threads", [64, 0], ids=["kernel-copy", "loop-copy"])
+def test_a_cancelled_splice_lets_its_sockets_go_only_once_the_copy_stopped(kernel_threads: int) -> None:
+    async def main() -> None:
+        lane = TcpLane(TcpLaneLimits(kernel_threads=kernel_threads))
+        async with trio.open_nursery() as nursery:
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            port = listeners[0].socket.getsockname()[1]
+            nursery.start_soon(trio.serve_listeners, lane.handle, listeners)
+            pair = lane.expect()
+            assert pair is not None
+            a = await trio.open_tcp_stream("127.0.0.1", port)
+            b = await trio.open_tcp_stream("127.0.0.1", port)
+            await a.send_all(MAGIC + pair.tickets[0])
+            await b.send_all(MAGIC + pair.tickets[1])
+            with trio.fail_after(3):
+                await a.send_all(b"hello")
+                assert await b.receive_some() == b"hello"
+                assert pair.spliced
+                lane.cancel(pair)  # as when a member leaves the relay
+                # the side waiting for the splice (and its socket) is not let go before the copy stopped
+                assert not pair.done.is_set()
+                await pair.done.wait()
+                for s in (a, b):  # both connections closed by the relay
+                    try:
+                        assert await s.receive_some() == b""
+                    except trio.BrokenResourceError:
+                        pass
+            assert lane.stats.kernel == (1 if kernel_threads and ksplice.available() else 0)
+            for s in (a, b):
+                await s.aclose()
+            nursery.cancel_scope.cancel()
 
     trio.run(main)
 
