@@ -10,9 +10,9 @@ TCP port (outbound, so NAT is no obstacle) and send
 
 and the relay copies bytes between the two connections until either ends: on Linux in the kernel, with
 splice(2) in a worker thread per pair (ksplice.py, at most `kernel_threads` at once), else (or beyond that)
-in the event loop. What the lane carries is the
-members' link handshake and then TLS records, end to end, exactly as on a spliced QUIC stream: the relay
-sees only ciphertext, and a ticket is worth nothing without the other member's link identity.
+in the event loop. What the lane carries is the members' link handshake and then TLS records, end to end,
+exactly as on a spliced QUIC stream: the relay sees only ciphertext, and a ticket is worth nothing without
+the other member's link identity.
 
 Relay side: `TcpLane.expect` makes a `Pair` of tickets; `TcpLane.handle` is the listener's handler. Bounded:
 at most `max_pending` pairs wait for their connections, `max_unpaired` connections may be reading their
